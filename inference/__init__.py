@@ -1,0 +1,1 @@
+"""Backends of graphppl: exact message passing, SVAE, SVI and MCMC (``ppl.inference``)."""

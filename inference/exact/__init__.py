@@ -1,0 +1,1 @@
+"""Exact message passing kernels: HMM (discrete chains) and Kalman (linear-Gaussian chains)."""

@@ -1,0 +1,1 @@
+"""Exponential families in natural-parameter form (priors and local factors of the SVAE)."""

@@ -1,0 +1,1 @@
+"""The model library (``ppl.models``): classic graphical models written in the DSL."""

@@ -1,0 +1,1 @@
+"""graphppl: structured latent-variable models with neural parts (import name ``ppl``)."""
