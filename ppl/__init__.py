@@ -1,1 +1,23 @@
-"""graphppl: structured latent-variable models with neural parts (import name ``ppl``)."""
+"""graphppl: structured latent-variable models with neural parts (import name ``ppl``).
+
+Write a model as a Python function with ``ppl.sample``/``ppl.plate`` and the structured
+blocks (``markov_chain``, ``gaussian_chain``, ``switching_chain``); ``ppl.compile`` says how
+it will be inferred and why; ``ppl.infer`` runs it and returns a ``Posterior``.
+"""
+from pyro import distributions as dist
+
+from .blocks import gaussian_chain, markov_chain, switching_chain
+from .compiler import compile  # noqa: A004
+from .infer import infer
+from .plan import Plan
+from .posterior import LogEvidence, Posterior
+from .primitives import Model, ModelInputError, deterministic, factor, model, module, param, plate, sample
+from .trace import ModelTraceError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dist", "model", "sample", "param", "plate", "deterministic", "factor", "module",
+    "markov_chain", "gaussian_chain", "switching_chain",
+    "compile", "infer", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
+]

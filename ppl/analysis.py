@@ -1,0 +1,161 @@
+"""Facts about a ModelGraph, each a small pure function; ``analyze`` gathers them into ``Facts``.
+
+Two facts need the model itself and are found by *probing* (running it under an interpreter):
+- a gaussian_chain's children are linear-Gaussian in it iff their log-density is exactly
+  quadratic in the path with no coupling across steps (checked at two random points);
+- a markov_chain's children can be tabulated iff the table, read at a sampled path, equals
+  the children's log-density at that path (the model uses the chain's value pointwise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyro.poutine as poutine
+import torch
+
+from .graph import ModelGraph
+from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob, quadratic_potentials
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything the routing rules look at. Tuples of site names, in execution order."""
+
+    observed: tuple[str, ...]
+    enumerable: tuple[str, ...]                  # plain latent sites with finite discrete support
+    unenumerable: tuple[str, ...]                # latent discrete sites with infinite support
+    continuous: tuple[str, ...]                  # plain continuous latents (globals, locals)
+    markov_chains: tuple[str, ...]
+    gaussian_chains: tuple[str, ...]
+    chain_children: dict[str, tuple[str, ...]]
+    tabulable: dict[str, bool]                   # markov_chain -> children usable pointwise
+    linear_gaussian: dict[str, bool]             # gaussian_chain -> children linear-Gaussian
+    switching: tuple[tuple[str, str], ...]       # (markov_chain, gaussian_chain it switches)
+    neural: tuple[str, ...]                      # sites whose distribution depends on a module
+    latent_dim: int                              # total size of the plain continuous latents
+    plates: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def chains(self) -> tuple[str, ...]:
+        return self.markov_chains + self.gaussian_chains
+
+    @property
+    def exactly_collapsible(self) -> bool:
+        """Every latent chain can be marginalized by an exact kernel."""
+        return (all(self.tabulable.get(c, False) for c in self.markov_chains)
+                and all(self.linear_gaussian.get(c, False) for c in self.gaussian_chains)
+                and not self.switching)
+
+    def collapse_spec(self) -> CollapseSpec:
+        """The chains an exact kernel can marginalize, with their children."""
+        return CollapseSpec(
+            discrete={c: self.chain_children[c] for c in self.markov_chains if self.tabulable.get(c)},
+            gaussian={c: self.chain_children[c] for c in self.gaussian_chains if self.linear_gaussian.get(c)})
+
+
+def latent_chains(graph: ModelGraph, kind: str) -> tuple[str, ...]:
+    return tuple(s.name for s in graph.latent() if s.block == kind)
+
+
+def plain_latents(graph: ModelGraph, discrete: bool) -> tuple[str, ...]:
+    return tuple(s.name for s in graph.latent() if s.block is None and s.is_discrete == discrete)
+
+
+def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
+    """(markov_chain, gaussian_chain) pairs where the discrete chain selects the dynamics."""
+    return tuple((m, g) for m in latent_chains(graph, "markov_chain")
+                 for g in graph.children_of(m) if graph.site(g).block == "gaussian_chain"
+                 and not graph.site(g).observed)
+
+
+def plate_sizes(graph: ModelGraph) -> dict[str, int]:
+    return {name: size for s in graph.sites() for name, size in s.plates}
+
+
+def probe_tabulable(model: Callable, args: tuple, kwargs: dict, chain: str, children: tuple[str, ...],
+                    trace: poutine.Trace) -> bool:
+    """True iff tabulating ``children`` over the states of ``chain`` agrees with evaluating them
+    at the traced path (so the model uses the chain's value elementwise)."""
+    try:
+        tables = _tabulate_replayed(model, args, kwargs, CollapseSpec(discrete={chain: children}), trace)
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    path = trace.nodes[chain]["value"].long()
+    table = tables[chain].log_lik
+    picked = table.gather(-1, path.unsqueeze(-1)).squeeze(-1).sum()
+    direct = sum(_site_log_prob(trace.nodes[c]) for c in children)
+    return bool(torch.isclose(picked, direct, rtol=1e-4, atol=1e-4 * max(1.0, float(direct.abs()))))
+
+
+def _site_log_prob(site: dict) -> torch.Tensor:
+    lp, extra = elementwise_log_prob(site["fn"], site["value"])
+    mask = site.get("mask")
+    if isinstance(mask, torch.Tensor):
+        lp = torch.where(mask.reshape(mask.shape + (1,) * extra), lp, torch.zeros_like(lp))
+    return lp.sum().detach()
+
+
+def _tabulate_replayed(model, args, kwargs, spec, trace):
+    """Tabulate with every other latent fixed to its traced value."""
+    handler = CollapseChains(spec)
+    with handler, poutine.replay(trace=trace):
+        model(*args, **kwargs)
+    return handler.tables()
+
+
+def probe_linear_gaussian(model: Callable, args: tuple, kwargs: dict, chain: str, children: tuple[str, ...],
+                          trace: poutine.Trace, seed: int = 0) -> bool:
+    """True iff the children's log-density f(x) is exactly quadratic in the path ``x`` with
+    block-diagonal (per-step) curvature: f(x1) = f(0) + h.x1 - 1/2 sum_t x1_t' J_t x1_t at a random x1."""
+    spec = CollapseSpec(gaussian={chain: children})
+    try:
+        handler = CollapseChains(spec)
+        with torch.enable_grad(), handler, poutine.replay(trace=trace):
+            model(*args, **kwargs)
+        table = handler.tables()[chain]
+        J, h, f0 = table.J.detach(), table.h.detach(), table.const.detach()
+        gen = torch.Generator().manual_seed(seed)
+        x1 = torch.randn(h.shape, generator=gen, dtype=torch.float64).to(h)
+        f1 = _children_log_prob_at(model, args, kwargs, chain, x1, children, trace)
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    quad = f0 + (h * x1).sum() - 0.5 * (x1.unsqueeze(-2) @ J @ x1.unsqueeze(-1)).sum()
+    scale = max(1.0, float(f1.abs()))
+    return bool(torch.isfinite(f1)) and abs(float(f1 - quad)) <= 1e-4 * scale
+
+
+def _children_log_prob_at(model, args, kwargs, chain, x, children, trace) -> torch.Tensor:
+    """Sum of the children's log-densities with the chain's value set to ``x``."""
+    data = {name: site["value"] for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and name != chain}
+    data[chain] = x
+    with torch.no_grad():
+        tr = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+    return sum(_site_log_prob(tr.nodes[c]) for c in children)
+
+
+def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace: poutine.Trace) -> Facts:
+    """Gather the facts the rules route on."""
+    markov, gauss = latent_chains(graph, "markov_chain"), latent_chains(graph, "gaussian_chain")
+    children = {c: tuple(graph.children_of(c)) for c in markov + gauss}
+    continuous = plain_latents(graph, discrete=False)
+    discrete = plain_latents(graph, discrete=True)
+    switching = switching_pairs(graph)
+    switched = {g for _, g in switching}
+    return Facts(
+        observed=tuple(s.name for s in graph.observed()),
+        enumerable=tuple(n for n in discrete if graph.site(n).discrete_size is not None),
+        unenumerable=tuple(n for n in discrete if graph.site(n).discrete_size is None),
+        continuous=continuous,
+        markov_chains=markov, gaussian_chains=gauss, chain_children=children,
+        tabulable={c: bool(children[c]) and probe_tabulable(model, args, kwargs, c, children[c], trace)
+                   for c in markov},
+        linear_gaussian={c: c not in switched and bool(children[c])
+                         and all(graph.site(k).observed for k in children[c])
+                         and probe_linear_gaussian(model, args, kwargs, c, children[c], trace)
+                         for c in gauss},
+        switching=switching,
+        neural=tuple(s.name for s in graph.sites() if s.neural),
+        latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
+        plates=plate_sizes(graph))

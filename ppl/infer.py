@@ -1,0 +1,60 @@
+"""``ppl.infer``: compile a model, run the chosen (or requested) backend, return a Posterior."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable
+
+import torch
+
+from ppl.inference.base import get_backend
+
+from .compiler import compile as compile_model
+from .posterior import Posterior
+
+
+def _to_device(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _backend_options(backend, options: dict) -> dict:
+    """Keep the options the backend's ``run`` accepts; reject the rest by name."""
+    accepted = inspect.signature(backend.run).parameters
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        names = [p for p in accepted if p not in ("model", "args", "kwargs", "plan", "unused")]
+        raise TypeError(f"backend '{backend.NAME}' does not take option(s) {', '.join(unknown)}; "
+                        f"it takes: {', '.join(names)}")
+    return options
+
+
+def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None = None,
+          num_samples: int | None = None, device: str | torch.device | None = None, seed: int = 0,
+          progress: bool = True, model_kwargs: dict | None = None, **options) -> Posterior:
+    """Fit ``model(*args, **model_kwargs)`` and return its Posterior.
+
+    Args:
+        model: a model function.
+        *args: the data (tensors are moved to ``device``).
+        backend: "auto" (the compiler's rules decide), "exact", "svi" or "mcmc".
+        num_steps: optimization steps (svi, exact); num_samples: posterior draws (all backends).
+        device: e.g. "cuda"; tensors the model creates without a device land there too.
+        seed: random seed (the global RNG state is restored afterwards).
+        progress: show a progress bar.
+        **options: backend-specific options (e.g. ``lr``, ``guide``, ``num_chains``, ``warmup_steps``).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    device = torch.device(device) if device is not None else None
+    args = tuple(_to_device(a, device) for a in args) if device else args
+    model_kwargs = {k: _to_device(v, device) for k, v in model_kwargs.items()} if device else model_kwargs
+    with (torch.device(device) if device else contextlib.nullcontext()):
+        plan = compile_model(model, *args, backend=backend, **model_kwargs)
+        runner = get_backend(plan.backend)
+        if num_steps is not None:
+            options["num_steps"] = num_steps
+        if num_samples is not None:
+            options["num_samples"] = num_samples
+        options = _backend_options(runner, dict(options, progress=progress))
+        from ppl.inference.common import isolated
+        with isolated(seed):
+            return runner.run(model, args, model_kwargs, plan.with_options(**options), **options)

@@ -1,0 +1,69 @@
+"""Plan: the compiler's frozen, printable decision: backend, per-site treatment, and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .analysis import Facts
+
+TREATMENTS = ("enumerate", "message passing", "recognition potential", "guide", "sampled",
+              "point estimate", "observed")
+
+
+@dataclass(frozen=True)
+class SiteTreatment:
+    site: str
+    treatment: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``ppl.infer`` will do with a model on this data.
+
+    backend:    name of the backend ("exact", "svi", "mcmc", ...)
+    rule:       the routing rule that chose it, or "user override"
+    reason:     why, in words
+    treatments: how each site is handled
+    options:    backend options as (name, value) pairs
+    facts:      the analysis facts the decision was based on
+    """
+
+    model_name: str
+    backend: str
+    rule: str
+    reason: str
+    treatments: tuple[SiteTreatment, ...]
+    facts: Facts
+    options: tuple[tuple[str, Any], ...] = ()
+    considered: tuple[str, ...] = ()
+    graph: Any = field(default=None, compare=False, repr=False)
+
+    def treatment(self, site: str) -> str:
+        for t in self.treatments:
+            if t.site == site:
+                return t.treatment
+        raise KeyError(f"site '{site}' is not in the plan of model '{self.model_name}'")
+
+    def with_options(self, **options) -> "Plan":
+        merged = dict(self.options)
+        merged.update(options)
+        return replace(self, options=tuple(sorted(merged.items())))
+
+    def explain(self) -> str:
+        """A readable table: backend, rule, reason, then one row per site."""
+        width = max([len(t.site) for t in self.treatments] + [4])
+        twidth = max([len(t.treatment) for t in self.treatments] + [9])
+        lines = [f"Plan for model '{self.model_name}'",
+                 f"  backend: {self.backend}   (rule: {self.rule})",
+                 f"  why:     {self.reason}"]
+        lines += [f"  skipped: {c}" for c in self.considered]
+        lines += ["", f"  {'site':<{width}}  {'treatment':<{twidth}}  detail",
+                  f"  {'-' * width}  {'-' * twidth}  {'-' * 40}"]
+        lines += [f"  {t.site:<{width}}  {t.treatment:<{twidth}}  {t.detail}" for t in self.treatments]
+        if self.options:
+            lines += ["", "  options: " + ", ".join(f"{k}={v}" for k, v in self.options)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()

@@ -1,0 +1,131 @@
+"""The modeling primitives: ``model``, ``sample``, ``param``, ``plate``, ``deterministic``, ``module``.
+
+They are Pyro's primitives with graphppl's input checks added: an observed value is
+checked against its distribution (finite, event shape equal, batch shape broadcastable)
+and every error names the site. A model is a plain Python function; ``@ppl.model``
+gives it a name and a place to hang compile-time facts, nothing more.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import pyro
+import torch
+
+plate = pyro.plate
+param = pyro.param
+deterministic = pyro.deterministic
+factor = pyro.factor
+
+
+class ModelInputError(ValueError):
+    """Bad input at a model site: the message names the site, the expected and the actual value."""
+
+
+class Model:
+    """A model function marked for graphppl. Calling it runs the function (a Pyro model).
+
+    ``Model`` is a thin wrapper: ``ppl.compile``/``ppl.infer`` accept plain functions too.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        if not callable(fn):
+            raise TypeError(f"ppl.model expects a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "model")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ppl.model({self.name})"
+
+
+def model(fn: Callable[..., Any]) -> Model:
+    """Decorator marking ``fn(*data, **options)`` as a graphppl model."""
+    return fn if isinstance(fn, Model) else Model(fn)
+
+
+def model_name(fn: Callable[..., Any]) -> str:
+    """The user-facing name of a model function."""
+    return getattr(fn, "name", None) or getattr(fn, "__name__", "model")
+
+
+def _check_observed(name: str, fn, obs: torch.Tensor, mask) -> None:
+    """Raise ModelInputError if ``obs`` is not a finite value of the right shape for ``fn``.
+
+    Entries where ``mask`` is False (missing data) may be NaN; all others must be finite.
+    The event shape of ``obs`` must equal ``fn.event_shape``; its batch shape must broadcast
+    with ``fn.batch_shape``.
+    """
+    event_shape = tuple(fn.event_shape)
+    shape = tuple(obs.shape)
+    if len(shape) < len(event_shape) or shape[len(shape) - len(event_shape):] != event_shape:
+        raise ModelInputError(
+            f"site '{name}': observed value has shape {shape} but the distribution "
+            f"{type(fn).__name__} has event shape {event_shape} (batch shape {tuple(fn.batch_shape)}); "
+            f"the trailing dims of the data must equal the event shape")
+    batch = shape[: len(shape) - len(event_shape)]
+    try:
+        torch.broadcast_shapes(batch, tuple(fn.batch_shape))
+    except RuntimeError:
+        raise ModelInputError(
+            f"site '{name}': observed value has batch shape {batch} (full shape {shape}) which does not "
+            f"match the distribution's batch shape {tuple(fn.batch_shape)}") from None
+    if obs.is_floating_point() or obs.is_complex():
+        bad = ~torch.isfinite(obs)
+        if isinstance(mask, torch.Tensor):
+            bad = bad & _expand_mask(mask, obs, len(event_shape))
+        elif mask is False:
+            return
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ModelInputError(
+                f"site '{name}': observed data contains {int(bad.sum())} NaN/inf value(s) "
+                f"(first at index {first}); pass mask=... marking missing entries False, or clean the data")
+
+
+def _expand_mask(mask: torch.Tensor, obs: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """Broadcast a batch mask ``(batch...)`` over the event dims of ``obs``."""
+    mask = mask.reshape(mask.shape + (1,) * event_dim)
+    return mask.expand(obs.shape) if mask.dim() <= obs.dim() else mask
+
+
+def sample(name: str, fn, obs: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+           infer: dict | None = None) -> torch.Tensor:
+    """Declare a random variable ``name ~ fn``; observed if ``obs`` is given.
+
+    Args:
+        name: unique site name.
+        fn: a ``ppl.dist`` (Pyro) distribution, or a structured block's distribution.
+        obs: observed value, shape ``batch_shape + event_shape`` of ``fn`` (broadcastable batch).
+        mask: optional boolean ``(batch...)``; False marks a missing observation, which is
+            then left out of the likelihood (its value may be NaN).
+        infer: Pyro inference hints.
+    Returns:
+        the value of the site: ``obs`` if observed, otherwise a draw (or the value an
+        interpreter substitutes).
+    """
+    if obs is not None:
+        if not isinstance(obs, torch.Tensor):
+            raise ModelInputError(f"site '{name}': observed value must be a torch.Tensor, got {type(obs).__name__}")
+        _check_observed(name, fn, obs, mask)
+        if mask is not None and obs.is_floating_point():
+            # Missing entries are excluded by the mask; a finite placeholder keeps gradients finite.
+            obs = torch.where(_expand_mask(mask, obs, len(fn.event_shape)), obs, torch.zeros_like(obs))
+    if mask is None:
+        return pyro.sample(name, fn, obs=obs, infer=infer or {})
+    with pyro.poutine.mask(mask=mask):
+        return pyro.sample(name, fn, obs=obs, infer=infer or {})
+
+
+def module(name: str, nn_module: torch.nn.Module) -> torch.nn.Module:
+    """Register a ``torch.nn.Module`` so that its parameters are learned; returns the module.
+
+    Sites whose distribution depends on these parameters are marked *neural* by the compiler.
+    """
+    if not isinstance(nn_module, torch.nn.Module):
+        raise TypeError(f"ppl.module('{name}', ...) expects a torch.nn.Module, got {type(nn_module).__name__}")
+    return pyro.module(name, nn_module)

@@ -1,0 +1,42 @@
+"""Routing rules as data: ``Rule(name, applies, backend, reason)``, tried in order.
+
+``applies`` is a pure function of ``Facts``. The first rule that applies and whose backend
+says it supports the model picks the backend; ``reason`` is what ``plan.explain()`` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .analysis import Facts
+
+SMALL_LATENT_DIM = 20
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    applies: Callable[[Facts], bool]
+    backend: str
+    reason: str
+
+
+def _exact_chains(f: Facts) -> bool:
+    return bool(f.chains) and f.exactly_collapsible and not f.neural and not f.unenumerable
+
+
+def _small_continuous(f: Facts) -> bool:
+    return (not f.chains and not f.neural and not f.enumerable and not f.unenumerable
+            and 0 < f.latent_dim <= SMALL_LATENT_DIM)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("exact-chains", _exact_chains, "exact",
+         "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
+         "global parameters by MAP on the exact marginal likelihood"),
+    Rule("small-continuous", _small_continuous, "mcmc",
+         f"only continuous latents, {SMALL_LATENT_DIM} dims or fewer, no networks: NUTS gives the full posterior"),
+    Rule("default-svi", lambda f: True, "svi",
+         "stochastic variational inference: finite discrete latents enumerated, chains collapsed where exact, "
+         "continuous latents fitted by an AutoNormal guide"),
+)
