@@ -87,21 +87,27 @@ def discrete_marginals(model: Callable, args, kwargs, values: dict, graph, facts
 
 
 def chain_tables(model: Callable, args, kwargs, values: dict, spec: CollapseSpec) -> dict:
-    """Tables of the collapsed chains with the globals fixed at ``values``."""
-    with torch.no_grad():
-        return tabulate(poutine.condition(model, data=values), args, kwargs, spec)
+    """Tables of the collapsed chains with the globals fixed at ``values`` (detached)."""
+    tables = tabulate(poutine.condition(model, data=values), args, kwargs, spec)
+    return {name: type(t)(*[v.detach() if isinstance(v, torch.Tensor) else v for v in t])
+            for name, t in tables.items()}
 
 
 def chain_results(tables: dict) -> tuple[dict, dict, dict]:
     """(marginals, viterbi paths, smoothed means) of every collapsed chain."""
     marg, paths, means = {}, {}, {}
+    with torch.no_grad():
+        _fill_chain_results(tables, marg, paths, means)
+    return marg, paths, means
+
+
+def _fill_chain_results(tables, marg, paths, means):
     for name, table in tables.items():
         if hasattr(table, "log_lik"):
             marg[name] = kernels.discrete_posterior(table).marginals
             paths[name] = kernels.discrete_viterbi(table)
         else:
             means[name] = kernels.gaussian_posterior(table).mean
-    return marg, paths, means
 
 
 def chain_sampler(tables: dict) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
@@ -109,9 +115,10 @@ def chain_sampler(tables: dict) -> Callable[[int, torch.Generator], dict[str, to
 
     def draw(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         out = {}
-        for name, table in tables.items():
-            sample = kernels.discrete_sample if hasattr(table, "log_lik") else kernels.gaussian_sample
-            out[name] = sample(table, n, generator)
+        with torch.no_grad():
+            for name, table in tables.items():
+                sample = kernels.discrete_sample if hasattr(table, "log_lik") else kernels.gaussian_sample
+                out[name] = sample(table, n, generator)
         return out
 
     return draw

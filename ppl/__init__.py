@@ -11,13 +11,13 @@ from .compiler import compile  # noqa: A004
 from .infer import infer
 from .plan import Plan
 from .posterior import LogEvidence, Posterior
-from .primitives import Model, ModelInputError, deterministic, factor, model, module, param, plate, sample
+from .primitives import Model, ModelInputError, condition, deterministic, factor, model, module, param, plate, sample
 from .trace import ModelTraceError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "dist", "model", "sample", "param", "plate", "deterministic", "factor", "module",
+    "dist", "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
     "compile", "infer", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
 ]

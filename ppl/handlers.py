@@ -235,9 +235,9 @@ def collapsed_log_normalizer(table: DiscreteTable | GaussianTable) -> torch.Tens
 def tabulate(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpec) -> dict:
     """Run ``model`` once under ``CollapseChains(spec)`` and return the chains' tables."""
     handler = CollapseChains(spec)
-    with handler:
+    with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
         model(*args, **kwargs)
-    return handler.tables()
+        return handler.tables()
 
 
 def collapse(model: Callable, spec: CollapseSpec) -> Callable:
@@ -245,9 +245,10 @@ def collapse(model: Callable, spec: CollapseSpec) -> Callable:
 
     def collapsed_model(*args, **kwargs):
         handler = CollapseChains(spec)
-        with handler:
+        with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
             out = model(*args, **kwargs)
-        for name, table in handler.tables().items():
+            tables = handler.tables()
+        for name, table in tables.items():
             pyro.factor(f"{name}.collapsed", collapsed_log_normalizer(table))
         return out
 

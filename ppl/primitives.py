@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import pyro
 import torch
+from pyro.poutine.runtime import get_plates
 
 plate = pyro.plate
 param = pyro.param
@@ -68,12 +69,13 @@ def _check_observed(name: str, fn, obs: torch.Tensor, mask) -> None:
             f"{type(fn).__name__} has event shape {event_shape} (batch shape {tuple(fn.batch_shape)}); "
             f"the trailing dims of the data must equal the event shape")
     batch = shape[: len(shape) - len(event_shape)]
+    expected = _plated_batch_shape(fn)
     try:
-        torch.broadcast_shapes(batch, tuple(fn.batch_shape))
+        torch.broadcast_shapes(batch, expected)
     except RuntimeError:
         raise ModelInputError(
             f"site '{name}': observed value has batch shape {batch} (full shape {shape}) which does not "
-            f"match the distribution's batch shape {tuple(fn.batch_shape)}") from None
+            f"match the batch shape {expected} of its distribution inside its plates") from None
     if obs.is_floating_point() or obs.is_complex():
         bad = ~torch.isfinite(obs)
         if isinstance(mask, torch.Tensor):
@@ -85,6 +87,20 @@ def _check_observed(name: str, fn, obs: torch.Tensor, mask) -> None:
             raise ModelInputError(
                 f"site '{name}': observed data contains {int(bad.sum())} NaN/inf value(s) "
                 f"(first at index {first}); pass mask=... marking missing entries False, or clean the data")
+
+
+def _plated_batch_shape(fn) -> tuple[int, ...]:
+    """The distribution's batch shape broadcast with the sizes of the enclosing plates."""
+    frames = [f for f in get_plates() if f.dim is not None]
+    if not frames:
+        return tuple(fn.batch_shape)
+    shape = [1] * max(-f.dim for f in frames)
+    for f in frames:
+        shape[f.dim] = f.size
+    try:
+        return tuple(torch.broadcast_shapes(tuple(fn.batch_shape), tuple(shape)))
+    except RuntimeError:
+        return tuple(fn.batch_shape)
 
 
 def _expand_mask(mask: torch.Tensor, obs: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -129,3 +145,22 @@ def module(name: str, nn_module: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(nn_module, torch.nn.Module):
         raise TypeError(f"ppl.module('{name}', ...) expects a torch.nn.Module, got {type(nn_module).__name__}")
     return pyro.module(name, nn_module)
+
+
+def condition(fn: Callable[..., Any], data: dict[str, torch.Tensor]) -> Model:
+    """The model with the sites in ``data`` fixed to the given values (latent or observed).
+
+    ``ppl.infer(ppl.condition(model, {"z": path}), y)`` answers p(rest | z, y); conditioning
+    globals and leaving the data unobserved answers the other direction, p(data | globals).
+    Values are checked at their sites when the model runs (shape, finiteness).
+    """
+    if not isinstance(data, dict) or not data:
+        raise TypeError("ppl.condition expects a non-empty dict of site name -> value")
+    for name, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelInputError(f"site '{name}': conditioned value must be a torch.Tensor, got {type(value).__name__}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ModelInputError(f"site '{name}': conditioned value contains NaN or inf")
+    conditioned = Model(pyro.poutine.condition(fn, data=data))
+    conditioned.name = f"{model_name(fn)}|{','.join(data)}"
+    return conditioned

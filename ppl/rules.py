@@ -22,7 +22,7 @@ class Rule:
 
 
 def _exact_chains(f: Facts) -> bool:
-    return bool(f.chains) and f.exactly_collapsible and not f.neural and not f.unenumerable
+    return bool(f.chains) and f.exactly_collapsible and not f.unenumerable
 
 
 def _small_continuous(f: Facts) -> bool:
@@ -30,10 +30,16 @@ def _small_continuous(f: Facts) -> bool:
             and 0 < f.latent_dim <= SMALL_LATENT_DIM)
 
 
+def _nothing_latent(f: Facts) -> bool:
+    return not (f.chains or f.enumerable or f.unenumerable or f.continuous)
+
+
 RULES: tuple[Rule, ...] = (
+    Rule("nothing-latent", _nothing_latent, "exact",
+         "every random variable is observed or fixed: the log-likelihood is evaluated exactly"),
     Rule("exact-chains", _exact_chains, "exact",
          "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
-         "global parameters by MAP on the exact marginal likelihood"),
+         "global parameters (and any network weights) by MAP on the exact marginal likelihood"),
     Rule("small-continuous", _small_continuous, "mcmc",
          f"only continuous latents, {SMALL_LATENT_DIM} dims or fewer, no networks: NUTS gives the full posterior"),
     Rule("default-svi", lambda f: True, "svi",

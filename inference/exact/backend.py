@@ -1,0 +1,97 @@
+"""Backend "exact": chains marginalized by exact message passing, globals by MAP.
+
+Every latent chain is collapsed (forward algorithm for a ``markov_chain`` whose children are
+tabulated state by state; Kalman filter for a ``gaussian_chain`` with linear-Gaussian
+children), finite discrete latents are enumerated, and the remaining continuous latents and
+parameters are fitted by maximizing the exact log joint ``log p(data, globals)`` (MAP, by
+Adam on the collapsed model). The chains' posteriors (marginals, Viterbi, smoothed means,
+exact samples) are then computed at the MAP globals, and ``log_evidence`` is the exact
+``log p(data | globals_MAP)``.
+"""
+from __future__ import annotations
+
+import pyro
+import torch
+
+from ppl.handlers import collapse
+from ppl.posterior import LogEvidence, Posterior
+
+from .. import common
+from ..base import Verdict
+from ..svi import backend as svi
+
+NAME = "exact"
+
+
+def supports(facts) -> Verdict:
+    if facts.continuous and not facts.chains and not facts.enumerable:
+        return Verdict(False, "the model has only continuous latents and no chain or finite discrete latent "
+                              "to marginalize")
+    for chain in facts.markov_chains:
+        if not facts.tabulable.get(chain):
+            return Verdict(False, f"markov_chain '{chain}' cannot be tabulated: its children do not use its "
+                                  "value elementwise")
+    for m, g in facts.switching:
+        return Verdict(False, f"gaussian_chain '{g}' is switched by markov_chain '{m}' (a switching LDS): "
+                              "its exact posterior is a mixture of exponentially many Gaussians")
+    for chain in facts.gaussian_chains:
+        if not facts.linear_gaussian.get(chain):
+            return Verdict(False, f"gaussian_chain '{chain}' has children that are not linear-Gaussian in it "
+                                  "(their log-density is not quadratic in the path, or a child is latent)")
+    return Verdict(True)
+
+
+def treatments(graph, facts):
+    return common.treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (Adam)")
+
+
+def _has_globals(plan) -> bool:
+    return bool(plan.facts.continuous)
+
+
+def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_samples: int = 100,
+        init: dict | None = None, progress: bool = True, **unused) -> Posterior:
+    """MAP-fit the globals on the collapsed model, then exact chain posteriors at the MAP.
+
+    Options: num_steps, lr, init (site -> initial value), num_samples (exact chain draws kept).
+    """
+    if unused:
+        raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
+    facts, graph = plan.facts, plan.graph
+    spec = facts.collapse_spec()
+    history, point = [], {}
+    if _has_globals(plan) or _has_params(model, args, kwargs, spec):
+        fmodel, guide, _, history = svi.fit(model, args, kwargs, plan, "delta", num_steps, lr, progress, init)
+        with torch.no_grad():
+            point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
+    tables = common.chain_tables(model, args, kwargs, point, spec)
+    marg, paths, means = common.chain_results(tables)
+    marg.update(common.discrete_marginals(model, args, kwargs, point, graph, facts))
+    with torch.no_grad():
+        evidence = _log_likelihood(model, args, kwargs, point, plan)
+    latent = tuple(s.name for s in graph.latent())
+    return Posterior(
+        plan=plan, draws={k: v[None, None] for k, v in point.items()},
+        log_evidence=LogEvidence(evidence, "exact log p(data | MAP globals)" if point else "exact log p(data)"),
+        discrete=marg, map_paths=paths, history=history,
+        diagnostics={"point": point, "smoothed_means": means},
+        params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
+        chain_sampler=common.chain_sampler(tables), predictive_fn=common.predictive(model, args, kwargs, latent))
+
+
+def _has_params(model, args, kwargs, spec) -> bool:
+    """Does the model declare learnable ``ppl.param``/``ppl.module`` parameters?"""
+    trace = pyro.poutine.trace(collapse(model, spec)).get_trace(*args, **kwargs)
+    return any(site["type"] == "param" for site in trace.nodes.values())
+
+
+def _log_likelihood(model, args, kwargs, point, plan) -> float:
+    """log p(observed | globals) with every chain and enumerable site marginalized exactly:
+    the exact log joint at the point (an ELBO with no latent left is exact) minus the log prior."""
+    facts = plan.facts
+    fixed = pyro.poutine.condition(common.fit_model(model, facts), data=point)
+    elbo = svi.make_elbo(plan.graph, facts)
+    joint = -elbo.loss(fixed, lambda *a, **k: None, *args, **kwargs)
+    trace = pyro.poutine.trace(fixed).get_trace(*args, **kwargs)
+    prior = sum(float(trace.nodes[name]["fn"].log_prob(value).sum()) for name, value in point.items())
+    return joint - prior
