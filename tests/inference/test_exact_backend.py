@@ -1,0 +1,154 @@
+"""The exact backend end to end: models in the DSL, chains marginalized, results vs oracles
+(brute-force enumeration of all paths; the dense joint Gaussian)."""
+import pytest
+import torch
+
+import ppl
+from ppl import dist
+from tests.reference.brute_force import brute_force
+from tests.reference import dense_gaussian as dense
+
+K, T = 3, 6
+INIT = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+TRANS = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+MU = torch.tensor([-2.0, 0.0, 2.5], dtype=torch.float64)
+
+
+def hmm_fixed(y, mask=None):
+    z = ppl.markov_chain("z", K, TRANS, INIT, length=y.shape[-1])
+    ppl.sample("y", dist.Normal(MU[z], 1.0), obs=y, mask=mask)
+
+
+@ppl.model
+def hmm_priors(y):
+    trans = ppl.sample("trans", dist.Dirichlet(torch.ones(K, K, dtype=y.dtype)).to_event(1))
+    loc = ppl.sample("loc", dist.Normal(torch.zeros(K, dtype=y.dtype), 10.0).to_event(1))
+    z = ppl.markov_chain("z", K, trans, INIT, length=y.shape[-1])
+    ppl.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+
+
+def oracle(y, mask=None):
+    log_lik = dist.Normal(MU, 1.0).log_prob(y.unsqueeze(-1))
+    if mask is not None:
+        log_lik = log_lik * mask.unsqueeze(-1)
+    return brute_force(INIT.log(), TRANS.log(), log_lik)
+
+
+@pytest.fixture
+def y():
+    torch.manual_seed(0)
+    return torch.tensor([-2.1, -1.5, 0.3, 2.2, 2.9, -0.2], dtype=torch.float64)
+
+
+def test_hmm_marginals_viterbi_evidence_match_brute_force(y):
+    post = ppl.infer(hmm_fixed, y, progress=False)
+    bf = oracle(y)
+    assert post.plan.backend == "exact" and post.plan.treatment("z") == "message passing"
+    assert torch.allclose(post.marginals("z"), bf.marginals, atol=1e-10)
+    assert torch.equal(post.viterbi("z"), bf.map_path)
+    assert abs(post.log_evidence.value - float(bf.log_normalizer)) < 1e-9
+    assert post.log_evidence.kind == "exact log p(data)"
+
+
+def test_hmm_exact_samples_follow_the_path_posterior(y):
+    post = ppl.infer(hmm_fixed, y, progress=False)
+    paths = post.sample(4000, seed=3)["z"]
+    bf = oracle(y)
+    top = bf.path_probs.argmax()
+    freq = (paths == bf.paths[top]).all(-1).double().mean()
+    p = float(bf.path_probs[top])
+    assert abs(float(freq) - p) < 4 * (p * (1 - p) / 4000) ** 0.5  # 4 standard errors
+
+
+def test_hmm_missing_observations_are_marginalized(y):
+    mask = torch.tensor([True, True, False, True, False, True])
+    y_nan = y.clone()
+    y_nan[~mask] = float("nan")
+    post = ppl.infer(hmm_fixed, y_nan, model_kwargs={"mask": mask}, progress=False)
+    bf = oracle(y, mask.double())
+    assert torch.allclose(post.marginals("z"), bf.marginals, atol=1e-10)
+    assert abs(post.log_evidence.value - float(bf.log_normalizer)) < 1e-9
+
+
+def test_conditioning_globals_equals_the_fixed_model(y):
+    conditioned = ppl.condition(hmm_priors, {"trans": TRANS, "loc": MU})
+    post = ppl.infer(conditioned, y, progress=False)
+    assert post.plan.backend == "exact"
+    assert torch.allclose(post.marginals("z"), oracle(y).marginals, atol=1e-10)
+
+
+def test_neural_emission_on_a_discrete_chain_is_tabulated_exactly(y):
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def model(y):
+        z = ppl.markov_chain("z", K, TRANS, INIT, length=y.shape[-1])
+        loc = net(z.unsqueeze(-1).to(y.dtype)).squeeze(-1)
+        ppl.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    post = ppl.infer(model, y, progress=False)
+    with torch.no_grad():
+        log_lik = dist.Normal(net(torch.arange(K, dtype=y.dtype).unsqueeze(-1)).squeeze(-1), 1.0).log_prob(y.unsqueeze(-1))
+    bf = brute_force(INIT.log(), TRANS.log(), log_lik)
+    assert torch.allclose(post.marginals("z"), bf.marginals, atol=1e-10)
+
+
+# --- linear-Gaussian chains -------------------------------------------------------------
+
+D, N, TL = 2, 2, 7
+A = torch.tensor([[0.9, 0.2], [-0.2, 0.85]], dtype=torch.float64)
+Q = torch.tensor([[0.2, 0.05], [0.05, 0.15]], dtype=torch.float64)
+C = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+R = torch.tensor([[0.3, 0.1], [0.1, 0.4]], dtype=torch.float64)
+M0 = torch.tensor([0.5, -0.5], dtype=torch.float64)
+P0 = torch.eye(2, dtype=torch.float64)
+OFFSET = torch.tensor([0.1, -0.2], dtype=torch.float64)
+
+
+def lds_fixed(y, mask=None):
+    x = ppl.gaussian_chain("x", D, A, Q, M0, P0, length=y.shape[-2])
+    ppl.sample("y", dist.MultivariateNormal(x @ C.T + OFFSET, R), obs=y, mask=mask)
+
+
+def dense_args():
+    return (M0, P0, A.expand(TL - 1, D, D), Q.expand(TL - 1, D, D), torch.zeros(TL - 1, D, dtype=torch.float64),
+            C.expand(TL, N, D), OFFSET.expand(TL, N), R.expand(TL, N, N))
+
+
+@pytest.mark.parametrize("missing", [(), (2, 5)])
+def test_lds_evidence_and_smoother_match_dense_gaussian(missing):
+    torch.manual_seed(2)
+    y = torch.randn(TL, N, dtype=torch.float64)
+    mask = torch.ones(TL, dtype=torch.bool)
+    mask[list(missing)] = False
+    y_in = y.clone()
+    y_in[~mask] = float("nan")
+    post = ppl.infer(lds_fixed, y_in, model_kwargs={"mask": mask}, progress=False)
+    assert post.plan.backend == "exact" and post.plan.treatment("x") == "message passing"
+    log_p = dense.log_marginal(*dense_args(), y, mask.tolist())
+    assert abs(post.log_evidence.value - float(log_p)) < 1e-8
+    mean, cov, cross, _ = dense.posterior(*dense_args(), y, mask.tolist())
+    assert torch.allclose(post.diagnostics["smoothed_means"]["x"], mean, atol=1e-8)
+    draws = post.sample(4000, seed=1)["x"]
+    assert draws.shape == (4000, TL, D)
+    assert torch.allclose(draws.mean(0), mean, atol=5 * float(cov.diagonal(dim1=-2, dim2=-1).max().sqrt()) / 4000 ** 0.5)
+
+
+def test_lds_imputation_beats_unconditional_mean():
+    """Posterior predictive of a missing observation uses the neighbours: closer than the prior mean."""
+    torch.manual_seed(3)
+    x = torch.zeros(TL, D, dtype=torch.float64)
+    x[0] = M0
+    for t in range(1, TL):
+        x[t] = A @ x[t - 1] + 0.05 * torch.randn(D, dtype=torch.float64)
+    y = x @ C.T + OFFSET + 0.05 * torch.randn(TL, N, dtype=torch.float64)
+    mask = torch.ones(TL, dtype=torch.bool)
+    mask[3] = False
+    y_in = y.clone()
+    y_in[3] = float("nan")
+    post = ppl.infer(lds_fixed, y_in, model_kwargs={"mask": mask}, progress=False)
+    imputed = post.predictive(400)["y"][:, 3].mean(0)
+    prior_mean = dense.prior_moments(*dense_args()[:5])[0].reshape(TL, D)[3] @ C.T + OFFSET
+    assert (imputed - y[3]).norm() < (prior_mean - y[3]).norm()
