@@ -14,6 +14,7 @@ from types import ModuleType
 
 BACKEND_MODULES = {
     "exact": "ppl.inference.exact.backend",
+    "svae": "ppl.inference.svae.backend",
     "svi": "ppl.inference.svi.backend",
     "mcmc": "ppl.inference.mcmc.backend",
 }

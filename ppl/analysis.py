@@ -18,6 +18,28 @@ from .graph import ModelGraph
 from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob, quadratic_potentials
 
 
+GAUSSIAN_FAMILIES = ("MultivariateNormal", "Normal", "Independent")
+
+
+@dataclass(frozen=True)
+class SVAETarget:
+    """A latent Gaussian node (or chain) with neural observed children: the SVAE's recognition
+    network emits Gaussian potentials on it.
+
+    kind: "lds" (gaussian_chain), "slds" (gaussian_chain switched by ``discrete``), "mixture"
+    (Gaussian site whose mean/cov are chosen by the enumerable site ``discrete``), "gaussian"
+    (a plain Gaussian site: a VAE's prior). node_shape: the dims indexing nodes (batch, time);
+    dim: the latent dimension D; children: the observed sites its potentials are computed from.
+    """
+
+    site: str
+    kind: str
+    children: tuple[str, ...]
+    discrete: str | None
+    node_shape: tuple[int, ...]
+    dim: int
+
+
 @dataclass(frozen=True)
 class Facts:
     """Everything the routing rules look at. Tuples of site names, in execution order."""
@@ -35,6 +57,7 @@ class Facts:
     neural: tuple[str, ...]                      # sites whose distribution depends on a module
     latent_dim: int                              # total size of the plain continuous latents
     plates: dict[str, int] = field(default_factory=dict)
+    svae_targets: dict[str, SVAETarget] = field(default_factory=dict)
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -67,6 +90,40 @@ def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
     return tuple((m, g) for m in latent_chains(graph, "markov_chain")
                  for g in graph.children_of(m) if graph.site(g).block == "gaussian_chain"
                  and not graph.site(g).observed)
+
+
+def _svae_kind(graph: ModelGraph, site, switching: dict[str, str], enumerable: tuple[str, ...]):
+    """(kind, discrete parent) of a latent continuous site, or None if it cannot be an SVAE target."""
+    if site.block == "gaussian_chain":
+        return ("slds", switching[site.name]) if site.name in switching else ("lds", None)
+    if site.block is not None or len(site.event_shape) != 1 or site.family not in GAUSSIAN_FAMILIES:
+        return None
+    discrete = [p for p in graph.parents_of(site.name) if p in enumerable]
+    if len(discrete) > 1:
+        return None
+    return ("mixture", discrete[0]) if discrete else ("gaussian", None)
+
+
+def svae_targets(graph: ModelGraph, switching: tuple[tuple[str, str], ...],
+                 enumerable: tuple[str, ...]) -> dict[str, SVAETarget]:
+    """Latent Gaussian nodes whose children are all observed and include a neural site."""
+    switched = {g: m for m, g in switching}
+    out = {}
+    for site in graph.latent():
+        if site.is_discrete:
+            continue
+        kids = graph.children_of(site.name)
+        if not kids or not all(graph.site(k).observed for k in kids) or not any(graph.site(k).neural for k in kids):
+            continue
+        kind = _svae_kind(graph, site, switched, enumerable)
+        if kind is None:
+            continue
+        discrete = kind[1]
+        if discrete is not None and graph.children_of(discrete) != [site.name]:
+            continue
+        shape = site.value_shape
+        out[site.name] = SVAETarget(site.name, kind[0], tuple(kids), discrete, shape[:-1], shape[-1])
+    return out
 
 
 def plate_sizes(graph: ModelGraph) -> dict[str, int]:
@@ -158,4 +215,5 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         switching=switching,
         neural=tuple(s.name for s in graph.sites() if s.neural),
         latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
-        plates=plate_sizes(graph))
+        plates=plate_sizes(graph),
+        svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)))

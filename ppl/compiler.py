@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pyro
+
 from ppl.inference.base import UnsupportedModelError, get_backend
 
 from .analysis import analyze
@@ -51,8 +53,9 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
     """
     if backend != "auto":
         get_backend(backend)  # unknown names fail before tracing
-    graph, trace = trace_graph(model, args, kwargs)
-    facts = analyze(graph, model, args, kwargs, trace)
+    with pyro.get_param_store().scope():  # tracing must not leave parameters behind
+        graph, trace = trace_graph(model, args, kwargs)
+        facts = analyze(graph, model, args, kwargs, trace)
     _check_structure(facts)
     if backend == "auto":
         name, rule, reason, skipped = choose_backend(facts)

@@ -92,8 +92,11 @@ class _Collapsed(TorchDistribution):
 
     def __init__(self, fn: TorchDistribution, enum_dims: int):
         self.fn = fn
-        self.support = fn.support
         super().__init__(fn.batch_shape[enum_dims:], fn.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.fn.support
 
     def rsample(self, sample_shape=torch.Size()):
         draw = self.fn.rsample(sample_shape) if self.fn.has_rsample else self.fn.sample(sample_shape)

@@ -144,7 +144,9 @@ def module(name: str, nn_module: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(nn_module, torch.nn.Module):
         raise TypeError(f"ppl.module('{name}', ...) expects a torch.nn.Module, got {type(nn_module).__name__}")
-    return pyro.module(name, nn_module)
+    # update_module_params: the module computes with the parameter store's tensors, the ones
+    # inference optimizes, even when the model builds a fresh module on every call.
+    return pyro.module(name, nn_module, update_module_params=True)
 
 
 def condition(fn: Callable[..., Any], data: dict[str, torch.Tensor]) -> Model:

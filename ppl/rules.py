@@ -25,6 +25,10 @@ def _exact_chains(f: Facts) -> bool:
     return bool(f.chains) and f.exactly_collapsible and not f.unenumerable
 
 
+def _neural_structured(f: Facts) -> bool:
+    return bool(f.svae_targets) and bool(f.neural)
+
+
 def _small_continuous(f: Facts) -> bool:
     return (not f.chains and not f.neural and not f.enumerable and not f.unenumerable
             and 0 < f.latent_dim <= SMALL_LATENT_DIM)
@@ -40,6 +44,9 @@ RULES: tuple[Rule, ...] = (
     Rule("exact-chains", _exact_chains, "exact",
          "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
          "global parameters (and any network weights) by MAP on the exact marginal likelihood"),
+    Rule("neural-structured", _neural_structured, "svae",
+         "neural likelihood on structured Gaussian latents: recognition networks emit potentials, local "
+         "inference by message passing (structured VAE); networks and globals trained on the ELBO"),
     Rule("small-continuous", _small_continuous, "mcmc",
          f"only continuous latents, {SMALL_LATENT_DIM} dims or fewer, no networks: NUTS gives the full posterior"),
     Rule("default-svi", lambda f: True, "svi",

@@ -1,0 +1,175 @@
+"""Backend "svae": structured variational autoencoders (Johnson, Duvenaud, Wiltschko, Datta &
+Adams, NIPS 2016), generic over the model.
+
+For every latent Gaussian node or chain with neural observed children (an ``SVAETarget``), a
+recognition network emits Gaussian potentials; local inference is exact message passing
+(LDS: Kalman; Gaussian node: closed form) or structured mean field (mixture: q(z)q(x);
+switching LDS: alternating HMM and Kalman messages). The decoder, the recognition networks
+and the global parameters (point estimates, MAP) are trained jointly by Adam on the ELBO,
+with reparameterized gradients through the message passing.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide import AutoDelta
+
+from ppl.plan import SiteTreatment
+from ppl.posterior import LogEvidence, Posterior
+
+from .. import common
+from ..base import Verdict
+from .objective import SVAEObjective
+from .recognition import default_recognition, potentials
+
+NAME = "svae"
+MESSAGES = {"lds": "Kalman smoother (exact)", "gaussian": "closed-form Gaussian posterior (exact)",
+            "mixture": "mean field q(z)q(x): categorical and Gaussian updates",
+            "slds": "structured mean field: HMM forward-backward <-> Kalman smoother"}
+
+
+def supports(facts) -> Verdict:
+    targets = facts.svae_targets
+    if not targets:
+        return Verdict(False, "no latent Gaussian node or chain has a neural observed child (nothing for a "
+                              "recognition network to emit potentials on)")
+    parents = {t.discrete for t in targets.values() if t.discrete}
+    for site in facts.enumerable + facts.markov_chains:
+        if site not in parents:
+            return Verdict(False, f"discrete latent '{site}' is not the mixture/switch of an SVAE target")
+    for site in facts.gaussian_chains:
+        if site not in targets:
+            return Verdict(False, f"gaussian_chain '{site}' has no neural observed child")
+    return Verdict(True)
+
+
+def treatments(graph, facts):
+    targets = facts.svae_targets
+    parents = {t.discrete: t for t in targets.values() if t.discrete}
+    rows = []
+    for s in graph.sites():
+        if s.name in targets:
+            t = targets[s.name]
+            rows.append(SiteTreatment(s.name, "recognition potential",
+                                      f"network on {', '.join(t.children)} -> Gaussian potentials (J, h) on "
+                                      f"{t.node_shape} nodes of dim {t.dim}; {MESSAGES[t.kind]}"))
+        elif s.name in parents:
+            rows.append(SiteTreatment(s.name, "message passing", f"q({s.name}) by {MESSAGES[parents[s.name].kind]}"))
+        elif s.observed:
+            rows.append(SiteTreatment(s.name, "observed", ("neural likelihood: reconstruction term" if s.neural
+                                                           else f"{s.family}")))
+        else:
+            rows.append(SiteTreatment(s.name, "point estimate", "global: MAP, trained jointly with the networks"))
+    return rows
+
+
+def _recognition_inputs(model, args, kwargs, targets) -> dict[str, torch.Tensor]:
+    """Each target's recognition input: its children's data, features flattened and concatenated."""
+    trace = poutine.trace(model).get_trace(*args, **kwargs)
+    out = {}
+    for name, t in targets.items():
+        parts = [trace.nodes[c]["value"] for c in t.children]
+        n = len(t.node_shape)
+        if len(parts) == 1:
+            out[name] = parts[0]
+        else:
+            out[name] = torch.cat([p.reshape(tuple(t.node_shape) + (-1,)) for p in parts], -1)
+        if tuple(out[name].shape[:n]) != tuple(t.node_shape):
+            raise ValueError(f"site '{name}': data of {t.children} has shape {tuple(out[name].shape)}; its leading dims "
+                             f"must index the latent nodes {tuple(t.node_shape)}")
+    return out
+
+
+def _networks(targets, inputs, recognition: dict | None) -> dict[str, torch.nn.Module]:
+    recognition = dict(recognition or {})
+    unknown = sorted(set(recognition) - set(targets))
+    if unknown:
+        raise ValueError(f"recognition= names unknown site(s) {unknown}; SVAE targets are {sorted(targets)}")
+    nets = {}
+    for name, t in targets.items():
+        y = inputs[name]
+        net = recognition.get(name) or default_recognition(tuple(y.shape[len(t.node_shape):]), t.dim)
+        nets[name] = net.to(device=y.device, dtype=y.dtype)
+    return nets
+
+
+class _Step:
+    """One evaluation of the negative ELBO; keeps the last terms."""
+
+    def __init__(self, model, args, kwargs, facts, nets, inputs, guide, num_iters):
+        self.model, self.args, self.kwargs = model, args, kwargs
+        self.targets, self.nets, self.inputs, self.guide = facts.svae_targets, nets, inputs, guide
+        self.globals = set(facts.continuous) - set(self.targets)
+        self.num_iters = num_iters
+        self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": []}
+
+    def run(self, generator=None) -> SVAEObjective:
+        point = self.guide(*self.args, **self.kwargs) if self.guide is not None else {}
+        pots = {}
+        for name, t in self.targets.items():
+            net = pyro.module(f"{name}_recognition", self.nets[name])
+            pots[name] = potentials(net, self.inputs[name], t.node_shape, t.dim)
+        handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator)
+        with handler:
+            poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
+        return handler
+
+    def __call__(self) -> torch.Tensor:
+        h = self.run()
+        for key in self.terms:
+            self.terms[key].append(float(torch.as_tensor(getattr(h, key)).detach()))
+        return -(h.recon - h.local_kl + h.global_term)
+
+
+def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
+        recognition: dict | None = None, num_iters: int = 3, init: dict | None = None,
+        progress: bool = True, **unused) -> Posterior:
+    """Train decoder, recognition networks and globals on the SVAE ELBO.
+
+    Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
+    num_iters (mean-field iterations), init (site -> initial value of a global), num_samples.
+    """
+    if unused:
+        raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
+    facts, graph = plan.facts, plan.graph
+    targets = facts.svae_targets
+    inputs = _recognition_inputs(model, args, kwargs, targets)
+    nets = _networks(targets, inputs, recognition)
+    global_sites = [s for s in facts.continuous if s not in targets]
+    guide = None
+    if global_sites:
+        from ..svi.backend import init_fn
+        guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
+    step = _Step(model, args, kwargs, facts, nets, inputs, guide, num_iters)
+    history = common.optimize(common.traced_loss(step), num_steps, lr, progress, NAME)
+    return _collect(plan, step, history, num_samples, model, args, kwargs)
+
+
+def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Posterior:
+    graph, targets = plan.graph, plan.facts.svae_targets
+    with torch.no_grad():
+        final = step.run(torch.Generator(device=_device(step)).manual_seed(0))
+        point = {k: v.detach() for k, v in (step.guide(*args, **kwargs) if step.guide else {}).items()}
+    discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
+    means = {n: final.locals[n].mean.detach() for n in targets}
+    elbo = float(final.recon - final.local_kl + final.global_term)
+
+    def local_sampler(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            runs = [step.run() for _ in range(n)]
+        return {name: torch.stack([r.locals[name].x for r in runs]) for name in targets}
+
+    latent = tuple(s.name for s in graph.latent())
+    return Posterior(
+        plan=plan, draws={k: v[None, None] for k, v in point.items()},
+        log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), discrete=discrete,
+        history=history,
+        diagnostics={"point": point, "smoothed_means": means, "elbo_terms": step.terms,
+                     "recognition": step.nets},
+        params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
+        chain_sampler=local_sampler, predictive_fn=common.predictive(model, args, kwargs, latent))
+
+
+def _device(step: _Step) -> torch.device:
+    return next(iter(step.inputs.values())).device

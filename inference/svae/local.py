@@ -1,0 +1,124 @@
+r"""Local inference of the structured VAE: the latent structure's prior times recognition
+potentials, solved by exact message passing or structured mean field.
+
+Recognition potentials on a latent Gaussian node x are
+:math:`\psi(x) = \exp(-\tfrac12 x^\top J x + h^\top x)` (``J: (..., D, D)``, ``h: (..., D)``).
+Each function returns a ``Local``: a reparameterized sample ``x`` from q(x), the KL
+:math:`\mathrm{KL}(q \,\|\, p)` of the local latents (summed over batch and time), and the
+posterior summaries kept for the Posterior (means, discrete marginals).
+
+- ``lds_local``: :math:`q(x) \propto p(x \mid \theta)\,\psi(x)` is exact (Kalman);
+  :math:`\mathrm{KL} = \mathbb{E}_q[\log\psi(x)] - \log Z`.
+- ``gaussian_local``: a single Gaussian node (a VAE's prior), exact.
+- ``mixture_local``: z ~ Cat(pi), x | z ~ N(mu_z, Lambda_z^{-1}); mean field q(z) q(x) with
+  coordinate updates, as in Johnson et al. (2016).
+- ``slds_local`` (in ``slds.py``): switching LDS by structured mean field q(z) q(x).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..exact.kalman_info import LDSPrior, filter_result, prepare, run_filter, sample, smooth
+
+
+class Local(NamedTuple):
+    """x: sample ``(..., D)`` or ``(..., T, D)``; kl: scalar; mean: E_q[x]; probs: q(z) or None."""
+
+    x: torch.Tensor
+    kl: torch.Tensor
+    mean: torch.Tensor
+    probs: torch.Tensor | None
+
+
+def expected_log_potential(J: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathbb{E}[-\tfrac12 x^\top J x + h^\top x]` for x ~ N(mean, cov), elementwise over batch: ``(...)``."""
+    second = cov + mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    return -0.5 * (J * second).sum((-1, -2)) + (h * mean).sum(-1)
+
+
+def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None) -> Local:
+    """Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``, ``h (..., T, D)``."""
+    f = run_filter(prepare(prior, J, h, check_j=False))
+    log_z = filter_result(f).log_normalizer
+    smoothed = smooth(f)
+    x = sample(f, (), generator)
+    kl = expected_log_potential(J, h, smoothed.mean, smoothed.cov).sum() - log_z.sum()
+    return Local(x, kl, smoothed.mean, None)
+
+
+def gaussian_posterior(prec: torch.Tensor, lin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, cov, scale_tril) of N with precision ``prec (..., D, D)`` and ``prec @ mean = lin``."""
+    L = torch.linalg.cholesky(prec)
+    mean = torch.cholesky_solve(lin.unsqueeze(-1), L).squeeze(-1)
+    eye = torch.eye(prec.shape[-1], dtype=prec.dtype, device=prec.device).expand(prec.shape)
+    inv_L = torch.linalg.solve_triangular(L, eye, upper=False)
+    cov = inv_L.mT @ inv_L
+    return mean, cov, inv_L.mT
+
+
+def _rsample(mean: torch.Tensor, tril: torch.Tensor, generator=None) -> torch.Tensor:
+    eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    return mean + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+def gaussian_entropy(cov_tril: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(., L L^T): ``(...)``."""
+    D = cov_tril.shape[-1]
+    return 0.5 * D * (1 + math.log(2 * math.pi)) + cov_tril.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+
+
+def expected_gaussian_log_density(mu: torch.Tensor, prec: torch.Tensor, mean: torch.Tensor,
+                                  cov: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathbb{E}_{x \sim N(mean, cov)} \log N(x \mid mu, prec^{-1})`, broadcast: ``(...)``."""
+    D = mu.shape[-1]
+    diff = (mean - mu).unsqueeze(-1)
+    quad = (prec * cov).sum((-1, -2)) + (diff.mT @ prec @ diff).squeeze(-1).squeeze(-1)
+    return 0.5 * torch.linalg.slogdet(prec)[1] - 0.5 * D * math.log(2 * math.pi) - 0.5 * quad
+
+
+def gaussian_local(mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor, h: torch.Tensor, generator=None) -> Local:
+    """Exact q(x) ∝ N(x | mu, prec^{-1}) psi(x) for independent nodes ``(..., D)``."""
+    post_prec = prec + J
+    mean, cov, tril = gaussian_posterior(post_prec, (prec @ mu.unsqueeze(-1)).squeeze(-1) + h)
+    x = _rsample(mean, tril, generator)
+    kl = -gaussian_entropy(tril) - expected_gaussian_log_density(mu, prec, mean, cov)
+    return Local(x, kl.sum(), mean, None)
+
+
+def mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor,
+                  h: torch.Tensor, num_iters: int = 3, generator=None) -> Local:
+    r"""Mean-field q(z) q(x) for z ~ Cat(softmax(log_weights)), x | z=k ~ N(mu_k, prec_k^{-1}), psi(x).
+
+    Shapes: ``log_weights (..., K)``; ``mu (K, ..., D)``; ``prec (K, ..., D, D)``; ``J (..., D, D)``; ``h (..., D)``.
+    q(z) starts at the exact marginal :math:`p(z=k \mid \psi) \propto \pi_k \int N(x|\mu_k,\Lambda_k^{-1})\psi(x)dx`;
+    then ``num_iters`` coordinate updates:
+    :math:`q(x) \propto \exp(\sum_k r_k \log N(x|\mu_k,\Lambda_k^{-1}))\psi(x)`,
+    :math:`r_k \propto \pi_k \exp \mathbb{E}_{q(x)} \log N(x|\mu_k,\Lambda_k^{-1})`.
+    """
+    log_pi = log_weights.log_softmax(-1)
+    r = (log_pi + _component_evidence(mu, prec, J, h).movedim(0, -1)).softmax(-1)
+    for _ in range(max(1, num_iters)):
+        rk = r.movedim(-1, 0)
+        post_prec = (rk[..., None, None] * prec).sum(0) + J
+        lin = (rk[..., None] * (prec @ mu.unsqueeze(-1)).squeeze(-1)).sum(0) + h
+        mean, cov, tril = gaussian_posterior(post_prec, lin)
+        expected = expected_gaussian_log_density(mu, prec, mean, cov).movedim(0, -1)  # (..., K)
+        r = (log_pi + expected).softmax(-1)
+    x = _rsample(mean, tril, generator)
+    log_r = (log_pi + expected).log_softmax(-1)
+    kl = (r * (log_r - log_pi - expected)).sum(-1) - gaussian_entropy(tril)
+    return Local(x, kl.sum(), mean, r)
+
+
+def _component_evidence(mu, prec, J, h):
+    r""":math:`\log \int N(x|\mu_k,\Lambda_k^{-1}) \psi(x) dx` per component: ``(K, ...)``."""
+    lin = (prec @ mu.unsqueeze(-1)).squeeze(-1) + h
+    post_prec = prec + J
+    L = torch.linalg.cholesky(post_prec)
+    sol = torch.cholesky_solve(lin.unsqueeze(-1), L).squeeze(-1)
+    log_det_post = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    quad_prior = (mu * (prec @ mu.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return 0.5 * (torch.linalg.slogdet(prec)[1] - log_det_post + (lin * sol).sum(-1) - quad_prior)

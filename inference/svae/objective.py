@@ -1,0 +1,114 @@
+r"""The SVAE objective as an effect handler over the user's model.
+
+One run of the model under ``SVAEObjective`` computes the three terms of
+
+.. math:: \mathcal{L} = \underbrace{\mathbb{E}_{q}[\log p(y \mid x)]}_{\text{recon}}
+          - \underbrace{\mathrm{KL}(q(z, x) \,\|\, p(z, x \mid \theta))}_{\text{local KL}}
+          + \underbrace{\log p(\theta)}_{\text{global term}}
+
+At a target site (a latent Gaussian node or chain with neural children) the handler combines
+the site's prior — read off its distribution, with its discrete parent enumerated — with the
+recognition potentials, runs local inference (``local.py``, ``slds.py``), and substitutes a
+reparameterized sample from q(x), so the decoder runs once on it. Gradients reach the
+recognition network, the decoder and the globals through the message passing.
+"""
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Independent, MultivariateNormal, Normal
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+
+from ..exact import tables as kernels
+from .local import Local, gaussian_local, lds_local, mixture_local
+from .slds import slds_local
+
+
+def gaussian_params(site: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ``(*batch, D)``, precision ``(*batch, D, D)``) of a Gaussian site's distribution."""
+    if isinstance(fn, MultivariateNormal):
+        batch = fn.batch_shape
+        D = fn.event_shape[0]
+        return fn.loc.expand(batch + (D,)), fn.precision_matrix.expand(batch + (D, D))
+    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1 and isinstance(fn.base_dist, Normal):
+        base = fn.base_dist
+        loc, scale = torch.broadcast_tensors(base.loc, base.scale)
+        return loc.expand(fn.batch_shape + loc.shape[-1:]), torch.diag_embed(scale.expand(loc.shape) ** -2).expand(
+            fn.batch_shape + loc.shape[-1:] * 2)
+    raise ValueError(f"site '{site}': the SVAE needs a Gaussian prior (MultivariateNormal or Normal(...).to_event(1)), "
+                     f"got {type(fn).__name__}")
+
+
+def _per_state_matrix(site: str, what: str, m: torch.Tensor, K: int, D: int) -> torch.Tensor:
+    if m.numel() != K * D * D:
+        raise ValueError(f"site '{site}': switched {what} must be one (D, D) matrix per state; got shape {tuple(m.shape)}")
+    return m.reshape(K, D, D)
+
+
+class SVAEObjective(Messenger):
+    """Computes ``recon``, ``local_kl`` and ``global_term`` of one model run; ``locals`` keeps q per target.
+
+    Args:
+        targets: site -> ``SVAETarget`` (from the compiler's facts).
+        potentials: site -> ``(J (*node_shape, D, D), h (*node_shape, D))``.
+        global_sites: names of the conditioned global latents (their log-density is the global term).
+        num_iters: mean-field iterations (mixture, switching LDS).
+    """
+
+    def __init__(self, targets: dict, potentials: dict, global_sites: set[str], num_iters: int = 3,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.targets, self.potentials, self.global_sites = targets, potentials, global_sites
+        self.num_iters, self.generator = num_iters, generator
+        self.parent_of = {t.discrete: t.site for t in targets.values() if t.discrete}
+        self.discrete_fns: dict = {}
+        self.locals: dict[str, Local] = {}
+        self.recon = self.local_kl = self.global_term = 0.0
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name in self.parent_of and not msg["is_observed"]:
+            fn = msg["fn"]
+            K = fn.num_states if hasattr(fn, "num_states") else fn.enumerate_support(expand=False).shape[0]
+            shape = fn.batch_shape + fn.event_shape
+            device = fn.log_init.device if hasattr(fn, "log_init") else fn.logits.device
+            value = torch.arange(K, device=device).reshape((K,) + (1,) * len(shape))
+            self.discrete_fns[name] = fn
+            msg.update(value=value, done=True, stop=True)
+        elif name in self.targets and not msg["is_observed"]:
+            local = self._solve(self.targets[name], msg["fn"])
+            self.locals[name] = local
+            self.local_kl = self.local_kl + local.kl
+            msg.update(value=local.x, done=True, stop=True)
+
+    def _pyro_post_sample(self, msg):
+        if not msg["is_observed"]:
+            return
+        lp = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"]).sum()
+        if msg["name"] in self.global_sites:
+            self.global_term = self.global_term + lp
+        else:
+            self.recon = self.recon + lp
+
+    def _solve(self, target, fn) -> Local:
+        J, h = self.potentials[target.site]
+        if target.kind == "lds":
+            return lds_local(kernels.lds_prior(fn), J, h, self.generator)
+        if target.kind == "gaussian":
+            mu, prec = gaussian_params(target.site, fn)
+            return gaussian_local(mu, prec, J, h, self.generator)
+        z_fn = self.discrete_fns[target.discrete]
+        if target.kind == "mixture":
+            mu, prec = gaussian_params(target.site, fn)
+            K = mu.shape[0]
+            mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])
+            prec = prec.expand((K,) + target.node_shape + prec.shape[-2:])
+            log_w = z_fn.logits.expand(target.node_shape + (K,))
+            return mixture_local(log_w, mu, prec, J, h, self.num_iters, self.generator)
+        K, D = z_fn.num_states, target.dim
+        if z_fn.time_varying:
+            raise ValueError(f"site '{target.discrete}': the SVAE's switching LDS needs a homogeneous transition matrix")
+        A = _per_state_matrix(target.site, "dynamics", fn.dynamics, K, D)
+        Q = _per_state_matrix(target.site, "noise_cov", fn.noise_cov, K, D)
+        return slds_local(z_fn.log_init, z_fn.log_trans, A, Q, fn.initial_loc, fn.initial_cov, J, h,
+                          self.num_iters, self.generator)
