@@ -68,6 +68,7 @@ class Posterior:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     chain_sampler: Callable[[int, torch.Generator], dict[str, torch.Tensor]] | None = None
     predictive_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    encoder: Callable[..., dict] | None = None
 
     @property
     def backend(self) -> str:
@@ -121,6 +122,13 @@ class Posterior:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             return self.predictive_fn(self.sample(n, seed))
+
+    def encode(self, *args, **kwargs) -> dict:
+        """Local posteriors on new data ``model(*args, **kwargs)`` by the trained recognition networks
+        (amortized inference; backend "svae"): site -> Local(x, kl, mean, probs)."""
+        if self.encoder is None:
+            raise RuntimeError(f"backend '{self.backend}' has no amortized encoder; encode() needs backend 'svae'")
+        return self.encoder(*args, **kwargs)
 
     def to_arviz(self):
         """An ``arviz.InferenceData`` with the posterior draws (requires the ``arviz`` extra)."""

@@ -64,8 +64,25 @@ def treatments(graph, facts):
     return rows
 
 
-def _recognition_inputs(model, args, kwargs, targets) -> dict[str, torch.Tensor]:
-    """Each target's recognition input: its children's data, features flattened and concatenated."""
+def _recognition_masks(trace, targets) -> dict[str, torch.Tensor | None]:
+    """Per target, a boolean ``node_shape`` mask: a node whose children are all masked out (missing
+    data) gets no recognition potential. None where every node is observed."""
+    out = {}
+    for name, t in targets.items():
+        masks = [trace.nodes[c]["mask"] for c in t.children if isinstance(trace.nodes[c]["mask"], torch.Tensor)]
+        if not masks:
+            out[name] = None
+            continue
+        seen = torch.zeros(t.node_shape, dtype=torch.bool, device=masks[0].device)
+        for m in masks:
+            seen = seen | m.expand(t.node_shape)
+        out[name] = seen
+    return out
+
+
+def _recognition_inputs(model, args, kwargs, targets) -> tuple[dict[str, torch.Tensor], dict]:
+    """Each target's recognition input (its children's data, features flattened and concatenated)
+    and its node mask."""
     trace = poutine.trace(model).get_trace(*args, **kwargs)
     out = {}
     for name, t in targets.items():
@@ -78,7 +95,7 @@ def _recognition_inputs(model, args, kwargs, targets) -> dict[str, torch.Tensor]
         if tuple(out[name].shape[:n]) != tuple(t.node_shape):
             raise ValueError(f"site '{name}': data of {t.children} has shape {tuple(out[name].shape)}; its leading dims "
                              f"must index the latent nodes {tuple(t.node_shape)}")
-    return out
+    return out, _recognition_masks(trace, targets)
 
 
 def _networks(targets, inputs, recognition: dict | None) -> dict[str, torch.nn.Module]:
@@ -97,19 +114,25 @@ def _networks(targets, inputs, recognition: dict | None) -> dict[str, torch.nn.M
 class _Step:
     """One evaluation of the negative ELBO; keeps the last terms."""
 
-    def __init__(self, model, args, kwargs, facts, nets, inputs, guide, num_iters):
+    def __init__(self, model, args, kwargs, facts, nets, inputs, masks, guide, num_iters):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.targets, self.nets, self.inputs, self.guide = facts.svae_targets, nets, inputs, guide
+        self.masks = masks
         self.globals = set(facts.continuous) - set(self.targets)
         self.num_iters = num_iters
         self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": []}
 
-    def run(self, generator=None) -> SVAEObjective:
-        point = self.guide(*self.args, **self.kwargs) if self.guide is not None else {}
+    def run(self, generator=None, point: dict | None = None) -> SVAEObjective:
+        if point is None:
+            point = self.guide(*self.args, **self.kwargs) if self.guide is not None else {}
         pots = {}
         for name, t in self.targets.items():
             net = pyro.module(f"{name}_recognition", self.nets[name])
-            pots[name] = potentials(net, self.inputs[name], t.node_shape, t.dim)
+            J, h = potentials(net, self.inputs[name], t.node_shape, t.dim)
+            if self.masks[name] is not None:
+                keep = self.masks[name].to(h.dtype)
+                J, h = J * keep[..., None, None], h * keep[..., None]
+            pots[name] = (J, h)
         handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator)
         with handler:
             poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
@@ -134,14 +157,14 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
     facts, graph = plan.facts, plan.graph
     targets = facts.svae_targets
-    inputs = _recognition_inputs(model, args, kwargs, targets)
+    inputs, masks = _recognition_inputs(model, args, kwargs, targets)
     nets = _networks(targets, inputs, recognition)
     global_sites = [s for s in facts.continuous if s not in targets]
     guide = None
     if global_sites:
         from ..svi.backend import init_fn
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
-    step = _Step(model, args, kwargs, facts, nets, inputs, guide, num_iters)
+    step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters)
     history = common.optimize(common.traced_loss(step), num_steps, lr, progress, NAME)
     return _collect(plan, step, history, num_samples, model, args, kwargs)
 
@@ -160,15 +183,29 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
             runs = [step.run() for _ in range(n)]
         return {name: torch.stack([r.locals[name].x for r in runs]) for name in targets}
 
+    def encoder(*new_args, **new_kwargs):
+        return encode(step, point, new_args, new_kwargs)
+
     latent = tuple(s.name for s in graph.latent())
     return Posterior(
-        plan=plan, draws={k: v[None, None] for k, v in point.items()},
+        plan=plan, draws={k: v[None, None] for k, v in point.items()}, encoder=encoder,
         log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), discrete=discrete,
         history=history,
         diagnostics={"point": point, "smoothed_means": means, "elbo_terms": step.terms,
                      "recognition": step.nets},
         params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
         chain_sampler=local_sampler, predictive_fn=common.predictive(model, args, kwargs, latent))
+
+
+def encode(step: _Step, point: dict, args: tuple, kwargs: dict) -> dict:
+    """Amortized local inference on new data with the trained networks and globals:
+    site -> ``Local`` (mean, discrete marginals, a sample, KL). Masked children give no potential."""
+    from ppl.compiler import compile as compile_model
+    facts = compile_model(step.model, *args, backend=NAME, **kwargs).facts
+    inputs, masks = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
+    new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters)
+    with torch.no_grad():
+        return new.run(torch.Generator(device=_device(new)).manual_seed(0), point).locals
 
 
 def _device(step: _Step) -> torch.device:
