@@ -19,7 +19,7 @@ def test_rules_are_data():
     (M.hmm, (torch.randn(8),), "exact", "exact-chains"),
     (M.lds, (torch.randn(8, 1),), "exact", "exact-chains"),
     (M.lds_nonlinear, (torch.randn(8, 1),), "svi", "default-svi"),
-    (M.neural_lds, (torch.randn(8, 3),), "svi", "default-svi"),
+    (M.neural_lds, (torch.randn(8, 3),), "svae", "neural-structured"),
 ])
 def test_routing(model, args, backend, rule):
     plan = ppl.compile(model, *args)
@@ -43,7 +43,7 @@ def test_override_and_treatments_change_with_backend():
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(UnknownBackendError, match=r"unknown backend 'magic'; choose one of exact, svi, mcmc"):
+    with pytest.raises(UnknownBackendError, match=r"unknown backend .magic.; choose one of exact, svae, svi, mcmc"):
         ppl.compile(M.gmm, torch.randn(5, 2), backend="magic")
     with pytest.raises(UnknownBackendError):
         ppl.infer(M.gmm, torch.randn(5, 2), backend="magic")
