@@ -1,0 +1,81 @@
+"""The svae backend end to end: training improves the ELBO, the three terms are reported,
+amortized encoding of new data, user recognition networks, clear errors."""
+import pytest
+import torch
+
+import ppl
+from ppl import dist
+from tests.conftest import cuda_params
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self, D=2, P=4):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Tanh(), torch.nn.Linear(16, P))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_model(decoder):
+    def lds_vae(y, mask=None):
+        dec = ppl.module("decoder", decoder)
+        A = ppl.param("A", 0.9 * torch.eye(2, dtype=y.dtype, device=y.device))
+        x = ppl.gaussian_chain("x", 2, A, 0.1 * torch.eye(2, dtype=y.dtype, device=y.device), length=y.shape[-2])
+        ppl.sample("y", dist.Normal(dec(x), 0.3).to_event(1), obs=y, mask=mask)
+    return lds_vae
+
+
+def sine_data(T=20, P=4, device="cpu"):
+    t = torch.arange(T, dtype=torch.float32, device=device)
+    phase = torch.stack([torch.sin(0.4 * t), torch.cos(0.4 * t)], -1)
+    return torch.tanh(phase @ torch.tensor([[1.0, -0.5, 0.3, 0.8], [0.2, 0.9, -0.7, 0.4]], device=device)[:, :P])
+
+
+@pytest.mark.parametrize("device", cuda_params())
+def test_training_improves_elbo_and_reports_three_terms(device):
+    torch.manual_seed(0)
+    y = sine_data(device=device)
+    model = make_model(Decoder().to(device))
+    post = ppl.infer(model, y, num_steps=150, lr=0.02, progress=False, device=device)
+    assert post.plan.backend == "svae" and post.plan.treatment("x") == "recognition potential"
+    terms = post.diagnostics["elbo_terms"]
+    assert set(terms) == {"recon", "local_kl", "global_term"} and len(terms["recon"]) == 150
+    assert all(v >= -1e-6 for v in terms["local_kl"])  # a KL is non-negative
+    first, last = sum(post.history[:10]) / 10, sum(post.history[-10:]) / 10
+    assert last < first - 5.0
+    assert post.diagnostics["smoothed_means"]["x"].shape == (20, 2)
+
+
+def test_encode_conditions_on_observed_frames_only():
+    torch.manual_seed(1)
+    y = sine_data()
+    model = make_model(Decoder())
+    post = ppl.infer(model, y, num_steps=30, progress=False)
+    mask = torch.arange(20) < 10
+    full = post.encode(y)["x"].mean
+    half = post.encode(y, mask=mask)["x"].mean
+    later = post.encode(torch.where(mask.unsqueeze(-1), y, torch.zeros_like(y) + 5.0), mask=mask)["x"].mean
+    assert torch.allclose(half, later)  # masked frames carry no information
+    assert not torch.allclose(full[10:], half[10:])
+
+
+def test_user_recognition_network_and_errors():
+    torch.manual_seed(2)
+    y = sine_data()
+    model = make_model(Decoder())
+    mine = torch.nn.Linear(4, 4)
+    post = ppl.infer(model, y, num_steps=5, recognition={"x": mine}, progress=False)
+    assert post.diagnostics["recognition"]["x"] is mine
+    with pytest.raises(ValueError, match=r"recognition= names unknown site\(s\) \['z'\]"):
+        ppl.infer(model, y, num_steps=5, recognition={"z": mine}, progress=False)
+    with pytest.raises(ValueError, match=r"must output 2 \* latent_dim = 4 numbers per node, got 3"):
+        ppl.infer(model, y, num_steps=5, recognition={"x": torch.nn.Linear(4, 3)}, progress=False)
+
+
+def test_encode_needs_svae():
+    y = torch.randn(10)
+    post = ppl.infer(lambda y: ppl.sample("y", dist.Normal(0.0, 1.0).expand([10]).to_event(1), obs=y), y,
+                     progress=False)
+    with pytest.raises(RuntimeError, match="encode\\(\\) needs backend 'svae'"):
+        post.encode(y)
