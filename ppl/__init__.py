@@ -8,6 +8,7 @@ from pyro import distributions as dist
 
 from .blocks import gaussian_chain, markov_chain, switching_chain
 from .compiler import compile  # noqa: A004
+from .data import extend, missing_mask
 from .infer import infer
 from .plan import Plan
 from .posterior import LogEvidence, Posterior
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "dist", "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
-    "compile", "infer", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
+    "compile", "infer", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
 ]

@@ -152,3 +152,24 @@ def test_lds_imputation_beats_unconditional_mean():
     imputed = post.predictive(400)["y"][:, 3].mean(0)
     prior_mean = dense.prior_moments(*dense_args()[:5])[0].reshape(TL, D)[3] @ C.T + OFFSET
     assert (imputed - y[3]).norm() < (prior_mean - y[3]).norm()
+
+
+def test_forecast_one_liner_matches_the_kalman_predictive_mean():
+    """ppl.extend pads the future; the posterior predictive there is the exact forecast."""
+    torch.manual_seed(4)
+    y = torch.randn(TL - 2, N, dtype=torch.float64)
+    y_ext, mask = ppl.extend(y, steps=2, time_dim=-2)
+    assert y_ext.shape == (TL, N) and mask.tolist() == [True] * (TL - 2) + [False] * 2
+    post = ppl.infer(lds_fixed, y_ext, model_kwargs={"mask": mask}, progress=False)
+    forecast = post.predictive(4000)["y"][:, TL - 2:]
+    mean, cov, _, _ = dense.posterior(*dense_args(), y_ext.nan_to_num(), mask.tolist())
+    expected = mean[TL - 2:] @ C.T + OFFSET
+    sd = (C @ cov[-1] @ C.T + R).diagonal().max().sqrt()
+    assert torch.allclose(forecast.mean(0), expected, atol=5 * float(sd) / 4000 ** 0.5)
+
+
+def test_extend_rejects_bad_input():
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        ppl.extend(torch.zeros(3), 0)
+    with pytest.raises(ValueError, match="floating-point"):
+        ppl.extend(torch.zeros(3, dtype=torch.long), 2)
