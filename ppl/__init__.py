@@ -10,6 +10,7 @@ from .blocks import gaussian_chain, markov_chain, switching_chain
 from .compiler import compile  # noqa: A004
 from .data import extend, missing_mask
 from .infer import infer
+from .interpret import log_joint, simulate
 from .plan import Plan
 from .posterior import LogEvidence, Posterior
 from .primitives import Model, ModelInputError, condition, deterministic, factor, model, module, param, plate, sample
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "dist", "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
-    "compile", "infer", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
+    "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
 ]

@@ -153,3 +153,25 @@ def test_blocks_run_under_plain_pyro_svi():
     post = ppl.infer(model, y, backend="svi", num_steps=300, num_samples=50, progress=False)
     assert post.history[-1] < post.history[0]
     assert post.sample(10)["x"].shape == (10, T, 1)
+
+
+def test_simulate_and_log_joint_of_a_model_with_blocks():
+    K, T = 2, 5
+    trans = torch.tensor([[0.9, 0.1], [0.3, 0.7]], dtype=torch.float64)
+    init = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    loc = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+
+    def model(y):
+        z = ppl.markov_chain("z", K, trans, init, length=T)
+        ppl.sample("y", dist.Normal(loc[z], 0.5).to_event(1), obs=y)
+
+    y = torch.zeros(T, dtype=torch.float64)
+    sims = ppl.simulate(model, y, num_samples=3, seed=1)
+    assert sims["z"].shape == (3, T) and sims["y"].shape == (3, T)
+    assert not torch.equal(sims["y"][0], y)  # observed sites are resampled
+    z = sims["z"][0]
+    manual = init[z[0]].log() + sum(trans[z[t - 1], z[t]].log() for t in range(1, T))
+    manual = manual + dist.Normal(loc[z], 0.5).log_prob(y).sum()
+    assert torch.isclose(ppl.log_joint(model, {"z": z}, y), manual, rtol=1e-12)
+    with pytest.raises(ppl.ModelInputError, match=r"no value given for latent site\(s\) \['z'\]"):
+        ppl.log_joint(model, {}, y)
