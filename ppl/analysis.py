@@ -58,6 +58,7 @@ class Facts:
     latent_dim: int                              # total size of the plain continuous latents
     plates: dict[str, int] = field(default_factory=dict)
     svae_targets: dict[str, SVAETarget] = field(default_factory=dict)
+    conjugate: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Dirichlet site -> Categorical children
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -123,6 +124,17 @@ def svae_targets(graph: ModelGraph, switching: tuple[tuple[str, str], ...],
             continue
         shape = site.value_shape
         out[site.name] = SVAETarget(site.name, kind[0], tuple(kids), discrete, shape[:-1], shape[-1])
+    return out
+
+
+def conjugate_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
+    """Latent Dirichlet sites whose children are all latent Categorical sites (conjugate pairs)."""
+    out = {}
+    for s in graph.latent():
+        kids = graph.children_of(s.name)
+        if s.family == "Dirichlet" and s.block is None and kids and all(
+                graph.site(k).family == "Categorical" and not graph.site(k).observed for k in kids):
+            out[s.name] = tuple(kids)
     return out
 
 
@@ -216,4 +228,5 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         neural=tuple(s.name for s in graph.sites() if s.neural),
         latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
         plates=plate_sizes(graph),
-        svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)))
+        svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)),
+        conjugate=conjugate_pairs(graph))

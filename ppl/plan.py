@@ -6,7 +6,7 @@ from typing import Any
 
 from .analysis import Facts
 
-TREATMENTS = ("enumerate", "message passing", "recognition potential", "guide", "sampled",
+TREATMENTS = ("enumerate", "message passing", "recognition potential", "natural gradient", "guide", "sampled",
               "point estimate", "observed")
 
 

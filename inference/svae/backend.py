@@ -20,6 +20,7 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import common
 from ..base import Verdict
+from ..expfam import dirichlet
 from .objective import SVAEObjective
 from .recognition import default_recognition, potentials
 
@@ -56,12 +57,59 @@ def treatments(graph, facts):
                                       f"{t.node_shape} nodes of dim {t.dim}; {MESSAGES[t.kind]}"))
         elif s.name in parents:
             rows.append(SiteTreatment(s.name, "message passing", f"q({s.name}) by {MESSAGES[parents[s.name].kind]}"))
+        elif s.name in natural_gradient_sites(facts):
+            rows.append(SiteTreatment(s.name, "natural gradient",
+                                      f"conjugate Dirichlet of {facts.conjugate[s.name][0]}: q = Dir, natural-gradient "
+                                      "steps on its expected counts"))
         elif s.observed:
             rows.append(SiteTreatment(s.name, "observed", ("neural likelihood: reconstruction term" if s.neural
                                                            else f"{s.family}")))
         else:
             rows.append(SiteTreatment(s.name, "point estimate", "global: MAP, trained jointly with the networks"))
     return rows
+
+
+def natural_gradient_sites(facts) -> dict[str, str]:
+    """Dirichlet globals whose single Categorical child is the assignment of an SVAE mixture: site -> child."""
+    mixtures = {t.discrete for t in facts.svae_targets.values() if t.kind == "mixture"}
+    return {w: kids[0] for w, kids in facts.conjugate.items() if len(kids) == 1 and kids[0] in mixtures}
+
+
+class Conjugate:
+    r"""q(pi) = Dir for a Dirichlet global conjugate to a mixture assignment z.
+
+    Natural parameter :math:`\eta = \alpha - 1`; each step moves it toward the coordinate optimum
+    given q(z): :math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + \sum_n q(z_n))`, which is a
+    natural-gradient step of size :math:`\rho` on the ELBO (Hoffman et al. 2013).
+    """
+
+    def __init__(self, site: str, child: str, prior_concentration: torch.Tensor, num_nodes: int):
+        self.site, self.child = site, child
+        self.prior = dirichlet.natural_from_standard(prior_concentration.detach())
+        K = prior_concentration.shape[-1]
+        self.natparam = self.prior + num_nodes / K
+
+    def expected_log(self) -> torch.Tensor:
+        return dirichlet.expected_stats(self.natparam)
+
+    def mean(self) -> torch.Tensor:
+        alpha = self.natparam + 1
+        return alpha / alpha.sum(-1, keepdim=True)
+
+    def kl(self) -> torch.Tensor:
+        return dirichlet.kl(self.natparam, self.prior)
+
+    def update(self, counts: torch.Tensor, step: float) -> None:
+        self.natparam = (1 - step) * self.natparam + step * (self.prior + counts.detach())
+
+
+def _conjugates(trace, facts) -> dict[str, Conjugate]:
+    out = {}
+    for site, child in natural_gradient_sites(facts).items():
+        target = next(t for t in facts.svae_targets.values() if t.discrete == child)
+        nodes = int(torch.Size(target.node_shape).numel())
+        out[site] = Conjugate(site, child, trace.nodes[site]["fn"].concentration, nodes)
+    return out
 
 
 def _recognition_masks(trace, targets) -> dict[str, torch.Tensor | None]:
@@ -95,7 +143,7 @@ def _recognition_inputs(model, args, kwargs, targets) -> tuple[dict[str, torch.T
         if tuple(out[name].shape[:n]) != tuple(t.node_shape):
             raise ValueError(f"site '{name}': data of {t.children} has shape {tuple(out[name].shape)}; its leading dims "
                              f"must index the latent nodes {tuple(t.node_shape)}")
-    return out, _recognition_masks(trace, targets)
+    return out, _recognition_masks(trace, targets), trace
 
 
 def _networks(targets, inputs, recognition: dict | None) -> dict[str, torch.nn.Module]:
@@ -114,13 +162,16 @@ def _networks(targets, inputs, recognition: dict | None) -> dict[str, torch.nn.M
 class _Step:
     """One evaluation of the negative ELBO; keeps the last terms."""
 
-    def __init__(self, model, args, kwargs, facts, nets, inputs, masks, guide, num_iters):
+    def __init__(self, model, args, kwargs, facts, nets, inputs, masks, guide, num_iters,
+                 conjugates: dict | None = None, natgrad_step: float = 0.5):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.targets, self.nets, self.inputs, self.guide = facts.svae_targets, nets, inputs, guide
         self.masks = masks
-        self.globals = set(facts.continuous) - set(self.targets)
+        self.conjugates = conjugates or {}
+        self.natgrad_step = natgrad_step
+        self.globals = set(facts.continuous) - set(self.targets) - set(self.conjugates)
         self.num_iters = num_iters
-        self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": []}
+        self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": [], "global_kl": []}
 
     def run(self, generator=None, point: dict | None = None) -> SVAEObjective:
         if point is None:
@@ -133,50 +184,69 @@ class _Step:
                 keep = self.masks[name].to(h.dtype)
                 J, h = J * keep[..., None, None], h * keep[..., None]
             pots[name] = (J, h)
-        handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator)
+        point = dict(point, **{c.site: c.mean() for c in self.conjugates.values()})
+        handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator,
+                                expected_log_weights={c.child: c.expected_log() for c in self.conjugates.values()},
+                                skip_sites=set(self.conjugates))
         with handler:
             poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
+        handler.global_kl = sum((c.kl() for c in self.conjugates.values()), torch.zeros(()))
         return handler
+
+    def natural_gradient_step(self, handler: SVAEObjective) -> None:
+        """Move each conjugate q toward its optimum given the new local posteriors."""
+        for c in self.conjugates.values():
+            target = next(t for t in self.targets.values() if t.discrete == c.child)
+            probs = handler.locals[target.site].probs
+            c.update(probs.reshape(-1, probs.shape[-1]).sum(0), self.natgrad_step)
 
     def __call__(self) -> torch.Tensor:
         h = self.run()
         for key in self.terms:
             self.terms[key].append(float(torch.as_tensor(getattr(h, key)).detach()))
-        return -(h.recon - h.local_kl + h.global_term)
+        self.natural_gradient_step(h)
+        return -(h.recon - h.local_kl + h.global_term - h.global_kl)
 
 
 def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
         recognition: dict | None = None, num_iters: int = 3, init: dict | None = None,
-        progress: bool = True, **unused) -> Posterior:
+        natgrad_step: float = 0.5, progress: bool = True, **unused) -> Posterior:
     """Train decoder, recognition networks and globals on the SVAE ELBO.
 
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
-    num_iters (mean-field iterations), init (site -> initial value of a global), num_samples.
+    num_iters (mean-field iterations), init (site -> initial value of a global), num_samples,
+    natgrad_step (step size of the natural-gradient updates of conjugate Dirichlet globals).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
     facts, graph = plan.facts, plan.graph
     targets = facts.svae_targets
-    inputs, masks = _recognition_inputs(model, args, kwargs, targets)
+    inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
     nets = _networks(targets, inputs, recognition)
-    global_sites = [s for s in facts.continuous if s not in targets]
+    conjugates = _conjugates(trace, facts)
+    global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
     guide = None
     if global_sites:
         from ..svi.backend import init_fn
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
-    step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters)
+    step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step)
     history = common.optimize(common.traced_loss(step), num_steps, lr, progress, NAME)
     return _collect(plan, step, history, num_samples, model, args, kwargs)
 
 
 def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Posterior:
     graph, targets = plan.graph, plan.facts.svae_targets
+    draws_q: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         final = step.run(torch.Generator(device=_device(step)).manual_seed(0))
         point = {k: v.detach() for k, v in (step.guide(*args, **kwargs) if step.guide else {}).items()}
     discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
     means = {n: final.locals[n].mean.detach() for n in targets}
-    elbo = float(final.recon - final.local_kl + final.global_term)
+    elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
+    for c in step.conjugates.values():
+        alpha = c.natparam + 1
+        point[c.site] = c.mean()
+        draws_q[c.site] = torch.distributions.Dirichlet(alpha).sample((num_samples,))
 
     def local_sampler(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -188,7 +258,8 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
 
     latent = tuple(s.name for s in graph.latent())
     return Posterior(
-        plan=plan, draws={k: v[None, None] for k, v in point.items()}, encoder=encoder,
+        plan=plan, draws={k: draws_q[k][None] if k in draws_q else v[None, None] for k, v in point.items()},
+        encoder=encoder,
         log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), discrete=discrete,
         history=history,
         diagnostics={"point": point, "smoothed_means": means, "elbo_terms": step.terms,
@@ -202,8 +273,8 @@ def encode(step: _Step, point: dict, args: tuple, kwargs: dict) -> dict:
     site -> ``Local`` (mean, discrete marginals, a sample, KL). Masked children give no potential."""
     from ppl.compiler import compile as compile_model
     facts = compile_model(step.model, *args, backend=NAME, **kwargs).facts
-    inputs, masks = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
-    new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters)
+    inputs, masks, _ = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
+    new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters, step.conjugates, 0.0)
     with torch.no_grad():
         return new.run(torch.Generator(device=_device(new)).manual_seed(0), point).locals
 

@@ -90,15 +90,16 @@ def gaussian_local(mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor, h: tor
 
 def mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor,
                   h: torch.Tensor, num_iters: int = 3, generator=None) -> Local:
-    r"""Mean-field q(z) q(x) for z ~ Cat(softmax(log_weights)), x | z=k ~ N(mu_k, prec_k^{-1}), psi(x).
+    r"""Mean-field q(z) q(x) for z ~ Cat(pi), x | z=k ~ N(mu_k, prec_k^{-1}), psi(x).
 
-    Shapes: ``log_weights (..., K)``; ``mu (K, ..., D)``; ``prec (K, ..., D, D)``; ``J (..., D, D)``; ``h (..., D)``.
+    ``log_weights (..., K)`` is log pi (normalized), or E_q[log pi] under a Dirichlet q(pi) (not
+    normalized: the KL then counts E_q[log p(z | pi)] exactly). Shapes: ``mu (K, ..., D)``; ``prec (K, ..., D, D)``; ``J (..., D, D)``; ``h (..., D)``.
     q(z) starts at the exact marginal :math:`p(z=k \mid \psi) \propto \pi_k \int N(x|\mu_k,\Lambda_k^{-1})\psi(x)dx`;
     then ``num_iters`` coordinate updates:
     :math:`q(x) \propto \exp(\sum_k r_k \log N(x|\mu_k,\Lambda_k^{-1}))\psi(x)`,
     :math:`r_k \propto \pi_k \exp \mathbb{E}_{q(x)} \log N(x|\mu_k,\Lambda_k^{-1})`.
     """
-    log_pi = log_weights.log_softmax(-1)
+    log_pi = log_weights
     r = (log_pi + _component_evidence(mu, prec, J, h).movedim(0, -1)).softmax(-1)
     for _ in range(max(1, num_iters)):
         rk = r.movedim(-1, 0)

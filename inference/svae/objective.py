@@ -53,12 +53,17 @@ class SVAEObjective(Messenger):
         potentials: site -> ``(J (*node_shape, D, D), h (*node_shape, D))``.
         global_sites: names of the conditioned global latents (their log-density is the global term).
         num_iters: mean-field iterations (mixture, switching LDS).
+        expected_log_weights: discrete site -> E_q[log pi] ``(K,)`` replacing its prior log-probabilities
+            (a Dirichlet global handled by natural gradients; its own site is then in ``skip_sites``).
     """
 
     def __init__(self, targets: dict, potentials: dict, global_sites: set[str], num_iters: int = 3,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, expected_log_weights: dict | None = None,
+                 skip_sites: set[str] = frozenset()):
         super().__init__()
         self.targets, self.potentials, self.global_sites = targets, potentials, global_sites
+        self.expected_log_weights = expected_log_weights or {}
+        self.skip_sites = skip_sites
         self.num_iters, self.generator = num_iters, generator
         self.parent_of = {t.discrete: t.site for t in targets.values() if t.discrete}
         self.discrete_fns: dict = {}
@@ -82,7 +87,7 @@ class SVAEObjective(Messenger):
             msg.update(value=local.x, done=True, stop=True)
 
     def _pyro_post_sample(self, msg):
-        if not msg["is_observed"]:
+        if not msg["is_observed"] or msg["name"] in self.skip_sites:
             return
         lp = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"]).sum()
         if msg["name"] in self.global_sites:
@@ -103,7 +108,7 @@ class SVAEObjective(Messenger):
             K = mu.shape[0]
             mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])
             prec = prec.expand((K,) + target.node_shape + prec.shape[-2:])
-            log_w = z_fn.logits.expand(target.node_shape + (K,))
+            log_w = self.expected_log_weights.get(target.discrete, z_fn.logits).expand(target.node_shape + (K,))
             return mixture_local(log_w, mu, prec, J, h, self.num_iters, self.generator)
         K, D = z_fn.num_states, target.dim
         if z_fn.time_varying:
