@@ -21,4 +21,4 @@ class Simulated(NamedTuple):
     truth: dict[str, Any]
 
 
-MODEL_MODULES = ("gmm",)
+MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm")

@@ -34,6 +34,7 @@ class Model:
         if not callable(fn):
             raise TypeError(f"ppl.model expects a function, got {type(fn).__name__}")
         self.fn = fn
+        self.fixed_sites: frozenset[str] = frozenset()  # sites fixed by ppl.condition: not data
         self.name = getattr(fn, "__name__", "model")
         functools.update_wrapper(self, fn)
 
@@ -165,4 +166,5 @@ def condition(fn: Callable[..., Any], data: dict[str, torch.Tensor]) -> Model:
             raise ModelInputError(f"site '{name}': conditioned value contains NaN or inf")
     conditioned = Model(pyro.poutine.condition(fn, data=data))
     conditioned.name = f"{model_name(fn)}|{','.join(data)}"
+    conditioned.fixed_sites = frozenset(data) | getattr(fn, "fixed_sites", frozenset())
     return conditioned

@@ -86,12 +86,15 @@ def _has_params(model, args, kwargs, spec) -> bool:
 
 
 def _log_likelihood(model, args, kwargs, point, plan) -> float:
-    """log p(observed | globals) with every chain and enumerable site marginalized exactly:
-    the exact log joint at the point (an ELBO with no latent left is exact) minus the log prior."""
+    """log p(data | globals) with every chain and enumerable site marginalized exactly: the exact
+    log joint at the point (an ELBO with no latent left is exact) minus the log-density of the
+    MAP globals and of the sites fixed by ``ppl.condition`` (they are not data)."""
     facts = plan.facts
     fixed = pyro.poutine.condition(common.fit_model(model, facts), data=point)
     elbo = svi.make_elbo(plan.graph, facts)
     joint = -elbo.loss(fixed, lambda *a, **k: None, *args, **kwargs)
     trace = pyro.poutine.trace(fixed).get_trace(*args, **kwargs)
-    prior = sum(float(trace.nodes[name]["fn"].log_prob(value).sum()) for name, value in point.items())
+    not_data = set(point) | set(getattr(model, "fixed_sites", ()))
+    prior = sum(float(trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"]).sum()) for name in not_data
+                if name in trace.nodes)
     return joint - prior

@@ -173,3 +173,9 @@ def test_extend_rejects_bad_input():
         ppl.extend(torch.zeros(3), 0)
     with pytest.raises(ValueError, match="floating-point"):
         ppl.extend(torch.zeros(3, dtype=torch.long), 2)
+
+
+def test_log_evidence_excludes_sites_fixed_by_condition(y):
+    conditioned = ppl.condition(hmm_priors, {"trans": TRANS, "loc": MU})
+    post = ppl.infer(conditioned, y, progress=False)
+    assert abs(post.log_evidence.value - float(oracle(y).log_normalizer)) < 1e-9
