@@ -8,7 +8,12 @@ Every model module follows one protocol, so that one table-driven test covers th
     infer_options(simulated) -> dict   options for ``ppl.infer`` used by the tests (steps, lr, init, ...)
     recovery_errors(posterior, simulated) -> dict[str, float]   parameter errors, permutation-invariant
     TOLERANCES           name -> the largest error the test accepts, for each key of recovery_errors
+
+Each model is a submodule: ``from ppl.models import lda`` (or ``import ppl.models`` and then
+``ppl.models.lda``, imported on first access) gives the module, ``ppl.models.lda.model`` (the same
+object as ``ppl.models.lda.lda``) the model function.
 """
+import importlib
 from typing import Any, NamedTuple
 
 
@@ -21,4 +26,13 @@ class Simulated(NamedTuple):
     truth: dict[str, Any]
 
 
-MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm")
+MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm",
+                 "iohmm", "mixture_of_experts", "cca", "lda", "nmf")
+__all__ = ["MODEL_MODULES", "Simulated", *MODEL_MODULES]
+
+
+def __getattr__(name: str):
+    """Import a model submodule on first attribute access (``ppl.models.lda`` after ``import ppl.models``)."""
+    if name in MODEL_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

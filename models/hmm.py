@@ -40,8 +40,19 @@ EMISSIONS = ("gaussian", "poisson", "categorical")
 EMISSION_SITES = {"gaussian": "loc", "poisson": "rate", "categorical": "emission_probs"}
 
 
-def _check_inputs(y, K, emission: str, num_categories: int | None) -> None:
-    """Raise ValueError naming the argument when the data or an option is malformed."""
+def _check_mask(y: torch.Tensor, mask) -> torch.Tensor:
+    """``mask`` as a bool tensor of y's shape (all True when None); ValueError naming it otherwise."""
+    if mask is None:
+        return torch.ones(y.shape, dtype=torch.bool, device=y.device)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != y.shape:
+        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of y's shape {tuple(y.shape)}, got {got}")
+    return mask
+
+
+def _check_inputs(y, K, emission: str, num_categories: int | None, mask=None) -> None:
+    """Raise ValueError naming the argument when the data or an option is malformed (entries where
+    ``mask`` is False are missing: they may hold anything, NaN included)."""
     if emission not in EMISSIONS:
         raise ValueError(f"emission must be one of {EMISSIONS}, got {emission!r}")
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
@@ -51,13 +62,16 @@ def _check_inputs(y, K, emission: str, num_categories: int | None) -> None:
         raise ValueError(f"y must be a tensor of shape (T,) or (N, T) with T >= 1, got {got}")
     if emission == "gaussian" and not y.is_floating_point():
         raise ValueError(f"y must be floating point for emission='gaussian', got dtype {y.dtype}")
+    y = y[_check_mask(y, mask)]
+    if y.numel() and not bool(torch.isfinite(y).all()):
+        raise ValueError("y must be finite where observed; mark missing entries False in mask=")
     if emission != "gaussian" and bool((y != y.round()).any() | (y < 0).any()):
         raise ValueError(f"y must hold non-negative integers for emission={emission!r}")
     if emission == "categorical":
         if isinstance(num_categories, bool) or not isinstance(num_categories, int) or num_categories < 1:
             raise ValueError("num_categories must be an integer >= 1 for emission='categorical', "
                              f"got {num_categories!r}")
-        if int(y.max()) >= num_categories:
+        if y.numel() and int(y.max()) >= num_categories:
             raise ValueError(f"y must lie in [0, num_categories={num_categories}), got max {int(y.max())}")
 
 
@@ -77,8 +91,9 @@ def _emission_params(ref: torch.Tensor, K: int, emission: str, C: int | None, pr
     return {"emission_probs": ppl.sample("emission_probs", dist.Dirichlet(ref.new_ones(K, C)).to_event(1))}
 
 
-def _emission_dist(params: dict, z: torch.Tensor, y: torch.Tensor, emission: str):
-    r"""p(y | z) with one event per sequence: batch ``(..., [N])``, event ``(T,)``.
+def _emission_dist(params: dict, z: torch.Tensor, y: torch.Tensor, emission: str, mask: torch.Tensor | None = None):
+    r"""p(y | z) with one event per sequence: batch ``(..., [N])``, event ``(T,)``; the steps where
+    ``mask: y.shape`` is False are left out of the density (missing observations).
 
     ``z`` is used elementwise (``loc[z]``), so under the exact interpreter, where z is the
     enumerated support ``(K, ...)``, this evaluates every state at once.
@@ -89,23 +104,27 @@ def _emission_dist(params: dict, z: torch.Tensor, y: torch.Tensor, emission: str
         d = dist.Poisson(params["rate"][z])
     else:
         d = dist.Categorical(params["emission_probs"][z])
-    return d.expand(torch.broadcast_shapes(d.batch_shape, y.shape)).to_event(1)
+    d = d.expand(torch.broadcast_shapes(d.batch_shape, y.shape))
+    return (d if mask is None else d.mask(mask)).to_event(1)
 
 
 @ppl.model
 def hmm(y: torch.Tensor, K: int = 3, emission: str = "gaussian", num_categories: int | None = None,
-        prior_scale: float = 10.0):
+        prior_scale: float = 10.0, mask: torch.Tensor | None = None):
     """HMM with ``K`` states on ``y: (T,)`` or ``(N, T)``; ``emission`` is "gaussian", "poisson" or
-    "categorical" (then ``num_categories`` C is required and y holds integers in [0, C))."""
-    _check_inputs(y, K, emission, num_categories)
+    "categorical" (then ``num_categories`` C is required and y holds integers in [0, C)).
+    ``mask``: bool, y's shape, False marks a missing observation (marginalized; y may be NaN there)."""
+    _check_inputs(y, K, emission, num_categories, mask)
     ref = _float_ref(y)
     trans = ppl.sample("trans", dist.Dirichlet(ref.new_ones(K, K)).to_event(1))
     params = _emission_params(ref, K, emission, num_categories, prior_scale)
+    if mask is not None:  # a finite placeholder where y is missing (left out of the density)
+        y = torch.where(mask, y, torch.zeros_like(y))
     obs = y.long() if emission == "categorical" else y.to(ref.dtype)
     plate = ppl.plate("sequences", y.shape[0]) if y.dim() == 2 else contextlib.nullcontext()
     with plate:
         z = ppl.markov_chain("z", K, trans, length=y.shape[-1])
-        ppl.sample("y", _emission_dist(params, z, y, emission), obs=obs)
+        ppl.sample("y", _emission_dist(params, z, y, emission, mask), obs=obs)
 
 
 def sticky_transition(K: int, gen: torch.Generator, stay: float = 0.8) -> torch.Tensor:
@@ -172,14 +191,16 @@ def simulate(seed: int = 0, N: int | None = 4, T: int = 200, K: int = 3, emissio
 
 
 def init_values(y: torch.Tensor, K: int, emission: str = "gaussian",
-                num_categories: int | None = None) -> dict[str, torch.Tensor]:
-    """Data-driven MAP starting values that break the label symmetry.
+                num_categories: int | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Data-driven MAP starting values that break the label symmetry (from the entries where
+    ``mask`` is True, all when None).
 
     ``trans = 0.5 I + 0.5 / K``; gaussian: ``loc`` at the data's ``(k + 1/2)/K`` quantiles,
     ``scale`` = sd(y) / K; poisson: ``rate`` at those quantiles (+1/2); categorical: state k
     favours the k-th most frequent symbol, ``0.4 freq + 0.4 e_{rank k} + 0.2 / C``.
     """
     ref = _float_ref(y)
+    y = y[_check_mask(y, mask)]
     flat = y.reshape(-1).to(ref.dtype)
     out = {"trans": 0.5 * torch.eye(K, dtype=ref.dtype, device=y.device) + 0.5 / K}
     qs = torch.quantile(flat, (torch.arange(K, dtype=ref.dtype, device=y.device) + 0.5) / K)
@@ -199,7 +220,7 @@ def init_values(y: torch.Tensor, K: int, emission: str = "gaussian",
 def infer_options(sim: Simulated) -> dict:
     """MAP by Adam from ``init_values``: 400 steps at lr 0.05 converge on these sizes."""
     (y,), kw = sim.args, sim.kwargs
-    init = init_values(y, kw["K"], kw["emission"], kw.get("num_categories"))
+    init = init_values(y, kw["K"], kw["emission"], kw.get("num_categories"), kw.get("mask"))
     return dict(num_steps=400, lr=0.05, init=init)
 
 

@@ -44,8 +44,21 @@ from ._util import best_permutation
 EXPECTED_BACKEND = "exact"
 
 
-def _check_inputs(y, D, inputs) -> None:
-    """Raise ValueError naming the argument when the data or an option is malformed."""
+def _check_mask(y: torch.Tensor, mask) -> torch.Tensor | None:
+    """``mask`` as a bool tensor of y's shape ``(..., T, P)``; a per-step mask ``(..., T)`` is broadcast
+    over the P outputs. ValueError naming it when malformed."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape not in (y.shape, y.shape[:-1]):
+        got = (tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of y's shape {tuple(y.shape)} or {tuple(y.shape[:-1])} "
+                         f"(whole steps), got {got}")
+    return mask if mask.shape == y.shape else mask.unsqueeze(-1).expand(y.shape)
+
+
+def _check_inputs(y, D, inputs, mask=None) -> None:
+    """Raise ValueError naming the argument when the data or an option is malformed (entries where
+    ``mask`` is False are missing: they may hold anything, NaN included)."""
     if isinstance(D, bool) or not isinstance(D, int) or D < 1:
         raise ValueError(f"D must be an integer >= 1, got {D!r}")
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() not in (2, 3):
@@ -54,6 +67,9 @@ def _check_inputs(y, D, inputs) -> None:
     if y.shape[-1] < D:
         raise ValueError(f"y must have P >= D = {D} columns (C's top block is the identity), "
                          f"got P={y.shape[-1]}")
+    mask = _check_mask(y, mask)
+    if not bool(torch.isfinite(y if mask is None else y[mask]).all()):
+        raise ValueError("y must be finite where observed; mark missing entries False in mask=")
     if inputs is None:
         return
     if (not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() != y.dim()
@@ -86,10 +102,15 @@ def _globals(y: torch.Tensor, D: int, U: int | None, prior_scale: float) -> dict
 
 
 @ppl.model
-def lds(y: torch.Tensor, D: int = 2, inputs: torch.Tensor | None = None, prior_scale: float = 10.0):
+def lds(y: torch.Tensor, D: int = 2, inputs: torch.Tensor | None = None, prior_scale: float = 10.0,
+        mask: torch.Tensor | None = None):
     """LDS with a ``D``-dim state on ``y: (T, P)`` or ``(N, T, P)``; ``inputs: (..., T, U)`` drive the
-    state through ``input_matrix`` B (a driven LDS) when given."""
-    _check_inputs(y, D, inputs)
+    state through ``input_matrix`` B (a driven LDS) when given. ``mask``: bool ``y.shape`` (or
+    ``y.shape[:-1]``, whole steps), False marks a missing observation (marginalized; y may be NaN there)."""
+    _check_inputs(y, D, inputs, mask)
+    mask = _check_mask(y, mask)
+    if mask is not None:  # a finite placeholder where y is missing (left out of the density)
+        y = torch.where(mask, y, torch.zeros_like(y))
     g = _globals(y, D, None if inputs is None else inputs.shape[-1], prior_scale)
     plate = ppl.plate("sequences", y.shape[0]) if y.dim() == 3 else contextlib.nullcontext()
     with plate:
@@ -97,7 +118,8 @@ def lds(y: torch.Tensor, D: int = 2, inputs: torch.Tensor | None = None, prior_s
         x = ppl.gaussian_chain("x", D, g["dynamics"], noise_cov, length=y.shape[-2],
                                inputs=inputs, input_matrix=g.get("input_matrix"))
         loc = x @ g["emission"].transpose(-1, -2) + g["obs_offset"]
-        ppl.sample("y", dist.Normal(loc, g["obs_noise"]).to_event(2), obs=y)
+        noise = dist.Normal(loc, g["obs_noise"])
+        ppl.sample("y", (noise if mask is None else noise.mask(mask)).to_event(2), obs=y)
 
 
 def rotation(theta: float, radius: float) -> torch.Tensor:

@@ -38,9 +38,16 @@ def _nothing_latent(f: Facts) -> bool:
     return not (f.chains or f.enumerable or f.unenumerable or f.continuous)
 
 
+def _discrete_only(f: Facts) -> bool:
+    return bool(f.enumerable) and not (f.chains or f.unenumerable or f.continuous)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("nothing-latent", _nothing_latent, "exact",
          "every random variable is observed or fixed: the log-likelihood is evaluated exactly"),
+    Rule("discrete-only", _discrete_only, "exact",
+         "the only latents are finite discrete ones (e.g. a mixture with its globals fixed): they are summed "
+         "out by enumeration, so the log-likelihood and their posteriors are exact"),
     Rule("exact-chains", _exact_chains, "exact",
          "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
          "global parameters (and any network weights) by MAP on the exact marginal likelihood"),
