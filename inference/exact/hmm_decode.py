@@ -118,7 +118,8 @@ def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _log_filtered(ch: ChainInputs) -> Tensor:
-    """log p(z_t | x_{0:t}) (T, N, K): scaled forward pass, or the log-space one on underflow."""
+    """log p(z_t | x_{0:t}) (T, N, K) up to a constant per (t, n) (all that sampling needs; exact at
+    each sequence's last step): scaled forward pass, or the log-space one on underflow."""
     fw = forward_scaled(ch)
     return forward_log(ch).log_alphas if fw.underflow else fw.alphas.log()
 

@@ -3,28 +3,33 @@ r"""Scaled-probability forward-backward kernels on canonical inputs (``hmm_check
 Potentials are exponentiated after a max shift (per step for ``log_lik``, per matrix for
 ``log_trans``: :math:`e_t = \exp(\text{log\_lik}_t - m_t)`,
 :math:`P_t = \exp(\text{log\_trans}_t - c_t)`),
-and the forward messages are renormalized every step, so one step is one batched matmul,
-one multiply and one normalization:
+and the forward messages are renormalized every ``r`` steps (``renorm_period``) and at each
+sequence's last step, so a step is one batched matmul and one multiply:
 
-.. math:: a_t = (\hat\alpha_{t-1} P_t) \odot e_t,\quad s_t = \textstyle\sum_k a_t(k),
+.. math:: a_t = (\hat\alpha_{t-1} P_t) \odot e_t,\quad
+          s_t = \textstyle\sum_k a_t(k) \text{ at renormalization steps, else } 1,
           \quad \hat\alpha_t = a_t / s_t,\quad
           \log Z = \textstyle\sum_t (\log s_t + m_t) + \sum_{t \ge 1} c_t + \text{init shift}.
 
-The backward pass reuses the forward scales (Rabiner's scaling), two ops per step:
+Rabiner's scaling holds for any choice of scales (only their product, Z up to the shifts, is
+fixed), so the backward pass reuses the forward scales, two ops per step:
 
 .. math:: \hat\beta_{T-1} = 1,\quad \hat\beta_{t-1} = P_t \, (e_t \odot \hat\beta_t / s_t),\quad
           \gamma_t = \hat\alpha_t \hat\beta_t,\quad
           \xi_t(i, j) = \hat\alpha_{t-1}(i) \, P_t(i, j) \, e_t(j) \hat\beta_t(j) / s_t.
 
 Exactly, :math:`w_t = \sum_k \gamma_t(k) = 1`; the computed :math:`w_t` renormalizes
-:math:`\gamma_t, \xi_t`, and a :math:`w_t` far from 1 (or a scale :math:`s_t` below the
-dtype's smallest normal number) flags under/overflow, which needs potentials conflicting
-by more than the dtype's exponent range (~87 nats in float32); callers then use the
-log-space kernels (``hmm_logspace``). Messages are time-major ``(T, N, K)`` so each step
+:math:`\gamma_t, \xi_t`, and a :math:`w_t` far from 1 (or a scale :math:`s_t` below
+``tiny * K^(r-1)``, the bound that keeps every unnormalized message in between above the
+dtype's smallest normal number, as a step grows the sum by at most K) flags under/overflow.
+That needs potentials conflicting by about ``log(1/tiny) / r`` nats per step or more on
+average over ``r`` steps (~20 nats in float32); callers then use the log-space kernels
+(``hmm_logspace``). Messages are time-major ``(T, N, K)`` so each step
 reads contiguous rows.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,12 +41,14 @@ from .hmm_checks import ChainInputs, valid_steps
 class ScaledForward(NamedTuple):
     """Forward pass of the scaled recursion.
 
-    alphas:    (time, batch, states) filtered p(z_t | x_{0:t}) (rows sum to one)
+    alphas:    (time, batch, states) proportional to the filtered p(z_t | x_{0:t}) (rows sum
+               to one at renormalization steps and at each sequence's last step)
     log_terms: (time, batch) per-step contributions to log Z, zero at t >= length
-    scales:    (time, batch, 1) the normalizers s_t of the shifted recursion
+    scales:    (time, batch, 1) the normalizers s_t of the shifted recursion (1 between
+               renormalization steps)
     emis:      (time, batch, states) exp(log_lik - per-step max)
     trans:     (Nt, S, states, states) exp(log_trans - per-matrix max)
-    underflow: True when some valid s_t fell below the dtype's smallest normal number
+    underflow: True when some valid s_t fell below ``tiny * K^(r-1)`` (module docstring)
     """
 
     alphas: Tensor
@@ -116,24 +123,68 @@ def _time_major_emissions(log_lik: Tensor) -> tuple[Tensor, Tensor]:
     return emis.exp_(), m
 
 
-def forward_scaled(ch: ChainInputs) -> ScaledForward:
-    """Scaled forward recursion (no autograd); see the module docstring for the math."""
+def renorm_period(dtype: torch.dtype) -> int:
+    """Steps between renormalizations of the forward messages: ``log(1/tiny) / 20`` (4 in
+    float32, 16 at most), so an average conflict under ~20 nats per step never underflows."""
+    nats = -math.log(torch.finfo(dtype).tiny)
+    return max(1, min(16, int(nats // 20)))
+
+
+def _normalize_last_steps(alphas: Tensor, scales: Tensor, ch: ChainInputs) -> None:
+    """Renormalize each sequence's last valid step in place (its scale absorbs the sum)."""
+    T, N, _ = alphas.shape
+    if ch.lengths is None:
+        last = alphas[T - 1]
+        total = last.sum(-1, keepdim=True)
+        last.div_(total)
+        scales[T - 1].mul_(total)
+        return
+    rows = torch.arange(N, device=alphas.device)
+    steps = ch.lengths - 1
+    last = alphas[steps, rows]
+    total = last.sum(-1, keepdim=True)
+    alphas[steps, rows] = last / total
+    scales[steps, rows] = scales[steps, rows] * total
+
+
+def forward_scaled(ch: ChainInputs, period: int | None = None) -> ScaledForward:
+    """Scaled forward recursion (no autograd); see the module docstring for the math.
+
+    period: steps between renormalizations; None = ``renorm_period(dtype)``, and if that
+    underflows, one retry renormalizing every step (the flag is then only set when a
+    single step's scale underflows, i.e. a conflict beyond the dtype's exponent range).
+    """
+    if period is None:
+        fw = _forward_scaled(ch, renorm_period(ch.log_lik.dtype))
+        return _forward_scaled(ch, 1) if fw.underflow and renorm_period(ch.log_lik.dtype) > 1 else fw
+    return _forward_scaled(ch, period)
+
+
+def _forward_scaled(ch: ChainInputs, period: int) -> ScaledForward:
+    """``forward_scaled`` renormalizing every ``period`` steps and at each last step."""
     emis, m_lik = _time_major_emissions(ch.log_lik)
     trans, m_trans = shift_exp(ch.log_trans, (-2, -1))
     init, m_init = shift_exp(ch.log_init, -1)
     alphas = torch.empty_like(emis)
-    scales = emis.new_empty(emis.shape[:-1] + (1,))
-    a, e, s = alphas.unbind(0), emis.unbind(0), scales.unbind(0)
+    scales = emis.new_ones(emis.shape[:-1] + (1,))
     mm, vecs, mats = _step_operands(alphas, trans, ch.time_varying, transpose=False)
+    # per-step views (one unbind each: views cost ~0.5 us apiece); a shared matrix already
+    # gives (N, K) views of ``alphas`` as ``vecs``
+    a = vecs if trans.shape[0] == 1 else alphas.unbind(0)
+    e = emis.unbind(0)
     torch.mul(init, e[0], out=a[0])
-    torch.sum(a[0], -1, keepdim=True, out=s[0])
-    a[0].div_(s[0])
+    torch.sum(a[0], -1, keepdim=True, out=scales[0])
+    a[0].div_(scales[0])
     for t in range(1, len(a)):
         mm(vecs[t - 1], mats[t], out=vecs[t])
         a[t].mul_(e[t])
-        torch.sum(a[t], -1, keepdim=True, out=s[t])
-        a[t].div_(s[t])
-    low = scales[..., 0] < torch.finfo(emis.dtype).tiny
+        if t % period == 0:
+            s = scales[t]
+            torch.sum(a[t], -1, keepdim=True, out=s)
+            a[t].div_(s)
+    _normalize_last_steps(alphas, scales, ch)
+    K = emis.shape[-1]
+    low = scales[..., 0] < torch.finfo(emis.dtype).tiny * float(K) ** (period - 1)
     if ch.lengths is not None:
         low &= valid_time_major(ch)
     terms = _log_terms(ch, scales, m_lik, m_init, m_trans)
@@ -146,8 +197,9 @@ def _backward_messages(fw: ScaledForward, ch: ChainInputs) -> tuple[Tensor, Tens
     weighted = torch.empty_like(fw.alphas)
     betas[-1].fill_(1.0)
     scaled_emis = fw.emis / fw.scales
-    b, w, es = betas.unbind(0), weighted.unbind(0), scaled_emis.unbind(0)
     mm, vecs, mats = _step_operands(betas, fw.trans, ch.time_varying, transpose=True)
+    b = vecs if fw.trans.shape[0] == 1 else betas.unbind(0)
+    w, es = weighted.unbind(0), scaled_emis.unbind(0)
     w_vecs = weighted.unsqueeze(2).unbind(0) if fw.trans.shape[0] > 1 else w
     pad = None if ch.lengths is None else (~valid_time_major(ch)).unsqueeze(-1).unbind(0)
     for t in range(len(b) - 1, 0, -1):

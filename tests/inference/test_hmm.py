@@ -6,7 +6,7 @@ import torch
 
 from ppl.inference.exact import hmm
 from ppl.inference.exact.hmm_checks import canonicalize
-from ppl.inference.exact.hmm_kernels import forward_scaled, smooth_scaled
+from ppl.inference.exact.hmm_kernels import forward_scaled, renorm_period, smooth_scaled
 from tests.reference.brute_force import brute_force
 
 F64 = torch.float64
@@ -264,6 +264,52 @@ def test_backward_underflow_falls_back_to_log_space():
     post = hmm.posterior(log_init, log_trans, log_lik)
     assert torch.allclose(post.marginals.double(), bf.marginals, atol=1e-5), "marginals, atol 1e-5"
     assert torch.allclose(post.pairwise.double(), bf.pairwise, atol=1e-5), "pairwise, atol 1e-5"
+
+
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_float32_lazy_renormalization_with_lengths_matches_brute_force(time_varying):
+    # float32 renormalizes every 4 steps: T = 11 has renormalization steps 4 and 8 in between,
+    # and the lengths end on a renormalization step (9 - 1 = 8), off one (11, 6) and at t = 0.
+    T, K = 11, 3
+    args64 = random_chain(21, (4,), T, K, time_varying)
+    args32 = [a.float().requires_grad_() for a in args64]
+    lengths = torch.tensor([11, 9, 6, 1])
+    assert renorm_period(torch.float32) == 4
+    with torch.no_grad():
+        assert not forward_scaled(canonicalize(*args32, lengths, time_varying), 4).underflow
+    log_z = hmm.log_normalizer(*args32, lengths=lengths)
+    _, _, g_lik = torch.autograd.grad(log_z.sum(), args32)
+    post = hmm.posterior(*[a.detach() for a in args32], lengths=lengths)
+    for n in range(4):
+        bf = oracle(*args64, lengths, time_varying, n)
+        L = bf.marginals.shape[0]
+        # float32 with |log Z| ~ 20: measured errors ~1e-6; 1e-5 (relative / absolute) leaves room.
+        assert abs(log_z[n].item() - bf.log_normalizer.item()) < 1e-5 * max(1.0, abs(bf.log_normalizer.item()))
+        assert torch.allclose(g_lik[n, :L].double(), bf.marginals, atol=1e-5), "gradient = marginals"
+        assert torch.allclose(post.marginals[n, :L].double(), bf.marginals, atol=1e-5), "marginals"
+        assert torch.all(post.marginals[n, L:] == 0)
+
+
+def test_moderate_conflicts_retry_with_per_step_renormalization():
+    # ~60 nats of conflict every other step: four steps without renormalization underflow
+    # float32 (e^-120 < 1.2e-38), one step does not; forward_scaled then retries with period 1.
+    T = 8
+    log_trans = torch.tensor([[0.0, -60.0], [-60.0, 0.0]], dtype=F64)
+    favour = torch.arange(T) % 2
+    log_lik = torch.where(torch.nn.functional.one_hot(favour, 2).bool(), 0.0, -60.0).to(F64)
+    args64 = (torch.zeros(2, dtype=F64), log_trans, log_lik)
+    args32 = [a.float() for a in args64]
+    ch = canonicalize(*args32, None, None)
+    assert forward_scaled(ch, renorm_period(torch.float32)).underflow, "the lazy pass must underflow"
+    assert not forward_scaled(ch).underflow, "the per-step retry must not"
+    bf = brute_force(*args64)
+    inputs = [a.clone().requires_grad_() for a in args32]
+    log_z = hmm.log_normalizer(*inputs)
+    g_init, g_trans, g_lik = torch.autograd.grad(log_z, inputs)
+    # |log Z| ~ 240 in float32: relative 1e-5; posterior statistics: absolute 1e-5.
+    assert abs(log_z.item() - bf.log_normalizer.item()) < 1e-5 * abs(bf.log_normalizer.item())
+    assert torch.allclose(g_lik.double(), bf.marginals, atol=1e-5), "marginals, atol 1e-5"
+    assert torch.allclose(g_trans.double(), bf.pairwise, atol=1e-5), "pairwise, atol 1e-5"
 
 
 def gaussian_chain(seed, B, T, K, dtype):
