@@ -249,7 +249,7 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         draws_q[c.site] = torch.distributions.Dirichlet(alpha).sample((num_samples,))
 
     def local_sampler(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), pyro.get_param_store().scope():
             runs = [step.run() for _ in range(n)]
         return {name: torch.stack([r.locals[name].x for r in runs]) for name in targets}
 
@@ -270,12 +270,17 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
 
 def encode(step: _Step, point: dict, args: tuple, kwargs: dict) -> dict:
     """Amortized local inference on new data with the trained networks and globals:
-    site -> ``Local`` (mean, discrete marginals, a sample, KL). Masked children give no potential."""
+    site -> ``Local`` (mean, discrete marginals, a sample, KL). Masked children give no potential.
+
+    Runs in a fresh Pyro parameter store: ``ppl.module`` copies the store's tensors into a module of the
+    same name, so encoding under the global store would let two fitted models with equally named
+    networks (e.g. "decoder") overwrite each other's weights."""
     from ppl.compiler import compile as compile_model
     facts = compile_model(step.model, *args, backend=NAME, **kwargs).facts
-    inputs, masks, _ = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
-    new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters, step.conjugates, 0.0)
-    with torch.no_grad():
+    with torch.no_grad(), pyro.get_param_store().scope():
+        inputs, masks, _ = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
+        new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters,
+                    step.conjugates, 0.0)
         return new.run(torch.Generator(device=_device(new)).manual_seed(0), point).locals
 
 

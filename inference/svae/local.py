@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..exact.kalman_info import LDSPrior, filter_result, prepare, run_filter, sample, smooth
+from .lds_banded import banded_lds_local, use_banded
 
 
 class Local(NamedTuple):
@@ -39,8 +40,19 @@ def expected_log_potential(J: torch.Tensor, h: torch.Tensor, mean: torch.Tensor,
     return -0.5 * (J * second).sum((-1, -2)) + (h * mean).sum(-1)
 
 
-def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None) -> Local:
-    """Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``, ``h (..., T, D)``."""
+def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None, method: str = "auto") -> Local:
+    r"""Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``, ``h (..., T, D)``.
+
+    ``method``: "scan" (parallel Kalman filter/smoother, :mod:`ppl.inference.exact.kalman_info`),
+    "banded" (block-tridiagonal Cholesky over chunks of time steps, :mod:`.lds_banded`) or "auto": banded
+    where ``lds_banded.use_banded`` allows (well-conditioned noise; on CUDA, short chains), else the scan.
+    Both are exact; the KL is :math:`\mathbb{E}_q[\log\psi(x)] - \log Z` and ``x`` a reparameterized sample.
+    """
+    if method not in ("auto", "scan", "banded"):
+        raise ValueError(f"lds_local: method must be 'auto', 'scan' or 'banded', got {method!r}")
+    if method == "banded" or (method == "auto" and use_banded(prior, h.shape[-2], h.shape[-1])):
+        b = banded_lds_local(prior, J, h, generator)
+        return Local(b.x, b.expected_log_potential.sum() - b.log_z.sum(), b.mean, None)
     f = run_filter(prepare(prior, J, h, check_j=False))
     log_z = filter_result(f).log_normalizer
     smoothed = smooth(f)
