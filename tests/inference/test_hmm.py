@@ -195,11 +195,126 @@ def test_parallel_scan_equals_sequential_with_gradients(time_varying):
     lengths = torch.tensor([257, 100, 1])
     xs = [a.clone().requires_grad_() for a in args]
     ys = [a.clone().requires_grad_() for a in args]
-    seq = hmm.log_normalizer(*xs, lengths=lengths)
+    seq = hmm.log_normalizer(*xs, lengths=lengths, method="sequential")
     par = hmm.parallel_log_normalizer(*ys, lengths=lengths)
     assert torch.allclose(seq, par, rtol=1e-12, atol=1e-9), "parallel == sequential, atol 1e-9"
     for gs, gp in zip(torch.autograd.grad(seq.sum(), xs), torch.autograd.grad(par.sum(), ys)):
         assert torch.allclose(gs, gp, atol=1e-9), "gradients agree, atol 1e-9"
+
+
+def test_auto_method_rule():
+    assert hmm.use_parallel_scan(1, 100_000, 8), "one long sequence, K = 8: scan"
+    assert hmm.use_parallel_scan(16, 1000, 2) and hmm.use_parallel_scan(2, 1000, 16)
+    assert not hmm.use_parallel_scan(64, 1000, 8), "batch 64 x K 8: sequential"
+    assert hmm.use_parallel_scan(8, 1000, 8, shared=True), "N K = 64 with the GEMM level"
+    assert not hmm.use_parallel_scan(8, 1000, 8), "N K = 64 without it"
+    assert not hmm.use_parallel_scan(4, 1000, 16, shared=True), "K = 16: no GEMM level"
+    assert not hmm.use_parallel_scan(1, 255, 8), "short sequences: sequential"
+    assert not hmm.use_parallel_scan(1, 10_000, 32), "K = 32: sequential"
+    assert not hmm.use_parallel_scan(2, 10_000_000, 16), "memory cap N T K^2 <= 2^26"
+
+
+@pytest.mark.parametrize("time_varying,shared", [(False, True), (True, False)])
+def test_auto_chosen_scan_gradients_and_posterior_equal_sequential(time_varying, shared):
+    # N K = 9 <= 32 and T = 300 >= 256: "auto" takes the tree product. The sequential path's
+    # gradients / posterior are checked against brute force above; float64, so agreement to
+    # 1e-9 absolute (measured ~1e-12) shows the auto path computes the same statistics.
+    N, T, K = 3, 300, 3
+    args = random_chain(30, (N,), T, K, time_varying, trans_batched=not shared)
+    assert hmm.use_parallel_scan(N, T, K)
+    lengths = torch.tensor([300, 131, 1])
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    grads = {}
+    for method in ("auto", "sequential"):
+        xs = [a.clone().requires_grad_() for a in args]
+        log_z = hmm.log_normalizer(*xs, lengths=lengths, method=method)
+        grads[method] = (log_z.detach(), *torch.autograd.grad((log_z * weights).sum(), xs))
+    for auto, seq in zip(grads["auto"], grads["sequential"]):
+        assert torch.allclose(auto, seq, rtol=1e-12, atol=1e-9), "auto == sequential, atol 1e-9"
+    post = hmm.posterior(*args, lengths=lengths, method="sequential")
+    _, g_init, g_trans, g_lik = grads["auto"]
+    w = weights[:, None, None]
+    assert torch.allclose(g_lik, post.marginals * w, atol=1e-9), "d logZ / d log_lik = marginals"
+    pair = post.pairwise * (w[..., None] if time_varying else w)
+    assert torch.allclose(g_trans, pair.sum(0) if shared else pair, atol=1e-9), "pairwise"
+    auto = hmm.posterior(*args, lengths=lengths)
+    assert not auto.marginals.requires_grad
+    for a, b in zip(auto, post):
+        assert torch.allclose(a, b, atol=1e-9), "posterior auto == sequential, atol 1e-9"
+
+
+@pytest.mark.parametrize("time_varying,lengths,shared", CASES)
+def test_forced_parallel_posterior_matches_brute_force(time_varying, lengths, shared):
+    args = random_chain(31, (3,), 5, 3, time_varying, trans_batched=not shared)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    post = hmm.posterior(*args, lengths=lengths, method="parallel")
+    log_z = hmm.log_normalizer(*args, lengths=lengths, method="parallel")
+    for n in range(3):
+        bf = oracle(*args, lengths, time_varying, n)
+        L = bf.marginals.shape[0]
+        # float64 enumeration of 3^5 paths vs the tree product: rounding only, atol 1e-10.
+        assert torch.allclose(log_z[n], bf.log_normalizer, atol=1e-10), "log Z, atol 1e-10"
+        assert torch.allclose(post.log_normalizer[n], bf.log_normalizer, atol=1e-10)
+        assert torch.allclose(post.marginals[n, :L], bf.marginals, atol=1e-10), "marginals"
+        assert torch.all(post.marginals[n, L:] == 0), "zero beyond length"
+        pair = post.pairwise[n, :L - 1] if time_varying else post.pairwise[n]
+        assert torch.allclose(pair, bf.pairwise, atol=1e-10), "pairwise, atol 1e-10"
+
+
+def test_forced_parallel_posterior_is_differentiable():
+    args = random_chain(32, (2,), 4, 3, False)
+    lengths = torch.tensor([4, 2])
+
+    def stats(x):
+        post = hmm.posterior(args[0], args[1], x, lengths=lengths, method="parallel")
+        return post.marginals, post.pairwise
+
+    lik = args[2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(stats, (lik,), eps=1e-6, atol=1e-7)
+    seq = hmm.posterior(args[0], args[1], lik, lengths=lengths, method="sequential")
+    par = hmm.posterior(args[0], args[1], lik, lengths=lengths, method="parallel")
+    assert torch.allclose(par.marginals, seq.marginals, atol=1e-12), "same values, atol 1e-12"
+
+
+@pytest.mark.parametrize("T", [300, 301])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_scan_pair_fast_path_matches_sequential_with_gradients(T, dtype):
+    # Shared homogeneous log_trans, no lengths, K <= 8: the scan's first level runs as one
+    # (N T/2, K) @ (K, K^2) matmul (even and odd T: with and without a leftover step).
+    # Tolerances: float64 rounding only (measured ~1e-13); float32 log Z relative 1e-5
+    # (sums of T terms, ~T * 6e-8); float32 gradients relative 1e-4 of the largest entry
+    # (expected transition counts reach ~100 here; measured ~5e-5 relative for the fast
+    # path, ~3e-5 for the log-space scan level it replaces, ~1e-6 for the recursion).
+    N, K = 2, 5
+    args = [a.to(dtype) for a in random_chain(34, (N,), T, K, False, trans_batched=False)]
+    xs = [a.clone().requires_grad_() for a in args]
+    ys = [a.clone().requires_grad_() for a in args]
+    par = hmm.log_normalizer(*xs, method="parallel")
+    seq = hmm.log_normalizer(*ys, method="sequential")
+    rel, grad_rel = (1e-12, 1e-9) if dtype == F64 else (1e-5, 1e-4)
+    assert torch.allclose(par, seq, rtol=rel, atol=0), f"log Z, rtol {rel}"
+    for gp, gs in zip(torch.autograd.grad(par.sum(), xs), torch.autograd.grad(seq.sum(), ys)):
+        err = ((gp - gs).abs().max() / gs.abs().max().clamp(min=1.0)).item()
+        assert err < grad_rel, f"gradients: relative error {err:.1e} >= {grad_rel}"
+    from ppl.inference.exact.hmm_scan import _shared_pair_products
+    ch = canonicalize(*args)
+    assert _shared_pair_products(ch.log_trans[0, 0], ch.log_lik[:, 1:]) is not None, \
+        "the fast path must have been taken"
+
+
+def test_scan_pair_fast_path_falls_back_on_structural_zeros():
+    # A left-right chain (-inf below the diagonal) gives exact zeros in the pair products:
+    # the fast path declines and the log-space level runs; checked against brute force.
+    K, T = 3, 6
+    log_trans = torch.randn(K, K, dtype=F64, generator=torch.Generator().manual_seed(35))
+    log_trans = log_trans.masked_fill(torch.ones(K, K).tril(-1).bool(), -torch.inf)
+    log_init = torch.tensor([0.0, -torch.inf, -torch.inf], dtype=F64)
+    log_lik = torch.randn(T, K, dtype=F64, generator=torch.Generator().manual_seed(36))
+    from ppl.inference.exact.hmm_scan import _shared_pair_products
+    assert _shared_pair_products(log_trans, log_lik[None, 1:]) is None
+    bf = brute_force(log_init, log_trans, log_lik)
+    par = hmm.log_normalizer(log_init, log_trans, log_lik, method="parallel")
+    assert torch.allclose(par, bf.log_normalizer, atol=1e-10), "fallback log Z, atol 1e-10"
 
 
 def test_time_varying_rule_and_override():
@@ -327,12 +442,19 @@ def gaussian_chain(seed, B, T, K, dtype):
 def test_float32_long_sequence_matches_float64():
     args64, _ = gaussian_chain(12, 1, 100_000, 8, F64)
     args32 = [a.float() for a in args64]
-    ref = hmm.log_normalizer(*args64)
-    for fn in (hmm.log_normalizer, hmm.parallel_log_normalizer):
-        out = fn(*args32)
+    ref = hmm.log_normalizer(*args64, method="sequential")
+    for method in ("sequential", "parallel", "auto"):
+        out = hmm.log_normalizer(*args32, method=method)
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         rel = ((out.double() - ref).abs() / ref.abs()).item()
-        assert rel < 1e-5, f"{fn.__name__}: float32 relative error {rel:.2e} >= 1e-5"
+        assert rel < 1e-5, f"{method}: float32 relative error {rel:.2e} >= 1e-5"
+
+
+def test_bad_method_raises_value_error():
+    args = random_chain(33, (2,), 4, 3, False)
+    for fn in (hmm.log_normalizer, hmm.posterior):
+        with pytest.raises(ValueError, match="method"):
+            fn(*args, method="scan")
 
 
 @pytest.mark.parametrize("fn", [hmm.log_normalizer, hmm.posterior, hmm.viterbi, hmm.sample,
