@@ -59,6 +59,7 @@ class Facts:
     plates: dict[str, int] = field(default_factory=dict)
     svae_targets: dict[str, SVAETarget] = field(default_factory=dict)
     conjugate: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Dirichlet site -> Categorical children
+    conjugate_gaussian: dict[str, tuple[str, ...]] = field(default_factory=dict)  # NIW site -> Gaussian children
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -134,6 +135,19 @@ def conjugate_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
         kids = graph.children_of(s.name)
         if s.family == "Dirichlet" and s.block is None and kids and all(
                 graph.site(k).family == "Categorical" and not graph.site(k).observed for k in kids):
+            out[s.name] = tuple(kids)
+    return out
+
+
+def conjugate_gaussian_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
+    """Latent NormalInverseWishart sites (``ppl.NormalInverseWishart``, a prior on a Gaussian's mean and
+    covariance) whose children are all latent Gaussian sites: conjugate pairs."""
+    out = {}
+    for s in graph.latent():
+        kids = graph.children_of(s.name)
+        if s.family == "NormalInverseWishart" and s.block is None and kids and all(
+                graph.site(k).family in GAUSSIAN_FAMILIES and not graph.site(k).observed
+                and graph.site(k).block is None for k in kids):
             out[s.name] = tuple(kids)
     return out
 
@@ -229,4 +243,5 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
         plates=plate_sizes(graph),
         svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)),
-        conjugate=conjugate_pairs(graph))
+        conjugate=conjugate_pairs(graph),
+        conjugate_gaussian=conjugate_gaussian_pairs(graph))

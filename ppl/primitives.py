@@ -125,6 +125,9 @@ def sample(name: str, fn, obs: torch.Tensor | None = None, *, mask: torch.Tensor
         the value of the site: ``obs`` if observed, otherwise a draw (or the value an
         interpreter substitutes).
     """
+    check_site = getattr(fn, "check_site", None)  # parameter checks that name the site (ppl.conjugate_dists)
+    if check_site is not None:
+        check_site(name)
     if obs is not None:
         if not isinstance(obs, torch.Tensor):
             raise ModelInputError(f"site '{name}': observed value must be a torch.Tensor, got {type(obs).__name__}")

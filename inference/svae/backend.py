@@ -20,7 +20,8 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import common
 from ..base import Verdict
-from ..expfam import dirichlet
+from .conjugate import Conjugate, DirichletConjugate, NIWConjugate, describe, natural_gradient_sites  # noqa: F401
+from .conjugate import build as build_conjugates
 from .objective import SVAEObjective
 from .recognition import default_recognition, potentials
 
@@ -58,9 +59,7 @@ def treatments(graph, facts):
         elif s.name in parents:
             rows.append(SiteTreatment(s.name, "message passing", f"q({s.name}) by {MESSAGES[parents[s.name].kind]}"))
         elif s.name in natural_gradient_sites(facts):
-            rows.append(SiteTreatment(s.name, "natural gradient",
-                                      f"conjugate Dirichlet of {facts.conjugate[s.name][0]}: q = Dir, natural-gradient "
-                                      "steps on its expected counts"))
+            rows.append(SiteTreatment(s.name, "natural gradient", describe(s.name, facts)))
         elif s.observed:
             rows.append(SiteTreatment(s.name, "observed", ("neural likelihood: reconstruction term" if s.neural
                                                            else f"{s.family}")))
@@ -69,47 +68,9 @@ def treatments(graph, facts):
     return rows
 
 
-def natural_gradient_sites(facts) -> dict[str, str]:
-    """Dirichlet globals whose single Categorical child is the assignment of an SVAE mixture: site -> child."""
-    mixtures = {t.discrete for t in facts.svae_targets.values() if t.kind == "mixture"}
-    return {w: kids[0] for w, kids in facts.conjugate.items() if len(kids) == 1 and kids[0] in mixtures}
-
-
-class Conjugate:
-    r"""q(pi) = Dir for a Dirichlet global conjugate to a mixture assignment z.
-
-    Natural parameter :math:`\eta = \alpha - 1`; each step moves it toward the coordinate optimum
-    given q(z): :math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + \sum_n q(z_n))`, which is a
-    natural-gradient step of size :math:`\rho` on the ELBO (Hoffman et al. 2013).
-    """
-
-    def __init__(self, site: str, child: str, prior_concentration: torch.Tensor, num_nodes: int):
-        self.site, self.child = site, child
-        self.prior = dirichlet.natural_from_standard(prior_concentration.detach())
-        K = prior_concentration.shape[-1]
-        self.natparam = self.prior + num_nodes / K
-
-    def expected_log(self) -> torch.Tensor:
-        return dirichlet.expected_stats(self.natparam)
-
-    def mean(self) -> torch.Tensor:
-        alpha = self.natparam + 1
-        return alpha / alpha.sum(-1, keepdim=True)
-
-    def kl(self) -> torch.Tensor:
-        return dirichlet.kl(self.natparam, self.prior)
-
-    def update(self, counts: torch.Tensor, step: float) -> None:
-        self.natparam = (1 - step) * self.natparam + step * (self.prior + counts.detach())
-
-
-def _conjugates(trace, facts) -> dict[str, Conjugate]:
-    out = {}
-    for site, child in natural_gradient_sites(facts).items():
-        target = next(t for t in facts.svae_targets.values() if t.discrete == child)
-        nodes = int(torch.Size(target.node_shape).numel())
-        out[site] = Conjugate(site, child, trace.nodes[site]["fn"].concentration, nodes)
-    return out
+def _conjugates(trace, facts, init: dict | None = None) -> dict:
+    """Conjugate globals fitted by natural gradients (``conjugate.build``): site -> Dirichlet/NIW q."""
+    return build_conjugates(trace, facts, init)
 
 
 def _recognition_masks(trace, targets) -> dict[str, torch.Tensor | None]:
@@ -184,10 +145,13 @@ class _Step:
                 keep = self.masks[name].to(h.dtype)
                 J, h = J * keep[..., None, None], h * keep[..., None]
             pots[name] = (J, h)
-        point = dict(point, **{c.site: c.mean() for c in self.conjugates.values()})
+        point = dict(point, **{c.site: c.point() for c in self.conjugates.values()})
+        dirichlets = [c for c in self.conjugates.values() if isinstance(c, DirichletConjugate)]
+        niws = [c for c in self.conjugates.values() if isinstance(c, NIWConjugate)]
         handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator,
-                                expected_log_weights={c.child: c.expected_log() for c in self.conjugates.values()},
-                                skip_sites=set(self.conjugates))
+                                expected_log_weights={c.child: c.expected_log() for c in dirichlets},
+                                skip_sites=set(self.conjugates),
+                                component_log_offsets={c.target: c.log_offsets() for c in niws})
         with handler:
             poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
         handler.global_kl = sum((c.kl() for c in self.conjugates.values()), torch.zeros(()))
@@ -196,9 +160,7 @@ class _Step:
     def natural_gradient_step(self, handler: SVAEObjective) -> None:
         """Move each conjugate q toward its optimum given the new local posteriors."""
         for c in self.conjugates.values():
-            target = next(t for t in self.targets.values() if t.discrete == c.child)
-            probs = handler.locals[target.site].probs
-            c.update(probs.reshape(-1, probs.shape[-1]).sum(0), self.natgrad_step)
+            c.update_from(handler, self.natgrad_step)
 
     def __call__(self) -> torch.Tensor:
         h = self.run()
@@ -215,7 +177,9 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
 
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
     num_iters (mean-field iterations), init (site -> initial value of a global), num_samples,
-    natgrad_step (step size of the natural-gradient updates of conjugate Dirichlet globals).
+    natgrad_step (step size of the natural-gradient updates of conjugate globals: a Dirichlet on mixture
+    weights, a ``ppl.NormalInverseWishart`` on mixture components; ``init`` may give the latter's starting
+    value, packed ``(K, D, D + 1)``).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
@@ -223,7 +187,7 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     targets = facts.svae_targets
     inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
     nets = _networks(targets, inputs, recognition)
-    conjugates = _conjugates(trace, facts)
+    conjugates = _conjugates(trace, facts, init)
     global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
     guide = None
     if global_sites:
@@ -244,9 +208,8 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
     means = {n: final.locals[n].mean.detach() for n in targets}
     elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
     for c in step.conjugates.values():
-        alpha = c.natparam + 1
-        point[c.site] = c.mean()
-        draws_q[c.site] = torch.distributions.Dirichlet(alpha).sample((num_samples,))
+        point[c.site] = c.point()
+        draws_q[c.site] = c.sample(num_samples)
 
     def local_sampler(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad(), pyro.get_param_store().scope():

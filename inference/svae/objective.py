@@ -55,15 +55,18 @@ class SVAEObjective(Messenger):
         num_iters: mean-field iterations (mixture, switching LDS).
         expected_log_weights: discrete site -> E_q[log pi] ``(K,)`` replacing its prior log-probabilities
             (a Dirichlet global handled by natural gradients; its own site is then in ``skip_sites``).
+        component_log_offsets: mixture site -> ``(K,)`` added to its log weights: the constant
+            :math:`c_k` of :math:`E_q\log N(x|\mu_k,\Sigma_k)` under a conjugate q = NIW (``conjugate.py``).
     """
 
     def __init__(self, targets: dict, potentials: dict, global_sites: set[str], num_iters: int = 3,
                  generator: torch.Generator | None = None, expected_log_weights: dict | None = None,
-                 skip_sites: set[str] = frozenset()):
+                 skip_sites: set[str] = frozenset(), component_log_offsets: dict | None = None):
         super().__init__()
         self.targets, self.potentials, self.global_sites = targets, potentials, global_sites
         self.expected_log_weights = expected_log_weights or {}
         self.skip_sites = skip_sites
+        self.component_log_offsets = component_log_offsets or {}
         self.num_iters, self.generator = num_iters, generator
         self.parent_of = {t.discrete: t.site for t in targets.values() if t.discrete}
         self.discrete_fns: dict = {}
@@ -109,6 +112,8 @@ class SVAEObjective(Messenger):
             mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])
             prec = prec.expand((K,) + target.node_shape + prec.shape[-2:])
             log_w = self.expected_log_weights.get(target.discrete, z_fn.logits).expand(target.node_shape + (K,))
+            if target.site in self.component_log_offsets:  # q(mu, Sigma) = NIW: E_q log N = plug-in + c_k
+                log_w = log_w + self.component_log_offsets[target.site]
             return mixture_local(log_w, mu, prec, J, h, self.num_iters, self.generator)
         K, D = z_fn.num_states, target.dim
         if z_fn.time_varying:

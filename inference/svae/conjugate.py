@@ -1,0 +1,243 @@
+r"""Conjugate globals of the SVAE, fitted by natural-gradient steps (Johnson et al. 2016, Hoffman et al. 2013).
+
+A global with a conjugate exponential-family prior :math:`p(\theta) \propto \exp\langle\eta_0, t(\theta)\rangle`
+whose children are local latents of an SVAE mixture gets a variational factor
+:math:`q(\theta) \propto \exp\langle\eta, t(\theta)\rangle` of the same family instead of a point estimate.
+Given the local posteriors q(z) q(x), the coordinate optimum is :math:`\eta^* = \eta_0 + \sum_n E_q[t_n]`
+(the expected sufficient statistics the locals contribute), and the step
+:math:`\eta \leftarrow (1-\rho)\eta + \rho\,\eta^*` is a natural-gradient step of size :math:`\rho` on the ELBO.
+The ELBO then counts :math:`-\mathrm{KL}(q(\theta)\|p(\theta))` (``global_kl``) and the local terms use
+:math:`E_q[\log p(\cdot \mid \theta)]`.
+
+- ``DirichletConjugate``: :math:`\pi \sim \mathrm{Dir}` over the weights of a mixture assignment z;
+  :math:`E[t] = q(z)` counts; the local step uses :math:`E_q[\log\pi]`.
+- ``NIWConjugate``: :math:`(\mu_k, \Sigma_k) \sim NIW` (``ppl.NormalInverseWishart``, batch ``(K,)``) over
+  the components of a mixture node :math:`x_n \mid z_n = k \sim N(\mu_k, \Sigma_k)`; the statistics are
+  :math:`\sum_n r_{nk}(E[x_nx_n^\top], E[x_n], 1, 1)` under q(x_n), q(z_n = k) = r_nk. The local step needs
+  :math:`E_q[\log N(x \mid \mu_k, \Sigma_k)]`, which is linear in :math:`E[\Sigma_k^{-1}], E[\Sigma_k^{-1}\mu_k],
+  E[\mu_k^\top\Sigma_k^{-1}\mu_k], E[\log|\Sigma_k^{-1}|]`:
+
+  .. math:: E_q\log N(x \mid \mu_k, \Sigma_k) = \log N(x \mid \bar\mu_k, \bar\Lambda_k^{-1}) + c_k, \quad
+            \bar\Lambda_k = E[\Sigma_k^{-1}] = \nu\Psi^{-1},\ \bar\mu_k = \bar\Lambda_k^{-1}E[\Sigma_k^{-1}\mu_k] = \mu_0,
+
+            c_k = \tfrac12\big(E\log|\Sigma_k^{-1}| - \log|\bar\Lambda_k|\big)
+                  - \tfrac12\big(E[\mu_k^\top\Sigma_k^{-1}\mu_k] - \bar\mu_k^\top\bar\Lambda_k\bar\mu_k\big)
+                = \tfrac12\big(\psi_D(\nu/2) + D\log 2 - D\log\nu\big) - \tfrac{D}{2\kappa}.
+
+  So mean-field local inference with q(mu, Sigma) is the point-estimate mixture step at
+  :math:`(\bar\mu_k, \bar\Lambda_k)` with :math:`c_k` added to the component's log weight (exact, since
+  :math:`c_k` does not depend on x); the local KL is then exactly
+  :math:`E_q[\log q(z)q(x)] - E_q[\log p(z \mid \pi)] - E_q[\log p(x \mid z, \mu, \Sigma)]`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..expfam import dirichlet, niw
+from ..expfam.gaussian import GaussianStats
+from .local import gaussian_posterior
+
+
+def natural_gradient_sites(facts) -> dict[str, str]:
+    """Conjugate globals the svae backend fits by natural gradients: site -> the child it is conjugate to.
+    A Dirichlet whose single Categorical child is the assignment of an SVAE mixture (child: the assignment);
+    a NormalInverseWishart whose single Gaussian child is an SVAE mixture node (child: that node)."""
+    mixtures = {t.discrete: t.site for t in facts.svae_targets.values() if t.kind == "mixture"}
+    out = {w: kids[0] for w, kids in facts.conjugate.items() if len(kids) == 1 and kids[0] in mixtures}
+    nodes = set(mixtures.values())
+    out.update({s: kids[0] for s, kids in facts.conjugate_gaussian.items() if len(kids) == 1 and kids[0] in nodes})
+    return out
+
+
+def describe(site: str, facts) -> str:
+    """The plan.explain() reason of a natural-gradient site."""
+    if site in facts.conjugate_gaussian:
+        child = facts.conjugate_gaussian[site][0]
+        return (f"conjugate normal-inverse-Wishart of the mixture components of {child}: q = NIW per component, "
+                f"natural-gradient steps on its expected statistics sum_n q(z_n=k) (E[x x^T], E[x], 1, 1); "
+                f"local inference uses E_q[log N({child} | mu_k, Sigma_k)]")
+    return (f"conjugate Dirichlet of {facts.conjugate[site][0]}: q = Dir, natural-gradient steps on its "
+            "expected counts")
+
+
+class DirichletConjugate:
+    r"""q(pi) = Dir for a Dirichlet global conjugate to a mixture assignment z (``child``).
+
+    Natural parameter :math:`\eta = \alpha - 1`, shape ``(K,)``; started at the prior plus ``num_nodes / K``
+    counts per component; each step :math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + \sum_n q(z_n))`.
+    """
+
+    def __init__(self, site: str, child: str, target: str, prior_concentration: torch.Tensor, num_nodes: int):
+        self.site, self.child, self.target = site, child, target
+        self.prior = dirichlet.natural_from_standard(prior_concentration.detach())
+        K = prior_concentration.shape[-1]
+        self.natparam = self.prior + num_nodes / K
+
+    def expected_log(self) -> torch.Tensor:
+        """:math:`E_q[\\log\\pi]`: ``(K,)``."""
+        return dirichlet.expected_stats(self.natparam)
+
+    def mean(self) -> torch.Tensor:
+        alpha = self.natparam + 1
+        return alpha / alpha.sum(-1, keepdim=True)
+
+    point = mean
+
+    def kl(self) -> torch.Tensor:
+        return dirichlet.kl(self.natparam, self.prior)
+
+    def sample(self, n: int) -> torch.Tensor:
+        return torch.distributions.Dirichlet(self.natparam + 1).sample((n,))
+
+    def update(self, counts: torch.Tensor, step: float) -> None:
+        """``counts: (K,)`` = sum_n q(z_n)."""
+        self.natparam = (1 - step) * self.natparam + step * (self.prior + counts.detach())
+
+    def update_from(self, handler, step: float) -> None:
+        probs = handler.locals[self.target].probs
+        self.update(probs.reshape(-1, probs.shape[-1]).sum(0), step)
+
+
+# Backward-compatible name (the class lived in backend.py as ``Conjugate``).
+Conjugate = DirichletConjugate
+
+
+class NIWConjugate:
+    r"""q(mu_k, Sigma_k) = NIW for a ``ppl.NormalInverseWishart`` global of batch ``(K,)`` over the components of
+    the SVAE mixture node ``target`` (x_n | z_n = k ~ N(mu_k, Sigma_k); component k of the NIW batch must be
+    the mean and covariance of state k, as in ``loc[z]``).
+
+    Args:
+        site: the NIW site; target: the mixture node x; prior: ``NIWNatural`` of batch ``(K,)``.
+        init_loc ``(K, D)``, init_cov ``(K, D, D)``: q starts at the prior plus ``num_nodes / K`` pseudo-points
+            per component with mean init_loc and covariance init_cov.
+    The natural parameters are kept in float64 (the field ``sum_xxT - sum_x sum_x^T / count`` cancels);
+    what the local step reads is cast to ``dtype``.
+    """
+
+    def __init__(self, site: str, target: str, prior: niw.NIWNatural, init_loc: torch.Tensor, init_cov: torch.Tensor,
+                 num_nodes: int, dtype: torch.dtype):
+        self.site, self.target, self.child, self.dtype = site, target, target, dtype
+        prior = niw.NIWNatural(*(f.detach().to(torch.float64) for f in prior))
+        if prior.sum_x.dim() != 2:
+            raise ValueError(f"site '{site}': the NormalInverseWishart of mixture node '{target}' needs batch shape "
+                             f"(K,) (one per component, e.g. inside a plate of size K), got natural parameters of "
+                             f"shape {tuple(prior.sum_x.shape)}")
+        K, D = prior.sum_x.shape
+        loc, cov = init_loc.detach().to(torch.float64), init_cov.detach().to(torch.float64)
+        if loc.shape != (K, D) or cov.shape != (K, D, D):
+            raise ValueError(f"site '{site}': initial value must unpack to loc ({K}, {D}) and cov ({K}, {D}, {D}), "
+                             f"got {tuple(loc.shape)} and {tuple(cov.shape)}")
+        self.prior = prior
+        n = torch.full((K,), num_nodes / K, dtype=torch.float64, device=loc.device)
+        pseudo = niw.NIWNatural(n[:, None, None] * (cov + loc[:, :, None] * loc[:, None, :]), n[:, None] * loc, n, n)
+        self.natparam = niw.conjugate_update(prior, pseudo)
+
+    def expectations(self) -> niw.NIWExpectations:
+        return niw.expectations(self.natparam)
+
+    def plug_in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(\bar\mu_k, \bar\Lambda_k^{-1}) = (\mu_0, \Psi/\nu)`: ``(K, D)``, ``(K, D, D)`` in ``dtype``."""
+        params = niw.standard_from_natural(self.natparam)
+        return params.loc.to(self.dtype), (params.scale / params.df[:, None, None]).to(self.dtype)
+
+    def point(self) -> torch.Tensor:
+        """The site's value the local step runs at: ``[Psi/nu | mu_0]`` packed ``(K, D, D + 1)``."""
+        from ppl.conjugate_dists import NormalInverseWishart
+        loc, cov = self.plug_in()
+        return NormalInverseWishart.pack(loc, cov)
+
+    def log_offsets(self) -> torch.Tensor:
+        r""":math:`c_k` (module docstring), added to component k's log weight: ``(K,)`` in ``dtype``."""
+        return expected_log_density_offset(self.natparam).to(self.dtype)
+
+    def kl(self) -> torch.Tensor:
+        return niw.kl(self.natparam, self.prior).sum().to(self.dtype)
+
+    def sample(self, n: int) -> torch.Tensor:
+        from ppl.conjugate_dists import NormalInverseWishart
+        draw = niw.sample(self.natparam, (n,))
+        return NormalInverseWishart.pack(draw.loc, draw.covariance_matrix).to(self.dtype)
+
+    def update(self, probs: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, step: float) -> None:
+        r"""Natural-gradient step from ``probs (N, K)`` = q(z_n = k), q(x_n) = N(``mean (N, D)``, ``cov (N, D, D)``):
+        :math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + \sum_n r_{nk}(E[x_nx_n^\top], E[x_n], 1, 1))`."""
+        f64 = dict(dtype=torch.float64)
+        stats = GaussianStats(-0.5 * (cov + mean[:, :, None] * mean[:, None, :]).detach().to(**f64),
+                              mean.detach().to(**f64))
+        K = probs.shape[-1]
+        expanded = GaussianStats(stats.neg_half_xxT.expand((K,) + stats.neg_half_xxT.shape),
+                                 stats.x.expand((K,) + stats.x.shape))
+        data = niw.expected_data_stats(expanded, probs.detach().to(**f64).mT)
+        target = niw.conjugate_update(self.prior, data)
+        self.natparam = niw.NIWNatural(*((1 - step) * a + step * b for a, b in zip(self.natparam, target)))
+
+    def update_from(self, handler, step: float) -> None:
+        r"""Update from a finished ``SVAEObjective`` run: q(z) from the mixture's local posterior and q(x) its
+        optimum given that q(z) (one more Gaussian coordinate step:
+        :math:`\Lambda = \sum_k r_k\bar\Lambda_k + J`, :math:`\Lambda m = \sum_k r_k\bar\Lambda_k\bar\mu_k + h`)."""
+        probs = handler.locals[self.target].probs.detach()
+        J, h = (p.detach() for p in handler.potentials[self.target])
+        K, D = probs.shape[-1], h.shape[-1]
+        probs, J, h = probs.reshape(-1, K), J.reshape(-1, D, D), h.reshape(-1, D)
+        e = self.expectations()
+        prec, prec_mean = e.prec.to(h.dtype), e.prec_mean.to(h.dtype)
+        post_prec = (probs @ prec.reshape(K, D * D)).reshape(-1, D, D) + J
+        mean, cov, _ = gaussian_posterior(post_prec, probs @ prec_mean + h)
+        self.update(probs, mean, cov, step)
+
+
+def expected_log_density_offset(natparam: niw.NIWNatural) -> torch.Tensor:
+    r""":math:`c = E_q\log N(x|\mu,\Sigma) - \log N(x|\bar\mu, \bar\Lambda^{-1})` under q = NIW(``natparam``),
+    the same for every x: ``(*batch)``.
+    :math:`c = \tfrac12(-E\log|\Sigma| - \log|E\Sigma^{-1}|) - \tfrac12(E[\mu^\top\Sigma^{-1}\mu]
+    - \bar\mu^\top E[\Sigma^{-1}]\bar\mu)` with :math:`\bar\mu = E[\Sigma^{-1}]^{-1}E[\Sigma^{-1}\mu]`."""
+    e = niw.expectations(natparam)
+    mu_bar = torch.linalg.solve(e.prec, e.prec_mean.unsqueeze(-1)).squeeze(-1)
+    return 0.5 * (-e.logdet_cov - torch.linalg.slogdet(e.prec)[1]) - 0.5 * (e.quad - (mu_bar * e.prec_mean).sum(-1))
+
+
+def expected_log_density(natparam: niw.NIWNatural, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    r""":math:`E_{q(x)q(\mu,\Sigma)}[\log N(x \mid \mu, \Sigma)]` for q(x) = N(``mean (..., D)``, ``cov (..., D, D)``)
+    and q = NIW(``natparam``) of batch ``(K,)``: ``(..., K)``. Equal to
+    :math:`-\tfrac D2\log 2\pi - \tfrac12 E\log|\Sigma| - \tfrac12\mathrm{tr}(E[\Sigma^{-1}]E[xx^\top])
+    + E[x]^\top E[\Sigma^{-1}\mu] - \tfrac12 E[\mu^\top\Sigma^{-1}\mu]`."""
+    e = niw.expectations(natparam)
+    D = mean.shape[-1]
+    second = (cov + mean[..., :, None] * mean[..., None, :]).unsqueeze(-3)      # (..., 1, D, D)
+    return (-0.5 * D * math.log(2 * math.pi) - 0.5 * e.logdet_cov - 0.5 * (e.prec * second).sum((-1, -2))
+            + (mean.unsqueeze(-2) * e.prec_mean).sum(-1) - 0.5 * e.quad)
+
+
+def build(trace, facts, init: dict | None = None) -> dict:
+    """The conjugate globals of a model: site -> ``DirichletConjugate`` / ``NIWConjugate``, from the model's
+    ``trace`` (prior parameters, shapes) and ``init`` (site -> initial value; an NIW site's value is packed
+    ``(K, D, D + 1)``; without one q starts at the traced prior draw of the means and the covariances
+    :math:`E_p[\\Sigma^{-1}]^{-1} = \\Psi/\\nu`)."""
+    from ppl.conjugate_dists import NormalInverseWishart
+    init = init or {}
+    out = {}
+    for site, child in natural_gradient_sites(facts).items():
+        node = trace.nodes[site]
+        if site in facts.conjugate:
+            target = next(t for t in facts.svae_targets.values() if t.discrete == child)
+            nodes = int(torch.Size(target.node_shape).numel())
+            out[site] = DirichletConjugate(site, child, target.site, node["fn"].concentration, nodes)
+            continue
+        target = facts.svae_targets[child]
+        fn = node["fn"]
+        if not isinstance(fn, NormalInverseWishart):
+            raise ValueError(f"site '{site}': expected a ppl.NormalInverseWishart, got {type(fn).__name__}")
+        fn.check_site(site)
+        prior = fn.natural()
+        if site in init:
+            loc, cov = NormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_x.device))
+        else:
+            params = niw.standard_from_natural(prior)
+            loc = NormalInverseWishart.unpack(node["value"])[0]
+            cov = params.scale / params.df[..., None, None]
+        nodes = int(torch.Size(target.node_shape).numel())
+        out[site] = NIWConjugate(site, child, prior, loc, cov, nodes, node["value"].dtype)
+    return out

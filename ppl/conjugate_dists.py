@@ -1,0 +1,189 @@
+r"""Conjugate-prior distributions for the DSL that have no Pyro counterpart.
+
+``NormalInverseWishart(loc, kappa, scale, df)``: the joint prior on the mean and covariance
+:math:`(\mu, \Sigma)` of a Gaussian on :math:`\mathbb{R}^D`,
+
+.. math:: \Sigma \sim IW(\Psi, \nu), \qquad \mu \mid \Sigma \sim N(\mu_0, \Sigma/\kappa),
+          \qquad \kappa > 0,\ \nu > D - 1,\ \Psi \succ 0.
+
+A value packs both into one tensor ``(..., D, D + 1)``: columns ``0..D-1`` are :math:`\Sigma`, column ``D``
+is :math:`\mu` (``NormalInverseWishart.pack`` / ``unpack``). A model unpacks it and uses the pair as a
+Gaussian's parameters::
+
+    with ppl.plate("components", K):
+        theta = ppl.sample("theta", ppl.NormalInverseWishart(torch.zeros(D), 0.1, torch.eye(D), D + 2.0))
+    loc, cov = ppl.NormalInverseWishart.unpack(theta)          # (K, D), (K, D, D)
+    ...
+    x = ppl.sample("x", dist.MultivariateNormal(loc[z], cov[z]))
+
+It is an ordinary Pyro distribution (``sample``, ``log_prob``, ``expand``, a ``support`` with a
+``biject_to`` transform), so the model also runs under plain Pyro and the svi/mcmc backends. The svae
+backend recognizes it as a conjugate global of a Gaussian mixture and fits q(mu, Sigma) = NIW by
+natural-gradient steps (``ppl.inference.svae.conjugate``). The density is w.r.t. Lebesgue measure on
+:math:`(\mu, \Sigma_{ij}, i \ge j)`; the math lives in ``ppl.inference.expfam.niw``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import biject_to, transform_to
+from torch.distributions.transforms import Transform
+
+from .primitives import ModelInputError
+
+
+def _inference():
+    from ppl.inference.expfam import niw  # late import: ppl.inference imports ppl
+    return niw
+
+
+class _NIWValue(constraints.Constraint):
+    """Values ``(..., D, D + 1)`` whose first D columns are a symmetric positive-definite matrix."""
+
+    event_dim = 2
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        cov = value[..., :-1]
+        sym = torch.isclose(cov, cov.mT, rtol=1e-5, atol=1e-6).all(-1).all(-1)
+        pd = torch.linalg.cholesky_ex(cov)[1] == 0
+        return sym & pd & torch.isfinite(value[..., -1]).all(-1)
+
+    def __repr__(self) -> str:
+        return "NIWValue()"
+
+
+niw_value = _NIWValue()
+
+
+class NIWValueTransform(Transform):
+    r"""Unconstrained ``u (..., D, D + 1)`` -> NIW value: :math:`L = \mathrm{tril}(u_{:, :D})` with its diagonal
+    exponentiated, :math:`\Sigma = L L^\top`, :math:`\mu = u_{:, D}`. The strict upper triangle of ``u`` is
+    ignored (as in Pyro's LowerCholeskyTransform).
+    :math:`\log|\partial(\mu, \Sigma_{i\ge j})/\partial u| = D\log 2 + \sum_i (D - i + 2)\log L_{ii}` (i from 1)."""
+
+    domain = constraints.independent(constraints.real, 2)
+    codomain = niw_value
+    bijective = True
+
+    def __eq__(self, other):
+        return isinstance(other, NIWValueTransform)
+
+    def _call(self, u):
+        D = u.shape[-2]
+        L = u[..., :D].tril(-1) + torch.diag_embed(u[..., :D].diagonal(dim1=-2, dim2=-1).exp())
+        return NormalInverseWishart.pack(u[..., D], L @ L.mT)
+
+    def _inverse(self, value):
+        loc, cov = NormalInverseWishart.unpack(value)
+        L = torch.linalg.cholesky(cov)
+        u = L.tril(-1) + torch.diag_embed(L.diagonal(dim1=-2, dim2=-1).log())
+        return torch.cat([u, loc.unsqueeze(-1)], -1)
+
+    def log_abs_det_jacobian(self, u, value):
+        D = u.shape[-2]
+        log_diag = u[..., :D].diagonal(dim1=-2, dim2=-1)
+        power = torch.arange(D + 1, 1, -1, dtype=u.dtype, device=u.device)  # D - i + 2 for i = 1..D
+        return D * math.log(2.0) + (power * log_diag).sum(-1)
+
+
+@biject_to.register(_NIWValue)
+@transform_to.register(_NIWValue)
+def _niw_bijection(constraint):
+    return NIWValueTransform()
+
+
+class NormalInverseWishart(TorchDistribution):
+    r"""Normal-inverse-Wishart prior on ``(loc, covariance)``; value ``(*batch, D, D + 1)`` = ``[Sigma | mu]``.
+
+    Args:
+        loc: :math:`\mu_0`, ``(*batch, D)``.
+        kappa: :math:`\kappa > 0`, a number or ``(*batch)``.
+        scale: :math:`\Psi`, symmetric positive definite ``(*batch, D, D)``.
+        df: :math:`\nu > D - 1`, a number or ``(*batch)``.
+
+    Invalid parameters do not raise here: ``ppl.sample`` raises a ``ModelInputError`` naming the site
+    (``check_site``), and ``sample``/``log_prob`` raise a ``ValueError`` under plain Pyro.
+    """
+
+    arg_constraints = {}
+    support = niw_value
+    has_rsample = False
+
+    def __init__(self, loc, kappa, scale, df, validate_args=None):
+        if not isinstance(scale, torch.Tensor) or scale.dim() < 2 or scale.shape[-1] != scale.shape[-2]:
+            raise ValueError(f"NormalInverseWishart: scale must be a (..., D, D) tensor, got "
+                             f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+        D = scale.shape[-1]
+        like = dict(dtype=scale.dtype, device=scale.device)
+        loc = torch.as_tensor(loc, **like)
+        if loc.dim() < 1 or loc.shape[-1] != D:
+            raise ValueError(f"NormalInverseWishart: loc must be (..., {D}) like scale (..., {D}, {D}), "
+                             f"got {tuple(loc.shape)}")
+        kappa, df = torch.as_tensor(kappa, **like), torch.as_tensor(df, **like)
+        batch = torch.broadcast_shapes(loc.shape[:-1], kappa.shape, scale.shape[:-2], df.shape)
+        self.loc, self.kappa = loc.expand(batch + (D,)), kappa.expand(batch)
+        self.scale, self.df = scale.expand(batch + (D, D)), df.expand(batch)
+        self.problem = self._check()
+        super().__init__(torch.Size(batch), torch.Size((D, D + 1)), validate_args=False)
+
+    def _check(self) -> str | None:
+        try:
+            self.natural()
+        except ValueError as exc:
+            return f"NormalInverseWishart(loc, kappa, scale, df) with invalid parameters: {exc}"
+        return None
+
+    def check_site(self, name: str) -> None:
+        """Raise ``ModelInputError`` naming site ``name`` if the parameters are invalid."""
+        if self.problem:
+            raise ModelInputError(f"site '{name}': {self.problem}")
+
+    def _raise_if_invalid(self):
+        if self.problem:
+            raise ValueError(self.problem)
+
+    def natural(self):
+        """Natural parameters (``ppl.inference.expfam.niw.NIWNatural``) with this batch shape."""
+        niw = _inference()
+        return niw.natural_from_standard(self.loc, self.kappa, self.scale, self.df)
+
+    @staticmethod
+    def pack(loc: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """``loc (..., D)``, ``cov (..., D, D)`` -> value ``(..., D, D + 1)``."""
+        batch = torch.broadcast_shapes(loc.shape[:-1], cov.shape[:-2])
+        D = cov.shape[-1]
+        return torch.cat([cov.expand(batch + (D, D)), loc.expand(batch + (D,)).unsqueeze(-1)], -1)
+
+    @staticmethod
+    def unpack(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Value ``(..., D, D + 1)`` -> ``(loc (..., D), cov (..., D, D))``."""
+        if value.dim() < 2 or value.shape[-1] != value.shape[-2] + 1:
+            raise ValueError(f"NormalInverseWishart value must be (..., D, D + 1), got {tuple(value.shape)}")
+        return value[..., -1], value[..., :-1]
+
+    def expand(self, batch_shape, _instance=None):
+        batch = torch.Size(batch_shape)
+        D = self.scale.shape[-1]
+        return NormalInverseWishart(self.loc.expand(batch + (D,)), self.kappa.expand(batch),
+                                    self.scale.expand(batch + (D, D)), self.df.expand(batch))
+
+    def sample(self, sample_shape=torch.Size()):
+        self._raise_if_invalid()
+        niw = _inference()
+        with torch.no_grad():
+            draw = niw.sample(self.natural(), tuple(sample_shape))
+        return self.pack(draw.loc, draw.covariance_matrix)
+
+    def log_prob(self, value):
+        self._raise_if_invalid()
+        niw = _inference()
+        loc, cov = self.unpack(value)
+        return niw.log_prob(self.natural(), niw.NIWSample(loc, cov))
+
+    @property
+    def mean(self):
+        """:math:`(E[\\mu], E[\\Sigma]) = (\\mu_0, \\Psi / (\\nu - D - 1))` packed (needs :math:`\\nu > D + 1`)."""
+        D = self.scale.shape[-1]
+        return self.pack(self.loc, self.scale / (self.df - D - 1)[..., None, None])
