@@ -6,13 +6,15 @@
 # inference* (NIPS 2016). The data are 5 curved spiral arms in 2-D: no Gaussian mixture fits them
 # in data space. The GMM-SVAE (`ppl.models.svae_gmm`) puts the mixture in a learned latent space:
 #
+# $\pi \sim \mathrm{Dir}(\alpha)$, $(\mu_k, \Sigma_k) \sim \mathrm{NIW}(0, \kappa_0, \psi I, \nu_0)$,
 # $z_n \sim \mathrm{Cat}(\pi)$, $x_n \mid z_n \sim N(\mu_{z_n}, \Sigma_{z_n})$,
 # $y_n \mid x_n \sim N(f_\phi(x_n), \mathrm{diag}(\sigma^2))$ with an MLP decoder $f_\phi$.
 #
 # The compiler routes it to the `svae` backend: a recognition MLP emits Gaussian potentials on each
-# $x_n$, local inference is mean field $q(z)q(x)$, $q(\pi)$ is a Dirichlet updated by natural-gradient
-# steps, $\mu, \Sigma$ and the networks are trained on the ELBO. A fit can lose a component in a poor
-# local optimum, so we run a few restarts and keep the best ELBO (no labels used).
+# $x_n$, local inference is mean field $q(z)q(x)$; the paper's conjugate globals, a Dirichlet $q(\pi)$
+# and a normal-inverse-Wishart $q(\mu_k, \Sigma_k)$ per component (`ppl.NormalInverseWishart`), are
+# updated by natural-gradient steps, and the networks are trained on the ELBO by Adam. A fit can lose a
+# component in a poor local optimum, so we run a few restarts and keep the best ELBO (no labels used).
 #
 # Measured: the adjusted Rand index (ARI) of the argmax of $q(z)$ against the true arms.
 # Run: `python tutorials/svae_gmm_pinwheel.py [--smoke] [--out DIR] [--seed S]`.
@@ -67,23 +69,27 @@ print(f"cluster sizes {torch.bincount(clusters, minlength=sim.kwargs['K']).tolis
 print(f"adjusted Rand index vs the true arms: ARI = {ari:.3f}")
 
 # %% [markdown]
-# ## Figure: data by true arm; latent space by inferred cluster with the components' 2-sd ellipses;
-# data generated from the fitted model
+# ## Figure: data by true arm; latent space by inferred cluster with the components' 2-sd ellipses of
+# $E_q[\Sigma_k]$ around $E_q[\mu_k]$; data generated from the fitted model (posterior predictive: $z \sim E_q[\pi]$,
+# $(\mu_z, \Sigma_z)$ a draw of $q$, $x \sim N(\mu_z, \Sigma_z)$, $y \sim p(y \mid x)$)
 
 # %%
-point = post.diagnostics["point"]
-loc, scale, corr = point["loc"], point["scale"], point["corr_chol"]
-cov = (scale.unsqueeze(-1) * corr) @ (scale.unsqueeze(-1) * corr).mT            # (K, D, D)
-weights = point["weights"]
-latent = post.diagnostics["smoothed_means"]["x"]                                  # (N, D): E_q[x_n]
+theta_draws = post.draws["theta"][0]                                             # (S, K, D, D + 1): q(theta) draws
+# E_q[mu_k] (K, D) and E_q[Sigma_k] (K, D, D) as Monte-Carlo means over the S draws of the NIW q
+loc, cov = ppl.NormalInverseWishart.unpack(theta_draws.mean(0))
+weights = post.mean("weights")                                                   # E_q[pi] (K,)
+latent = post.diagnostics["smoothed_means"]["x"]                                 # (N, D): E_q[x_n]
 gen = torch.Generator().manual_seed(args.seed)
 num_gen = y.shape[0]
 with torch.no_grad():
     z_gen = torch.multinomial(weights, num_gen, replacement=True, generator=gen)
+    pick = torch.randint(theta_draws.shape[0], (num_gen,), generator=gen)
+    loc_gen, cov_gen = ppl.NormalInverseWishart.unpack(theta_draws[pick, z_gen])  # (num_gen, D), (num_gen, D, D)
     eps = torch.randn(num_gen, cov.shape[-1], generator=gen, dtype=cov.dtype)
-    x_gen = loc[z_gen] + (torch.linalg.cholesky(cov)[z_gen] @ eps.unsqueeze(-1)).squeeze(-1)
+    x_gen = loc_gen + (torch.linalg.cholesky(cov_gen) @ eps.unsqueeze(-1)).squeeze(-1)
     mean, obs_scale = kwargs["decoder"](x_gen)
     y_gen = mean + obs_scale * torch.randn(mean.shape, generator=gen, dtype=mean.dtype)
+print(f"E_q[pi] = {[round(float(w), 3) for w in weights]}")
 
 cmap = plt.get_cmap("tab10")
 fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
@@ -95,9 +101,10 @@ circle = torch.stack([angle.cos(), angle.sin()], -1)
 for k in range(loc.shape[0]):
     ring = loc[k] + 2 * circle @ torch.linalg.cholesky(cov[k]).mT
     axes[1].plot(ring[:, 0], ring[:, 1], color=cmap(k), lw=1.5 * (0.3 + float(weights[k]) * 3.5))
-axes[1].set_title(f"latent E[x] by argmax q(z), 2-sd ellipses (ARI {ari:.3f})", fontsize=10)
+axes[1].set_title(f"latent E[x] by argmax q(z) (ARI {ari:.3f}),\n2-sd ellipses of E[Sigma_k] around E[mu_k]",
+                  fontsize=10)
 axes[2].scatter(y_gen[:, 0], y_gen[:, 1], c=[cmap(int(k)) for k in z_gen], s=8)
-axes[2].set_title("generated: z ~ pi, x ~ N(mu_z, Sigma_z), y ~ p(y|x)", fontsize=10)
+axes[2].set_title("generated: z ~ E[pi], (mu, Sigma) ~ q,\nx ~ N(mu_z, Sigma_z), y ~ p(y|x)", fontsize=10)
 for ax in axes:
     ax.set_aspect("equal", adjustable="datalim")
 fig.tight_layout()
