@@ -44,7 +44,7 @@ def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None,
     r"""Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``, ``h (..., T, D)``.
 
     ``method``: "scan" (parallel Kalman filter/smoother, :mod:`ppl.inference.exact.kalman_info`),
-    "banded" (block-tridiagonal Cholesky over chunks of time steps, :mod:`.lds_banded`) or "auto": banded
+    "banded" (block-tridiagonal Cholesky in nested-dissection order, :mod:`.lds_banded`) or "auto": banded
     where ``lds_banded.use_banded`` allows (well-conditioned noise; on CUDA, short chains), else the scan.
     Both are exact; the KL is :math:`\mathbb{E}_q[\log\psi(x)] - \log Z` and ``x`` a reparameterized sample.
     """

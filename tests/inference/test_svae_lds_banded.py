@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ppl.inference.exact.kalman_info import LDSPrior
-from ppl.inference.svae.lds_banded import banded_lds_local, chunk_length, use_banded
+from ppl.inference.svae.lds_banded import _assemble, _prior_blocks, banded_lds_local, chunk_length, use_banded
 from ppl.inference.svae.local import lds_local
 from tests.conftest import cuda_params
 from tests.reference.dense_gaussian import potentials_posterior
@@ -45,12 +45,14 @@ def oracle(prior, J, h, n):
 
 @pytest.mark.parametrize("device", cuda_params())
 @pytest.mark.parametrize("time_varying,offsets", [(False, False), (True, True)])
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, None])
-def test_banded_matches_dense_oracle(device, time_varying, offsets, chunk):
-    # T = 7 with chunks 1, 2, 3, 7 and the default (8 for D = 3 -> one padded block): padding, one block,
-    # many blocks. float64: agreement to ~1e-12 measured; 1e-8 leaves room for other BLAS backends.
+@pytest.mark.parametrize("chunk,dense_max", [(2, 0), (3, 0), (4, 0), (7, 0), (None, 0), (None, 64), (2, 64)])
+def test_banded_matches_dense_oracle(device, time_varying, offsets, chunk, dense_max):
+    # T = 7, D = 3 (21 dims). First-level chunks of 2 (4 chunks, one padded), 3 (3 chunks, two padded),
+    # 4, 7 (one chunk: dense) and the default (4 for D = 3); dense_max 0 dissects wherever there is more
+    # than one chunk, 64 makes the default path dense and the separators' chains dense. float64: agreement
+    # to ~1e-12 measured; 1e-8 leaves room for other BLAS backends.
     prior, J, h = make_chain(3, 7, 3, time_varying, offsets, device=device)
-    out = banded_lds_local(prior, J, h, torch.Generator(device=device).manual_seed(0), chunk)
+    out = banded_lds_local(prior, J, h, torch.Generator(device=device).manual_seed(0), chunk, dense_max)
     for n in range(3):
         log_z, mean, cov = oracle(prior, J, h, n)
         assert abs(float(out.log_z[n]) - float(log_z)) < 1e-8
@@ -89,6 +91,71 @@ def test_kl_and_gradients_match_the_scan():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("dense_max", [0, 40])
+def test_long_chain_recursion_matches_the_scan(dense_max):
+    # T = 61, D = 2 with the default chunks of 5 steps: 61 -> 13 -> 3 separators (dense_max 0: two levels
+    # of dissection, then dense) or 61 -> 13 separators (26 dims <= 40: dense). Both paths exact, so the
+    # KL, means and the KL's gradients (J, h, A, Q) agree to rounding (float64, ~1e-13 measured).
+    prior, J, h = make_chain(3, 61, 2, time_varying=False, offsets=True, seed=5)
+    A, Q = prior.dynamics.clone().requires_grad_(), prior.noise_cov.clone().requires_grad_()
+    J, h = J.clone().requires_grad_(), h.clone().requires_grad_()
+    prior = prior._replace(dynamics=A, noise_cov=Q)
+    scan = lds_local(prior, J, h, None, "scan")
+    b = banded_lds_local(prior, J, h, None, None, dense_max)
+    kl = b.expected_log_potential.sum() - b.log_z.sum()
+    assert abs(float(kl.detach()) - float(scan.kl.detach())) < 1e-8
+    torch.testing.assert_close(b.mean, scan.mean, atol=1e-9, rtol=0)
+    g_banded = torch.autograd.grad(kl, (J, h, A, Q))
+    g_scan = torch.autograd.grad(scan.kl, (J, h, A, Q))
+    sym = lambda g: 0.5 * (g + g.mT)  # noqa: E731
+    torch.testing.assert_close(sym(g_banded[0]), sym(g_scan[0]), atol=1e-8, rtol=0)
+    for a, c in zip(g_banded[1:], g_scan[1:]):
+        torch.testing.assert_close(a, c, atol=1e-8, rtol=0)
+
+
+def test_sample_gradient_matches_a_dense_cholesky_sample():
+    # The sample is x = m + L^{-T} eps with L the Cholesky factor of the precision in the dissection order
+    # (interiors of each chunk first, then the separators). Rebuilding that x from a dense float64 Cholesky
+    # with the same eps and permutation checks the value and, through autograd of the dense path, the
+    # hand-written backward of the factorization (x is a deterministic function of J, h, A given eps).
+    # T = 7, D = 2, chunk 3, dense_max 0: chunks {0,1|2}, {3,4|5}, {6,pad|pad}; separators 2, 5, 8 form a
+    # 3-step chain solved densely (T <= default chunk 5). Measured agreement ~1e-14; tolerance 1e-9.
+    prior, J, h = make_chain(2, 7, 2, seed=6)
+    A = prior.dynamics.clone().requires_grad_()
+    J, h = J.clone().requires_grad_(), h.clone().requires_grad_()
+    prior = prior._replace(dynamics=A)
+    gen = torch.Generator().manual_seed(7)
+    b = banded_lds_local(prior, J, h, gen, 3, 0)
+    eps = torch.randn(h.shape, dtype=h.dtype, generator=torch.Generator().manual_seed(7))
+    w = torch.randn(h.shape, dtype=h.dtype, generator=torch.Generator().manual_seed(8))
+    g_banded = torch.autograd.grad((b.x * w).sum(), (J, h, A))
+    # dense reference on the padded chain of 9 steps (pad nodes: identity precision, no coupling)
+    diag, lower, hp, _ = _prior_blocks(prior, 7, 2)
+    eye, zero = torch.eye(2, dtype=h.dtype), torch.zeros(2, 2, dtype=h.dtype)
+    xs = []
+    order = [0, 1, 3, 4, 6, 7, 2, 5, 8]
+    for n in range(2):
+        dg = torch.cat([diag + J[n], eye.expand(2, 2, 2)])
+        lw = torch.cat([lower, zero.expand(2, 2, 2)])
+        Lam = _assemble(dg, lw)
+        hq = torch.cat([hp[n] + h[n], torch.zeros(2, 2, dtype=h.dtype)]).reshape(-1)
+        e = torch.cat([eps[n], torch.zeros(2, 2, dtype=h.dtype)])
+        # eps of the pad steps are zero in the banded path; of the real steps, in time order
+        perm = torch.tensor([2 * t + i for t in order for i in range(2)])
+        L = torch.linalg.cholesky(Lam[perm][:, perm])
+        x_perm = torch.cholesky_solve(hq[perm].unsqueeze(-1), L).squeeze(-1) + torch.linalg.solve_triangular(
+            L.mT, e.reshape(-1)[perm].unsqueeze(-1), upper=True).squeeze(-1)
+        x = torch.empty_like(x_perm).index_put((perm,), x_perm)
+        xs.append(x.reshape(9, 2)[:7])
+    x_dense = torch.stack(xs)
+    torch.testing.assert_close(b.x, x_dense, atol=1e-9, rtol=0)
+    g_dense = torch.autograd.grad((x_dense * w).sum(), (J, h, A))
+    sym = lambda g: 0.5 * (g + g.mT)  # noqa: E731
+    torch.testing.assert_close(sym(g_banded[0]), sym(g_dense[0]), atol=1e-9, rtol=0)
+    for a, c in zip(g_banded[1:], g_dense[1:]):
+        torch.testing.assert_close(a, c, atol=1e-9, rtol=0)
+
+
 def test_sample_has_the_posterior_distribution():
     # 20000 copies of one chain (T = 5, D = 2) in the batch: sample mean and covariance of the whole path
     # vs the dense posterior. Standard errors: mean ~ sd / 141, covariance entries ~ sd^2 * sqrt(2) / 141;
@@ -113,7 +180,9 @@ def test_sample_has_the_posterior_distribution():
 def test_auto_dispatch_and_errors():
     prior, J, h = make_chain(2, 6, 2, dtype=torch.float32)
     assert use_banded(prior, 6, 2)
-    assert chunk_length(2) == 8 and chunk_length(10) == 2 and chunk_length(40) == 1
+    assert chunk_length(2) == 5 and chunk_length(6) == 3 and chunk_length(10) == 2 and chunk_length(40) == 2
+    with pytest.raises(ValueError, match="chunk must be >= 2 time steps, got 1"):
+        banded_lds_local(prior, J, h, None, 1)
     # an ill-conditioned noise covariance (cond 1e7 > 1e-2 / float32 eps) goes to the scan, which never
     # inverts it; in float64 the same matrix is fine for the banded path
     stiff = prior._replace(noise_cov=torch.diag(torch.tensor([1.0, 1e-7])))
