@@ -8,7 +8,7 @@ from pyro import distributions as dist
 
 from .blocks import gaussian_chain, markov_chain, switching_chain
 from .compiler import compile  # noqa: A004
-from .conjugate_dists import NormalInverseWishart
+from .conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from .data import extend, missing_mask
 from .infer import infer
 from .interpret import log_joint, simulate
@@ -20,7 +20,7 @@ from .trace import ModelTraceError
 __version__ = "0.1.0"
 
 __all__ = [
-    "dist", "NormalInverseWishart",
+    "dist", "NormalInverseWishart", "MatrixNormalInverseWishart",
     "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
     "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",

@@ -60,6 +60,7 @@ class Facts:
     svae_targets: dict[str, SVAETarget] = field(default_factory=dict)
     conjugate: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Dirichlet site -> Categorical children
     conjugate_gaussian: dict[str, tuple[str, ...]] = field(default_factory=dict)  # NIW site -> Gaussian children
+    conjugate_dynamics: dict[str, tuple[str, ...]] = field(default_factory=dict)  # MNIW site -> gaussian_chains
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -148,6 +149,19 @@ def conjugate_gaussian_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
         if s.family == "NormalInverseWishart" and s.block is None and kids and all(
                 graph.site(k).family in GAUSSIAN_FAMILIES and not graph.site(k).observed
                 and graph.site(k).block is None for k in kids):
+            out[s.name] = tuple(kids)
+    return out
+
+
+def conjugate_dynamics_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
+    """Latent MatrixNormalInverseWishart sites (``ppl.MatrixNormalInverseWishart``, a prior on an LDS's dynamics
+    and noise covariance) whose children are all latent, unswitched ``gaussian_chain`` sites: conjugate pairs
+    (which chain parameters the value feeds is checked by the backend that uses the pair)."""
+    out = {}
+    for s in graph.latent():
+        kids = graph.children_of(s.name)
+        if s.family == "MatrixNormalInverseWishart" and s.block is None and kids and all(
+                graph.site(k).block == "gaussian_chain" and not graph.site(k).observed for k in kids):
             out[s.name] = tuple(kids)
     return out
 
@@ -244,4 +258,5 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         plates=plate_sizes(graph),
         svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)),
         conjugate=conjugate_pairs(graph),
-        conjugate_gaussian=conjugate_gaussian_pairs(graph))
+        conjugate_gaussian=conjugate_gaussian_pairs(graph),
+        conjugate_dynamics=conjugate_dynamics_pairs(graph))

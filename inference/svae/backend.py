@@ -20,7 +20,8 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import common
 from ..base import Verdict
-from .conjugate import Conjugate, DirichletConjugate, NIWConjugate, describe, natural_gradient_sites  # noqa: F401
+from .conjugate import (Conjugate, DirichletConjugate, MNIWConjugate, NIWConjugate, describe,  # noqa: F401
+                        natural_gradient_sites)
 from .conjugate import build as build_conjugates
 from .objective import SVAEObjective
 from .recognition import default_recognition, potentials
@@ -148,10 +149,13 @@ class _Step:
         point = dict(point, **{c.site: c.point() for c in self.conjugates.values()})
         dirichlets = [c for c in self.conjugates.values() if isinstance(c, DirichletConjugate)]
         niws = [c for c in self.conjugates.values() if isinstance(c, NIWConjugate)]
+        mniws = [c for c in self.conjugates.values() if isinstance(c, MNIWConjugate)]
         handler = SVAEObjective(self.targets, pots, self.globals, self.num_iters, generator,
                                 expected_log_weights={c.child: c.expected_log() for c in dirichlets},
                                 skip_sites=set(self.conjugates),
-                                component_log_offsets={c.target: c.log_offsets() for c in niws})
+                                component_log_offsets={c.target: c.log_offsets() for c in niws},
+                                expected_dynamics={c.target: (c.site, c.plug_in(), c.expectations())
+                                                   for c in mniws})
         with handler:
             poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
         handler.global_kl = sum((c.kl() for c in self.conjugates.values()), torch.zeros(()))
@@ -178,8 +182,9 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
     num_iters (mean-field iterations), init (site -> initial value of a global), num_samples,
     natgrad_step (step size of the natural-gradient updates of conjugate globals: a Dirichlet on mixture
-    weights, a ``ppl.NormalInverseWishart`` on mixture components; ``init`` may give the latter's starting
-    value, packed ``(K, D, D + 1)``).
+    weights, a ``ppl.NormalInverseWishart`` on mixture components, a ``ppl.MatrixNormalInverseWishart`` on an
+    LDS chain's dynamics and noise; ``init`` may give the starting value of the latter two, packed
+    ``(K, D, D + 1)`` and ``(D, 2 D)``).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")

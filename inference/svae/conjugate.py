@@ -28,6 +28,12 @@ The ELBO then counts :math:`-\mathrm{KL}(q(\theta)\|p(\theta))` (``global_kl``) 
   :math:`(\bar\mu_k, \bar\Lambda_k)` with :math:`c_k` added to the component's log weight (exact, since
   :math:`c_k` does not depend on x); the local KL is then exactly
   :math:`E_q[\log q(z)q(x)] - E_q[\log p(z \mid \pi)] - E_q[\log p(x \mid z, \mu, \Sigma)]`.
+- ``MNIWConjugate``: :math:`(A, Q) \sim MNIW` (``ppl.MatrixNormalInverseWishart``) on the dynamics and noise
+  of an LDS-SVAE chain :math:`x_t \mid x_{t-1} \sim N(Ax_{t-1}, Q)`; the statistics are
+  :math:`\sum_{n,t\ge1}(E[x_tx_t^\top], E[x_tx_{t-1}^\top], E[x_{t-1}x_{t-1}^\top], 1)` under q(x) (the lag-one
+  moments come from the banded solver, exact). :math:`E_q\log N(x_t \mid Ax_{t-1}, Q)` is the same quadratic
+  form with blocks :math:`E[Q^{-1}], E[Q^{-1}A], E[A^\top Q^{-1}A]` and constant :math:`-\tfrac12 E\log|Q|`,
+  which the local step uses directly (``lds_local(expected=...)``).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import math
 
 import torch
 
-from ..expfam import dirichlet, niw
+from ..expfam import dirichlet, mniw, niw
 from ..expfam.gaussian import GaussianStats
 from .local import gaussian_posterior
 
@@ -48,11 +54,19 @@ def natural_gradient_sites(facts) -> dict[str, str]:
     out = {w: kids[0] for w, kids in facts.conjugate.items() if len(kids) == 1 and kids[0] in mixtures}
     nodes = set(mixtures.values())
     out.update({s: kids[0] for s, kids in facts.conjugate_gaussian.items() if len(kids) == 1 and kids[0] in nodes})
+    chains = {t.site for t in facts.svae_targets.values() if t.kind == "lds"}
+    out.update({s: kids[0] for s, kids in facts.conjugate_dynamics.items()
+                if len(kids) == 1 and kids[0] in chains})
     return out
 
 
 def describe(site: str, facts) -> str:
     """The plan.explain() reason of a natural-gradient site."""
+    if site in facts.conjugate_dynamics:
+        child = facts.conjugate_dynamics[site][0]
+        return (f"conjugate matrix-normal-inverse-Wishart of the dynamics and noise of {child}: q(A, Q) = MNIW, "
+                f"natural-gradient steps on the expected transition statistics sum_t (E[x_t x_t^T], "
+                f"E[x_t x_t-1^T], E[x_t-1 x_t-1^T], 1); local inference uses E_q[log N(x_t | A x_t-1, Q)]")
     if site in facts.conjugate_gaussian:
         child = facts.conjugate_gaussian[site][0]
         return (f"conjugate normal-inverse-Wishart of the mixture components of {child}: q = NIW per component, "
@@ -189,6 +203,89 @@ class NIWConjugate:
         self.update(probs, mean, cov, step)
 
 
+class MNIWConjugate:
+    r"""q(A, Q) = MNIW for a ``ppl.MatrixNormalInverseWishart`` global whose value ``[A | Q]`` is the dynamics
+    and noise covariance of the LDS-SVAE chain ``target`` (square: n = m = D; unbatched).
+
+    Args:
+        site: the MNIW site; target: the gaussian_chain; prior: ``MNIWNatural`` with fields ``(D, D)``.
+        init_A ``(D, D)``, init_Q ``(D, D)``: q starts at the prior plus ``num_transitions`` pseudo-transitions
+            with :math:`\sum x_{t-1}x_{t-1}^\top = c I` (c = ``num_transitions``, unit-scale latents),
+            :math:`\sum x_tx_{t-1}^\top = A_0 cI`, :math:`\sum x_tx_t^\top = A_0 cI A_0^\top + cQ_0`, so
+            :math:`E[A] \approx A_0`, :math:`E[Q^{-1}]^{-1} \approx Q_0`.
+    Natural parameters are kept in float64; what the local step reads is cast to ``dtype``.
+    """
+
+    def __init__(self, site: str, target: str, prior: mniw.MNIWNatural, init_A: torch.Tensor, init_Q: torch.Tensor,
+                 num_transitions: int, dtype: torch.dtype):
+        self.site, self.target, self.child, self.dtype = site, target, target, dtype
+        prior = mniw.MNIWNatural(*(f.detach().to(torch.float64) for f in prior))
+        n, m = prior.sum_yxT.shape[-2:]
+        if prior.count.dim() != 0 or n != m:
+            raise ValueError(f"site '{site}': the MatrixNormalInverseWishart on the dynamics of gaussian_chain "
+                             f"'{target}' must be unbatched with square (D, D) dynamics, got loc of shape "
+                             f"{tuple(prior.sum_yxT.shape)}")
+        A, Q = init_A.detach().to(torch.float64), init_Q.detach().to(torch.float64)
+        if A.shape != (n, n) or Q.shape != (n, n):
+            raise ValueError(f"site '{site}': initial value must unpack to A ({n}, {n}) and Q ({n}, {n}), "
+                             f"got {tuple(A.shape)} and {tuple(Q.shape)}")
+        self.prior = prior
+        c = float(max(num_transitions, 1))
+        S = c * torch.eye(n, dtype=torch.float64, device=A.device)
+        pseudo = mniw.MNIWNatural(A @ S @ A.mT + c * Q, A @ S, S, torch.tensor(c, dtype=torch.float64,
+                                                                                device=A.device))
+        self.natparam = mniw.conjugate_update(prior, pseudo)
+
+    def expectations(self) -> mniw.MNIWExpectations:
+        """:math:`E[Q^{-1}], E[Q^{-1}A], E[A^\top Q^{-1}A], E\log|Q|` in ``dtype`` (what ``lds_local`` reads)."""
+        return mniw.MNIWExpectations(*(f.to(self.dtype) for f in mniw.expectations(self.natparam)))
+
+    def plug_in(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(E[Q^{-1}]^{-1}E[Q^{-1}A], E[Q^{-1}]^{-1}) = (M, \Psi/\nu)`: ``(D, D)`` twice, in ``dtype``."""
+        params = mniw.standard_from_natural(self.natparam)
+        return params.loc.to(self.dtype), (params.scale / params.df).to(self.dtype)
+
+    def point(self) -> torch.Tensor:
+        """The site's value the model runs at: ``[M | Psi/nu]`` packed ``(D, 2 D)``."""
+        from ppl.conjugate_dists import MatrixNormalInverseWishart
+        return MatrixNormalInverseWishart.pack(*self.plug_in())
+
+    def kl(self) -> torch.Tensor:
+        return mniw.kl(self.natparam, self.prior).sum().to(self.dtype)
+
+    def sample(self, n: int) -> torch.Tensor:
+        from ppl.conjugate_dists import MatrixNormalInverseWishart
+        draw = mniw.sample(self.natparam, (n,))
+        return MatrixNormalInverseWishart.pack(draw.A, draw.Q).to(self.dtype)
+
+    def update(self, stats: mniw.MNIWNatural, step: float) -> None:
+        r""":math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + s)` with transition statistics ``stats``
+        (``MNIWNatural`` layout, fields ``(D, D)`` and a scalar count)."""
+        stats = mniw.MNIWNatural(*(torch.as_tensor(f).detach().to(torch.float64) for f in stats))
+        target = mniw.conjugate_update(self.prior, stats)
+        self.natparam = mniw.MNIWNatural(*((1 - step) * a + step * b for a, b in zip(self.natparam, target)))
+
+    def update_from(self, handler, step: float) -> None:
+        """Update from a finished ``SVAEObjective`` run: q(x) of the chain with its lag-one moments."""
+        self.update(transition_stats(handler.locals[self.target]), step)
+
+
+def transition_stats(local) -> mniw.MNIWNatural:
+    r"""Expected transition statistics of a chain's q(x) (a ``Local`` with ``moments``; ``mean (..., T, D)``),
+    summed over the batch, in float64: :math:`\sum (E[x_tx_t^\top]_{t\ge1}, E[x_tx_{t-1}^\top],
+    E[x_{t-1}x_{t-1}^\top]_{t\le T-2}, T - 1)`, with :math:`E[x_tx_s^\top] = \Sigma_{ts} + m_tm_s^\top`."""
+    if local.moments is None:
+        raise ValueError("transition_stats: the chain's local posterior was solved without moments")
+    mean = local.mean.detach().to(torch.float64)
+    cov, cross = (m.detach().to(torch.float64) for m in local.moments)
+    T, D = mean.shape[-2:]
+    second = (cov + mean[..., :, None] * mean[..., None, :]).reshape(-1, T, D, D)
+    second = 0.5 * (second + second.mT)                                    # exact up to rounding
+    lagged = (cross + mean[..., 1:, :, None] * mean[..., :-1, None, :]).reshape(-1, T - 1, D, D)
+    per_seq = mniw.expected_transition_stats(second, lagged)
+    return mniw.MNIWNatural(*(f.sum(0) for f in per_seq))
+
+
 def expected_log_density_offset(natparam: niw.NIWNatural) -> torch.Tensor:
     r""":math:`c = E_q\log N(x|\mu,\Sigma) - \log N(x|\bar\mu, \bar\Lambda^{-1})` under q = NIW(``natparam``),
     the same for every x: ``(*batch)``.
@@ -216,11 +313,27 @@ def build(trace, facts, init: dict | None = None) -> dict:
     ``trace`` (prior parameters, shapes) and ``init`` (site -> initial value; an NIW site's value is packed
     ``(K, D, D + 1)``; without one q starts at the traced prior draw of the means and the covariances
     :math:`E_p[\\Sigma^{-1}]^{-1} = \\Psi/\\nu`)."""
-    from ppl.conjugate_dists import NormalInverseWishart
+    from ppl.conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
     init = init or {}
     out = {}
     for site, child in natural_gradient_sites(facts).items():
         node = trace.nodes[site]
+        if site in facts.conjugate_dynamics:
+            fn = node["fn"]
+            if not isinstance(fn, MatrixNormalInverseWishart):
+                raise ValueError(f"site '{site}': expected a ppl.MatrixNormalInverseWishart, got {type(fn).__name__}")
+            fn.check_site(site)
+            prior = fn.natural()
+            if site in init:
+                A, Q = MatrixNormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_xxT.device),
+                                                         fn.loc.shape[-1])
+            else:
+                A, Q = fn.loc, fn.scale / fn.df[..., None, None]
+            target = facts.svae_targets[child]
+            shape = tuple(target.node_shape)
+            transitions = int(torch.Size(shape[:-1]).numel()) * (shape[-1] - 1)
+            out[site] = MNIWConjugate(site, child, prior, A, Q, transitions, node["value"].dtype)
+            continue
         if site in facts.conjugate:
             target = next(t for t in facts.svae_targets.values() if t.discrete == child)
             nodes = int(torch.Size(target.node_shape).numel())

@@ -61,12 +61,16 @@ launches fewer kernels than that sweep, but has not been timed against the scan 
 
 
 class BandedLocal(NamedTuple):
-    """x: sample ``(..., T, D)``; mean: ``(..., T, D)``; log_z: ``(...)``; expected_log_potential: ``(...)``."""
+    """x: sample ``(..., T, D)``; mean: ``(..., T, D)``; log_z: ``(...)``; expected_log_potential: ``(...)``;
+    with ``moments=True``: cov ``(..., T, D, D)`` :math:`\Sigma_{tt}` and cross ``(..., T-1, D, D)``
+    :math:`\Sigma_{t+1,t}` (else None)."""
 
     x: torch.Tensor
     mean: torch.Tensor
     log_z: torch.Tensor
     expected_log_potential: torch.Tensor
+    cov: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
 
 
 def use_banded(prior: LDSPrior, T: int, D: int) -> bool:
@@ -114,16 +118,30 @@ def _assemble(diag: torch.Tensor, lower: torch.Tensor | None = None) -> torch.Te
     return grid.permute(*range(grid.dim() - 4), -2, -4, -1, -3).reshape(grid.shape[:-4] + (k * D, k * D))
 
 
-def _prior_blocks(prior: LDSPrior, T: int, D: int) -> tuple[torch.Tensor, ...]:
+def _prior_blocks(prior: LDSPrior, T: int, D: int, expected=None) -> tuple[torch.Tensor, ...]:
     r"""Natural parameters of the LDS prior as blocks: ``diag (..., T, D, D)`` :math:`\Lambda_p[t,t]`,
     ``lower (..., T-1, D, D)`` :math:`\Lambda_p[t+1,t]`, ``hp (..., T, D)``, and the constant
-    :math:`\tfrac12(\log|\Lambda_p| - c)` ``(...)`` of :math:`\log Z` (module docstring)."""
-    Qi, logdet_Q = _inverse_and_logdet(prior.noise_cov)                    # inverted before the expand
-    Qi = _steps(Qi, prior, T)
-    logdet_Q = logdet_Q.sum(-1) if prior.time_varying else (T - 1) * logdet_Q
+    :math:`\tfrac12(\log|\Lambda_p| - c)` ``(...)`` of :math:`\log Z` (module docstring).
+
+    ``expected`` (``ppl.inference.expfam.mniw.MNIWExpectations``, fields ``(D, D)``, time-homogeneous, no
+    offsets): the transition factors are :math:`\exp E_{q(A,Q)}\log N(x_t \mid Ax_{t-1}, Q)`, i.e.
+    :math:`Q^{-1} \to E[Q^{-1}]`, :math:`Q^{-1}A \to E[Q^{-1}A]`, :math:`A^\top Q^{-1}A \to E[A^\top Q^{-1}A]`,
+    :math:`\log|Q| \to E\log|Q|` (``prior.dynamics``/``noise_cov`` are then not read)."""
+    if expected is not None:
+        if prior.time_varying or prior.offsets is not None:
+            raise ValueError("expected MNIW dynamics need a time-homogeneous chain without inputs")
+        Qi = expected.Qinv.unsqueeze(-3).expand(expected.Qinv.shape[:-2] + (T - 1, D, D))
+        QiA = expected.Qinv_A.unsqueeze(-3).expand(Qi.shape)
+        AQA = expected.At_Qinv_A.unsqueeze(-3).expand(Qi.shape)
+        logdet_Q = (T - 1) * expected.logdet_Q
+    else:
+        Qi, logdet_Q = _inverse_and_logdet(prior.noise_cov)                    # inverted before the expand
+        Qi = _steps(Qi, prior, T)
+        logdet_Q = logdet_Q.sum(-1) if prior.time_varying else (T - 1) * logdet_Q
+        A = _steps(prior.dynamics, prior, T)
+        QiA, AQA = Qi @ A, A.mT @ Qi @ A
     P0i, logdet_P0 = _inverse_and_logdet(prior.initial_cov)
-    A = _steps(prior.dynamics, prior, T)
-    diag = _cat_time(P0i.unsqueeze(-3), Qi) + _cat_time(A.mT @ Qi @ A, torch.zeros_like(P0i).unsqueeze(-3))
+    diag = _cat_time(P0i.unsqueeze(-3), Qi) + _cat_time(AQA, torch.zeros_like(P0i).unsqueeze(-3))
     m0 = prior.initial_loc
     P0m0 = (P0i @ m0.unsqueeze(-1)).squeeze(-1)
     hp = _cat_time(P0m0.unsqueeze(-2), P0m0.new_zeros(()).expand(P0m0.shape[:-1] + (T - 1, D)), 1)
@@ -133,7 +151,7 @@ def _prior_blocks(prior: LDSPrior, T: int, D: int) -> tuple[torch.Tensor, ...]:
         zero = torch.zeros_like(Qb[..., :1, :])
         hp = hp + _cat_time(zero, Qb, 1) - _cat_time((A.mT @ Qb.unsqueeze(-1)).squeeze(-1), zero, 1)
         c = c + (prior.offsets * Qb).sum((-1, -2))
-    return diag, -Qi @ A, hp, 0.5 * (-logdet_P0 - logdet_Q - c)
+    return diag, -QiA, hp, 0.5 * (-logdet_P0 - logdet_Q - c)
 
 
 class _Chain(NamedTuple):
@@ -290,7 +308,8 @@ def chunk_length(D: int, target: int = 8) -> int:
 
 
 def banded_lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None,
-                     chunk: int | None = None, dense_max: int = DENSE_MAX) -> BandedLocal:
+                     chunk: int | None = None, dense_max: int = DENSE_MAX, expected=None,
+                     moments: bool = False) -> BandedLocal:
     r"""Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``,
     ``h (..., T, D)``: a reparameterized sample, the mean, :math:`\log Z` and :math:`\mathbb{E}_q[\log \psi]`
     (module docstring), by nested dissection in time (:func:`_solve_chain`, first-level chunks of ``chunk``
@@ -302,22 +321,29 @@ def banded_lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generato
     and backward, rather than O(T) rounds of tiny ops (CPU op overhead). Exact; the sample is
     :math:`m + L^{-\top}\varepsilon` for the Cholesky factor L of the precision in the dissection order.
     Cost O(N T chunk^2 D^3).
+
+    ``expected``: optional ``MNIWExpectations`` of a conjugate q(A, Q) (:func:`_prior_blocks`): the prior
+    factor becomes :math:`\exp E_{q(A,Q)}\log p(x \mid A, Q)` and ``log_z`` its normalizer with the potentials
+    (so :math:`E_q[\log\psi] - \log Z = E_q\log q(x) - E_{q(x)q(A,Q)}\log p(x \mid A, Q)`).
+    ``moments``: also return the marginal and lag-one covariances (``cov``, ``cross``).
     """
     T, D = h.shape[-2], h.shape[-1]
     if chunk is not None and chunk < 2:
         raise ValueError(f"banded_lds_local: chunk must be >= 2 time steps, got {chunk}")
-    diag, lower, hp, const = _prior_blocks(prior, T, D)                      # unbatched where the prior is
+    diag, lower, hp, const = _prior_blocks(prior, T, D, expected)            # unbatched where the prior is
     hq = hp + h
     batch = torch.broadcast_shapes(diag.shape[:-3], lower.shape[:-3], J.shape[:-3], hq.shape[:-2])
     diag = (diag + J).expand(batch + (T, D, D))
     lower = lower.expand(batch + (T - 1, D, D))
     hq = hq.expand(batch + (T, D))
     eps = torch.randn(hq.shape, dtype=hq.dtype, device=hq.device, generator=generator)
-    sol = _solve_chain(diag, lower, hq, eps, chunk, dense_max)
+    sol = _solve_chain(diag, lower, hq, eps, chunk, dense_max, cross=moments)
     info = torch.stack([i.reshape(-1).amax() if i.numel() else i.new_zeros(()) for i in sol.info])
     if bool((info > 0).any() | ~torch.isfinite(sol.log_det_L).all()):                 # one sync
         raise ValueError(f"LDS posterior precision (prior + recognition potentials J), batch {tuple(batch)}, "
                          "is not numerically positive definite; check noise_cov, initial_cov and J")
     second = sol.cov + sol.mean.unsqueeze(-1) * sol.mean.unsqueeze(-2)
     elp = -0.5 * (J * second).sum((-1, -2, -3)) + (h * sol.mean).sum((-1, -2))
+    if moments:
+        return BandedLocal(sol.x, sol.mean, sol.half_quad - sol.log_det_L + const, elp, sol.cov, sol.cross)
     return BandedLocal(sol.x, sol.mean, sol.half_quad - sol.log_det_L + const, elp)

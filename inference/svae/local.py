@@ -26,12 +26,15 @@ from .lds_banded import banded_lds_local, use_banded
 
 
 class Local(NamedTuple):
-    """x: sample ``(..., D)`` or ``(..., T, D)``; kl: scalar; mean: E_q[x]; probs: q(z) or None."""
+    """x: sample ``(..., D)`` or ``(..., T, D)``; kl: scalar; mean: E_q[x]; probs: q(z) or None;
+    moments: for a chain asked for them (``lds_local(moments=True)``), ``(cov (..., T, D, D), cross (..., T-1, D, D))``
+    = :math:`(\mathrm{Cov}(x_t), \mathrm{Cov}(x_{t+1}, x_t))`, else None."""
 
     x: torch.Tensor
     kl: torch.Tensor
     mean: torch.Tensor
     probs: torch.Tensor | None
+    moments: tuple | None = None
 
 
 def expected_log_potential(J: torch.Tensor, h: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -40,16 +43,28 @@ def expected_log_potential(J: torch.Tensor, h: torch.Tensor, mean: torch.Tensor,
     return -0.5 * (J * second).sum((-1, -2)) + (h * mean).sum(-1)
 
 
-def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None, method: str = "auto") -> Local:
+def lds_local(prior: LDSPrior, J: torch.Tensor, h: torch.Tensor, generator=None, method: str = "auto",
+              expected=None, moments: bool = False) -> Local:
     r"""Exact q(x) of a linear-Gaussian chain under potentials ``J (..., T, D, D)``, ``h (..., T, D)``.
 
     ``method``: "scan" (parallel Kalman filter/smoother, :mod:`ppl.inference.exact.kalman_info`),
     "banded" (block-tridiagonal Cholesky in nested-dissection order, :mod:`.lds_banded`) or "auto": banded
     where ``lds_banded.use_banded`` allows (well-conditioned noise; on CUDA, short chains), else the scan.
     Both are exact; the KL is :math:`\mathbb{E}_q[\log\psi(x)] - \log Z` and ``x`` a reparameterized sample.
+
+    ``expected``: ``MNIWExpectations`` of a conjugate q(A, Q) on the dynamics (:mod:`.conjugate`): q(x) is then
+    :math:`\propto \exp(E_{q(A,Q)}\log p(x \mid A, Q))\,\psi(x)` and the KL is
+    :math:`E_q\log q(x) - E_{q(x)q(A,Q)}\log p(x \mid A, Q)`; always solved by the banded path (the expected
+    blocks are not an (A, Q) pair). ``moments``: also return ``(cov, cross)`` (banded path only).
     """
     if method not in ("auto", "scan", "banded"):
         raise ValueError(f"lds_local: method must be 'auto', 'scan' or 'banded', got {method!r}")
+    if expected is not None or moments:
+        if method == "scan":
+            raise ValueError("lds_local: expected dynamics statistics and moments need method 'banded' or 'auto'")
+        b = banded_lds_local(prior, J, h, generator, expected=expected, moments=moments)
+        return Local(b.x, b.expected_log_potential.sum() - b.log_z.sum(), b.mean, None,
+                     (b.cov, b.cross) if moments else None)
     if method == "banded" or (method == "auto" and use_banded(prior, h.shape[-2], h.shape[-1])):
         b = banded_lds_local(prior, J, h, generator)
         return Local(b.x, b.expected_log_potential.sum() - b.log_z.sum(), b.mean, None)

@@ -57,12 +57,17 @@ class SVAEObjective(Messenger):
             (a Dirichlet global handled by natural gradients; its own site is then in ``skip_sites``).
         component_log_offsets: mixture site -> ``(K,)`` added to its log weights: the constant
             :math:`c_k` of :math:`E_q\log N(x|\mu_k,\Sigma_k)` under a conjugate q = NIW (``conjugate.py``).
+        expected_dynamics: lds site -> ``(conjugate site, (A, Q) it was conditioned on, MNIWExpectations)``:
+            local inference uses :math:`E_{q(A,Q)}\log p(x \mid A, Q)` and keeps the lag-one moments
+            (a conjugate q = MNIW, ``conjugate.py``); the chain's dynamics/noise_cov must be that (A, Q).
     """
 
     def __init__(self, targets: dict, potentials: dict, global_sites: set[str], num_iters: int = 3,
                  generator: torch.Generator | None = None, expected_log_weights: dict | None = None,
-                 skip_sites: set[str] = frozenset(), component_log_offsets: dict | None = None):
+                 skip_sites: set[str] = frozenset(), component_log_offsets: dict | None = None,
+                 expected_dynamics: dict | None = None):
         super().__init__()
+        self.expected_dynamics = expected_dynamics or {}
         self.targets, self.potentials, self.global_sites = targets, potentials, global_sites
         self.expected_log_weights = expected_log_weights or {}
         self.skip_sites = skip_sites
@@ -101,6 +106,18 @@ class SVAEObjective(Messenger):
     def _solve(self, target, fn) -> Local:
         J, h = self.potentials[target.site]
         if target.kind == "lds":
+            if target.site in self.expected_dynamics:
+                site, (A, Q), expected = self.expected_dynamics[target.site]
+                if not (fn.dynamics.shape == A.shape and fn.noise_cov.shape == Q.shape
+                        and torch.equal(fn.dynamics, A) and torch.equal(fn.noise_cov, Q)):
+                    raise ValueError(f"site '{target.site}': its dynamics and noise_cov must be the unpacked value of "
+                                     f"the conjugate site '{site}' (A, Q = ppl.MatrixNormalInverseWishart.unpack("
+                                     f"value)), unchanged, for natural-gradient updates of q(A, Q)")
+                prior = kernels.lds_prior(fn)
+                if prior.time_varying or prior.offsets is not None:
+                    raise ValueError(f"site '{target.site}': a conjugate MatrixNormalInverseWishart '{site}' on the "
+                                     "dynamics needs a time-homogeneous gaussian_chain without inputs")
+                return lds_local(prior, J, h, self.generator, expected=expected, moments=True)
             return lds_local(kernels.lds_prior(fn), J, h, self.generator)
         if target.kind == "gaussian":
             mu, prec = gaussian_params(target.site, fn)
