@@ -13,6 +13,7 @@ from typing import Callable
 
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from .graph import ModelGraph
 from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob, quadratic_potentials
@@ -61,6 +62,8 @@ class Facts:
     conjugate: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Dirichlet site -> Categorical children
     conjugate_gaussian: dict[str, tuple[str, ...]] = field(default_factory=dict)  # NIW site -> Gaussian children
     conjugate_dynamics: dict[str, tuple[str, ...]] = field(default_factory=dict)  # MNIW site -> gaussian_chains
+    unplated: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # site -> ((dim, size), ...)
+    plate_nesting: int = 0                       # deepest plate dim used by any site (as a positive count)
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -170,6 +173,37 @@ def plate_sizes(graph: ModelGraph) -> dict[str, int]:
     return {name: size for s in graph.sites() for name, size in s.plates}
 
 
+def _sample_sites(trace: poutine.Trace):
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["infer"].get("_deterministic") and not site_is_subsample(site):
+            yield name, site
+
+
+def plate_nesting(trace: poutine.Trace) -> int:
+    """How many batch dims, counted from the right, the model's plates occupy: max over frames of ``-dim``."""
+    return max([-f.dim for _, site in _sample_sites(trace) for f in site["cond_indep_stack"]
+                if f.vectorized and f.dim is not None] + [0])
+
+
+def unplated_batch_dims(trace: poutine.Trace) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Sites whose distribution has batch dims of size > 1 to the left of all of the site's plates (all its
+    batch dims if it is in no plate): site -> ((dim, size), ...), dims negative, counted from the right.
+
+    E.g. ``gaussian_chain("x", ...)`` over N sequences without a plate has batch shape (N,) and gives
+    ``{"x": ((-1, N),)}``. Every log-density sums over such dims, but a backend's machinery may not accept
+    them: Pyro's shape check rejects one that falls among the plate dims, and Pyro's enumeration allocates its
+    own dims left of the plates. Dims right of a site's innermost plate are Pyro's broadcast dims, not listed.
+    """
+    out = {}
+    for name, site in _sample_sites(trace):
+        batch = tuple(site["fn"].batch_shape)
+        left_of = min([f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None] + [0])
+        dims = tuple((d, int(batch[d])) for d in range(-len(batch), left_of) if batch[d] > 1)
+        if dims:
+            out[name] = dims
+    return out
+
+
 def probe_tabulable(model: Callable, args: tuple, kwargs: dict, chain: str, children: tuple[str, ...],
                     trace: poutine.Trace) -> bool:
     """True iff tabulating ``children`` over the states of ``chain`` agrees with evaluating them
@@ -259,4 +293,6 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)),
         conjugate=conjugate_pairs(graph),
         conjugate_gaussian=conjugate_gaussian_pairs(graph),
-        conjugate_dynamics=conjugate_dynamics_pairs(graph))
+        conjugate_dynamics=conjugate_dynamics_pairs(graph),
+        unplated=unplated_batch_dims(trace),
+        plate_nesting=plate_nesting(trace))

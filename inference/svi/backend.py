@@ -28,6 +28,29 @@ def supports(facts) -> Verdict:
                               "(its children must use its value elementwise and be sites of the model)")
     if facts.unenumerable:
         return Verdict(False, f"site '{facts.unenumerable[0]}' is discrete with infinite support")
+    return unplated_verdict(facts)
+
+
+def unplated_verdict(facts) -> Verdict:
+    """Batch dims outside every plate (``facts.unplated``, e.g. N sequences batched in a chain's own shape).
+
+    Trace_ELBO sums every log-density over all its dims, so such dims are fine when they lie left of all the
+    model's plates (``make_elbo`` passes ``max_plate_nesting`` so that Pyro's shape check leaves them alone).
+    Two layouts cannot run: a dim among the plate dims that no plate of the site indexes (Pyro's shape check
+    rejects it), and any such dim when finite discrete sites are enumerated (the enumeration dims sit left of
+    the plates, where these dims are).
+    """
+    nesting = facts.plate_nesting
+    fix = "wrap that dim in ppl.plate(...) (or use backend='svae' for a structured VAE)"
+    for site, dims in facts.unplated.items():
+        for dim, size in dims:
+            shape = f"batch dim {dim} of size {size}"
+            if dim >= -nesting:
+                return Verdict(False, f"site '{site}' has {shape} outside its plates but among the model's "
+                                      f"{nesting} plate dims; {fix}")
+            if facts.enumerable:
+                return Verdict(False, f"site '{site}' has {shape} outside any plate, where enumerating "
+                                      f"'{facts.enumerable[0]}' puts its own dims; {fix}")
     return Verdict(True)
 
 
@@ -38,7 +61,8 @@ def treatments(graph, facts):
 def make_elbo(graph, facts, num_particles: int = 1):
     if facts.enumerable:
         return TraceEnum_ELBO(max_plate_nesting=common.max_plate_nesting(graph), num_particles=num_particles)
-    return Trace_ELBO(num_particles=num_particles)
+    # dims left of the plates are the model's own batch dims (see unplated_verdict): summed, not checked
+    return Trace_ELBO(max_plate_nesting=facts.plate_nesting, num_particles=num_particles)
 
 
 def init_fn(init: dict | None):
