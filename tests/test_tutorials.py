@@ -51,3 +51,11 @@ def test_tutorial_has_smoke_and_out_flags(script):
     text = (TUTORIALS / script).read_text()
     for flag in ("--smoke", "--out", "--threads"):
         assert f'"{flag}"' in text, f"{script} needs a {flag} flag (run_smoke passes it)"
+
+
+def test_lds_nile_smoke(tmp_path):
+    pytest.importorskip("statsmodels")
+    proc = run_smoke("lds_nile.py", tmp_path)
+    assert "log-lik at D&K's MLE, diffuse start:" in proc.stdout
+    assert "largest state residual:" in proc.stdout
+    assert_figures(tmp_path, ("lds_nile_level.png", "lds_nile_residuals.png"))
