@@ -66,9 +66,16 @@ def make_elbo(graph, facts, num_particles: int = 1):
 
 
 def init_fn(init: dict | None):
-    """Initialize latents at ``init`` (site -> value) where given, else at the prior median."""
+    """Initialize latents at ``init`` (site -> value) where given, else at the prior median.
+
+    Each value is copied: an autoguide may make its parameter from the very tensor it is given, so without the
+    copy a fit would write into the user's tensor, and one tensor given for two sites would tie their parameters.
+    """
     fallback = init_to_median(num_samples=15)
-    return fallback if not init else init_to_value(values=init, fallback=fallback)
+    if not init:
+        return fallback
+    values = {site: torch.as_tensor(value).detach().clone() for site, value in init.items()}
+    return init_to_value(values=values, fallback=fallback)
 
 
 def fit(model, args, kwargs, plan, guide_kind: str, num_steps: int, lr: float, progress: bool,
