@@ -94,7 +94,43 @@ def _niw_bijection(constraint):
     return NIWValueTransform()
 
 
-class NormalInverseWishart(TorchDistribution):
+class _ConjugatePrior(TorchDistribution):
+    """What the conjugate priors share: parameters are validated once, by computing the natural parameters.
+
+    A subclass sets ``signature`` (its argument list, for messages), implements ``natural()`` (raising
+    ``ValueError`` on invalid parameters) and calls ``self.problem = self._check()`` in ``__init__``.
+    """
+
+    arg_constraints = {}
+    has_rsample = False
+    signature = ""
+
+    @classmethod
+    def _square_scale(cls, scale, dim: str) -> int:
+        """Size of ``scale``, which must be a ``(..., dim, dim)`` tensor; ValueError naming the class if not."""
+        if not isinstance(scale, torch.Tensor) or scale.dim() < 2 or scale.shape[-1] != scale.shape[-2]:
+            raise ValueError(f"{cls.__name__}: scale must be a (..., {dim}, {dim}) tensor, got "
+                             f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
+        return scale.shape[-1]
+
+    def _check(self) -> str | None:
+        try:
+            self.natural()
+        except ValueError as exc:
+            return f"{type(self).__name__}({self.signature}) with invalid parameters: {exc}"
+        return None
+
+    def check_site(self, name: str) -> None:
+        """Raise ``ModelInputError`` naming site ``name`` if the parameters are invalid."""
+        if self.problem:
+            raise ModelInputError(f"site '{name}': {self.problem}")
+
+    def _raise_if_invalid(self):
+        if self.problem:
+            raise ValueError(self.problem)
+
+
+class NormalInverseWishart(_ConjugatePrior):
     r"""Normal-inverse-Wishart prior on ``(loc, covariance)``; value ``(*batch, D, D + 1)`` = ``[Sigma | mu]``.
 
     Args:
@@ -107,15 +143,11 @@ class NormalInverseWishart(TorchDistribution):
     (``check_site``), and ``sample``/``log_prob`` raise a ``ValueError`` under plain Pyro.
     """
 
-    arg_constraints = {}
     support = niw_value
-    has_rsample = False
+    signature = "loc, kappa, scale, df"
 
     def __init__(self, loc, kappa, scale, df, validate_args=None):
-        if not isinstance(scale, torch.Tensor) or scale.dim() < 2 or scale.shape[-1] != scale.shape[-2]:
-            raise ValueError(f"NormalInverseWishart: scale must be a (..., D, D) tensor, got "
-                             f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
-        D = scale.shape[-1]
+        D = self._square_scale(scale, "D")
         like = dict(dtype=scale.dtype, device=scale.device)
         loc = torch.as_tensor(loc, **like)
         if loc.dim() < 1 or loc.shape[-1] != D:
@@ -127,22 +159,6 @@ class NormalInverseWishart(TorchDistribution):
         self.scale, self.df = scale.expand(batch + (D, D)), df.expand(batch)
         self.problem = self._check()
         super().__init__(torch.Size(batch), torch.Size((D, D + 1)), validate_args=False)
-
-    def _check(self) -> str | None:
-        try:
-            self.natural()
-        except ValueError as exc:
-            return f"NormalInverseWishart(loc, kappa, scale, df) with invalid parameters: {exc}"
-        return None
-
-    def check_site(self, name: str) -> None:
-        """Raise ``ModelInputError`` naming site ``name`` if the parameters are invalid."""
-        if self.problem:
-            raise ModelInputError(f"site '{name}': {self.problem}")
-
-    def _raise_if_invalid(self):
-        if self.problem:
-            raise ValueError(self.problem)
 
     def natural(self):
         """Natural parameters (``ppl.inference.expfam.niw.NIWNatural``) with this batch shape."""
@@ -251,7 +267,7 @@ def _mniw_bijection(constraint):
     return MNIWValueTransform()
 
 
-class MatrixNormalInverseWishart(TorchDistribution):
+class MatrixNormalInverseWishart(_ConjugatePrior):
     r"""Matrix-normal-inverse-Wishart prior on the weights and noise ``(A, Q)`` of a linear-Gaussian
     regression :math:`y = Ax + \varepsilon`, :math:`\varepsilon \sim N(0, Q)` — for an LDS
     (``ppl.gaussian_chain``) the dynamics and noise covariance, n = m = D:
@@ -284,15 +300,11 @@ class MatrixNormalInverseWishart(TorchDistribution):
     (``check_site``), and ``sample``/``log_prob`` raise a ``ValueError`` under plain Pyro.
     """
 
-    arg_constraints = {}
     support = mniw_value
-    has_rsample = False
+    signature = "loc, col_precision, scale, df"
 
     def __init__(self, loc, col_precision, scale, df, validate_args=None):
-        if not isinstance(scale, torch.Tensor) or scale.dim() < 2 or scale.shape[-1] != scale.shape[-2]:
-            raise ValueError(f"MatrixNormalInverseWishart: scale must be a (..., n, n) tensor, got "
-                             f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}")
-        n = scale.shape[-1]
+        n = self._square_scale(scale, "n")
         like = dict(dtype=scale.dtype, device=scale.device)
         loc = torch.as_tensor(loc, **like)
         if loc.dim() < 2 or loc.shape[-2] != n:
@@ -309,22 +321,6 @@ class MatrixNormalInverseWishart(TorchDistribution):
         self.scale, self.df = scale.expand(batch + (n, n)), df.expand(batch)
         self.problem = self._check()
         super().__init__(torch.Size(batch), torch.Size((n, m + n)), validate_args=False)
-
-    def _check(self) -> str | None:
-        try:
-            self.natural()
-        except ValueError as exc:
-            return f"MatrixNormalInverseWishart(loc, col_precision, scale, df) with invalid parameters: {exc}"
-        return None
-
-    def check_site(self, name: str) -> None:
-        """Raise ``ModelInputError`` naming site ``name`` if the parameters are invalid."""
-        if self.problem:
-            raise ModelInputError(f"site '{name}': {self.problem}")
-
-    def _raise_if_invalid(self):
-        if self.problem:
-            raise ValueError(self.problem)
 
     def natural(self):
         """Natural parameters (``ppl.inference.expfam.mniw.MNIWNatural``) with this batch shape."""
