@@ -16,7 +16,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from .graph import ModelGraph
-from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob, quadratic_potentials
+from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob
 
 
 GAUSSIAN_FAMILIES = ("MultivariateNormal", "Normal", "Independent")
@@ -132,41 +132,35 @@ def svae_targets(graph: ModelGraph, switching: tuple[tuple[str, str], ...],
     return out
 
 
-def conjugate_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
-    """Latent Dirichlet sites whose children are all latent Categorical sites (conjugate pairs)."""
+def latent_prior_pairs(graph: ModelGraph, family: str, child_ok: Callable) -> dict[str, tuple[str, ...]]:
+    """Latent sites of ``family`` outside any block whose children are all latent sites satisfying
+    ``child_ok(site)``: prior site -> its children (a conjugate pair when ``child_ok`` names the conjugate family)."""
     out = {}
     for s in graph.latent():
         kids = graph.children_of(s.name)
-        if s.family == "Dirichlet" and s.block is None and kids and all(
-                graph.site(k).family == "Categorical" and not graph.site(k).observed for k in kids):
+        if s.family == family and s.block is None and kids and all(
+                not graph.site(k).observed and child_ok(graph.site(k)) for k in kids):
             out[s.name] = tuple(kids)
     return out
+
+
+def conjugate_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
+    """Latent Dirichlet sites whose children are all latent Categorical sites (conjugate pairs)."""
+    return latent_prior_pairs(graph, "Dirichlet", lambda k: k.family == "Categorical")
 
 
 def conjugate_gaussian_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
     """Latent NormalInverseWishart sites (``ppl.NormalInverseWishart``, a prior on a Gaussian's mean and
-    covariance) whose children are all latent Gaussian sites: conjugate pairs."""
-    out = {}
-    for s in graph.latent():
-        kids = graph.children_of(s.name)
-        if s.family == "NormalInverseWishart" and s.block is None and kids and all(
-                graph.site(k).family in GAUSSIAN_FAMILIES and not graph.site(k).observed
-                and graph.site(k).block is None for k in kids):
-            out[s.name] = tuple(kids)
-    return out
+    covariance) whose children are all latent Gaussian sites outside any block: conjugate pairs."""
+    return latent_prior_pairs(graph, "NormalInverseWishart",
+                              lambda k: k.family in GAUSSIAN_FAMILIES and k.block is None)
 
 
 def conjugate_dynamics_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
     """Latent MatrixNormalInverseWishart sites (``ppl.MatrixNormalInverseWishart``, a prior on an LDS's dynamics
     and noise covariance) whose children are all latent, unswitched ``gaussian_chain`` sites: conjugate pairs
     (which chain parameters the value feeds is checked by the backend that uses the pair)."""
-    out = {}
-    for s in graph.latent():
-        kids = graph.children_of(s.name)
-        if s.family == "MatrixNormalInverseWishart" and s.block is None and kids and all(
-                graph.site(k).block == "gaussian_chain" and not graph.site(k).observed for k in kids):
-            out[s.name] = tuple(kids)
-    return out
+    return latent_prior_pairs(graph, "MatrixNormalInverseWishart", lambda k: k.block == "gaussian_chain")
 
 
 def plate_sizes(graph: ModelGraph) -> dict[str, int]:
