@@ -54,6 +54,7 @@ from ppl.primitives import ModelInputError
 from ppl.inference.svae.recognition import MLPRecognition
 
 from . import Simulated
+from ._util import check_decoder, check_positive_ints
 
 EXPECTED_BACKEND = "svae"
 
@@ -116,12 +117,8 @@ def _check_inputs(y, decoder, K: int, D: int) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be (points, features), got {got}")
-    if not isinstance(decoder, nn.Module):
-        raise ModelInputError(f"decoder must be a torch.nn.Module mapping (..., D={D}) to (mean, scale), "
-                         f"got {type(decoder).__name__}")
-    for name, value in (("K", K), ("D", D)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelInputError(f"{name} must be an integer >= 1, got {value!r}")
+    check_decoder(decoder, D, "(mean, scale)")
+    check_positive_ints(K=K, D=D)
 
 
 @ppl.model

@@ -40,6 +40,7 @@ from ppl import dist
 from ppl.primitives import ModelInputError
 
 from . import Simulated
+from ._util import check_decoder, check_positive_ints
 from .vae import make_networks, render_dots
 
 EXPECTED_BACKEND = "svae"
@@ -57,11 +58,8 @@ def _check_inputs(y, decoder, D: int, mask) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[1] < 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be (sequences, time >= 2, pixels), got {got}")
-    if not isinstance(decoder, nn.Module):
-        raise ModelInputError(f"decoder must be a torch.nn.Module mapping (..., D={D}) to (..., pixels), "
-                              f"got {type(decoder).__name__}")
-    if isinstance(D, bool) or not isinstance(D, int) or D < 1:
-        raise ModelInputError(f"D must be an integer >= 1, got {D!r}")
+    check_decoder(decoder, D, "(..., pixels)")
+    check_positive_ints(D=D)
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(y.shape[:2])):
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ModelInputError(f"mask must be a bool tensor of shape (sequences, time) = {tuple(y.shape[:2])}, "

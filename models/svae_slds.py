@@ -38,6 +38,7 @@ from ppl import dist
 from ppl.primitives import ModelInputError
 
 from . import Simulated
+from ._util import check_decoder, check_positive_ints
 from .slds import segmentation_accuracy
 from .vae import make_networks
 
@@ -45,15 +46,11 @@ EXPECTED_BACKEND = "svae"
 
 
 def _check_inputs(y, decoder, K: int, D: int) -> None:
-    for name, value in (("K", K), ("D", D)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelInputError(f"{name} must be an integer >= 1, got {value!r}")
+    check_positive_ints(K=K, D=D)
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() != 3 or y.shape[1] < 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be a floating tensor (sequences, time >= 2, features), got {got}")
-    if not isinstance(decoder, nn.Module):
-        raise ModelInputError(f"decoder must be a torch.nn.Module mapping (..., D={D}) to (..., features), "
-                         f"got {type(decoder).__name__}")
+    check_decoder(decoder, D, "(..., features)")
 
 
 @ppl.model
