@@ -20,7 +20,7 @@ It is an ordinary Pyro distribution (``sample``, ``log_prob``, ``expand``, a ``s
 ``biject_to`` transform), so the model also runs under plain Pyro and the svi/mcmc backends. The svae
 backend recognizes it as a conjugate global of a Gaussian mixture and fits q(mu, Sigma) = NIW by
 natural-gradient steps (``ppl.inference.svae.conjugate``). The density is w.r.t. Lebesgue measure on
-:math:`(\mu, \Sigma_{ij}, i \ge j)`; the math lives in ``ppl.inference.expfam.niw``.
+:math:`(\mu, \Sigma_{ij}, i \ge j)`; the math lives in ``ppl.expfam.niw``.
 """
 from __future__ import annotations
 
@@ -31,12 +31,8 @@ from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import Transform
 
+from .expfam import mniw, niw
 from .primitives import ModelInputError
-
-
-def _inference():
-    from ppl.inference.expfam import niw  # late import: ppl.inference imports ppl
-    return niw
 
 
 class _NIWValue(constraints.Constraint):
@@ -161,8 +157,7 @@ class NormalInverseWishart(_ConjugatePrior):
         super().__init__(torch.Size(batch), torch.Size((D, D + 1)), validate_args=False)
 
     def natural(self):
-        """Natural parameters (``ppl.inference.expfam.niw.NIWNatural``) with this batch shape."""
-        niw = _inference()
+        """Natural parameters (``ppl.expfam.niw.NIWNatural``) with this batch shape."""
         return niw.natural_from_standard(self.loc, self.kappa, self.scale, self.df)
 
     @staticmethod
@@ -187,14 +182,12 @@ class NormalInverseWishart(_ConjugatePrior):
 
     def sample(self, sample_shape=torch.Size()):
         self._raise_if_invalid()
-        niw = _inference()
         with torch.no_grad():
             draw = niw.sample(self.natural(), tuple(sample_shape))
         return self.pack(draw.loc, draw.covariance_matrix)
 
     def log_prob(self, value):
         self._raise_if_invalid()
-        niw = _inference()
         loc, cov = self.unpack(value)
         return niw.log_prob(self.natural(), niw.NIWSample(loc, cov))
 
@@ -203,11 +196,6 @@ class NormalInverseWishart(_ConjugatePrior):
         """:math:`(E[\\mu], E[\\Sigma]) = (\\mu_0, \\Psi / (\\nu - D - 1))` packed (needs :math:`\\nu > D + 1`)."""
         D = self.scale.shape[-1]
         return self.pack(self.loc, self.scale / (self.df - D - 1)[..., None, None])
-
-
-def _mniw():
-    from ppl.inference.expfam import mniw  # late import: ppl.inference imports ppl
-    return mniw
 
 
 class _MNIWValue(constraints.Constraint):
@@ -288,7 +276,7 @@ class MatrixNormalInverseWishart(_ConjugatePrior):
     expected transition blocks (``ppl.inference.svae.conjugate.MNIWConjugate``); under plain Pyro it is an
     ordinary distribution (``sample``, ``log_prob``, a ``support`` with a ``biject_to`` transform). The
     density is w.r.t. Lebesgue measure on :math:`(A_{ij}, Q_{ij}, i \ge j)`; the math lives in
-    ``ppl.inference.expfam.mniw``.
+    ``ppl.expfam.mniw``.
 
     Args:
         loc: M, ``(*batch, n, m)``.
@@ -323,8 +311,8 @@ class MatrixNormalInverseWishart(_ConjugatePrior):
         super().__init__(torch.Size(batch), torch.Size((n, m + n)), validate_args=False)
 
     def natural(self):
-        """Natural parameters (``ppl.inference.expfam.mniw.MNIWNatural``) with this batch shape."""
-        return _mniw().natural_from_standard(self.loc, self.col_precision, self.scale, self.df)
+        """Natural parameters (``ppl.expfam.mniw.MNIWNatural``) with this batch shape."""
+        return mniw.natural_from_standard(self.loc, self.col_precision, self.scale, self.df)
 
     @staticmethod
     def pack(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -353,12 +341,11 @@ class MatrixNormalInverseWishart(_ConjugatePrior):
     def sample(self, sample_shape=torch.Size()):
         self._raise_if_invalid()
         with torch.no_grad():
-            draw = _mniw().sample(self.natural(), tuple(sample_shape))
+            draw = mniw.sample(self.natural(), tuple(sample_shape))
         return self.pack(draw.A, draw.Q)
 
     def log_prob(self, value):
         self._raise_if_invalid()
-        mniw = _mniw()
         A, Q = self.unpack(value, self.loc.shape[-1])
         return mniw.log_prob(self.natural(), mniw.MNIWSample(A, Q))
 

@@ -41,8 +41,8 @@ import math
 
 import torch
 
-from ..expfam import dirichlet, mniw, niw
-from ..expfam.gaussian import GaussianStats
+from ppl.expfam import dirichlet, mniw, niw
+from ppl.expfam.gaussian import GaussianStats
 from .local import gaussian_posterior
 
 

@@ -123,7 +123,7 @@ def _prior_blocks(prior: LDSPrior, T: int, D: int, expected=None) -> tuple[torch
     ``lower (..., T-1, D, D)`` :math:`\Lambda_p[t+1,t]`, ``hp (..., T, D)``, and the constant
     :math:`\tfrac12(\log|\Lambda_p| - c)` ``(...)`` of :math:`\log Z` (module docstring).
 
-    ``expected`` (``ppl.inference.expfam.mniw.MNIWExpectations``, fields ``(D, D)``, time-homogeneous, no
+    ``expected`` (``ppl.expfam.mniw.MNIWExpectations``, fields ``(D, D)``, time-homogeneous, no
     offsets): the transition factors are :math:`\exp E_{q(A,Q)}\log N(x_t \mid Ax_{t-1}, Q)`, i.e.
     :math:`Q^{-1} \to E[Q^{-1}]`, :math:`Q^{-1}A \to E[Q^{-1}A]`, :math:`A^\top Q^{-1}A \to E[A^\top Q^{-1}A]`,
     :math:`\log|Q| \to E\log|Q|` (``prior.dynamics``/``noise_cov`` are then not read)."""

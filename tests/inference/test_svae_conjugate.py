@@ -16,7 +16,7 @@ import torch
 import ppl
 from ppl import dist
 from ppl.conjugate_dists import NIWValueTransform, NormalInverseWishart
-from ppl.inference.expfam import niw
+from ppl.expfam import niw
 from ppl.inference.svae.conjugate import NIWConjugate, expected_log_density, expected_log_density_offset
 from ppl.inference.svae.local import expected_gaussian_log_density, gaussian_entropy, mixture_local
 from ppl.primitives import ModelInputError

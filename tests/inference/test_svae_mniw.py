@@ -12,7 +12,7 @@ import ppl
 from ppl import dist
 from ppl.conjugate_dists import MatrixNormalInverseWishart, MNIWValueTransform
 from ppl.inference.exact.kalman_info import LDSPrior
-from ppl.inference.expfam import mniw
+from ppl.expfam import mniw
 from ppl.inference.svae.conjugate import MNIWConjugate, transition_stats
 from ppl.inference.svae.lds_banded import banded_lds_local
 from ppl.inference.svae.local import Local, lds_local

@@ -224,7 +224,7 @@ def data_stats(x: Tensor, weights: Tensor | None = None) -> NIWNatural:
 
 
 def expected_data_stats(stats: GaussianStats, weights: Tensor | None = None) -> NIWNatural:
-    r"""NIW statistics of Gaussian expected statistics (:func:`ppl.inference.expfam.gaussian.expected_stats`)
+    r"""NIW statistics of Gaussian expected statistics (:func:`ppl.expfam.gaussian.expected_stats`)
     ``stats = (neg_half_xxT: (*batch, num, dim, dim), x: (*batch, num, dim))`` with optional
     ``weights: (*batch, num)``: :math:`(\sum_n w_n E[x_nx_n^\top], \sum_n w_n E[x_n], \sum_n w_n, \sum_n w_n)`,
     so that :math:`\sum_n w_n E_q[\log N(x_n|\mu,\Sigma)] = \langle s, t(\mu,\Sigma)\rangle

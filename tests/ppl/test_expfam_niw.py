@@ -1,4 +1,4 @@
-"""Normal-inverse-Wishart (ppl.inference.expfam.niw).
+"""Normal-inverse-Wishart (ppl.expfam.niw).
 
 Oracles: autograd of the log partition; scipy.stats (multivariate_normal x invwishart log densities);
 Monte Carlo with fixed seeds (tolerance 5 standard errors); Murphy (2007), "Conjugate Bayesian analysis
@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import special, stats as sps
 
-from ppl.inference.expfam import gaussian, niw
+from ppl.expfam import gaussian, niw
 
 DT = torch.float64
 

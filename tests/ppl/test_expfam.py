@@ -1,4 +1,4 @@
-"""Exponential families (ppl.inference.expfam): categorical, Dirichlet, Gaussian.
+"""Exponential families (ppl.expfam): categorical, Dirichlet, Gaussian.
 
 Oracles: autograd of the log partition (gradient = expected statistics), torch.distributions
 (log_prob, entropy, KL), Monte Carlo with fixed seeds (tolerance 5 standard errors of the estimate),
@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import integrate, stats as sps
 
-from ppl.inference.expfam import categorical, dirichlet, gaussian
+from ppl.expfam import categorical, dirichlet, gaussian
 
 DT = torch.float64
 

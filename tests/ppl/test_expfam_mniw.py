@@ -1,4 +1,4 @@
-"""Matrix-normal-inverse-Wishart (ppl.inference.expfam.mniw): the prior on LDS dynamics (A, Q).
+"""Matrix-normal-inverse-Wishart (ppl.expfam.mniw): the prior on LDS dynamics (A, Q).
 
 Oracles: autograd of the log partition; scipy.stats (matrix_normal x invwishart log densities);
 Monte Carlo with fixed seeds (tolerance 5 standard errors); scikit-learn Ridge (posterior mean of A);
@@ -15,8 +15,8 @@ import torch
 from scipy import special, stats as sps
 from sklearn.linear_model import Ridge
 
-from ppl.inference.expfam import mniw, niw
-from ppl.inference.expfam._common import pair
+from ppl.expfam import mniw, niw
+from ppl.expfam._common import pair
 
 DT = torch.float64
 

@@ -9,7 +9,7 @@ r"""Dirichlet distribution on the (K-1)-simplex in natural-parameter form.
 
 with the density taken w.r.t. Lebesgue measure on the first K-1 coordinates of the simplex (as
 ``torch.distributions.Dirichlet``). Conjugate to the categorical: with counts
-:math:`c_k = \sum_n [z_n = k]` (:func:`ppl.inference.expfam.categorical.counts`), the posterior is
+:math:`c_k = \sum_n [z_n = k]` (:func:`ppl.expfam.categorical.counts`), the posterior is
 :math:`\eta' = \eta + c`, and :math:`\log p(z_{1:N}) = A(\eta + c) - A(\eta)` (:func:`conjugate_update`).
 
 Shapes: ``natparam: (*batch, states)``; values ``pi: (*sample, *batch, states)``.

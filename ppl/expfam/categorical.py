@@ -7,7 +7,7 @@ r"""Categorical distribution over K states in natural-parameter form.
 
 natural parameter :math:`\eta` = unnormalized log-probabilities (logits; :math:`-\infty` marks an
 impossible state), standard parameter :math:`\pi = \mathrm{softmax}(\eta)`, expected statistics
-:math:`E[t(z)] = \nabla A(\eta) = \pi`. Conjugate prior: :mod:`ppl.inference.expfam.dirichlet`
+:math:`E[t(z)] = \nabla A(\eta) = \pi`. Conjugate prior: :mod:`ppl.expfam.dirichlet`
 (its ``conjugate_update`` takes the counts ``sum_n t(z_n)`` from :func:`counts`).
 
 Shapes: ``natparam: (*batch, states)``; values ``z`` are integer states ``(*sample, *batch)``.
