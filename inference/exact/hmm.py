@@ -21,8 +21,9 @@ Model (potentials need not be normalized; the SVAE passes arbitrary log potentia
 * ``-inf`` potentials are structural zeros; NaN or ``+inf`` raise ValueError. If every
   path has zero potential, log Z is ``-inf`` (and the marginals are undefined).
 
-Kernels: scaled-probability recursions with matmuls (``hmm_kernels``), a log-space
-fallback when a scale underflows, an O(log T)-depth tree product (``hmm_scan``), and
+Kernels, all on the canonical flat-batch inputs of ``hmm_inputs``: scaled-probability
+forward/backward recursions with matmuls (``hmm_forward``), a log-space fallback when a
+scale underflows (``hmm_logspace``), an O(log T)-depth tree product (``hmm_scan``), and
 max-product / FFBS decoding (``hmm_decode``). ``log_normalizer`` and ``posterior`` pick the
 sequential recursion or the tree product by ``use_parallel_scan`` (``method="auto"``).
 """
@@ -33,9 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .hmm_checks import ChainInputs, canonicalize
 from .hmm_decode import ViterbiResult, sample, viterbi
-from .hmm_kernels import Smoothed, forward_scaled, smooth_scaled
+from .hmm_forward import Smoothed, forward_scaled, smooth_scaled
+from .hmm_inputs import ChainInputs, canonicalize
 from .hmm_logspace import forward_log, smooth_log
 from .hmm_scan import PAIR_GEMM_MAX_STATES, parallel_log_normalizer, parallel_log_z
 

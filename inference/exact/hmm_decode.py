@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .hmm_checks import ChainInputs, canonicalize, valid_steps
-from .hmm_kernels import forward_scaled
+from .hmm_forward import forward_scaled
+from .hmm_inputs import ChainInputs, canonicalize, valid_steps
 from .hmm_logspace import forward_log
 
 

@@ -1,7 +1,7 @@
-r"""Log-space forward-backward on canonical inputs (see ``hmm_checks.ChainInputs``).
+r"""Log-space forward-backward on canonical inputs (see ``hmm_inputs.ChainInputs``).
 
 ``logsumexp`` over a ``(batch, K, K)`` tensor per step: slower than the scaled recursions
-of ``hmm_kernels`` but exact for potentials of any magnitude. Used as the fallback when a
+of ``hmm_forward`` but exact for potentials of any magnitude. Used as the fallback when a
 scaled recursion under- or overflows, for autograd through the loop (double backward,
 differentiable posteriors) and for sampling after an underflow.
 
@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .hmm_checks import ChainInputs
-from .hmm_kernels import Smoothed, step_matrix, valid_time_major
+from .hmm_forward import Smoothed, step_matrix, valid_time_major
+from .hmm_inputs import ChainInputs
 
 
 class LogForward(NamedTuple):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .hmm_checks import ChainInputs, canonicalize, valid_steps
+from .hmm_inputs import ChainInputs, canonicalize, valid_steps
 
 
 PAIR_GEMM_MAX_STATES = 8
@@ -118,7 +118,7 @@ def parallel_log_normalizer(log_init: Tensor, log_trans: Tensor, log_lik: Tensor
 
 
 def parallel_log_z(ch: ChainInputs) -> Tensor:
-    """``parallel_log_normalizer`` on canonical inputs (``hmm_checks.ChainInputs``): log Z (N,)."""
+    """``parallel_log_normalizer`` on canonical inputs (``hmm_inputs.ChainInputs``): log Z (N,)."""
     N, T, K = ch.log_lik.shape
     first = ch.log_init + ch.log_lik[:, 0]
     if T == 1:

@@ -29,8 +29,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .kalman_checks import (broadcast_batch, check_mask, check_positive_definite, check_tensor,
-                            check_trailing)
+from ppl.checks import broadcast_batch, check_mask, check_positive_definite, check_tensor, check_trailing
+
 from .kalman_scan import column_layout, from_columns, symmetrize, to_columns, to_matrices
 from .kalman_info import (InfoFilterResult, LDSPrior, SmootherResult, filter_result, info_filter,
                           info_sample, info_smoother, matrices_out, prepare, run_filter, sample, smooth)

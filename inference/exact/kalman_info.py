@@ -43,8 +43,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .kalman_checks import (broadcast_batch, check_positive_definite, check_psd, check_tensor,
-                            check_trailing)
+from ppl.checks import broadcast_batch, check_positive_definite, check_psd, check_tensor, check_trailing
+
 from .kalman_scan import (ColumnLayout, affine_combine, associative_scan, column_layout, filter_combine,
                           from_columns, reverse_scan, symmetrize, to_columns, to_matrices)
 

@@ -1,88 +1,17 @@
-"""Pieces shared by the exponential families: input checks (each a ValueError naming the
-argument, the expected and the actual shape or value), the pairing :math:`\\langle\\eta, t\\rangle`,
-the multivariate digamma function and the inverse-Wishart integrals used by NIW and MNIW."""
+"""Math shared by the exponential families: the pairing :math:`\\langle\\eta, t\\rangle` and the KL from
+log partitions, field-wise updates of natural parameters (the conjugate update and the natural-gradient
+step), the multivariate digamma / log-gamma functions and the inverse-Wishart integrals used by NIW and
+MNIW. The input checks live in :mod:`ppl.checks`."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-
-def as_tensor(name: str, x, like: Tensor | None = None) -> Tensor:
-    """A floating tensor from ``x``: Python numbers take the dtype and device of ``like``;
-    tensors must be floating point (and share ``like``'s dtype and device)."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and like is not None:
-        return torch.tensor(float(x), dtype=like.dtype, device=like.device)
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        kind = f"a tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {kind}")
-    if like is not None and (x.dtype != like.dtype or x.device != like.device):
-        raise ValueError(f"{name} must have dtype {like.dtype} on {like.device} (like the other inputs), "
-                         f"got {x.dtype} on {x.device}")
-    return x
-
-
-def check_not_nan(name: str, x: Tensor, allow_neg_inf: bool = False) -> None:
-    """Require no NaN and no +inf in ``x`` (and no -inf unless ``allow_neg_inf``)."""
-    ok = (x < math.inf) if allow_neg_inf else torch.isfinite(x)        # NaN compares False
-    if not bool(ok.all()):
-        allowed = "finite or -inf" if allow_neg_inf else "finite"
-        raise ValueError(f"{name} must be {allowed}, got NaN or inf in a tensor of shape {tuple(x.shape)}")
-
-
-def check_event(name: str, x: Tensor, event: tuple, spelled: str) -> tuple:
-    """Require ``x.shape`` to end with ``event`` (``None`` entries match any size); returns the batch shape."""
-    tail = tuple(x.shape[x.dim() - len(event):]) if x.dim() >= len(event) else None
-    if tail is None or not all(e is None or e == a for e, a in zip(event, tail)):
-        raise ValueError(f"{name} must have shape {spelled}, got {tuple(x.shape)}")
-    return tuple(x.shape[:x.dim() - len(event)])
-
-
-def check_batch(name: str, x: Tensor, batch: tuple, num_event_dims: int, spelled: str) -> None:
-    """Require the batch part of ``x.shape`` (all but the last ``num_event_dims``) to equal ``batch``."""
-    got = tuple(x.shape[:x.dim() - num_event_dims])
-    if got != tuple(batch):
-        raise ValueError(f"{name} must have shape {spelled} with batch shape {tuple(batch)} "
-                         f"(like the other fields), got {tuple(x.shape)}")
-
-
-def scalar_field(name: str, x, like: Tensor, batch: tuple) -> Tensor:
-    """A per-batch scalar parameter: a Python number is expanded to ``batch``; a tensor must
-    have shape ``batch``."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return as_tensor(name, x, like).expand(batch)
-    x = as_tensor(name, x, like)
-    check_batch(name, x, batch, 0, "(*batch)")
-    return x
-
-
-def check_greater(name: str, x: Tensor, bound, what: str) -> None:
-    """Require ``x > bound`` elementwise (``bound`` a number or a broadcastable tensor)."""
-    bad = ~(x > bound)
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be {what}, got {x[bad].flatten()[:4].tolist()} (shape {tuple(x.shape)})")
-
-
-def check_symmetric(name: str, x: Tensor) -> None:
-    """Require finite, symmetric ``x: (..., D, D)`` up to 1000 eps relative to its largest entry."""
-    check_not_nan(name, x)
-    detached = x.detach()
-    scale = detached.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    if bool(((detached - detached.mT).abs() > 1000 * torch.finfo(x.dtype).eps * scale).any()):
-        raise ValueError(f"{name} must be symmetric, got an asymmetric matrix of shape {tuple(x.shape)}")
-
-
-def cholesky(name: str, x: Tensor) -> Tensor:
-    """Lower Cholesky factor of a symmetric positive definite ``x: (..., D, D)``; ValueError naming
-    ``name`` when ``x`` is asymmetric (beyond 1000 eps relative) or not positive definite."""
-    check_symmetric(name, x)
-    L, info = torch.linalg.cholesky_ex(x)
-    if bool((info > 0).any()):
-        raise ValueError(f"{name} must be positive definite, got a matrix of shape {tuple(x.shape)} "
-                         "whose Cholesky factorization fails")
-    return L
+from ..checks import check_same_shape
 
 
 def symmetrize(x: Tensor) -> Tensor:
@@ -111,28 +40,30 @@ def kl_from_parts(a_q: Tensor, a_p: Tensor, eta_q, eta_p, stats_q, event_dims) -
     return a_p - a_q - pair(diff, stats_q, event_dims)
 
 
-def check_weights(weights, x: Tensor) -> Tensor:
-    """Validate per-observation ``weights: (*batch, num)`` for ``x: (*batch, num, dim)``."""
-    w = as_tensor("weights", weights, x)
-    if w.shape != x.shape[:-1]:
-        raise ValueError(f"weights must have shape (*batch, num) = {tuple(x.shape[:-1])}, got {tuple(w.shape)}")
-    check_not_nan("weights", w)
-    return w
+def _fieldwise(fn, first: tuple, second: tuple, names: tuple[str, str]) -> tuple:
+    """``fn(a, b)`` field by field on two named tuples of one type; every pair of fields must have
+    equal shapes (a ValueError names the field of ``second`` that differs, ``names`` = their labels)."""
+    for field, a, b in zip(type(first)._fields, first, second):
+        check_same_shape(f"{names[0]}.{field}", a, f"{names[1]}.{field}", b)
+    return type(first)(*(fn(a, b) for a, b in zip(first, second)))
 
 
 def add_fieldwise(prior: tuple, stats: tuple) -> tuple:
     """``prior + stats`` field by field (two named tuples of one type); shapes must match exactly."""
-    for field, a, b in zip(type(prior)._fields, prior, stats):
-        if a.shape != b.shape:
-            raise ValueError(f"stats.{field} must have the shape of natparam.{field}, {tuple(a.shape)}, "
-                             f"got {tuple(b.shape)}")
-    return type(prior)(*(a + b for a, b in zip(prior, stats)))
+    return _fieldwise(operator.add, prior, stats, ("natparam", "stats"))
 
 
-def check_same_batch(name_q: str, q: Tensor, name_p: str, p: Tensor) -> None:
-    """Require two parameter tensors (first fields of two natural parameters) to have equal shapes."""
-    if q.shape != p.shape:
-        raise ValueError(f"{name_p} must have the shape of {name_q}, {tuple(q.shape)}, got {tuple(p.shape)}")
+def natural_step(current, target, step: float):
+    r"""The natural-gradient step :math:`\eta \leftarrow (1-\rho)\eta + \rho\,\eta^*` of size ``step``
+    (:math:`\rho`) from the natural parameter ``current`` towards the coordinate optimum ``target``: on one
+    tensor, or field by field on a named tuple of natural parameters (``NIWNatural``, ``MNIWNatural``);
+    shapes must match exactly and the result has them."""
+    def blend(a: Tensor, b: Tensor) -> Tensor:
+        return (1 - step) * a + step * b
+    if isinstance(current, Tensor):
+        check_same_shape("natparam", current, "target", target)
+        return blend(current, target)
+    return _fieldwise(blend, current, target, ("natparam", "target"))
 
 
 def mvdigamma(a: Tensor, p: int) -> Tensor:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import as_tensor, check_event, check_not_nan, check_same_batch
+from ..checks import as_tensor, check_finite, check_same_shape, check_trailing
 
 
 class CategoricalParams(NamedTuple):
@@ -29,8 +29,8 @@ class CategoricalParams(NamedTuple):
 
 def _check(natparam: Tensor, name: str = "natparam") -> Tensor:
     natparam = as_tensor(name, natparam)
-    check_event(name, natparam, (None,), "(*batch, states)")
-    check_not_nan(name, natparam, allow_neg_inf=True)
+    check_trailing(name, natparam, (None,), "(*batch, states)")
+    check_finite(name, natparam, allow_neg_inf=True)
     if bool((natparam == -float("inf")).all(-1).any()):
         raise ValueError(f"{name} must have at least one finite logit per row, got a row of all -inf")
     return natparam
@@ -39,8 +39,8 @@ def _check(natparam: Tensor, name: str = "natparam") -> Tensor:
 def natural_from_standard(probs: Tensor) -> Tensor:
     r"""Logits :math:`\eta = \log \pi` ``(*batch, states)`` from ``probs: (*batch, states)`` (rows sum to 1)."""
     probs = as_tensor("probs", probs)
-    check_event("probs", probs, (None,), "(*batch, states)")
-    check_not_nan("probs", probs)
+    check_trailing("probs", probs, (None,), "(*batch, states)")
+    check_finite("probs", probs)
     if bool((probs < 0).any()):
         raise ValueError(f"probs must be nonnegative, got min {float(probs.min())}")
     total = probs.sum(-1)
@@ -112,7 +112,7 @@ def kl(natparam_q: Tensor, natparam_p: Tensor) -> Tensor:
     :math:`A(\eta_p) - A(\eta_q) - \langle\eta_p - \eta_q, \pi^q\rangle`; ``(*batch, states)`` -> ``(*batch)``.
     States with :math:`\pi^q_k = 0` contribute 0; :math:`\pi^q_k > 0 = \pi^p_k` gives +inf."""
     q, p = _check(natparam_q, "natparam_q"), _check(natparam_p, "natparam_p")
-    check_same_batch("natparam_q", q, "natparam_p", p)
+    check_same_shape("natparam_q", q, "natparam_p", p)
     log_q, log_p = torch.log_softmax(q, -1), torch.log_softmax(p, -1)
     probs_q = log_q.exp()
     diff = torch.where(probs_q > 0, log_q - log_p, torch.zeros_like(probs_q))

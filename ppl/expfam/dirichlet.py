@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import as_tensor, check_event, check_greater, check_not_nan, check_same_batch, kl_from_parts, pair
+from ..checks import as_tensor, check_finite, check_greater, check_same_shape, check_trailing
+from ._common import kl_from_parts, pair
 
 
 class DirichletParams(NamedTuple):
@@ -31,8 +32,8 @@ class DirichletParams(NamedTuple):
 
 def _concentration(natparam: Tensor, name: str = "natparam") -> Tensor:
     natparam = as_tensor(name, natparam)
-    check_event(name, natparam, (None,), "(*batch, states)")
-    check_not_nan(name, natparam)
+    check_trailing(name, natparam, (None,), "(*batch, states)")
+    check_finite(name, natparam)
     check_greater(name, natparam, -1.0, "> -1 (concentration alpha = natparam + 1 > 0)")
     return natparam + 1.0
 
@@ -40,8 +41,8 @@ def _concentration(natparam: Tensor, name: str = "natparam") -> Tensor:
 def natural_from_standard(concentration: Tensor) -> Tensor:
     r""":math:`\eta = \alpha - 1` ``(*batch, states)`` from ``concentration: (*batch, states)``, alpha > 0."""
     concentration = as_tensor("concentration", concentration)
-    check_event("concentration", concentration, (None,), "(*batch, states)")
-    check_not_nan("concentration", concentration)
+    check_trailing("concentration", concentration, (None,), "(*batch, states)")
+    check_finite("concentration", concentration)
     check_greater("concentration", concentration, 0.0, "positive")
     return concentration - 1.0
 
@@ -67,7 +68,7 @@ def expected_stats(natparam: Tensor) -> Tensor:
 def sufficient_stats(pi: Tensor) -> Tensor:
     r""":math:`t(\pi) = \log\pi`; ``pi: (..., states)`` -> ``(..., states)``."""
     pi = as_tensor("pi", pi)
-    check_event("pi", pi, (None,), "(..., states)")
+    check_trailing("pi", pi, (None,), "(..., states)")
     return pi.log()
 
 
@@ -92,7 +93,7 @@ def kl(natparam_q: Tensor, natparam_p: Tensor) -> Tensor:
     r""":math:`KL(q\|p) = A(\eta_p) - A(\eta_q) - \langle\eta_p - \eta_q, E_q[\log\pi]\rangle`; ``(*batch)``."""
     _concentration(natparam_q, "natparam_q")
     _concentration(natparam_p, "natparam_p")
-    check_same_batch("natparam_q", natparam_q, "natparam_p", natparam_p)
+    check_same_shape("natparam_q", natparam_q, "natparam_p", natparam_p)
     return kl_from_parts(log_partition(natparam_q), log_partition(natparam_p), [natparam_q], [natparam_p],
                          [expected_stats(natparam_q)], [1])
 
@@ -102,7 +103,7 @@ def conjugate_update(natparam: Tensor, counts: Tensor) -> Tensor:
     ``counts: (*batch, states)`` (nonnegative, possibly fractional: expected counts) -> ``(*batch, states)``."""
     _concentration(natparam)
     counts = as_tensor("counts", counts, natparam)
-    check_not_nan("counts", counts)
+    check_finite("counts", counts)
     if counts.shape != natparam.shape:
         raise ValueError(f"counts must have the shape of natparam, {tuple(natparam.shape)}, "
                          f"got {tuple(counts.shape)}")

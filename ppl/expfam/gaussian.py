@@ -24,8 +24,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import (as_tensor, check_batch, check_event, check_not_nan, check_same_batch, cholesky,
-                      kl_from_parts, logdet_chol, pair, symmetrize)
+from ..checks import (as_tensor, check_batch, check_finite, check_positive_definite, check_same_shape,
+                      check_trailing)
+from ._common import kl_from_parts, logdet_chol, pair, symmetrize
 
 EVENT_DIMS = (2, 1)
 
@@ -53,11 +54,11 @@ def _chol_precision(natparam: GaussianNatural, name: str = "natparam") -> Tensor
     """Validate ``natparam`` and return the lower Cholesky factor of J ``(*batch, dim, dim)``."""
     J = as_tensor(f"{name}.J", natparam.J)
     h = as_tensor(f"{name}.h", natparam.h, J)
-    batch = check_event(f"{name}.J", J, (None, None), "(*batch, dim, dim)")
-    check_event(f"{name}.h", h, (J.shape[-1],), f"(*batch, {J.shape[-1]})")
+    batch = check_trailing(f"{name}.J", J, (None, None), "(*batch, dim, dim)")
+    check_trailing(f"{name}.h", h, (J.shape[-1],), f"(*batch, {J.shape[-1]})")
     check_batch(f"{name}.h", h, batch, 1, "(*batch, dim)")
-    check_not_nan(f"{name}.h", h)
-    return cholesky(f"{name}.J", J)
+    check_finite(f"{name}.h", h)
+    return check_positive_definite(f"{name}.J", J)
 
 
 def _mean(L: Tensor, h: Tensor) -> Tensor:
@@ -69,11 +70,11 @@ def natural_from_standard(loc: Tensor, covariance_matrix: Tensor) -> GaussianNat
     ``covariance_matrix: (*batch, dim, dim)``."""
     cov = as_tensor("covariance_matrix", covariance_matrix)
     loc = as_tensor("loc", loc, cov)
-    batch = check_event("covariance_matrix", cov, (None, None), "(*batch, dim, dim)")
-    check_event("loc", loc, (cov.shape[-1],), f"(*batch, {cov.shape[-1]})")
+    batch = check_trailing("covariance_matrix", cov, (None, None), "(*batch, dim, dim)")
+    check_trailing("loc", loc, (cov.shape[-1],), f"(*batch, {cov.shape[-1]})")
     check_batch("loc", loc, batch, 1, "(*batch, dim)")
-    check_not_nan("loc", loc)
-    L = cholesky("covariance_matrix", cov)
+    check_finite("loc", loc)
+    L = check_positive_definite("covariance_matrix", cov)
     return GaussianNatural(symmetrize(torch.cholesky_inverse(L)), _mean(L, loc))
 
 
@@ -102,7 +103,7 @@ def expected_stats(natparam: GaussianNatural) -> GaussianStats:
 def sufficient_stats(x: Tensor) -> GaussianStats:
     r""":math:`t(x) = (-\tfrac12 x x^\top, x)` for ``x: (..., dim)``."""
     x = as_tensor("x", x)
-    check_event("x", x, (None,), "(..., dim)")
+    check_trailing("x", x, (None,), "(..., dim)")
     return GaussianStats(-0.5 * x[..., :, None] * x[..., None, :], x)
 
 
@@ -130,6 +131,6 @@ def kl(natparam_q: GaussianNatural, natparam_p: GaussianNatural) -> Tensor:
     r""":math:`KL(q\|p) = A(\eta_p) - A(\eta_q) - \langle \eta_p - \eta_q, E_q[t]\rangle`; ``(*batch)``."""
     _chol_precision(natparam_p, "natparam_p")
     _chol_precision(natparam_q, "natparam_q")
-    check_same_batch("natparam_q.h", natparam_q.h, "natparam_p.h", natparam_p.h)
+    check_same_shape("natparam_q.h", natparam_q.h, "natparam_p.h", natparam_p.h)
     return kl_from_parts(log_partition(natparam_q), log_partition(natparam_p), natparam_q, natparam_p,
                          expected_stats(natparam_q), EVENT_DIMS)

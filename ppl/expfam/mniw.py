@@ -42,10 +42,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import (add_fieldwise, as_tensor, check_batch, check_event, check_greater, check_not_nan,
-                      check_same_batch, check_symmetric, check_weights, cholesky, iw_expectations,
-                      iw_log_normalizer, kl_from_parts, logdet_chol, pair, sample_inverse_wishart, scalar_field,
-                      symmetrize)
+from ..checks import (as_tensor, check_batch, check_finite, check_greater, check_positive_definite,
+                      check_same_shape, check_symmetric, check_trailing, check_weights, scalar_field)
+from ._common import (add_fieldwise, iw_expectations, iw_log_normalizer, kl_from_parts, logdet_chol, pair,
+                      sample_inverse_wishart, symmetrize)
 
 EVENT_DIMS = (2, 2, 2, 0)
 
@@ -98,20 +98,20 @@ class MNIWSample(NamedTuple):
 
 def _check_layout(natparam: MNIWNatural, name: str) -> MNIWNatural:
     yy = as_tensor(f"{name}.sum_yyT", natparam.sum_yyT)
-    batch = check_event(f"{name}.sum_yyT", yy, (None, None), "(*batch, out, out)")
+    batch = check_trailing(f"{name}.sum_yyT", yy, (None, None), "(*batch, out, out)")
     n = yy.shape[-1]
     yx = as_tensor(f"{name}.sum_yxT", natparam.sum_yxT, yy)
-    check_event(f"{name}.sum_yxT", yx, (n, None), f"(*batch, {n}, in)")
+    check_trailing(f"{name}.sum_yxT", yx, (n, None), f"(*batch, {n}, in)")
     check_batch(f"{name}.sum_yxT", yx, batch, 2, "(*batch, out, in)")
     m = yx.shape[-1]
     xx = as_tensor(f"{name}.sum_xxT", natparam.sum_xxT, yy)
-    check_event(f"{name}.sum_xxT", xx, (m, m), f"(*batch, {m}, {m})")
+    check_trailing(f"{name}.sum_xxT", xx, (m, m), f"(*batch, {m}, {m})")
     check_batch(f"{name}.sum_xxT", xx, batch, 2, "(*batch, in, in)")
     count = scalar_field(f"{name}.count", natparam.count, yy, batch)
     check_symmetric(f"{name}.sum_yyT", yy)
     check_symmetric(f"{name}.sum_xxT", xx)
     for field, value in (("sum_yxT", yx), ("count", count)):
-        check_not_nan(f"{name}.{field}", value)
+        check_finite(f"{name}.{field}", value)
     return MNIWNatural(yy, yx, xx, count)
 
 
@@ -119,12 +119,13 @@ def _unpack(natparam: MNIWNatural, name: str = "natparam"):
     """Validate; return ``(L_psi, M, L_K, nu)``: Cholesky factors of Psi and K, the mean M, the dof nu."""
     yy, yx, xx, count = _check_layout(natparam, name)
     n, m = yx.shape[-2:]
-    L_K = cholesky(f"{name}.sum_xxT (K)", xx)
+    L_K = check_positive_definite(f"{name}.sum_xxT (K)", xx)
     M = torch.cholesky_solve(yx.mT, L_K).mT
     nu = count - n - m - 1
     check_greater(f"{name}.count", nu, n - 1.0,
                   f"> 2 out + in = {2 * n + m} (nu = count - out - in - 1 > out - 1)")
-    L_psi = cholesky(f"{name}.sum_yyT - sum_yxT sum_xxT^-1 sum_yxT^T (Psi)", symmetrize(yy - yx @ M.mT))
+    L_psi = check_positive_definite(f"{name}.sum_yyT - sum_yxT sum_xxT^-1 sum_yxT^T (Psi)",
+                                    symmetrize(yy - yx @ M.mT))
     return L_psi, M, L_K, nu
 
 
@@ -133,20 +134,20 @@ def natural_from_standard(loc: Tensor, col_precision: Tensor, scale: Tensor, df)
     ``col_precision: (*batch, in, in)`` (K), ``scale: (*batch, out, out)`` (Psi),
     ``df: (*batch)`` or a number (nu)."""
     scale = as_tensor("scale", scale)
-    batch = check_event("scale", scale, (None, None), "(*batch, out, out)")
+    batch = check_trailing("scale", scale, (None, None), "(*batch, out, out)")
     n = scale.shape[-1]
     loc = as_tensor("loc", loc, scale)
-    check_event("loc", loc, (n, None), f"(*batch, {n}, in)")
+    check_trailing("loc", loc, (n, None), f"(*batch, {n}, in)")
     check_batch("loc", loc, batch, 2, "(*batch, out, in)")
     m = loc.shape[-1]
     K = as_tensor("col_precision", col_precision, scale)
-    check_event("col_precision", K, (m, m), f"(*batch, {m}, {m})")
+    check_trailing("col_precision", K, (m, m), f"(*batch, {m}, {m})")
     check_batch("col_precision", K, batch, 2, "(*batch, in, in)")
     df = scalar_field("df", df, scale, batch)
-    check_not_nan("loc", loc)
+    check_finite("loc", loc)
     check_greater("df", df, n - 1.0, f"> out - 1 = {n - 1}")
-    cholesky("scale", scale)
-    cholesky("col_precision", K)
+    check_positive_definite("scale", scale)
+    check_positive_definite("col_precision", K)
     MK = loc @ K
     return MNIWNatural(symmetrize(scale + MK @ loc.mT), MK, K, df + n + m + 1)
 
@@ -184,10 +185,10 @@ def expected_stats(natparam: MNIWNatural) -> MNIWStats:
 def sufficient_stats(value: MNIWSample) -> MNIWStats:
     r""":math:`t(A, Q)` for ``value = (A: (..., out, in), Q: (..., out, out))``."""
     Q = as_tensor("value.Q", value.Q)
-    check_event("value.Q", Q, (None, None), "(..., out, out)")
+    check_trailing("value.Q", Q, (None, None), "(..., out, out)")
     A = as_tensor("value.A", value.A, Q)
-    check_event("value.A", A, (Q.shape[-1], None), f"(..., {Q.shape[-1]}, in)")
-    L = cholesky("value.Q", Q)
+    check_trailing("value.A", A, (Q.shape[-1], None), f"(..., {Q.shape[-1]}, in)")
+    L = check_positive_definite("value.Q", Q)
     Qinv_A = torch.cholesky_solve(A, L)
     return MNIWStats(-0.5 * torch.cholesky_inverse(L), Qinv_A, -0.5 * A.mT @ Qinv_A, -0.5 * logdet_chol(L))
 
@@ -214,7 +215,7 @@ def log_prob(natparam: MNIWNatural, value: MNIWSample) -> Tensor:
 def kl(natparam_q: MNIWNatural, natparam_p: MNIWNatural) -> Tensor:
     r""":math:`KL(q\|p) = A(\eta_p) - A(\eta_q) - \langle\eta_p - \eta_q, E_q[t]\rangle`; ``(*batch)``."""
     q, p = _check_layout(natparam_q, "natparam_q"), _check_layout(natparam_p, "natparam_p")
-    check_same_batch("natparam_q.sum_yxT", q.sum_yxT, "natparam_p.sum_yxT", p.sum_yxT)
+    check_same_shape("natparam_q.sum_yxT", q.sum_yxT, "natparam_p.sum_yxT", p.sum_yxT)
     return kl_from_parts(log_partition(q), log_partition(p), q, p, expected_stats(q), EVENT_DIMS)
 
 
@@ -224,11 +225,11 @@ def data_stats(inputs: Tensor, outputs: Tensor, weights: Tensor | None = None) -
     :math:`(\sum w yy^\top, \sum w yx^\top, \sum w xx^\top, \sum w)`."""
     x = as_tensor("inputs", inputs)
     y = as_tensor("outputs", outputs, x)
-    check_event("inputs", x, (None, None), "(*batch, num, in)")
-    check_event("outputs", y, (x.shape[-2], None), f"(*batch, {x.shape[-2]}, out)")
+    check_trailing("inputs", x, (None, None), "(*batch, num, in)")
+    check_trailing("outputs", y, (x.shape[-2], None), f"(*batch, {x.shape[-2]}, out)")
     check_batch("outputs", y, x.shape[:-2], 2, "(*batch, num, out)")
-    check_not_nan("inputs", x)
-    check_not_nan("outputs", y)
+    check_finite("inputs", x)
+    check_finite("outputs", y)
     if weights is None:
         count = torch.full(x.shape[:-2], float(x.shape[-2]), dtype=x.dtype, device=x.device)
         return MNIWNatural(y.mT @ y, y.mT @ x, x.mT @ x, count)
@@ -241,7 +242,7 @@ def transition_stats(states: Tensor) -> MNIWNatural:
     r"""LDS transition statistics of a chain ``states: (*batch, time, dim)``:
     :math:`(\sum_{t\ge1} x_tx_t^\top, \sum_{t\ge1} x_tx_{t-1}^\top, \sum_{t\ge1} x_{t-1}x_{t-1}^\top, T - 1)`."""
     states = as_tensor("states", states)
-    check_event("states", states, (None, None), "(*batch, time, dim)")
+    check_trailing("states", states, (None, None), "(*batch, time, dim)")
     return data_stats(states[..., :-1, :], states[..., 1:, :])
 
 
@@ -251,11 +252,11 @@ def expected_transition_stats(second_moments: Tensor, cross_moments: Tensor) -> 
     ``cross_moments: (*batch, time - 1, dim, dim)`` :math:`E[x_{t+1}x_t^\top]`:
     :math:`(\sum_{t\ge1} E[x_tx_t^\top], \sum_t E[x_{t+1}x_t^\top], \sum_{t\le T-2} E[x_tx_t^\top], T - 1)`."""
     xx = as_tensor("second_moments", second_moments)
-    check_event("second_moments", xx, (None, None, None), "(*batch, time, dim, dim)")
+    check_trailing("second_moments", xx, (None, None, None), "(*batch, time, dim, dim)")
     T, D = xx.shape[-3], xx.shape[-1]
-    check_event("second_moments", xx, (T, D, D), f"(*batch, time, {D}, {D})")
+    check_trailing("second_moments", xx, (T, D, D), f"(*batch, time, {D}, {D})")
     cross = as_tensor("cross_moments", cross_moments, xx)
-    check_event("cross_moments", cross, (T - 1, D, D), f"(*batch, {T - 1}, {D}, {D})")
+    check_trailing("cross_moments", cross, (T - 1, D, D), f"(*batch, {T - 1}, {D}, {D})")
     check_batch("cross_moments", cross, xx.shape[:-3], 3, "(*batch, time - 1, dim, dim)")
     count = torch.full(xx.shape[:-3], T - 1.0, dtype=xx.dtype, device=xx.device)
     return MNIWNatural(xx[..., 1:, :, :].sum(-3), cross.sum(-3), xx[..., :-1, :, :].sum(-3), count)

@@ -40,10 +40,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._common import (add_fieldwise, as_tensor, check_batch, check_event, check_greater, check_not_nan,
-                      check_same_batch, check_symmetric, check_weights, cholesky, iw_expectations,
-                      iw_log_normalizer, kl_from_parts, logdet_chol, pair, sample_inverse_wishart, scalar_field,
-                      symmetrize)
+from ..checks import (as_tensor, check_batch, check_finite, check_greater, check_positive_definite,
+                      check_same_shape, check_symmetric, check_trailing, check_weights, scalar_field)
+from ._common import (add_fieldwise, iw_expectations, iw_log_normalizer, kl_from_parts, logdet_chol, pair,
+                      sample_inverse_wishart, symmetrize)
 from .gaussian import GaussianStats
 
 EVENT_DIMS = (2, 1, 0, 0)
@@ -97,16 +97,16 @@ class NIWSample(NamedTuple):
 
 def _check_layout(natparam: NIWNatural, name: str) -> NIWNatural:
     S = as_tensor(f"{name}.sum_xxT", natparam.sum_xxT)
-    batch = check_event(f"{name}.sum_xxT", S, (None, None), "(*batch, dim, dim)")
+    batch = check_trailing(f"{name}.sum_xxT", S, (None, None), "(*batch, dim, dim)")
     D = S.shape[-1]
     m = as_tensor(f"{name}.sum_x", natparam.sum_x, S)
-    check_event(f"{name}.sum_x", m, (D,), f"(*batch, {D})")
+    check_trailing(f"{name}.sum_x", m, (D,), f"(*batch, {D})")
     check_batch(f"{name}.sum_x", m, batch, 1, "(*batch, dim)")
     count = scalar_field(f"{name}.count", natparam.count, S, batch)
     logdet_count = scalar_field(f"{name}.logdet_count", natparam.logdet_count, S, batch)
     check_symmetric(f"{name}.sum_xxT", S)
     for field, value in (("sum_x", m), ("count", count), ("logdet_count", logdet_count)):
-        check_not_nan(f"{name}.{field}", value)
+        check_finite(f"{name}.{field}", value)
     return NIWNatural(S, m, count, logdet_count)
 
 
@@ -119,7 +119,8 @@ def _unpack(natparam: NIWNatural, name: str = "natparam"):
     check_greater(f"{name}.logdet_count", nu, D - 1.0,
                   f"> 2D + 1 = {2 * D + 1} (nu = logdet_count - D - 2 > D - 1)")
     mu0 = m / kappa[..., None]
-    L = cholesky(f"{name}.sum_xxT - sum_x sum_x^T / count (Psi)", S - m[..., :, None] * mu0[..., None, :])
+    L = check_positive_definite(f"{name}.sum_xxT - sum_x sum_x^T / count (Psi)",
+                                S - m[..., :, None] * mu0[..., None, :])
     return L, mu0, kappa, nu
 
 
@@ -128,16 +129,16 @@ def natural_from_standard(loc: Tensor, kappa, scale: Tensor, df) -> NIWNatural:
     ``loc: (*batch, dim)`` (mu_0), ``kappa: (*batch)`` or a number, ``scale: (*batch, dim, dim)`` (Psi),
     ``df: (*batch)`` or a number (nu)."""
     scale = as_tensor("scale", scale)
-    batch = check_event("scale", scale, (None, None), "(*batch, dim, dim)")
+    batch = check_trailing("scale", scale, (None, None), "(*batch, dim, dim)")
     D = scale.shape[-1]
     loc = as_tensor("loc", loc, scale)
-    check_event("loc", loc, (D,), f"(*batch, {D})")
+    check_trailing("loc", loc, (D,), f"(*batch, {D})")
     check_batch("loc", loc, batch, 1, "(*batch, dim)")
     kappa, df = scalar_field("kappa", kappa, scale, batch), scalar_field("df", df, scale, batch)
-    check_not_nan("loc", loc)
+    check_finite("loc", loc)
     check_greater("kappa", kappa, 0.0, "positive")
     check_greater("df", df, D - 1.0, f"> dim - 1 = {D - 1}")
-    cholesky("scale", scale)
+    check_positive_definite("scale", scale)
     outer = kappa[..., None, None] * loc[..., :, None] * loc[..., None, :]
     return NIWNatural(symmetrize(scale + outer), kappa[..., None] * loc, kappa, df + D + 2)
 
@@ -174,10 +175,10 @@ def expected_stats(natparam: NIWNatural) -> NIWStats:
 def sufficient_stats(value: NIWSample) -> NIWStats:
     r""":math:`t(\mu, \Sigma)` for ``value = (loc: (..., dim), covariance_matrix: (..., dim, dim))``."""
     cov = as_tensor("value.covariance_matrix", value.covariance_matrix)
-    check_event("value.covariance_matrix", cov, (None, None), "(..., dim, dim)")
+    check_trailing("value.covariance_matrix", cov, (None, None), "(..., dim, dim)")
     mu = as_tensor("value.loc", value.loc, cov)
-    check_event("value.loc", mu, (cov.shape[-1],), f"(..., {cov.shape[-1]})")
-    L = cholesky("value.covariance_matrix", cov)
+    check_trailing("value.loc", mu, (cov.shape[-1],), f"(..., {cov.shape[-1]})")
+    L = check_positive_definite("value.covariance_matrix", cov)
     prec_mu = torch.cholesky_solve(mu[..., None], L)[..., 0]
     return NIWStats(-0.5 * torch.cholesky_inverse(L), prec_mu, -0.5 * (mu * prec_mu).sum(-1),
                     -0.5 * logdet_chol(L))
@@ -204,7 +205,7 @@ def log_prob(natparam: NIWNatural, value: NIWSample) -> Tensor:
 def kl(natparam_q: NIWNatural, natparam_p: NIWNatural) -> Tensor:
     r""":math:`KL(q\|p) = A(\eta_p) - A(\eta_q) - \langle\eta_p - \eta_q, E_q[t]\rangle`; ``(*batch)``."""
     q, p = _check_layout(natparam_q, "natparam_q"), _check_layout(natparam_p, "natparam_p")
-    check_same_batch("natparam_q.sum_xxT", q.sum_xxT, "natparam_p.sum_xxT", p.sum_xxT)
+    check_same_shape("natparam_q.sum_xxT", q.sum_xxT, "natparam_p.sum_xxT", p.sum_xxT)
     return kl_from_parts(log_partition(q), log_partition(p), q, p, expected_stats(q), EVENT_DIMS)
 
 
@@ -212,8 +213,8 @@ def data_stats(x: Tensor, weights: Tensor | None = None) -> NIWNatural:
     r"""Statistics of data ``x: (*batch, num, dim)`` with optional ``weights: (*batch, num)`` (e.g.
     responsibilities): :math:`(\sum_n w_n x_n x_n^\top, \sum_n w_n x_n, \sum_n w_n, \sum_n w_n)`."""
     x = as_tensor("x", x)
-    check_event("x", x, (None, None), "(*batch, num, dim)")
-    check_not_nan("x", x)
+    check_trailing("x", x, (None, None), "(*batch, num, dim)")
+    check_finite("x", x)
     if weights is None:
         n = torch.full(x.shape[:-2], float(x.shape[-2]), dtype=x.dtype, device=x.device)
         return NIWNatural(x.mT @ x, x.sum(-2), n, n)
@@ -230,9 +231,9 @@ def expected_data_stats(stats: GaussianStats, weights: Tensor | None = None) -> 
     so that :math:`\sum_n w_n E_q[\log N(x_n|\mu,\Sigma)] = \langle s, t(\mu,\Sigma)\rangle
     - \sum_n w_n \tfrac{D}{2}\log 2\pi`."""
     x = as_tensor("stats.x", stats.x)
-    check_event("stats.x", x, (None, None), "(*batch, num, dim)")
+    check_trailing("stats.x", x, (None, None), "(*batch, num, dim)")
     xxT = -2.0 * as_tensor("stats.neg_half_xxT", stats.neg_half_xxT, x)
-    check_event("stats.neg_half_xxT", xxT, (x.shape[-1], x.shape[-1]), "(*batch, num, dim, dim)")
+    check_trailing("stats.neg_half_xxT", xxT, (x.shape[-1], x.shape[-1]), "(*batch, num, dim, dim)")
     check_batch("stats.neg_half_xxT", xxT, x.shape[:-1], 2, "(*batch, num, dim, dim)")
     if weights is None:
         n = torch.full(x.shape[:-2], float(x.shape[-2]), dtype=x.dtype, device=x.device)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ppl.inference.exact import hmm
-from ppl.inference.exact.hmm_checks import canonicalize
-from ppl.inference.exact.hmm_kernels import forward_scaled, renorm_period, smooth_scaled
+from ppl.inference.exact.hmm_forward import forward_scaled, renorm_period, smooth_scaled
+from ppl.inference.exact.hmm_inputs import canonicalize
 from tests.reference.brute_force import brute_force
 
 F64 = torch.float64

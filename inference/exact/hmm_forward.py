@@ -1,4 +1,4 @@
-r"""Scaled-probability forward-backward kernels on canonical inputs (``hmm_checks.ChainInputs``).
+r"""Scaled-probability forward-backward kernels on canonical inputs (``hmm_inputs.ChainInputs``).
 
 Potentials are exponentiated after a max shift (per step for ``log_lik``, per matrix for
 ``log_trans``: :math:`e_t = \exp(\text{log\_lik}_t - m_t)`,
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .hmm_checks import ChainInputs, valid_steps
+from .hmm_inputs import ChainInputs, valid_steps
 
 
 class ScaledForward(NamedTuple):

@@ -1,4 +1,4 @@
-"""Input checks and the canonical flat-batch form shared by the HMM kernels.
+"""The canonical flat-batch form of the HMM kernels' inputs, and the checks that bring them there.
 
 The public functions of ``hmm.py`` accept potentials with arbitrary leading batch dims;
 ``canonicalize`` checks them and flattens the broadcast batch to one dim ``N`` so the
@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ppl.checks import broadcast_batch, check_finite, check_floating, check_lengths
+
 
 class ChainInputs(NamedTuple):
     """Potentials of a batch of chains in canonical (flat batch) form; see the module docstring."""
@@ -32,28 +34,6 @@ class ChainInputs(NamedTuple):
     lengths: Tensor | None
     time_varying: bool
     batch_shape: torch.Size
-
-
-def _check_float(name: str, x, min_dim: int) -> None:
-    """ValueError unless ``x`` is a floating tensor with at least ``min_dim`` dims."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
-
-
-def _check_finite_above(name: str, x: Tensor) -> None:
-    """Reject NaN and +inf (``-inf`` is a legal log potential: a structural zero).
-
-    One reduction: ``amax`` propagates NaN, so ``amax < inf`` fails for NaN and +inf alike.
-    """
-    if x.numel() == 0 or bool(x.amax() < math.inf):
-        return
-    bad = int((~(x < math.inf)).sum())
-    raise ValueError(f"{name} contains NaN or +inf ({bad} entries); "
-                     "log potentials must be finite or -inf")
 
 
 def is_time_varying(log_trans: Tensor, num_steps: int, time_varying: bool | None) -> bool:
@@ -67,19 +47,6 @@ def is_time_varying(log_trans: Tensor, num_steps: int, time_varying: bool | None
     return bool(time_varying)
 
 
-def _check_lengths(lengths, num_steps: int, device: torch.device) -> Tensor | None:
-    """``lengths`` as int64 on ``device`` (or None); ValueError unless integer and in [1, T]."""
-    if lengths is None:
-        return None
-    lengths = torch.as_tensor(lengths, device=device)
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-        raise ValueError(f"lengths must have an integer dtype, got {lengths.dtype}")
-    if lengths.numel() and bool(((lengths < 1) | (lengths > num_steps)).any()):
-        raise ValueError(f"lengths must lie in [1, T={num_steps}], got min {int(lengths.min())} "
-                         f"and max {int(lengths.max())}")
-    return lengths.long()
-
-
 def _check_trans_shape(log_trans: Tensor, num_states: int, time_varying: bool) -> None:
     """ValueError unless ``log_trans`` ends in (K, K) (and has a step dim when time-varying)."""
     if log_trans.shape[-2:] != (num_states, num_states):
@@ -88,15 +55,6 @@ def _check_trans_shape(log_trans: Tensor, num_states: int, time_varying: bool) -
     if time_varying and log_trans.dim() < 3:
         raise ValueError("log_trans: time-varying needs shape (..., T-1, K, K), "
                          f"got {tuple(log_trans.shape)}")
-
-
-def _batch_shape(shapes: dict[str, torch.Size]) -> torch.Size:
-    """The broadcast of the batch shapes; ValueError naming all of them if they do not broadcast."""
-    try:
-        return torch.broadcast_shapes(*shapes.values())
-    except RuntimeError:
-        described = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
-        raise ValueError(f"batch dims do not broadcast: {described}") from None
 
 
 def _shared_trans(log_trans: Tensor, batch_ndim: int) -> bool:
@@ -128,13 +86,9 @@ def valid_steps(lengths: Tensor | None, num_steps: int, batch: int, device) -> T
 
 def _check_common(log_init: Tensor, log_trans: Tensor, log_lik: Tensor) -> None:
     """Types, dims, dtype/device agreement and K agreement of the three potentials."""
-    _check_float("log_init", log_init, 1)
-    _check_float("log_trans", log_trans, 2)
-    _check_float("log_lik", log_lik, 2)
-    for name, x in (("log_init", log_init), ("log_trans", log_trans)):
-        if x.dtype != log_lik.dtype or x.device != log_lik.device:
-            raise ValueError(f"{name} has dtype {x.dtype} on {x.device}, but log_lik has "
-                             f"{log_lik.dtype} on {log_lik.device}; they must match")
+    check_floating("log_lik", log_lik, min_dim=2)
+    check_floating("log_init", log_init, log_lik, min_dim=1, like_name="log_lik")
+    check_floating("log_trans", log_trans, log_lik, min_dim=2, like_name="log_lik")
     if log_lik.shape[-2] < 1 or log_lik.shape[-1] < 1:
         raise ValueError(f"log_lik must have at least one time step and one state, "
                          f"got shape {tuple(log_lik.shape)}")
@@ -155,12 +109,12 @@ def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=N
     T, K = log_lik.shape[-2:]
     tv = is_time_varying(log_trans, T, time_varying)
     _check_trans_shape(log_trans, K, tv)
-    lengths = _check_lengths(lengths, T, log_lik.device)
+    lengths = check_lengths(lengths, T, log_lik.device)
     shapes = {"log_init": log_init.shape[:-1], "log_trans": log_trans.shape[:-3 if tv else -2],
               "log_lik": log_lik.shape[:-2]}
     if lengths is not None:
         shapes["lengths"] = lengths.shape
-    batch = _batch_shape(shapes)
+    batch = broadcast_batch(**shapes)
     N = math.prod(batch)
     init = log_init.expand(batch + (K,)).reshape(N, K)
     lik = log_lik.expand(batch + (T, K)).reshape(N, T, K)
@@ -169,7 +123,7 @@ def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=N
         lengths = lengths.expand(batch).reshape(N)
         zero = torch.zeros((), dtype=lik.dtype, device=lik.device)
         lik = torch.where(valid_steps(lengths, T, N, lik.device)[..., None], lik, zero)
-    _check_finite_above("log_init", log_init)
-    _check_finite_above("log_trans", log_trans)
-    _check_finite_above("log_lik", lik)
+    check_finite("log_init", log_init, allow_neg_inf=True)
+    check_finite("log_trans", log_trans, allow_neg_inf=True)
+    check_finite("log_lik", lik.reshape(batch + (T, K)), allow_neg_inf=True)
     return ChainInputs(init, trans, lik, lengths, tv, batch)
