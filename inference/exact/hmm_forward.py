@@ -69,7 +69,8 @@ class Smoothed(NamedTuple):
 
 
 def shift_exp(x: Tensor, dims) -> tuple[Tensor, Tensor]:
-    """``(exp(x - m), m)`` with ``m`` the max over ``dims`` (keepdim; 0 where that max is -inf)."""
+    """``(exp(x - m), m)`` for ``x: (...)``: ``m`` the max over ``dims`` (kept as size-1 dims; 0 where
+    that max is -inf), ``exp(x - m)`` of the shape of ``x``."""
     m = torch.amax(x, dim=dims, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     return torch.exp(x - m), m
@@ -150,6 +151,8 @@ def _normalize_last_steps(alphas: Tensor, scales: Tensor, ch: ChainInputs) -> No
 def forward_scaled(ch: ChainInputs, period: int | None = None) -> ScaledForward:
     """Scaled forward recursion (no autograd); see the module docstring for the math.
 
+    ch: canonical inputs (log_init (N, K), log_trans (Nt, S, K, K), log_lik (N, T, K)).
+    Returns ``ScaledForward``: time-major alphas (T, N, K), log_terms (T, N), scales (T, N, 1).
     period: steps between renormalizations; None = ``renorm_period(dtype)``, and if that
     underflows, one retry renormalizing every step (the flag is then only set when a
     single step's scale underflows, i.e. a conflict beyond the dtype's exponent range).
@@ -230,6 +233,8 @@ def smooth_scaled(fw: ScaledForward, ch: ChainInputs, weights: Tensor | None,
                   want_pairwise: bool, sum_batch: bool) -> Smoothed | None:
     """Posterior marginals (and pairwise counts) from a scaled forward pass.
 
+    fw: ``forward_scaled(ch)``; ch: canonical inputs (log_lik (N, T, K)).
+    Returns ``Smoothed``: marginals (N, T, K); pairwise (1 if sum_batch else N, S, K, K) or None.
     weights: (N,) multiplies each sequence's statistics (the incoming gradient), or None.
     Returns None when the backward recursion under/overflowed (some valid w_t outside
     [1/2, 2]); the caller then falls back to log space.

@@ -37,7 +37,8 @@ class ChainInputs(NamedTuple):
 
 
 def is_time_varying(log_trans: Tensor, num_steps: int, time_varying: bool | None) -> bool:
-    """The time-varying rule: inferred when ``time_varying`` is None, else checked."""
+    """The time-varying rule for ``log_trans: (..., K, K)`` or ``(..., T-1, K, K)`` with
+    ``num_steps`` = T: inferred when ``time_varying`` is None, else checked (module docstring)."""
     fits = log_trans.dim() >= 3 and log_trans.shape[-3] == num_steps - 1
     if time_varying is None:
         return fits
@@ -101,6 +102,9 @@ def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=N
                  time_varying: bool | None = None) -> ChainInputs:
     """Check the potentials and bring them to the canonical form of ``ChainInputs``.
 
+    log_init: (..., K); log_trans: (..., K, K) or (..., T-1, K, K); log_lik: (..., T, K);
+    lengths: (...) integers in [1, T] or None; the batch dims broadcast. Returns ``ChainInputs``
+    with the flat shapes of the module docstring and ``batch_shape`` the broadcast batch.
     Raises ValueError naming the argument on wrong types, shapes, K mismatch, batch dims
     that do not broadcast, lengths outside [1, T], or NaN / +inf potentials (log_lik is
     only checked at steps t < length; it is set to 0 beyond). The reshapes are differentiable.

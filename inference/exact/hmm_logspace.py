@@ -36,7 +36,10 @@ def _safe(x: Tensor) -> Tensor:
 
 
 def forward_log(ch: ChainInputs) -> LogForward:
-    """Log-space forward recursion, written functionally so autograd can differentiate it."""
+    """Log-space forward recursion, written functionally so autograd can differentiate it.
+
+    ch: canonical inputs (log_init (N, K), log_trans (Nt, S, K, K), log_lik (N, T, K)).
+    Returns ``LogForward``: log_alphas (T, N, K) normalized per step, log_normalizer (N,)."""
     lik = ch.log_lik.transpose(0, 1)
     valid = valid_time_major(ch)
     la = ch.log_init + lik[0]
@@ -63,7 +66,10 @@ def _log_xi(la_prev: Tensor, log_trans_t: Tensor, msg: Tensor) -> Tensor:
 
 def smooth_log(ch: ChainInputs, log_alphas: Tensor, weights: Tensor | None,
                want_pairwise: bool, sum_batch: bool) -> Smoothed:
-    """Log-space backward pass: the same outputs as ``smooth_scaled``, robust to any magnitude."""
+    """Log-space backward pass: the same outputs as ``smooth_scaled``, robust to any magnitude.
+
+    log_alphas: (T, N, K) from ``forward_log``; weights: (N,) or None. Returns ``Smoothed``:
+    marginals (N, T, K); pairwise (1 if sum_batch else N, S, K, K), or None without want_pairwise."""
     T, N, K = log_alphas.shape
     lik = ch.log_lik.transpose(0, 1)
     valid = valid_time_major(ch)

@@ -147,7 +147,10 @@ def _cholesky(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def prepare(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor, check_j: bool = True) -> _Chain:
-    """Validate and broadcast the inputs into a :class:`_Chain`."""
+    """Validate and broadcast the inputs into a :class:`_Chain` (column layout).
+
+    prior: :class:`LDSPrior`; J_node: ``(..., time, D, D)`` symmetric PSD (checked unless
+    ``check_j=False``); h_node: ``(..., time, D)``; batch dims broadcast with the prior's."""
     h = check_tensor("h_node", h_node)
     if h.dim() < 2 or h.shape[-2] < 1:
         raise ValueError(f"h_node must have shape (..., time>=1, D), got {tuple(h.shape)}")
@@ -234,7 +237,10 @@ def _filtered_means(c: _Chain, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def run_filter(chain: _Chain) -> _Filtered:
-    """Parallel filter (covariances, then means), square-root update and log Z for all steps at once."""
+    """Parallel filter (covariances, then means), square-root update and log Z for all steps at once.
+
+    Returns a :class:`_Filtered`: means ``(vb, T, D, K)``, covariance factors ``(mb, T, D, D)`` in
+    the chain's column layout (:func:`filter_result` brings them to the caller's batch shape)."""
     if chain.h.shape[-3] > 1:
         elems = tuple(_prepend(f, r) for f, r in zip(_first_element(chain), _transition_elements(chain)))
         _, Sigma, _ = associative_scan(filter_combine, elems, (2, 2, 2))
@@ -299,7 +305,8 @@ def info_filter(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -> 
 
 
 def filter_result(f: _Filtered) -> InfoFilterResult:
-    """Filtered moments of a :class:`_Filtered`, in the caller's batch layout."""
+    """Filtered moments of a :class:`_Filtered`, in the caller's batch layout: filtered_mean
+    ``(..., time, D)``, filtered_cov ``(..., time, D, D)``, log_normalizer ``(...)``."""
     lay = f.chain.layout
     return InfoFilterResult(from_columns(lay, f.mean, 2), _cov_out(lay, f.V @ f.V.mT),
                             from_columns(lay, f.log_normalizer, 0))
@@ -318,7 +325,8 @@ def info_smoother(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -
 
 
 def smooth(f: _Filtered) -> SmootherResult:
-    """RTS smoothing of a :class:`_Filtered` by a reverse scan of affine maps."""
+    """RTS smoothing of a :class:`_Filtered` by a reverse scan of affine maps: mean ``(..., time, D)``,
+    cov ``(..., time, D, D)``, cross_cov ``(..., time-1, D, D)``, log_normalizer ``(...)``."""
     G, R, c = _backward_maps(f)
     _, cov, mean = reverse_scan(affine_combine, (G, R @ R.mT, c), (2, 2, 2))
     cross = G[..., :-1, :, :] @ cov[..., 1:, :, :]

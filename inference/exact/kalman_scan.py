@@ -84,14 +84,15 @@ def associative_scan(combine: Callable[[Element, Element], Element], elems: Elem
 
 def reverse_scan(combine: Callable[[Element, Element], Element], elems: Element,
                  event_dims: Sequence[int]) -> Element:
-    """Suffix scan: ``out[t] = elems[T-1] ⊗ ... ⊗ elems[t]`` (the scan run on time-reversed leaves)."""
+    """Suffix scan: ``out[t] = elems[T-1] ⊗ ... ⊗ elems[t]`` (the scan run on time-reversed leaves);
+    leaves ``(..., time, *event_i)`` as in :func:`associative_scan`, same shapes out."""
     def flip(leaves: Element) -> Element:
         return tuple(x.flip(_time_dim(x, e)) for x, e in zip(leaves, event_dims))
     return flip(associative_scan(combine, flip(elems), event_dims))
 
 
 def symmetrize(x: torch.Tensor) -> torch.Tensor:
-    """``(X + X^T) / 2`` on the last two dims."""
+    """``(X + X^T) / 2`` on the last two dims: ``(..., D, D)`` -> ``(..., D, D)``."""
     return 0.5 * (x + x.mT)
 
 
