@@ -41,7 +41,8 @@ import math
 
 import torch
 
-from ppl.expfam import dirichlet, mniw, niw
+from ppl.conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
+from ppl.expfam import dirichlet, mniw, natural_step, niw
 from ppl.expfam.gaussian import GaussianStats
 from .local import gaussian_posterior
 
@@ -107,7 +108,7 @@ class DirichletConjugate:
 
     def update(self, counts: torch.Tensor, step: float) -> None:
         """``counts: (K,)`` = sum_n q(z_n)."""
-        self.natparam = (1 - step) * self.natparam + step * (self.prior + counts.detach())
+        self.natparam = natural_step(self.natparam, self.prior + counts.detach(), step)
 
     def update_from(self, handler, step: float) -> None:
         probs = handler.locals[self.target].probs
@@ -159,7 +160,6 @@ class NIWConjugate:
 
     def point(self) -> torch.Tensor:
         """The site's value the local step runs at: ``[Psi/nu | mu_0]`` packed ``(K, D, D + 1)``."""
-        from ppl.conjugate_dists import NormalInverseWishart
         loc, cov = self.plug_in()
         return NormalInverseWishart.pack(loc, cov)
 
@@ -171,7 +171,6 @@ class NIWConjugate:
         return niw.kl(self.natparam, self.prior).sum().to(self.dtype)
 
     def sample(self, n: int) -> torch.Tensor:
-        from ppl.conjugate_dists import NormalInverseWishart
         draw = niw.sample(self.natparam, (n,))
         return NormalInverseWishart.pack(draw.loc, draw.covariance_matrix).to(self.dtype)
 
@@ -186,7 +185,7 @@ class NIWConjugate:
                                  stats.x.expand((K,) + stats.x.shape))
         data = niw.expected_data_stats(expanded, probs.detach().to(**f64).mT)
         target = niw.conjugate_update(self.prior, data)
-        self.natparam = niw.NIWNatural(*((1 - step) * a + step * b for a, b in zip(self.natparam, target)))
+        self.natparam = natural_step(self.natparam, target, step)
 
     def update_from(self, handler, step: float) -> None:
         r"""Update from a finished ``SVAEObjective`` run: q(z) from the mixture's local posterior and q(x) its
@@ -247,14 +246,12 @@ class MNIWConjugate:
 
     def point(self) -> torch.Tensor:
         """The site's value the model runs at: ``[M | Psi/nu]`` packed ``(D, 2 D)``."""
-        from ppl.conjugate_dists import MatrixNormalInverseWishart
         return MatrixNormalInverseWishart.pack(*self.plug_in())
 
     def kl(self) -> torch.Tensor:
         return mniw.kl(self.natparam, self.prior).sum().to(self.dtype)
 
     def sample(self, n: int) -> torch.Tensor:
-        from ppl.conjugate_dists import MatrixNormalInverseWishart
         draw = mniw.sample(self.natparam, (n,))
         return MatrixNormalInverseWishart.pack(draw.A, draw.Q).to(self.dtype)
 
@@ -263,7 +260,7 @@ class MNIWConjugate:
         (``MNIWNatural`` layout, fields ``(D, D)`` and a scalar count)."""
         stats = mniw.MNIWNatural(*(torch.as_tensor(f).detach().to(torch.float64) for f in stats))
         target = mniw.conjugate_update(self.prior, stats)
-        self.natparam = mniw.MNIWNatural(*((1 - step) * a + step * b for a, b in zip(self.natparam, target)))
+        self.natparam = natural_step(self.natparam, target, step)
 
     def update_from(self, handler, step: float) -> None:
         """Update from a finished ``SVAEObjective`` run: q(x) of the chain with its lag-one moments."""
@@ -313,7 +310,6 @@ def build(trace, facts, init: dict | None = None) -> dict:
     ``trace`` (prior parameters, shapes) and ``init`` (site -> initial value; an NIW site's value is packed
     ``(K, D, D + 1)``; without one q starts at the traced prior draw of the means and the covariances
     :math:`E_p[\\Sigma^{-1}]^{-1} = \\Psi/\\nu`)."""
-    from ppl.conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
     init = init or {}
     out = {}
     for site, child in natural_gradient_sites(facts).items():
