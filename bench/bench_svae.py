@@ -26,9 +26,9 @@ from pyro.infer.autoguide import AutoDelta
 
 import ppl
 from bench.harness import Case
-from ppl.inference import common
 from ppl.inference.svae import backend
-from ppl.inference.svi.backend import init_fn
+from ppl.inference.svae.conjugate import build as build_conjugates
+from ppl.inference.training import init_fn, traced_loss
 from ppl.models import svae_lds, vae
 
 
@@ -40,16 +40,15 @@ def optimizer_step(model, args: tuple, kwargs: dict, recognition: dict, init: di
     steps with equal site names do not share parameters. Returns the loss (negative ELBO) of the step.
     """
     plan = ppl.compile(model, *args, **kwargs)
-    facts, targets = plan.facts, plan.facts.svae_targets
+    facts, targets = plan.facts, plan.facts.of("svae").targets
     state = {"params": {}, "constraints": {}}
     with pyro.get_param_store().scope(state):
         inputs, masks, trace = backend._recognition_inputs(model, args, kwargs, targets)
         nets = backend._networks(targets, inputs, recognition)
-        conjugates = backend._conjugates(trace, facts)
+        conjugates = build_conjugates(trace, facts.of("svae"))
         globals_ = [s for s in facts.continuous if s not in targets and s not in conjugates]
         guide = AutoDelta(poutine.block(model, expose=globals_), init_loc_fn=init_fn(init)) if globals_ else None
-        loss_fn = common.traced_loss(backend._Step(model, args, kwargs, facts, nets, inputs, masks, guide, 3,
-                                                   conjugates))
+        loss_fn = traced_loss(backend._Step(model, args, kwargs, facts, nets, inputs, masks, guide, 3, conjugates))
         _, touched = loss_fn()
         params = list({id(p): p for p in touched}.values())
     optim = torch.optim.Adam(params, lr=lr)

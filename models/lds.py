@@ -27,7 +27,7 @@ the chain ``x: (..., T, D)``.
 
 Backend the compiler chooses: ``exact`` (rule ``exact-chains``: y is linear-Gaussian in x, so x
 is marginalized by the Kalman filter and the globals are MAP estimates on the exact marginal
-likelihood; ``post.diagnostics["smoothed_means"]["x"]`` holds the RTS-smoothed path).
+likelihood; ``post.smoothed_means["x"]`` holds the RTS-smoothed path).
 """
 from __future__ import annotations
 

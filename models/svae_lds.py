@@ -163,7 +163,7 @@ def recovery_errors(post, sim: Simulated) -> dict[str, float]:
     ``forecast``: MSE of the second half of held-out videos forecast from their first half, relative to
     the MSE of forecasting the average frame."""
     omega = sim.truth["frequency"]
-    angles = rotation_angles(post.diagnostics["point"]["dynamics"])
+    angles = rotation_angles(post.point["dynamics"])
     freq = float((angles - omega).abs().min()) / omega
     test, clean = sim.truth["test_frames"], sim.truth["test_clean"]
     half = test.shape[1] // 2

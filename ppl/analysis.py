@@ -1,4 +1,7 @@
-"""Facts about a ModelGraph, each a small pure function; ``analyze`` gathers them into ``Facts``.
+"""Generic facts about a ModelGraph, each a small pure function; ``analyze`` gathers them into ``Facts``.
+
+Facts that only one backend needs live with that backend (``Backend.facts``) and are attached by
+the compiler under ``Facts.backend_facts``.
 
 Two facts need the model itself and are found by *probing* (running it under an interpreter):
 - a gaussian_chain's children are linear-Gaussian in it iff their log-density is exactly
@@ -9,7 +12,7 @@ Two facts need the model itself and are found by *probing* (running it under an 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import pyro.poutine as poutine
 import torch
@@ -17,28 +20,6 @@ from pyro.poutine.util import site_is_subsample
 
 from .graph import ModelGraph
 from .handlers import CollapseChains, CollapseSpec, elementwise_log_prob
-
-
-GAUSSIAN_FAMILIES = ("MultivariateNormal", "Normal", "Independent")
-
-
-@dataclass(frozen=True)
-class SVAETarget:
-    """A latent Gaussian node (or chain) with neural observed children: the SVAE's recognition
-    network emits Gaussian potentials on it.
-
-    kind: "lds" (gaussian_chain), "slds" (gaussian_chain switched by ``discrete``), "mixture"
-    (Gaussian site whose mean/cov are chosen by the enumerable site ``discrete``), "gaussian"
-    (a plain Gaussian site: a VAE's prior). node_shape: the dims indexing nodes (batch, time);
-    dim: the latent dimension D; children: the observed sites its potentials are computed from.
-    """
-
-    site: str
-    kind: str
-    children: tuple[str, ...]
-    discrete: str | None
-    node_shape: tuple[int, ...]
-    dim: int
 
 
 @dataclass(frozen=True)
@@ -58,12 +39,15 @@ class Facts:
     neural: tuple[str, ...]                      # sites whose distribution depends on a module
     latent_dim: int                              # total size of the plain continuous latents
     plates: dict[str, int] = field(default_factory=dict)
-    svae_targets: dict[str, SVAETarget] = field(default_factory=dict)
-    conjugate: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Dirichlet site -> Categorical children
-    conjugate_gaussian: dict[str, tuple[str, ...]] = field(default_factory=dict)  # NIW site -> Gaussian children
-    conjugate_dynamics: dict[str, tuple[str, ...]] = field(default_factory=dict)  # MNIW site -> gaussian_chains
     unplated: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # site -> ((dim, size), ...)
     plate_nesting: int = 0                       # deepest plate dim used by any site (as a positive count)
+    backend_facts: dict[str, Any] = field(default_factory=dict)  # backend name -> its own facts (plug-ins)
+
+    def of(self, backend: str) -> Any:
+        """The facts backend ``backend`` computed about this model (``Backend.facts``)."""
+        if backend not in self.backend_facts:
+            raise KeyError(f"no facts of backend '{backend}'; backends with facts: {sorted(self.backend_facts)}")
+        return self.backend_facts[backend]
 
     @property
     def chains(self) -> tuple[str, ...]:
@@ -96,71 +80,6 @@ def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
     return tuple((m, g) for m in latent_chains(graph, "markov_chain")
                  for g in graph.children_of(m) if graph.site(g).block == "gaussian_chain"
                  and not graph.site(g).observed)
-
-
-def _svae_kind(graph: ModelGraph, site, switching: dict[str, str], enumerable: tuple[str, ...]):
-    """(kind, discrete parent) of a latent continuous site, or None if it cannot be an SVAE target."""
-    if site.block == "gaussian_chain":
-        return ("slds", switching[site.name]) if site.name in switching else ("lds", None)
-    if site.block is not None or len(site.event_shape) != 1 or site.family not in GAUSSIAN_FAMILIES:
-        return None
-    discrete = [p for p in graph.parents_of(site.name) if p in enumerable]
-    if len(discrete) > 1:
-        return None
-    return ("mixture", discrete[0]) if discrete else ("gaussian", None)
-
-
-def svae_targets(graph: ModelGraph, switching: tuple[tuple[str, str], ...],
-                 enumerable: tuple[str, ...]) -> dict[str, SVAETarget]:
-    """Latent Gaussian nodes whose children are all observed and include a neural site."""
-    switched = {g: m for m, g in switching}
-    out = {}
-    for site in graph.latent():
-        if site.is_discrete:
-            continue
-        kids = graph.children_of(site.name)
-        if not kids or not all(graph.site(k).observed for k in kids) or not any(graph.site(k).neural for k in kids):
-            continue
-        kind = _svae_kind(graph, site, switched, enumerable)
-        if kind is None:
-            continue
-        discrete = kind[1]
-        if discrete is not None and graph.children_of(discrete) != [site.name]:
-            continue
-        shape = site.value_shape
-        out[site.name] = SVAETarget(site.name, kind[0], tuple(kids), discrete, shape[:-1], shape[-1])
-    return out
-
-
-def latent_prior_pairs(graph: ModelGraph, family: str, child_ok: Callable) -> dict[str, tuple[str, ...]]:
-    """Latent sites of ``family`` outside any block whose children are all latent sites satisfying
-    ``child_ok(site)``: prior site -> its children (a conjugate pair when ``child_ok`` names the conjugate family)."""
-    out = {}
-    for s in graph.latent():
-        kids = graph.children_of(s.name)
-        if s.family == family and s.block is None and kids and all(
-                not graph.site(k).observed and child_ok(graph.site(k)) for k in kids):
-            out[s.name] = tuple(kids)
-    return out
-
-
-def conjugate_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
-    """Latent Dirichlet sites whose children are all latent Categorical sites (conjugate pairs)."""
-    return latent_prior_pairs(graph, "Dirichlet", lambda k: k.family == "Categorical")
-
-
-def conjugate_gaussian_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
-    """Latent NormalInverseWishart sites (``ppl.NormalInverseWishart``, a prior on a Gaussian's mean and
-    covariance) whose children are all latent Gaussian sites outside any block: conjugate pairs."""
-    return latent_prior_pairs(graph, "NormalInverseWishart",
-                              lambda k: k.family in GAUSSIAN_FAMILIES and k.block is None)
-
-
-def conjugate_dynamics_pairs(graph: ModelGraph) -> dict[str, tuple[str, ...]]:
-    """Latent MatrixNormalInverseWishart sites (``ppl.MatrixNormalInverseWishart``, a prior on an LDS's dynamics
-    and noise covariance) whose children are all latent, unswitched ``gaussian_chain`` sites: conjugate pairs
-    (which chain parameters the value feeds is checked by the backend that uses the pair)."""
-    return latent_prior_pairs(graph, "MatrixNormalInverseWishart", lambda k: k.block == "gaussian_chain")
 
 
 def plate_sizes(graph: ModelGraph) -> dict[str, int]:
@@ -284,9 +203,5 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         neural=tuple(s.name for s in graph.sites() if s.neural),
         latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
         plates=plate_sizes(graph),
-        svae_targets=svae_targets(graph, switching, tuple(n for n in discrete if graph.site(n).discrete_size)),
-        conjugate=conjugate_pairs(graph),
-        conjugate_gaussian=conjugate_gaussian_pairs(graph),
-        conjugate_dynamics=conjugate_dynamics_pairs(graph),
         unplated=unplated_batch_dims(trace),
         plate_nesting=plate_nesting(trace))

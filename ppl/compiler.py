@@ -1,25 +1,25 @@
 """``compile(model, *args, **kwargs) -> Plan``: trace, build the graph, gather facts, apply rules.
 
-No inference runs here. The plan names the backend, how each site is treated, and why;
-``backend=`` overrides the rules, and a backend that cannot run the model raises an error
-naming the fact that stops it.
+No inference runs here. Every registered backend (``ppl.backends``) adds its own facts and
+rules; the rules are tried in order and the first whose backend supports the model wins. The
+plan names the backend, how each site is treated, and why; ``backend=`` overrides the rules,
+and a backend that cannot run the model raises an error naming the fact that stops it.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import pyro
 
-from ppl.inference.base import UnsupportedModelError, get_backend
-
-from .analysis import analyze
-from .graph import trace_graph
-from .plan import Plan
+from .analysis import Facts, analyze
+from .backends import Backend, UnsupportedModelError, all_backends, get_backend, routing_rules
+from .graph import ModelGraph, trace_graph
+from .plan import Plan, RuleOutcome
 from .primitives import model_name
-from .rules import RULES
 
 
-def _check_structure(facts) -> None:
+def _check_structure(facts: Facts) -> None:
     """Raise for model structures no backend can fit."""
     if facts.unenumerable:
         raise UnsupportedModelError(
@@ -28,17 +28,27 @@ def _check_structure(facts) -> None:
             "bound its support or make it continuous")
 
 
-def choose_backend(facts) -> tuple[str, str, str, tuple[str, ...]]:
-    """First rule that applies and whose backend supports the model: (backend, rule, reason, skipped)."""
-    skipped = []
-    for rule in RULES:
+def with_backend_facts(graph: ModelGraph, facts: Facts, backends: tuple[Backend, ...]) -> Facts:
+    """``facts`` with each backend's own facts attached (``facts.of(name)``)."""
+    extra = {b.name: b.facts(graph, facts) for b in backends if b.facts is not None}
+    return replace(facts, backend_facts=extra)
+
+
+def route(facts: Facts, backends: tuple[Backend, ...]) -> tuple[Backend, str, str, tuple[RuleOutcome, ...]]:
+    """Try the rules in order: (backend, rule name, reason, outcome of every rule tried)."""
+    by_name = {b.name: b for b in backends}
+    tried = []
+    for rule in routing_rules(backends):
         if not rule.applies(facts):
+            tried.append(RuleOutcome(rule.name, rule.backend, "does not apply"))
             continue
-        verdict = get_backend(rule.backend).supports(facts)
+        verdict = by_name[rule.backend].supports(facts)
         if verdict.ok:
-            return rule.backend, rule.name, rule.reason, tuple(skipped)
-        skipped.append(f"{rule.name} -> {rule.backend}: {verdict.reason}")
-    raise UnsupportedModelError("no backend can run this model: " + "; ".join(skipped))
+            tried.append(RuleOutcome(rule.name, rule.backend, "chosen"))
+            return by_name[rule.backend], rule.name, rule.reason, tuple(tried)
+        tried.append(RuleOutcome(rule.name, rule.backend, f"applies, but {verdict.reason}"))
+    raise UnsupportedModelError("no backend can run this model: " + "; ".join(
+        f"{t.rule} -> {t.backend}: {t.outcome}" for t in tried))
 
 
 def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  # noqa: A001
@@ -47,22 +57,24 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
     Args:
         model: a model function (``@ppl.model`` or plain).
         *args, **kwargs: the data and options the model is called with.
-        backend: "auto" (rules decide) or a backend name ("exact", "svi", "mcmc").
+        backend: "auto" (rules decide) or a backend name (``ppl.backends.backend_names()``).
     Returns:
         a frozen ``Plan``; ``print(plan.explain())`` shows it.
     """
     if backend != "auto":
         get_backend(backend)  # unknown names fail before tracing
+    backends = all_backends()
     with pyro.get_param_store().scope():  # tracing must not leave parameters behind
         graph, trace = trace_graph(model, args, kwargs)
-        facts = analyze(graph, model, args, kwargs, trace)
+        facts = with_backend_facts(graph, analyze(graph, model, args, kwargs, trace), backends)
     _check_structure(facts)
     if backend == "auto":
-        name, rule, reason, skipped = choose_backend(facts)
+        chosen, rule, reason, tried = route(facts, backends)
     else:
-        verdict = get_backend(backend).supports(facts)
+        chosen = get_backend(backend)
+        verdict = chosen.supports(facts)
         if not verdict.ok:
             raise UnsupportedModelError(f"backend '{backend}' cannot run model '{model_name(model)}': {verdict.reason}")
-        name, rule, reason, skipped = backend, "user override", f"backend='{backend}' requested", ()
-    treatments = tuple(get_backend(name).treatments(graph, facts))
-    return Plan(model_name(model), name, rule, reason, treatments, facts, considered=skipped, graph=graph)
+        rule, reason, tried = "user override", f"backend='{backend}' requested", ()
+    treatments = tuple(chosen.treatments(graph, facts))
+    return Plan(model_name(model), chosen.name, rule, reason, treatments, facts, rules_tried=tried, graph=graph)

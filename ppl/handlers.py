@@ -8,16 +8,16 @@ children's log-density, quadratic in x, is read off as Gaussian node potentials 
     \log p(y \mid x) = c + \sum_t h_t^\top x_t - \tfrac12 x_t^\top J_t x_t,\quad
     h = \nabla f(0),\ J = -\nabla^2 f(0),\ c = f(0).
 
-The chain's own factors plus these tables are handed to the exact kernels, whose log
-normalizer enters the model as one ``pyro.factor``: the chain is marginalized exactly and
-the global parameters are fitted (SVI, MAP, NUTS) on the collapsed model.
+The chain's own factors plus these tables are what the exact kernels need: the backends
+(``ppl.inference.chains.collapse``) add their log normalizer to the model as one factor, so the
+chain is marginalized exactly and the global parameters are fitted on the collapsed model. This
+module only interprets the model; it runs no kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-import pyro
 import torch
 from pyro.distributions import Independent, TorchDistribution
 from pyro.poutine.messenger import Messenger
@@ -227,33 +227,9 @@ def quadratic_potentials(f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor
     return J, h
 
 
-def collapsed_log_normalizer(table: DiscreteTable | GaussianTable) -> torch.Tensor:
-    """log p(children | globals) with the chain marginalized: a scalar (summed over sequences)."""
-    from ppl.inference.exact import tables as kernels
-    if isinstance(table, DiscreteTable):
-        return kernels.discrete_log_normalizer(table).sum()
-    return kernels.gaussian_log_normalizer(table).sum() + table.const
-
-
 def tabulate(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpec) -> dict:
     """Run ``model`` once under ``CollapseChains(spec)`` and return the chains' tables."""
     handler = CollapseChains(spec)
     with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
         model(*args, **kwargs)
         return handler.tables()
-
-
-def collapse(model: Callable, spec: CollapseSpec) -> Callable:
-    """A new model in which every chain of ``spec`` is marginalized exactly (one factor per chain)."""
-
-    def collapsed_model(*args, **kwargs):
-        handler = CollapseChains(spec)
-        with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
-            out = model(*args, **kwargs)
-            tables = handler.tables()
-        for name, table in tables.items():
-            pyro.factor(f"{name}.collapsed", collapsed_log_normalizer(table))
-        return out
-
-    collapsed_model.__name__ = getattr(model, "__name__", "model") + "_collapsed"
-    return collapsed_model

@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 
-from ppl.inference.base import get_backend
+import pyro
 
+from .backends import get_backend
 from .compiler import compile as compile_model
 from .posterior import Posterior
 
@@ -23,9 +24,17 @@ def _backend_options(backend, options: dict) -> dict:
     unknown = [k for k in options if k not in accepted]
     if unknown:
         names = [p for p in accepted if p not in ("model", "args", "kwargs", "plan", "unused")]
-        raise TypeError(f"backend '{backend.NAME}' does not take option(s) {', '.join(unknown)}; "
+        raise TypeError(f"backend '{backend.name}' does not take option(s) {', '.join(unknown)}; "
                         f"it takes: {', '.join(names)}")
     return options
+
+
+@contextlib.contextmanager
+def isolated(seed: int):
+    """Seeded RNG and a fresh Pyro parameter store; both restored on exit (no global leakage)."""
+    with torch.random.fork_rng(), pyro.get_param_store().scope():
+        torch.manual_seed(seed)
+        yield
 
 
 def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None = None,
@@ -36,7 +45,7 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     Args:
         model: a model function.
         *args: the data (tensors are moved to ``device``).
-        backend: "auto" (the compiler's rules decide), "exact", "svi" or "mcmc".
+        backend: "auto" (the compiler's rules decide) or a backend name ("exact", "svae", "svi", "mcmc").
         num_steps: optimization steps (svi, exact); num_samples: posterior draws (all backends).
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
@@ -54,7 +63,8 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             options["num_steps"] = num_steps
         if num_samples is not None:
             options["num_samples"] = num_samples
+        if "seed" in inspect.signature(runner.run).parameters:
+            options.setdefault("seed", seed)
         options = _backend_options(runner, dict(options, progress=progress))
-        from ppl.inference.common import isolated
         with isolated(seed):
             return runner.run(model, args, model_kwargs, plan.with_options(**options), **options)

@@ -18,6 +18,16 @@ class SiteTreatment:
 
 
 @dataclass(frozen=True)
+class RuleOutcome:
+    """One routing rule as the compiler tried it: outcome is "chosen", "does not apply", or why its
+    backend declined ("applies, but ...")."""
+
+    rule: str
+    backend: str
+    outcome: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """What ``ppl.infer`` will do with a model on this data.
 
@@ -27,6 +37,7 @@ class Plan:
     treatments: how each site is handled
     options:    backend options as (name, value) pairs
     facts:      the analysis facts the decision was based on
+    rules_tried: every routing rule in the order tried, up to the one that chose (empty on override)
     """
 
     model_name: str
@@ -36,7 +47,7 @@ class Plan:
     treatments: tuple[SiteTreatment, ...]
     facts: Facts
     options: tuple[tuple[str, Any], ...] = ()
-    considered: tuple[str, ...] = ()
+    rules_tried: tuple[RuleOutcome, ...] = ()
     graph: Any = field(default=None, compare=False, repr=False)
 
     def treatment(self, site: str) -> str:
@@ -57,7 +68,9 @@ class Plan:
         lines = [f"Plan for model '{self.model_name}'",
                  f"  backend: {self.backend}   (rule: {self.rule})",
                  f"  why:     {self.reason}"]
-        lines += [f"  skipped: {c}" for c in self.considered]
+        if self.rules_tried:
+            lines += ["", "  rules, in order:"]
+            lines += [f"    {i}. {t.rule} -> {t.backend}: {t.outcome}" for i, t in enumerate(self.rules_tried, 1)]
         lines += ["", f"  {'site':<{width}}  {'treatment':<{twidth}}  detail",
                   f"  {'-' * width}  {'-' * twidth}  {'-' * 40}"]
         lines += [f"  {t.site:<{width}}  {t.treatment:<{twidth}}  {t.detail}" for t in self.treatments]

@@ -1,15 +1,23 @@
-"""Posterior: the one result type every backend returns.
+"""Posterior: the one result type every backend returns, a typed record of data.
 
 It holds posterior draws of the latent sites (``draws``: site -> ``(chains, draws, *value_shape)``),
-exact or plug-in marginals of discrete latents and chains, the log evidence (labelled exact or
-a lower bound), the training history and diagnostics, and the plan that produced it.
+exact or plug-in marginals of discrete latents and chains, point estimates, the log evidence
+(labelled exact or a lower bound), the training history and diagnostics, the plan that produced
+it, and what it was fitted to (model, data). It holds no closure: exact chain draws and amortized
+encoding are ``StateFunction``s, a module-level function applied to stored state, so a Posterior
+pickles, ``torch.save``s and loads in a fresh process (the model must be importable by name).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import pyro
+import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
+from pyro.infer import Predictive
 
 
 class LogEvidence(NamedTuple):
@@ -45,17 +53,65 @@ def _summary_rows(values: torch.Tensor, max_rows: int) -> list[tuple]:
     return rows
 
 
+@dataclass(frozen=True)
+class StateFunction:
+    """``fn(state, *args, **kwargs)`` for a module-level ``fn``: pickles as a reference plus ``state``.
+
+    Backends store what a Posterior computes on demand (exact chain draws, amortized encoding) this way
+    instead of as closures, which cannot be pickled.
+    """
+
+    fn: Callable[..., Any]
+    state: Any
+
+    def __post_init__(self):
+        qualname = getattr(self.fn, "__qualname__", "")
+        if "<locals>" in qualname or "<lambda>" in qualname or not getattr(self.fn, "__module__", None):
+            raise TypeError(f"StateFunction needs a module-level function (it is pickled by name), got {qualname!r}")
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.state, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class MCMCStats:
+    """What the MCMC sampler wrote.
+
+    r_hat:       site -> split R-hat ``(*value_shape)`` (only with 2+ chains)
+    ess:         site -> effective sample size ``(*value_shape)``
+    divergences: number of divergent transitions after warmup, all chains
+    per_draw:    statistic -> ``(chains, draws)``: "diverging" (bool), "step_size", "accept_prob"
+                 (exported as ArviZ ``sample_stats``)
+    """
+
+    r_hat: dict[str, torch.Tensor]
+    ess: dict[str, torch.Tensor]
+    divergences: int
+    per_draw: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 @dataclass
 class Posterior:
     """Result of ``ppl.infer``.
 
-    plan:         the Plan that was run
-    draws:        site -> tensor ``(chains, draws, *value_shape)`` of posterior draws of latents
-    discrete:     site -> probabilities ``(*batch, K)`` (or ``(*batch, T, K)`` for chains)
-    map_paths:    chain site -> most probable path ``(*batch, T)`` (Viterbi), where exact
-    log_evidence: LogEvidence
-    history:      training objective per step (negative ELBO or negative log joint), if any
-    diagnostics:  e.g. r_hat, ess, divergences (MCMC)
+    plan:           the Plan that was run
+    draws:          site -> ``(chains, draws, *value_shape)`` posterior draws of latents (a point estimate is
+                    one chain of one draw)
+    log_evidence:   LogEvidence
+    discrete:       site -> probabilities ``(*batch, K)`` (``(*batch, T, K)`` for chains)
+    map_paths:      chain site -> most probable path ``(*batch, T)`` (Viterbi), where exact
+    point:          site -> point estimate of each global latent: MAP (exact), guide median (svi),
+                    posterior mean (mcmc), the fitted value or conjugate q's mean (svae)
+    smoothed_means: latent Gaussian chain or SVAE node -> posterior mean ``(*node_shape, D)`` given the data
+                    (Kalman/RTS smoother at the point estimate; E_q[x] for the svae)
+    history:        training objective per step (negative ELBO or negative log joint)
+    params:         learned ``ppl.param`` / ``ppl.module`` values (constrained), name -> tensor
+    mcmc:           MCMCStats (backend "mcmc"), else None
+    elbo_terms:     SVAE objective terms per step: "recon", "local_kl", "global_term", "global_kl"
+    networks:       site -> trained recognition network (backend "svae")
+    model, args, kwargs: what was fitted; ``predictive`` reruns the model on them
+    local_sampler:  StateFunction ``(n, generator) -> {site: (n, ...)}``: exact or q draws of local latents
+    encoder:        StateFunction ``(*new_args, **new_kwargs) -> {site: Local}``: amortized inference
     """
 
     plan: Any
@@ -63,12 +119,19 @@ class Posterior:
     log_evidence: LogEvidence
     discrete: dict[str, torch.Tensor] = field(default_factory=dict)
     map_paths: dict[str, torch.Tensor] = field(default_factory=dict)
+    point: dict[str, torch.Tensor] = field(default_factory=dict)
+    smoothed_means: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    chain_sampler: Callable[[int, torch.Generator], dict[str, torch.Tensor]] | None = None
-    predictive_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    encoder: Callable[..., dict] | None = None
+    param_constraints: dict[str, Any] = field(default_factory=dict)
+    mcmc: MCMCStats | None = None
+    elbo_terms: dict[str, list[float]] = field(default_factory=dict)
+    networks: dict[str, torch.nn.Module] = field(default_factory=dict)
+    model: Callable | None = None
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    local_sampler: StateFunction | None = None
+    encoder: StateFunction | None = None
 
     @property
     def backend(self) -> str:
@@ -76,6 +139,16 @@ class Posterior:
 
     def _flat(self) -> dict[str, torch.Tensor]:
         return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.draws.items()}
+
+    @contextlib.contextmanager
+    def fitted_params(self):
+        """A fresh Pyro parameter store holding the learned ``params``, so the model runs with them
+        (in this process or a new one) without touching the caller's store."""
+        with pyro.get_param_store().scope():
+            store = pyro.get_param_store()
+            for name, value in self.params.items():
+                store.setdefault(name, value.clone(), self.param_constraints.get(name, constraints.real))
+            yield
 
     def sample(self, n: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
         """``n`` joint posterior draws: site -> ``(n, *value_shape)``, chains included where available."""
@@ -88,8 +161,9 @@ class Posterior:
             total = next(iter(flat.values())).shape[0]
             idx = torch.randint(total, (n,), generator=gen) if n > total else torch.randperm(total, generator=gen)[:n]
             out = {k: v[idx.to(v.device)] for k, v in flat.items()}
-        if self.chain_sampler is not None:
-            out.update(self.chain_sampler(n, gen))
+        if self.local_sampler is not None:
+            with self.fitted_params():
+                out.update(self.local_sampler(n, gen))
         return out
 
     def marginals(self, site: str) -> torch.Tensor:
@@ -113,32 +187,49 @@ class Posterior:
 
     def mean(self, site: str) -> torch.Tensor:
         """Posterior mean of a latent site."""
-        return self._flat()[site].mean(0)
+        flat = self._flat()
+        if site not in flat:
+            raise KeyError(f"no draws of site '{site}' (backend '{self.backend}'); sites with draws: "
+                           f"{', '.join(flat) or 'none'}")
+        return flat[site].mean(0)
 
     def predictive(self, n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Posterior predictive: ``n`` replicated data sets (all sites) with globals drawn from the posterior."""
-        if self.predictive_fn is None:
-            raise RuntimeError(f"backend '{self.backend}' did not provide a predictive")
-        with torch.random.fork_rng():
+        """Posterior predictive: ``n`` replicated data sets (every site, observed ones redrawn), latents from
+        ``sample(n, seed)``, the learned parameters in place: site -> ``(n, *value_shape)``."""
+        if self.model is None:
+            raise RuntimeError(f"this Posterior (backend '{self.backend}') does not hold its model")
+        latent = {s.name for s in self.plan.graph.latent()}
+        given = {k: v for k, v in self.sample(n, seed).items() if k in latent}
+        pred = Predictive(poutine.uncondition(self.model), posterior_samples=given, num_samples=n, parallel=False)
+        with torch.random.fork_rng(), torch.no_grad(), self.fitted_params():
             torch.manual_seed(seed)
-            return self.predictive_fn(self.sample(n, seed))
+            return pred(*self.args, **self.kwargs)
 
     def encode(self, *args, **kwargs) -> dict:
         """Local posteriors on new data ``model(*args, **kwargs)`` by the trained recognition networks
         (amortized inference; backend "svae"): site -> Local(x, kl, mean, probs)."""
         if self.encoder is None:
             raise RuntimeError(f"backend '{self.backend}' has no amortized encoder; encode() needs backend 'svae'")
-        return self.encoder(*args, **kwargs)
+        with self.fitted_params():
+            return self.encoder(*args, **kwargs)
 
     def to_arviz(self):
-        """An ``arviz.InferenceData`` with the posterior draws (requires the ``arviz`` extra)."""
+        """An ``arviz.InferenceData``: ``posterior`` holds the draws ``(chain, draw, ...)``; with MCMC,
+        ``sample_stats`` holds what the sampler wrote per draw (diverging, step_size, accept_prob) and the
+        attributes hold R-hat and ESS per site (requires the ``arviz`` extra)."""
         try:
             import arviz as az
         except ImportError as exc:
             raise ImportError("to_arviz() needs arviz: pip install 'graphppl[arviz]'") from exc
         posterior = {k: v.detach().cpu().numpy() for k, v in self.draws.items()}
-        stats = {k: v.detach().cpu().numpy() for k, v in self.diagnostics.get("sample_stats", {}).items()}
-        return az.from_dict(posterior=posterior, sample_stats=stats or None)
+        stats, attrs = None, {"backend": self.backend, "log_evidence": self.log_evidence.value,
+                              "log_evidence_kind": self.log_evidence.kind}
+        if self.mcmc is not None:
+            stats = {k: v.detach().cpu().numpy() for k, v in self.mcmc.per_draw.items()} or None
+            attrs["divergences"] = self.mcmc.divergences
+            attrs.update({f"r_hat_{k}": v.detach().cpu().double().numpy().tolist() for k, v in self.mcmc.r_hat.items()})
+            attrs.update({f"ess_{k}": v.detach().cpu().double().numpy().tolist() for k, v in self.mcmc.ess.items()})
+        return az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
 
     def __repr__(self) -> str:
         sites = ", ".join(self.draws) or "none"

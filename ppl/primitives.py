@@ -8,6 +8,8 @@ gives it a name and a place to hang compile-time facts, nothing more.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 from typing import Any, Callable
 
 import pyro
@@ -43,6 +45,30 @@ class Model:
 
     def __repr__(self) -> str:
         return f"ppl.model({self.name})"
+
+    def __reduce__(self):
+        """Pickle a module-level model by reference (the module attribute is this object, not ``fn``),
+        any other (e.g. ``ppl.condition(...)``) by its function and fields."""
+        module, qualname = getattr(self.fn, "__module__", None), getattr(self.fn, "__qualname__", "")
+        if _lookup(module, qualname) is self:
+            return _lookup, (module, qualname)
+        return _restore_model, (self.fn, self.fixed_sites, self.name)
+
+
+def _lookup(module: str | None, qualname: str) -> Any:
+    """The object ``module.qualname`` if the module is loaded (imported when pickled), else None."""
+    obj = sys.modules.get(module or "")
+    if obj is None and module and "<locals>" not in qualname:
+        obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _restore_model(fn: Callable[..., Any], fixed_sites: frozenset, name: str) -> Model:
+    restored = Model(fn)
+    restored.fixed_sites, restored.name = fixed_sites, name
+    return restored
 
 
 def model(fn: Callable[..., Any]) -> Model:

@@ -118,7 +118,7 @@ def fit(y: torch.Tensor, num_steps: int = 300, lr: float = 0.1, **model_kwargs):
     """Exact-marginal-likelihood fit; returns ``(post, var_obs, var_level)``."""
     post = ppl.infer(local_level, y, model_kwargs=model_kwargs, progress=False, num_steps=num_steps, lr=lr,
                      init=init_values(y, model_kwargs.get("mask")))
-    point = post.diagnostics["point"]
+    point = post.point
     return post, float(point["log_var_obs"].exp()), float(point["log_var_level"].exp())
 
 
@@ -235,7 +235,7 @@ def main(args) -> None:
     level = post.sample(draws, seed=args.seed)["level"][..., 0]            # exact draws (n, T)
     mean, var, _ = smoothed_level(y, var_obs, var_level)
     lo, hi = mean - 1.645 * var.sqrt(), mean + 1.645 * var.sqrt()
-    mean_err = (post.diagnostics["smoothed_means"]["level"][:, 0] - mean).abs().max()
+    mean_err = (post.smoothed_means["level"][:, 0] - mean).abs().max()
     sd_err = ((level.std(0) - var.sqrt()) / var.sqrt()).abs().max()
     print(f"smoothed level: max |E[x|y] (posterior) - RTS| {mean_err:.1e}; "
           f"max |sd of {draws} draws - RTS sd| / RTS sd {sd_err:.3f}")

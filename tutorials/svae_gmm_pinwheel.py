@@ -78,7 +78,7 @@ theta_draws = post.draws["theta"][0]                                            
 # E_q[mu_k] (K, D) and E_q[Sigma_k] (K, D, D) as Monte-Carlo means over the S draws of the NIW q
 loc, cov = ppl.NormalInverseWishart.unpack(theta_draws.mean(0))
 weights = post.mean("weights")                                                   # E_q[pi] (K,)
-latent = post.diagnostics["smoothed_means"]["x"]                                 # (N, D): E_q[x_n]
+latent = post.smoothed_means["x"]                                 # (N, D): E_q[x_n]
 gen = torch.Generator().manual_seed(args.seed)
 num_gen = y.shape[0]
 with torch.no_grad():

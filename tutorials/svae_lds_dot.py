@@ -67,7 +67,7 @@ lds_kwargs = sim.kwargs
 lds_opts = svae_lds.infer_options(sim)
 lds_opts["num_steps"] = sizes["steps"]
 post_lds = ppl.infer(svae_lds.model, y, model_kwargs=lds_kwargs, progress=False, **lds_opts)
-angles = svae_lds.rotation_angles(post_lds.diagnostics["point"]["dynamics"])
+angles = svae_lds.rotation_angles(post_lds.point["dynamics"])
 print(f"SVAE: -ELBO {post_lds.history[0]:.0f} -> {post_lds.history[-1]:.0f}; eigen-angles of A {angles.tolist()} "
       f"rad/frame (true omega {sim.truth['frequency']:.4f})")
 

@@ -69,7 +69,7 @@ accuracy = 1.0 - svae_slds.recovery_errors(post, sim)["segmentation"]
 perm = svae_slds.best_relabelling(svae_slds.segmentation(post), truth_z, K)
 states = perm[svae_slds.segmentation(post)]             # inferred regimes under the true labels
 probs = post.marginals("s_z")[..., perm.argsort()]      # q(z_t = k), k in the true labelling
-A = post.diagnostics["point"]["dynamics"]
+A = post.point["dynamics"]
 angles = [torch.linalg.eigvals(a.double()).angle().abs().max().item() for a in A]
 print(f"-ELBO {post.history[0]:.0f} -> {post.history[-1]:.0f} in {sizes['steps']} steps ({fit_time:.0f} s, "
       f"{1000 * fit_time / sizes['steps']:.0f} ms/step)")
@@ -105,7 +105,7 @@ plt.close(fig)
 # every switch.
 
 # %%
-means = post.diagnostics["smoothed_means"]["s_x"]
+means = post.smoothed_means["s_x"]
 i, steps = 0, min(60, y.shape[1])
 colors = plt.get_cmap("coolwarm")
 fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))

@@ -13,17 +13,19 @@ from __future__ import annotations
 import pyro
 import torch
 
-from ppl.handlers import collapse
+from ppl.analysis import Facts
+from ppl.backends import Backend, Rule, Verdict
 from ppl.posterior import LogEvidence, Posterior
 
-from .. import common
-from ..base import Verdict
-from ..svi import backend as svi
+from .. import chains, training
+from ..results import make_posterior
 
 NAME = "exact"
 
 
-def supports(facts) -> Verdict:
+def supports(facts: Facts) -> Verdict:
+    """Runs when every chain can be marginalized exactly and something (a chain or a finite discrete
+    latent) is left to marginalize; names the chain or fact that stops it otherwise."""
     if facts.continuous and not facts.chains and not facts.enumerable:
         return Verdict(False, "the model has only continuous latents and no chain or finite discrete latent "
                               "to marginalize")
@@ -41,12 +43,9 @@ def supports(facts) -> Verdict:
     return Verdict(True)
 
 
-def treatments(graph, facts):
-    return common.treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (Adam)")
-
-
-def _has_globals(plan) -> bool:
-    return bool(plan.facts.continuous)
+def treatments(graph, facts: Facts):
+    """Chains: message passing; finite discrete sites: enumerated; other latents: MAP point estimates."""
+    return chains.site_treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (Adam)")
 
 
 def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_samples: int = 100,
@@ -60,41 +59,63 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     facts, graph = plan.facts, plan.graph
     spec = facts.collapse_spec()
     history, point = [], {}
-    if _has_globals(plan) or _has_params(model, args, kwargs, spec):
-        fmodel, guide, _, history = svi.fit(model, args, kwargs, plan, "delta", num_steps, lr, progress, init)
+    fmodel = chains.fit_model(model, facts)
+    if facts.continuous or _has_params(model, args, kwargs, spec):
+        guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress, init,
+                                               desc=NAME)
         with torch.no_grad():
             point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
-    tables = common.chain_tables(model, args, kwargs, point, spec)
-    marg, paths, means = common.chain_results(tables)
-    marg.update(common.discrete_marginals(model, args, kwargs, point, graph, facts))
+    tables = chains.chain_tables(model, args, kwargs, point, spec)
     with torch.no_grad():
-        evidence = _log_likelihood(model, args, kwargs, point, plan)
-    latent = tuple(s.name for s in graph.latent())
-    return Posterior(
-        plan=plan, draws={k: v[None, None] for k, v in point.items()},
+        evidence = _log_likelihood(model, fmodel, args, kwargs, point, plan)
+    return make_posterior(
+        plan, model, args, kwargs, draws={k: v[None, None] for k, v in point.items()},
         log_evidence=LogEvidence(evidence, "exact log p(data | MAP globals)" if point else "exact log p(data)"),
-        discrete=marg, map_paths=paths, history=history,
-        diagnostics={"point": point, "smoothed_means": means},
-        params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
-        chain_sampler=common.chain_sampler(tables), predictive_fn=common.predictive(model, args, kwargs, latent))
+        point=point, tables=tables, history=history,
+        discrete=chains.discrete_marginals(model, args, kwargs, point, graph, facts))
 
 
 def _has_params(model, args, kwargs, spec) -> bool:
     """Does the model declare learnable ``ppl.param``/``ppl.module`` parameters?"""
-    trace = pyro.poutine.trace(collapse(model, spec)).get_trace(*args, **kwargs)
+    trace = pyro.poutine.trace(chains.collapse(model, spec)).get_trace(*args, **kwargs)
     return any(site["type"] == "param" for site in trace.nodes.values())
 
 
-def _log_likelihood(model, args, kwargs, point, plan) -> float:
+def _log_likelihood(model, fmodel, args, kwargs, point, plan) -> float:
     """log p(data | globals) with every chain and enumerable site marginalized exactly: the exact
     log joint at the point (an ELBO with no latent left is exact) minus the log-density of the
     MAP globals and of the sites fixed by ``ppl.condition`` (they are not data)."""
-    facts = plan.facts
-    fixed = pyro.poutine.condition(common.fit_model(model, facts), data=point)
-    elbo = svi.make_elbo(plan.graph, facts)
+    fixed = pyro.poutine.condition(fmodel, data=point)
+    elbo = training.make_elbo(plan.graph, plan.facts)
     joint = -elbo.loss(fixed, lambda *a, **k: None, *args, **kwargs)
     trace = pyro.poutine.trace(fixed).get_trace(*args, **kwargs)
     not_data = set(point) | set(getattr(model, "fixed_sites", ()))
     prior = sum(float(trace.nodes[name]["fn"].log_prob(trace.nodes[name]["value"]).sum()) for name in not_data
                 if name in trace.nodes)
     return joint - prior
+
+
+def _nothing_latent(f: Facts) -> bool:
+    return not (f.chains or f.enumerable or f.unenumerable or f.continuous)
+
+
+def _discrete_only(f: Facts) -> bool:
+    return bool(f.enumerable) and not (f.chains or f.unenumerable or f.continuous)
+
+
+def _exact_chains(f: Facts) -> bool:
+    return bool(f.chains) and f.exactly_collapsible and not f.unenumerable
+
+
+RULES = (
+    Rule("nothing-latent", _nothing_latent, NAME,
+         "every random variable is observed or fixed: the log-likelihood is evaluated exactly", order=10),
+    Rule("discrete-only", _discrete_only, NAME,
+         "the only latents are finite discrete ones (e.g. a mixture with its globals fixed): they are summed "
+         "out by enumeration, so the log-likelihood and their posteriors are exact", order=20),
+    Rule("exact-chains", _exact_chains, NAME,
+         "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
+         "global parameters (and any network weights) by MAP on the exact marginal likelihood", order=30),
+)
+
+BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES)

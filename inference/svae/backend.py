@@ -10,30 +10,38 @@ with reparameterized gradients through the message passing.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoDelta
 
+from ppl.analysis import Facts
+from ppl.backends import Backend, Rule, Verdict
+from ppl.compiler import compile as compile_model
 from ppl.plan import SiteTreatment
-from ppl.posterior import LogEvidence, Posterior
+from ppl.posterior import LogEvidence, Posterior, StateFunction
 
-from .. import common
-from ..base import Verdict
-from .conjugate import (Conjugate, DirichletConjugate, MNIWConjugate, NIWConjugate, describe,  # noqa: F401
-                        natural_gradient_sites)
+from ..results import make_posterior
+from ..training import init_fn, optimize, traced_loss
+from .conjugate import DirichletConjugate, MNIWConjugate, NIWConjugate, describe, natural_gradient_sites
 from .conjugate import build as build_conjugates
+from .facts import Kind, svae_facts
 from .objective import SVAEObjective
 from .recognition import default_recognition, potentials
 
 NAME = "svae"
-MESSAGES = {"lds": "Kalman smoother (exact)", "gaussian": "closed-form Gaussian posterior (exact)",
-            "mixture": "mean field q(z)q(x): categorical and Gaussian updates",
-            "slds": "structured mean field: HMM forward-backward <-> Kalman smoother"}
+MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gaussian posterior (exact)",
+            Kind.MIXTURE: "mean field q(z)q(x): categorical and Gaussian updates",
+            Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}
 
 
-def supports(facts) -> Verdict:
-    targets = facts.svae_targets
+def supports(facts: Facts) -> Verdict:
+    """Runs when some latent Gaussian node or chain has a neural observed child and every other discrete
+    latent or chain belongs to such a target (as its mixture assignment or switch)."""
+    targets = facts.of(NAME).targets
     if not targets:
         return Verdict(False, "no latent Gaussian node or chain has a neural observed child (nothing for a "
                               "recognition network to emit potentials on)")
@@ -47,8 +55,11 @@ def supports(facts) -> Verdict:
     return Verdict(True)
 
 
-def treatments(graph, facts):
-    targets = facts.svae_targets
+def treatments(graph, facts: Facts):
+    """Targets: recognition potentials; their discrete parents: message passing; conjugate globals: natural
+    gradients; other globals: MAP point estimates."""
+    sfacts = facts.of(NAME)
+    targets = sfacts.targets
     parents = {t.discrete: t for t in targets.values() if t.discrete}
     rows = []
     for s in graph.sites():
@@ -59,19 +70,14 @@ def treatments(graph, facts):
                                       f"{t.node_shape} nodes of dim {t.dim}; {MESSAGES[t.kind]}"))
         elif s.name in parents:
             rows.append(SiteTreatment(s.name, "message passing", f"q({s.name}) by {MESSAGES[parents[s.name].kind]}"))
-        elif s.name in natural_gradient_sites(facts):
-            rows.append(SiteTreatment(s.name, "natural gradient", describe(s.name, facts)))
+        elif s.name in natural_gradient_sites(sfacts):
+            rows.append(SiteTreatment(s.name, "natural gradient", describe(s.name, sfacts)))
         elif s.observed:
             rows.append(SiteTreatment(s.name, "observed", ("neural likelihood: reconstruction term" if s.neural
                                                            else f"{s.family}")))
         else:
             rows.append(SiteTreatment(s.name, "point estimate", "global: MAP, trained jointly with the networks"))
     return rows
-
-
-def _conjugates(trace, facts, init: dict | None = None) -> dict:
-    """Conjugate globals fitted by natural gradients (``conjugate.build``): site -> Dirichlet/NIW q."""
-    return build_conjugates(trace, facts, init)
 
 
 def _recognition_masks(trace, targets) -> dict[str, torch.Tensor | None]:
@@ -127,7 +133,7 @@ class _Step:
     def __init__(self, model, args, kwargs, facts, nets, inputs, masks, guide, num_iters,
                  conjugates: dict | None = None, natgrad_step: float = 0.5):
         self.model, self.args, self.kwargs = model, args, kwargs
-        self.targets, self.nets, self.inputs, self.guide = facts.svae_targets, nets, inputs, guide
+        self.targets, self.nets, self.inputs, self.guide = facts.of(NAME).targets, nets, inputs, guide
         self.masks = masks
         self.conjugates = conjugates or {}
         self.natgrad_step = natgrad_step
@@ -188,23 +194,38 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
-    facts, graph = plan.facts, plan.graph
-    targets = facts.svae_targets
+    facts = plan.facts
+    targets = facts.of(NAME).targets
     inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
     nets = _networks(targets, inputs, recognition)
-    conjugates = _conjugates(trace, facts, init)
+    conjugates = build_conjugates(trace, facts.of(NAME), init)
     global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
     guide = None
     if global_sites:
-        from ..svi.backend import init_fn
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
     step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step)
-    history = common.optimize(common.traced_loss(step), num_steps, lr, progress, NAME)
+    history = optimize(traced_loss(step), num_steps, lr, progress, NAME)
     return _collect(plan, step, history, num_samples, model, args, kwargs)
 
 
+@dataclass(frozen=True)
+class FittedSVAE:
+    """What amortized inference needs after training: the model and the data it was fitted to (with their
+    facts), the recognition networks, the conjugate q's, the point estimate of the other globals and the
+    number of mean-field iterations. The state of ``sample_locals`` and ``encode``."""
+
+    model: Callable
+    args: tuple
+    kwargs: dict
+    facts: Facts
+    nets: dict[str, torch.nn.Module]
+    conjugates: dict[str, Any]
+    point: dict[str, torch.Tensor]
+    num_iters: int
+
+
 def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Posterior:
-    graph, targets = plan.graph, plan.facts.svae_targets
+    targets = plan.facts.of(NAME).targets
     draws_q: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         final = step.run(torch.Generator(device=_device(step)).manual_seed(0))
@@ -212,45 +233,63 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
     discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
     means = {n: final.locals[n].mean.detach() for n in targets}
     elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
+    fitted = FittedSVAE(model, tuple(args), dict(kwargs), plan.facts, dict(step.nets), dict(step.conjugates),
+                        dict(point), step.num_iters)
     for c in step.conjugates.values():
         point[c.site] = c.point()
         draws_q[c.site] = c.sample(num_samples)
-
-    def local_sampler(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), pyro.get_param_store().scope():
-            runs = [step.run() for _ in range(n)]
-        return {name: torch.stack([r.locals[name].x for r in runs]) for name in targets}
-
-    def encoder(*new_args, **new_kwargs):
-        return encode(step, point, new_args, new_kwargs)
-
-    latent = tuple(s.name for s in graph.latent())
-    return Posterior(
-        plan=plan, draws={k: draws_q[k][None] if k in draws_q else v[None, None] for k, v in point.items()},
-        encoder=encoder,
-        log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), discrete=discrete,
-        history=history,
-        diagnostics={"point": point, "smoothed_means": means, "elbo_terms": step.terms,
-                     "recognition": step.nets},
-        params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
-        chain_sampler=local_sampler, predictive_fn=common.predictive(model, args, kwargs, latent))
+    return make_posterior(
+        plan, model, args, kwargs,
+        draws={k: draws_q[k][None] if k in draws_q else v[None, None] for k, v in point.items()},
+        log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), point=point,
+        discrete=discrete, smoothed_means=means, history=history, elbo_terms=step.terms, networks=step.nets,
+        local_sampler=StateFunction(sample_locals, fitted), encoder=StateFunction(encode, fitted))
 
 
-def encode(step: _Step, point: dict, args: tuple, kwargs: dict) -> dict:
-    """Amortized local inference on new data with the trained networks and globals:
+def _local_step(fitted: FittedSVAE, args: tuple, kwargs: dict, facts: Facts) -> _Step:
+    """A training-free ``_Step`` on ``model(*args, **kwargs)`` with the fitted networks and globals."""
+    inputs, masks, _ = _recognition_inputs(fitted.model, args, kwargs, facts.of(NAME).targets)
+    return _Step(fitted.model, args, kwargs, facts, fitted.nets, inputs, masks, None, fitted.num_iters,
+                 fitted.conjugates, 0.0)
+
+
+def sample_locals(fitted: FittedSVAE, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``n`` draws of every SVAE target from its local q on the fitted data: site -> ``(n, *node_shape, D)``.
+
+    ``generator`` (CPU) seeds the draws, on the data's device."""
+    with torch.no_grad():
+        step = _local_step(fitted, fitted.args, fitted.kwargs, fitted.facts)
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        gen = torch.Generator(device=_device(step)).manual_seed(seed)
+        runs = [step.run(gen, fitted.point) for _ in range(n)]
+    return {name: torch.stack([r.locals[name].x for r in runs]) for name in step.targets}
+
+
+def encode(fitted: FittedSVAE, *args, **kwargs) -> dict:
+    """Amortized local inference on new data ``model(*args, **kwargs)`` with the trained networks and globals:
     site -> ``Local`` (mean, discrete marginals, a sample, KL). Masked children give no potential.
 
-    Runs in a fresh Pyro parameter store: ``ppl.module`` copies the store's tensors into a module of the
-    same name, so encoding under the global store would let two fitted models with equally named
-    networks (e.g. "decoder") overwrite each other's weights."""
-    from ppl.compiler import compile as compile_model
-    facts = compile_model(step.model, *args, backend=NAME, **kwargs).facts
-    with torch.no_grad(), pyro.get_param_store().scope():
-        inputs, masks, _ = _recognition_inputs(step.model, args, kwargs, facts.svae_targets)
-        new = _Step(step.model, args, kwargs, facts, step.nets, inputs, masks, None, step.num_iters,
-                    step.conjugates, 0.0)
-        return new.run(torch.Generator(device=_device(new)).manual_seed(0), point).locals
+    ``Posterior.encode`` runs it in a parameter store holding only the fitted parameters: ``ppl.module`` copies
+    the store's tensors into a module of the same name, so encoding under the caller's store would let two
+    fitted models with equally named networks (e.g. "decoder") overwrite each other's weights."""
+    facts = compile_model(fitted.model, *args, backend=NAME, **kwargs).facts
+    with torch.no_grad():
+        step = _local_step(fitted, args, kwargs, facts)
+        return step.run(torch.Generator(device=_device(step)).manual_seed(0), fitted.point).locals
 
 
 def _device(step: _Step) -> torch.device:
     return next(iter(step.inputs.values())).device
+
+
+def _neural_structured(f: Facts) -> bool:
+    return bool(f.of(NAME).targets) and bool(f.neural)
+
+
+RULES = (
+    Rule("neural-structured", _neural_structured, NAME,
+         "neural likelihood on structured Gaussian latents: recognition networks emit potentials, local "
+         "inference by message passing (structured VAE); networks and globals trained on the ELBO", order=40),
+)
+
+BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=svae_facts)

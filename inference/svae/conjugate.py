@@ -44,6 +44,7 @@ import torch
 from ppl.conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from ppl.expfam import dirichlet, mniw, natural_step, niw
 from ppl.expfam.gaussian import GaussianStats
+from .facts import Kind
 from .local import gaussian_posterior
 
 
@@ -51,11 +52,11 @@ def natural_gradient_sites(facts) -> dict[str, str]:
     """Conjugate globals the svae backend fits by natural gradients: site -> the child it is conjugate to.
     A Dirichlet whose single Categorical child is the assignment of an SVAE mixture (child: the assignment);
     a NormalInverseWishart whose single Gaussian child is an SVAE mixture node (child: that node)."""
-    mixtures = {t.discrete: t.site for t in facts.svae_targets.values() if t.kind == "mixture"}
+    mixtures = {t.discrete: t.site for t in facts.targets.values() if t.kind == Kind.MIXTURE}
     out = {w: kids[0] for w, kids in facts.conjugate.items() if len(kids) == 1 and kids[0] in mixtures}
     nodes = set(mixtures.values())
     out.update({s: kids[0] for s, kids in facts.conjugate_gaussian.items() if len(kids) == 1 and kids[0] in nodes})
-    chains = {t.site for t in facts.svae_targets.values() if t.kind == "lds"}
+    chains = {t.site for t in facts.targets.values() if t.kind == Kind.LDS}
     out.update({s: kids[0] for s, kids in facts.conjugate_dynamics.items()
                 if len(kids) == 1 and kids[0] in chains})
     return out
@@ -325,17 +326,17 @@ def build(trace, facts, init: dict | None = None) -> dict:
                                                          fn.loc.shape[-1])
             else:
                 A, Q = fn.loc, fn.scale / fn.df[..., None, None]
-            target = facts.svae_targets[child]
+            target = facts.targets[child]
             shape = tuple(target.node_shape)
             transitions = int(torch.Size(shape[:-1]).numel()) * (shape[-1] - 1)
             out[site] = MNIWConjugate(site, child, prior, A, Q, transitions, node["value"].dtype)
             continue
         if site in facts.conjugate:
-            target = next(t for t in facts.svae_targets.values() if t.discrete == child)
+            target = next(t for t in facts.targets.values() if t.discrete == child)
             nodes = int(torch.Size(target.node_shape).numel())
             out[site] = DirichletConjugate(site, child, target.site, node["fn"].concentration, nodes)
             continue
-        target = facts.svae_targets[child]
+        target = facts.targets[child]
         fn = node["fn"]
         if not isinstance(fn, NormalInverseWishart):
             raise ValueError(f"site '{site}': expected a ppl.NormalInverseWishart, got {type(fn).__name__}")

@@ -20,6 +20,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 
 from ..exact import tables as kernels
+from .facts import Kind
 from .local import Local, gaussian_local, lds_local, mixture_local
 from .slds import slds_local
 
@@ -105,7 +106,7 @@ class SVAEObjective(Messenger):
 
     def _solve(self, target, fn) -> Local:
         J, h = self.potentials[target.site]
-        if target.kind == "lds":
+        if target.kind == Kind.LDS:
             if target.site in self.expected_dynamics:
                 site, (A, Q), expected = self.expected_dynamics[target.site]
                 if not (fn.dynamics.shape == A.shape and fn.noise_cov.shape == Q.shape
@@ -119,11 +120,11 @@ class SVAEObjective(Messenger):
                                      "dynamics needs a time-homogeneous gaussian_chain without inputs")
                 return lds_local(prior, J, h, self.generator, expected=expected, moments=True)
             return lds_local(kernels.lds_prior(fn), J, h, self.generator)
-        if target.kind == "gaussian":
+        if target.kind == Kind.GAUSSIAN:
             mu, prec = gaussian_params(target.site, fn)
             return gaussian_local(mu, prec, J, h, self.generator)
         z_fn = self.discrete_fns[target.discrete]
-        if target.kind == "mixture":
+        if target.kind == Kind.MIXTURE:
             mu, prec = gaussian_params(target.site, fn)
             K = mu.shape[0]
             mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])

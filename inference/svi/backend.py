@@ -6,22 +6,22 @@ marginalize are collapsed, and the remaining continuous latents get an AutoNorma
 """
 from __future__ import annotations
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median, init_to_value
+from pyro.infer import Predictive
 
+from ppl.analysis import Facts
+from ppl.backends import Backend, Rule, Verdict
 from ppl.posterior import LogEvidence, Posterior
 
-from .. import common
-from ..base import Verdict
+from .. import chains, training
+from ..results import make_posterior
 
 NAME = "svi"
-GUIDES = {"normal": AutoNormal, "delta": AutoDelta}
 
 
-def supports(facts) -> Verdict:
+def supports(facts: Facts) -> Verdict:
+    """Runs any model whose markov_chains can be tabulated, whose discrete latents are finite and whose batch
+    dims outside plates Pyro's ELBO accepts (``unplated_verdict``)."""
     untabulable = [c for c in facts.markov_chains if not facts.tabulable.get(c)]
     if untabulable:
         return Verdict(False, f"markov_chain '{untabulable[0]}' cannot be tabulated over its states "
@@ -31,14 +31,14 @@ def supports(facts) -> Verdict:
     return unplated_verdict(facts)
 
 
-def unplated_verdict(facts) -> Verdict:
+def unplated_verdict(facts: Facts) -> Verdict:
     """Batch dims outside every plate (``facts.unplated``, e.g. N sequences batched in a chain's own shape).
 
     Trace_ELBO sums every log-density over all its dims, so such dims are fine when they lie left of all the
-    model's plates (``make_elbo`` passes ``max_plate_nesting`` so that Pyro's shape check leaves them alone).
-    Two layouts cannot run: a dim among the plate dims that no plate of the site indexes (Pyro's shape check
-    rejects it), and any such dim when finite discrete sites are enumerated (the enumeration dims sit left of
-    the plates, where these dims are).
+    model's plates (``training.make_elbo`` passes ``max_plate_nesting`` so that Pyro's shape check leaves them
+    alone). Two layouts cannot run: a dim among the plate dims that no plate of the site indexes (Pyro's shape
+    check rejects it), and any such dim when finite discrete sites are enumerated (the enumeration dims sit left
+    of the plates, where these dims are).
     """
     nesting = facts.plate_nesting
     fix = "wrap that dim in ppl.plate(...) (or use backend='svae' for a structured VAE)"
@@ -54,46 +54,10 @@ def unplated_verdict(facts) -> Verdict:
     return Verdict(True)
 
 
-def treatments(graph, facts):
-    return common.treatments(graph, facts, "guide", "AutoNormal guide (mean-field Gaussian in unconstrained space)")
-
-
-def make_elbo(graph, facts, num_particles: int = 1):
-    if facts.enumerable:
-        return TraceEnum_ELBO(max_plate_nesting=common.max_plate_nesting(graph), num_particles=num_particles)
-    # dims left of the plates are the model's own batch dims (see unplated_verdict): summed, not checked
-    return Trace_ELBO(max_plate_nesting=facts.plate_nesting, num_particles=num_particles)
-
-
-def init_fn(init: dict | None):
-    """Initialize latents at ``init`` (site -> value) where given, else at the prior median.
-
-    Each value is copied: an autoguide may make its parameter from the very tensor it is given, so without the
-    copy a fit would write into the user's tensor, and one tensor given for two sites would tie their parameters.
-    """
-    fallback = init_to_median(num_samples=15)
-    if not init:
-        return fallback
-    values = {site: torch.as_tensor(value).detach().clone() for site, value in init.items()}
-    return init_to_value(values=values, fallback=fallback)
-
-
-def fit(model, args, kwargs, plan, guide_kind: str, num_steps: int, lr: float, progress: bool,
-        init: dict | None = None):
-    """Fit a guide on the collapsed/enumerated model; returns (fit model, guide, elbo, history)."""
-    if guide_kind not in GUIDES:
-        raise ValueError(f"guide must be one of {sorted(GUIDES)}, got {guide_kind!r}")
-    facts, graph = plan.facts, plan.graph
-    fmodel = common.fit_model(model, facts)
-    hidden = poutine.block(fmodel, hide=list(facts.enumerable))
-    unknown = sorted(set(init or {}) - set(graph.nodes))
-    if unknown:
-        raise ValueError(f"init names unknown site(s) {unknown}; latent sites are {[s.name for s in graph.latent()]}")
-    guide = GUIDES[guide_kind](hidden, init_loc_fn=init_fn(init))
-    elbo = make_elbo(graph, facts)
-    step = common.traced_loss(lambda: elbo.differentiable_loss(fmodel, guide, *args, **kwargs))
-    history = common.optimize(step, num_steps, lr, progress, f"{NAME} ({guide_kind})")
-    return fmodel, guide, elbo, history
+def treatments(graph, facts: Facts):
+    """Chains: message passing; finite discrete sites: enumerated; other latents: the guide."""
+    return chains.site_treatments(graph, facts, "guide",
+                                  "AutoNormal guide (mean-field Gaussian in unconstrained space)")
 
 
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_samples: int = 1000,
@@ -105,12 +69,14 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_
     """
     if unused:
         raise TypeError(f"backend 'svi' got unexpected options: {', '.join(unused)}")
-    fmodel, g, elbo, history = fit(model, args, kwargs, plan, guide, num_steps, lr, progress, init)
-    return collect(model, args, kwargs, plan, fmodel, g, elbo, history, num_samples, kind="elbo")
+    fmodel = chains.fit_model(model, plan.facts)
+    fitted, elbo, history = training.fit_guide(fmodel, args, kwargs, plan, guide, num_steps, lr, progress, init,
+                                               desc=NAME)
+    return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
 
 
-def collect(model, args, kwargs, plan, fmodel, guide, elbo, history, num_samples, kind) -> Posterior:
-    """Build the Posterior from a fitted guide."""
+def _collect(model, args, kwargs, plan, fmodel, guide, elbo, history, num_samples) -> Posterior:
+    """The Posterior of a fitted guide: its draws, the ELBO (mean of 5), chain/discrete posteriors at its median."""
     facts, graph = plan.facts, plan.graph
     with torch.no_grad():
         draws = {k: v.detach().reshape((num_samples,) + graph.site(k).value_shape) for k, v in
@@ -118,15 +84,17 @@ def collect(model, args, kwargs, plan, fmodel, guide, elbo, history, num_samples
                  if k in graph.nodes and not graph.site(k).observed}
         point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
         evidence = -sum(float(elbo.loss(fmodel, guide, *args, **kwargs)) for _ in range(5)) / 5
-    spec = facts.collapse_spec()
-    tables = common.chain_tables(model, args, kwargs, point, spec) if spec else {}
-    marg, paths, means = common.chain_results(tables)
-    marg.update(common.discrete_marginals(model, args, kwargs, point, graph, facts))
-    latent = tuple(s.name for s in graph.latent())
-    return Posterior(plan=plan, draws={k: v.unsqueeze(0) for k, v in draws.items()},
-                     log_evidence=LogEvidence(evidence, kind), discrete=marg, map_paths=paths,
-                     history=history, diagnostics={"point": point, "smoothed_means": means},
-                     params={k: v.detach().clone() for k, v in pyro.get_param_store().items()},
-                     chain_sampler=common.chain_sampler(tables) if tables else None,
-                     predictive_fn=common.predictive(model, args, kwargs, latent))
+    return make_posterior(
+        plan, model, args, kwargs, draws={k: v.unsqueeze(0) for k, v in draws.items()},
+        log_evidence=LogEvidence(evidence, "elbo"), point=point, history=history,
+        tables=chains.chain_tables(model, args, kwargs, point, facts.collapse_spec()),
+        discrete=chains.discrete_marginals(model, args, kwargs, point, graph, facts))
 
+
+RULES = (
+    Rule("default-svi", lambda f: True, NAME,
+         "stochastic variational inference: finite discrete latents enumerated, chains collapsed where exact, "
+         "continuous latents fitted by an AutoNormal guide", order=1000),
+)
+
+BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES)

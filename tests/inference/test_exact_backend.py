@@ -130,7 +130,7 @@ def test_lds_evidence_and_smoother_match_dense_gaussian(missing):
     log_p = dense.log_marginal(*dense_args(), y, mask.tolist())
     assert abs(post.log_evidence.value - float(log_p)) < 1e-8
     mean, cov, cross, _ = dense.posterior(*dense_args(), y, mask.tolist())
-    assert torch.allclose(post.diagnostics["smoothed_means"]["x"], mean, atol=1e-8)
+    assert torch.allclose(post.smoothed_means["x"], mean, atol=1e-8)
     draws = post.sample(4000, seed=1)["x"]
     assert draws.shape == (4000, TL, D)
     assert torch.allclose(draws.mean(0), mean, atol=5 * float(cov.diagonal(dim1=-2, dim2=-1).max().sqrt()) / 4000 ** 0.5)

@@ -18,8 +18,8 @@ def test_nuts_matches_conjugate_posterior():
     assert abs(float(draws.mean()) - mean) < sd / 4
     assert abs(float(draws.std()) - sd) < sd * 0.2
     assert post.draws["mu"].shape == (2, 400)
-    assert float(post.diagnostics["r_hat"]["mu"]) < 1.05
-    assert post.diagnostics["divergences"] == 0
+    assert float(post.mcmc.r_hat["mu"]) < 1.05
+    assert post.mcmc.divergences == 0
 
 
 def test_nuts_enumerates_a_mixture():

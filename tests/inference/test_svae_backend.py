@@ -39,12 +39,12 @@ def test_training_improves_elbo_and_reports_three_terms(device):
     model = make_model(Decoder().to(device))
     post = ppl.infer(model, y, num_steps=150, lr=0.02, progress=False, device=device)
     assert post.plan.backend == "svae" and post.plan.treatment("x") == "recognition potential"
-    terms = post.diagnostics["elbo_terms"]
+    terms = post.elbo_terms
     assert set(terms) == {"recon", "local_kl", "global_term", "global_kl"} and len(terms["recon"]) == 150
     assert all(v >= -1e-6 for v in terms["local_kl"])  # a KL is non-negative
     first, last = sum(post.history[:10]) / 10, sum(post.history[-10:]) / 10
     assert last < first - 5.0
-    assert post.diagnostics["smoothed_means"]["x"].shape == (20, 2)
+    assert post.smoothed_means["x"].shape == (20, 2)
 
 
 def test_encode_conditions_on_observed_frames_only():
@@ -66,7 +66,7 @@ def test_user_recognition_network_and_errors():
     model = make_model(Decoder())
     mine = torch.nn.Linear(4, 4)
     post = ppl.infer(model, y, num_steps=5, recognition={"x": mine}, progress=False)
-    assert post.diagnostics["recognition"]["x"] is mine
+    assert post.networks["x"] is mine
     with pytest.raises(ValueError, match=r"recognition= names unknown site\(s\) \['z'\]"):
         ppl.infer(model, y, num_steps=5, recognition={"z": mine}, progress=False)
     with pytest.raises(ValueError, match=r"must output 2 \* latent_dim = 4 numbers per node, got 3"):
@@ -125,5 +125,5 @@ def test_conjugate_dirichlet_weights_get_natural_gradient_updates():
     assert torch.allclose(counts, torch.tensor([30.0, 15.0, 5.0], dtype=torch.float64), atol=0.1)
     alpha_mean = (1 + counts) / (3 + 50)
     assert torch.allclose(post.mean("weights"), alpha_mean, atol=0.01)  # 2000 Dirichlet draws: sd ~0.001
-    kl = post.diagnostics["elbo_terms"]["global_kl"]
+    kl = post.elbo_terms["global_kl"]
     assert kl[-1] > 0 and abs(kl[-1] - kl[-2]) < 1e-6  # converged coordinate ascent

@@ -12,6 +12,7 @@ from ppl import dist
 from ppl.analysis import analyze
 from ppl.graph import trace_graph
 from ppl.inference.exact.kalman import LDSPrior, log_likelihood
+from ppl.inference.svae.facts import svae_facts
 from ppl.inference.svae.objective import SVAEObjective
 
 R_VAR = 0.3
@@ -43,8 +44,7 @@ def exact_potentials(y):
 def mc_elbo(model, y, num=400, seed=0):
     """Mean and standard error of the single-sample ELBO estimate over ``num`` runs."""
     graph, trace = trace_graph(model, (y,), {})
-    facts = analyze(graph, model, (y,), {}, trace)
-    targets = facts.svae_targets
+    targets = svae_facts(graph, analyze(graph, model, (y,), {}, trace)).targets
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(num):

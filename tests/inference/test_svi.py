@@ -48,7 +48,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ppl.inference.base import UnsupportedModelError  # noqa: E402
+from ppl.backends import UnsupportedModelError  # noqa: E402
 from ppl.models import svae_lds  # noqa: E402
 
 AR, AR_NOISE = 0.8, 0.36  # x_t = 0.8 x_{t-1} + N(0, 0.36): stationary variance 1
@@ -109,9 +109,9 @@ def test_svi_unplated_lds_matches_dense_gaussian():
                          .log_prob(y.reshape(-1)))
     x_mean = (y - b_mean) @ S_inv @ ar1_cov(T)  # E[x_n | y] = Sigma S^-1 (y_n - E[b | y] 1)
     # float64, deterministic loss: measured errors <= 5e-12 at seeds 0-3 (500 Adam steps from b = 0)
-    assert abs(float(post.diagnostics["point"]["b"]) - b_mean) < 1e-6
+    assert abs(float(post.point["b"]) - b_mean) < 1e-6
     assert abs(post.log_evidence.value - (log_evidence - 0.5 * math.log(2 * math.pi * b_sd ** 2))) < 1e-6
-    assert torch.allclose(post.diagnostics["smoothed_means"]["x"].squeeze(-1), x_mean, atol=1e-6)
+    assert torch.allclose(post.smoothed_means["x"].squeeze(-1), x_mean, atol=1e-6)
 
 
 def test_svi_delta_on_unplated_dense_gaussian_latent_is_posterior_mean():
@@ -134,7 +134,7 @@ def test_svi_delta_on_unplated_dense_gaussian_latent_is_posterior_mean():
     mean = y @ torch.linalg.solve(cov + sigma ** 2 * torch.eye(T, dtype=torch.float64), cov)
     # float64, deterministic loss (delta guide): measured max error 4e-10 after 800 Adam steps; the posterior
     # mean is up to 1.8 from the prior's (0) and 0.52 from the data.
-    assert float((post.diagnostics["point"]["x"] - mean).abs().max()) < 1e-6
+    assert float((post.point["x"] - mean).abs().max()) < 1e-6
 
 
 def test_svi_refuses_unplated_dims_where_enumeration_needs_them():

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import ppl
-from ppl.handlers import collapsed_log_normalizer, tabulate
+from ppl.handlers import tabulate
+from ppl.inference.chains import collapsed_log_normalizer
 from ppl.models import hmm
 
 hmmlearn_hmm = pytest.importorskip("hmmlearn.hmm")

@@ -84,7 +84,7 @@ def test_smoother_residuals_and_forecast_match_statsmodels(y, statsmodels_mle):
     assert var_obs == pytest.approx(sm_obs, rel=2e-3) and var_level == pytest.approx(sm_level, rel=2e-3)
 
     mean, var, _ = nile.smoothed_level(y, var_obs, var_level)
-    smoothed = post.diagnostics["smoothed_means"]["level"][: y.shape[0], 0]
+    smoothed = post.smoothed_means["level"][: y.shape[0], 0]
     assert torch.allclose(smoothed, mean, rtol=0, atol=1e-6)
 
     res = nile.statsmodels_model(y).smooth([var_obs, var_level])

@@ -16,7 +16,8 @@ import torch
 
 import ppl
 from ppl import dist
-from ppl.handlers import collapsed_log_normalizer, tabulate
+from ppl.handlers import tabulate
+from ppl.inference.chains import collapsed_log_normalizer
 from ppl.models import factorial_hmm, lds, slds
 
 pykalman = pytest.importorskip("pykalman")
@@ -71,7 +72,7 @@ def test_smoothed_means_match_pykalman():
     params = {k: sim.truth[k].double() for k in GLOBALS}
     post = ppl.infer(ppl.condition(lds.model, params), y, model_kwargs=kwargs, progress=False)
     theirs = _peer(params, kwargs["inputs"]).smooth(y.numpy())[0]
-    assert np.abs(post.diagnostics["smoothed_means"]["x"].numpy() - theirs).max() < 1e-9
+    assert np.abs(post.smoothed_means["x"].numpy() - theirs).max() < 1e-9
 
 
 def test_batched_sequences_add_their_log_likelihoods():

@@ -43,7 +43,7 @@ def test_clusters_recover_the_spiral_arms(device):
     # ELBO terms: the local KL is >= 0; the global KL (KL(q(pi) || p(pi)) + sum_k KL(q(theta_k) || p(theta_k)))
     # is finite and > 0 (q has moved away from the prior: measured 62.5 at the end); the objective improved
     # (measured mean -ELBO 4392 over the first 20 steps, 333 over the last 20).
-    terms = post.diagnostics["elbo_terms"]
+    terms = post.elbo_terms
     assert min(terms["local_kl"]) >= -1e-3
     assert all(math.isfinite(v) and v > 0 for v in terms["global_kl"])
     assert sum(post.history[-20:]) / 20 < sum(post.history[:20]) / 20 - 100.0
@@ -58,8 +58,8 @@ def test_clusters_recover_the_spiral_arms(device):
     # kappa_0 = 0.1) from the final q(z) and q(x). Measured max gap 0.137, 0.082, 0.039 at seeds 0-2 (the rho = 0.1
     # steps lag the last local updates; the latent component means spread with sd ~2); the initial means on the
     # unit circle (what q(theta) would keep without the updates) are > 0.5 away, checked below.
-    means = post.diagnostics["smoothed_means"]["x"]
-    loc, cov = ppl.NormalInverseWishart.unpack(post.diagnostics["point"]["theta"])      # (K, D), (K, D, D)
+    means = post.smoothed_means["x"]
+    loc, cov = ppl.NormalInverseWishart.unpack(post.point["theta"])      # (K, D), (K, D, D)
     want = (r.mT @ means) / (0.1 + r.sum(0))[:, None]
     assert float((loc - want).abs().max()) < 0.25
     init_loc = ppl.NormalInverseWishart.unpack(svae_gmm.init_values(5, 2, device=device)["theta"])[0]

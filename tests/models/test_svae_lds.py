@@ -29,11 +29,11 @@ def test_both_compile_to_svae():
     plan = ppl.compile(svae_lds.model, *sim.args, **sim.kwargs)
     assert plan.backend == svae_lds.EXPECTED_BACKEND == "svae" and "``svae``" in svae_lds.__doc__
     assert plan.treatment("x") == "recognition potential" and plan.treatment("dynamics") == "point estimate"
-    assert plan.facts.svae_targets["x"].kind == "lds"
+    assert plan.facts.of("svae").targets["x"].kind == "lds"
     sim = vae.simulate(seed=0, N=10, num_test=1)
     plan = ppl.compile(vae.model, *sim.args, **sim.kwargs)
     assert plan.backend == vae.EXPECTED_BACKEND == "svae" and "``svae``" in vae.__doc__
-    assert plan.treatment("x") == "recognition potential" and plan.facts.svae_targets["x"].kind == "gaussian"
+    assert plan.treatment("x") == "recognition potential" and plan.facts.of("svae").targets["x"].kind == "gaussian"
 
 
 @pytest.mark.parametrize("device", cuda_params())
@@ -47,7 +47,7 @@ def test_lds_svae_recovers_frequency_and_forecasts(device):
     check_errors(svae_lds, svae_lds.recovery_errors(post, sim))
     assert post.history[-1] < post.history[0]
     # the fitted dynamics is a rotation: |lambda| near 1 (a decaying A would forecast the mean frame)
-    radius = torch.linalg.eigvals(post.diagnostics["point"]["dynamics"].detach().double().cpu()).abs()
+    radius = torch.linalg.eigvals(post.point["dynamics"].detach().double().cpu()).abs()
     assert float((radius - 1).abs().max()) < 0.05
 
 
@@ -100,7 +100,7 @@ def test_forecast_ignores_masked_frames_even_if_nan():
     b = svae_lds.predict_frames(post, holes, 6, **sim.kwargs)
     assert bool(torch.isfinite(b.frames).all())
     torch.testing.assert_close(a.frames, b.frames)
-    A = post.diagnostics["point"]["dynamics"]
+    A = post.point["dynamics"]
     torch.testing.assert_close(b.latent_mean[:, 7:], b.latent_mean[:, 6:-1] @ A.mT, atol=1e-4, rtol=1e-4)
     # and training itself accepts NaN where the mask is False
     y = sim.args[0].clone()

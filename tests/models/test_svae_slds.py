@@ -15,7 +15,7 @@ def test_compiles_to_svae_with_structured_mean_field():
     assert plan.backend == svae_slds.EXPECTED_BACKEND == "svae" and svae_slds.EXPECTED_BACKEND in svae_slds.__doc__
     assert plan.treatment("s_x") == "recognition potential" and plan.treatment("s_z") == "message passing"
     assert "structured mean field" in plan.explain()
-    assert plan.facts.svae_targets["s_x"].node_shape == (2, 5)  # one chain per sequence
+    assert plan.facts.of("svae").targets["s_x"].node_shape == (2, 5)  # one chain per sequence
 
 
 def test_simulation_has_switches_and_rotations():
@@ -44,7 +44,7 @@ def test_segmentation_recovers_the_switches(device):
     assert set(errors) == set(svae_slds.TOLERANCES)
     for key, err in errors.items():
         assert err < svae_slds.TOLERANCES[key], f"{key} error {err:.3g} >= {svae_slds.TOLERANCES[key]}"
-    terms = post.diagnostics["elbo_terms"]
+    terms = post.elbo_terms
     assert min(terms["local_kl"]) >= -1e-2 * abs(max(terms["recon"]))  # a KL is >= 0 (float32 round-off)
     assert sum(post.history[-20:]) / 20 < sum(post.history[:20]) / 20
 

@@ -3,14 +3,15 @@ import pytest
 import torch
 
 import ppl
-from ppl.inference.base import UnknownBackendError, UnsupportedModelError
-from ppl.rules import RULES
+from ppl.backends import UnknownBackendError, UnsupportedModelError, all_backends, routing_rules
 from tests.ppl import models_for_tests as M
 
 
-def test_rules_are_data():
-    assert [r.name for r in RULES][-1] == "default-svi"
-    assert all(callable(r.applies) and r.reason and r.backend for r in RULES)
+def test_rules_are_data_ordered_across_backends():
+    rules = routing_rules(all_backends())
+    assert [r.name for r in rules] == ["nothing-latent", "discrete-only", "exact-chains", "neural-structured",
+                                       "small-continuous", "default-svi"]
+    assert all(callable(r.applies) and r.reason and r.backend for r in rules)
 
 
 @pytest.mark.parametrize("model, args, backend, rule", [

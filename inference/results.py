@@ -1,0 +1,52 @@
+"""``make_posterior``: the one place a backend's results become a ``ppl.Posterior``.
+
+Every backend calls it with what it computed; it adds what all share: the learned parameters
+(from the Pyro parameter store the fit ran in), the chains' exact posteriors at the point
+estimate when the backend hands over their tables (marginals, Viterbi paths, smoothed means,
+and exact draws as a ``StateFunction`` of the tables), and the model and data for the
+predictive. The result holds only data, so it pickles.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pyro
+import torch
+
+from ppl.posterior import LogEvidence, MCMCStats, Posterior, StateFunction
+
+from .chains import chain_results, sample_chains
+
+
+def _param_snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(constrained values, constraints) of the current Pyro parameter store, detached copies."""
+    store = pyro.get_param_store()
+    values = {k: v.detach().clone() for k, v in store.items()}
+    return values, {k: store._constraints[k] for k in values if k in store._constraints}
+
+
+def make_posterior(plan, model: Callable, args: tuple, kwargs: dict, *, draws: dict[str, torch.Tensor],
+                   log_evidence: LogEvidence, point: dict[str, torch.Tensor] | None = None,
+                   tables: dict | None = None, discrete: dict | None = None, smoothed_means: dict | None = None,
+                   history: list[float] | None = None, mcmc: MCMCStats | None = None,
+                   elbo_terms: dict | None = None, networks: dict | None = None,
+                   local_sampler: StateFunction | None = None, encoder: StateFunction | None = None) -> Posterior:
+    """Assemble the Posterior of a fit.
+
+    draws: site -> ``(chains, draws, *value_shape)``. tables: the collapsed chains' tables at the point
+    estimate (``chains.chain_tables``); their marginals, Viterbi paths and smoothed means are added to
+    ``discrete``, ``map_paths`` and ``smoothed_means``, and exact chain draws become the local sampler
+    unless the backend gives its own. ``discrete`` entries the backend computed win over table marginals.
+    """
+    tables = tables or {}
+    marg, paths, means = chain_results(tables)
+    marg.update(discrete or {})
+    means.update(smoothed_means or {})
+    if local_sampler is None and tables:
+        local_sampler = StateFunction(sample_chains, tables)
+    params, constraints = _param_snapshot()
+    return Posterior(plan=plan, draws=draws, log_evidence=log_evidence, discrete=marg, map_paths=paths,
+                     point=dict(point or {}), smoothed_means=means, history=list(history or []), params=params,
+                     param_constraints=constraints, mcmc=mcmc, elbo_terms=dict(elbo_terms or {}),
+                     networks=dict(networks or {}), model=model, args=tuple(args), kwargs=dict(kwargs),
+                     local_sampler=local_sampler, encoder=encoder)
