@@ -6,6 +6,7 @@ conditions it directly. Tolerances are stated in each assert (float64 unless sai
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -15,15 +16,13 @@ from ppl.inference.exact.kalman import (LDSPrior, info_filter, info_sample, info
                                         sample_posterior, with_inputs)
 from ppl.inference.exact.kalman_scan import affine_combine, associative_scan, reverse_scan
 from tests.reference import dense_gaussian as dense
+from tests.reference.random_inputs import spd as random_spd
 
 DT = torch.float64
 
 
 # ----------------------------------------------------------------------------- helpers
-def spd(g, *batch, dim, scale=1.0, floor=0.2, dtype=DT):
-    """Random symmetric positive definite ``(*batch, dim, dim)``."""
-    x = torch.randn(*batch, dim, dim, generator=g, dtype=dtype)
-    return scale * x @ x.mT / dim + floor * torch.eye(dim, dtype=dtype)
+spd = partial(random_spd, floor=0.2)  # the Kalman tests' covariances: eigenvalues at least 0.2
 
 
 def random_prior(g, batch, D, T, time_varying=False, offsets=True):

@@ -15,26 +15,15 @@ import torch
 from scipy import integrate, stats as sps
 
 from ppl.expfam import categorical, dirichlet, gaussian
+from tests.reference.random_inputs import mc_close, spd
 
 DT = torch.float64
-
-
-def spd(g, *batch, dim, floor=0.3, dtype=DT):
-    """Random symmetric positive definite ``(*batch, dim, dim)``."""
-    x = torch.randn(*batch, dim, dim, generator=g, dtype=dtype)
-    return x @ x.mT / dim + floor * torch.eye(dim, dtype=dtype)
 
 
 def grads(fn, fields):
     """Gradient of ``fn(*fields).sum()`` with respect to each field (float64 leaf copies)."""
     leaves = [f.detach().clone().requires_grad_(True) for f in fields]
     return torch.autograd.grad(fn(*leaves).sum(), leaves), leaves
-
-
-def mc_close(samples, exact, z=5.0):
-    """|mean(samples) - exact| <= z standard errors (+1e-12), elementwise over the sample dim 0."""
-    se = samples.std(0) / math.sqrt(samples.shape[0])
-    return bool(((samples.mean(0) - exact).abs() <= z * se + 1e-12).all())
 
 
 # ----------------------------------------------------------------------------- categorical

@@ -17,25 +17,9 @@ from sklearn.linear_model import Ridge
 
 from ppl.expfam import mniw, niw
 from ppl.expfam._common import pair
+from tests.reference.random_inputs import mc_close, random_mniw, spd
 
 DT = torch.float64
-
-
-def spd(g, *batch, dim, floor=0.3, dtype=DT):
-    x = torch.randn(*batch, dim, dim, generator=g, dtype=dtype)
-    return x @ x.mT / dim + floor * torch.eye(dim, dtype=dtype)
-
-
-def random_mniw(g, *batch, out=3, inp=2, dtype=DT):
-    M = 0.5 * torch.randn(*batch, out, inp, generator=g, dtype=dtype)
-    df = out + 1.5 + 3 * torch.rand(batch, generator=g, dtype=dtype)
-    K, Psi = spd(g, *batch, dim=inp, dtype=dtype), spd(g, *batch, dim=out, dtype=dtype)
-    return mniw.natural_from_standard(M, K, Psi, df)
-
-
-def mc_close(samples, exact, z=5.0):
-    se = samples.std(0) / math.sqrt(samples.shape[0])
-    return bool(((samples.mean(0) - exact).abs() <= z * se + 1e-12).all())
 
 
 def test_gradient_of_log_partition_is_expected_stats():

@@ -15,25 +15,9 @@ import torch
 from scipy import special, stats as sps
 
 from ppl.expfam import gaussian, niw
+from tests.reference.random_inputs import mc_close, random_niw, spd
 
 DT = torch.float64
-
-
-def spd(g, *batch, dim, floor=0.3, dtype=DT):
-    x = torch.randn(*batch, dim, dim, generator=g, dtype=dtype)
-    return x @ x.mT / dim + floor * torch.eye(dim, dtype=dtype)
-
-
-def random_niw(g, *batch, dim, dtype=DT):
-    loc = torch.randn(*batch, dim, generator=g, dtype=dtype)
-    kappa = 0.5 + torch.rand(batch, generator=g, dtype=dtype)
-    df = dim + 1.5 + 3 * torch.rand(batch, generator=g, dtype=dtype)
-    return niw.natural_from_standard(loc, kappa, spd(g, *batch, dim=dim, dtype=dtype), df)
-
-
-def mc_close(samples, exact, z=5.0):
-    se = samples.std(0) / math.sqrt(samples.shape[0])
-    return bool(((samples.mean(0) - exact).abs() <= z * se + 1e-12).all())
 
 
 def test_gradient_of_log_partition_is_expected_stats():
