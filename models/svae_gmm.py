@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import pyro
 import torch
 from torch import nn
 
@@ -199,8 +200,6 @@ def fit(sim: Simulated, restarts: int = 3, num_steps: int = 300, progress: bool 
     """``restarts`` fits from different network initializations (seeds 0, 1, ...); keeps the one with the
     highest ELBO (no labels used). A mixture fit can lose a component in a poor local optimum (two arms
     in one cluster); its ELBO is then clearly lower, so selecting by ELBO makes the recovery reliable."""
-    import pyro
-
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     y = sim.args[0]

@@ -11,6 +11,9 @@ import time
 
 import torch
 
+import ppl
+from ppl.models import gmm as gmm_lib
+
 
 def load_iris_tensor() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Standardized measurements ``(150, 4)``, species labels ``(150,)``, feature names."""
@@ -33,8 +36,6 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    import ppl
-    from ppl.models import gmm as gmm_lib
     from sklearn.metrics import adjusted_rand_score
 
     x, species, features = load_iris_tensor()

@@ -231,6 +231,20 @@ class Posterior:
             attrs.update({f"ess_{k}": v.detach().cpu().double().numpy().tolist() for k, v in self.mcmc.ess.items()})
         return az.from_dict(posterior=posterior, sample_stats=stats, attrs=attrs)
 
+    def save(self, path) -> None:
+        """Write this Posterior to ``path`` (``torch.save``: draws, plan, learned parameters, networks, data).
+        The model is stored by reference: loading needs it importable under the same module and name."""
+        torch.save(self, path)
+
+    @staticmethod
+    def load(path, map_location=None) -> "Posterior":
+        """Read a Posterior written by ``save`` (or ``torch.save``). Loading unpickles Python objects:
+        open only files you trust."""
+        post = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(post, Posterior):
+            raise TypeError(f"{path!r} holds a {type(post).__name__}, not a ppl.Posterior")
+        return post
+
     def __repr__(self) -> str:
         sites = ", ".join(self.draws) or "none"
         return (f"Posterior(backend={self.backend!r}, sites=[{sites}], "

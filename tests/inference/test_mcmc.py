@@ -1,4 +1,5 @@
 """MCMC backend: NUTS on a normal-normal model matches the closed-form posterior."""
+import pytest
 import torch
 
 import ppl
@@ -39,3 +40,26 @@ def test_nuts_enumerates_a_mixture():
     assert abs(float(loc[0]) + 3) < 0.6 and abs(float(loc[1]) - 3) < 0.6
     z = post.marginals("z").argmax(-1)
     assert (z[:30] == 0).all() and (z[30:] == 1).all()
+
+
+def test_sampler_statistics_reach_arviz_and_seed_changes_the_draws():
+    """What NUTS wrote per draw (diverging, step size, acceptance) is in post.mcmc and in ArviZ's
+    sample_stats; R-hat and ESS in its attributes; infer(seed=) reaches the sampler."""
+    arviz = pytest.importorskip("arviz")
+    y = 1.0 + torch.randn(10)
+    post = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=30, num_chains=2, seed=3, progress=False)
+    stats = post.mcmc.per_draw
+    assert set(stats) == {"diverging", "step_size", "accept_prob"}
+    assert all(v.shape == (2, 30) for v in stats.values())
+    assert bool(((stats["accept_prob"] >= 0) & (stats["accept_prob"] <= 1)).all())
+    assert bool((stats["step_size"] > 0).all()) and int(stats["diverging"].sum()) == post.mcmc.divergences
+    # the step size is adapted during warmup only: constant per chain afterwards
+    assert bool((stats["step_size"] == stats["step_size"][:, :1]).all())
+    idata = post.to_arviz()
+    assert isinstance(idata, arviz.InferenceData)
+    assert idata.sample_stats["diverging"].shape == (2, 30) and "step_size" in idata.sample_stats
+    assert idata.attrs["r_hat_mu"] == pytest.approx(float(post.mcmc.r_hat["mu"]))
+    again = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=30, num_chains=2, seed=3, progress=False)
+    other = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=30, num_chains=2, seed=4, progress=False)
+    assert torch.equal(post.draws["mu"], again.draws["mu"])
+    assert not torch.equal(post.draws["mu"], other.draws["mu"])

@@ -72,3 +72,12 @@ def normal_normal(y, prior_loc=1.0, prior_scale=2.0, noise=1.5):
 def poisson_latent(y):
     n = ppl.sample("n", dist.Poisson(3.0))
     ppl.sample("y", dist.Normal(n, 1.0), obs=y)
+
+
+@ppl.model
+def shifted(y):
+    """A learned offset ``b`` (a ppl.param) plus a latent ``mu``: the data's level lives in ``b``."""
+    b = ppl.param("b", torch.tensor(0.0))
+    mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+    with ppl.plate("data", y.shape[0]):
+        ppl.sample("y", dist.Normal(b + mu, 0.1), obs=y)
