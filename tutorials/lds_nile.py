@@ -22,7 +22,6 @@
 # Run: `python tutorials/lds_nile.py [--smoke] [--out DIR] [--threads N]`.
 
 # %%
-import argparse
 import math
 import time
 import warnings
@@ -170,14 +169,11 @@ def auxiliary_residuals(y: torch.Tensor, var_obs: float, var_level: float):
 
 
 # %%
-def main(args) -> None:
+def main(args, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     steps, draws, horizon = (60, 400, 10) if args.smoke else (300, 4000, 10)
     start = time.perf_counter()
 
@@ -308,9 +304,8 @@ def main(args) -> None:
 
 # %%
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Nile local-level model (exact Kalman) vs statsmodels")
-    parser.add_argument("--smoke", action="store_true", help="few optimizer steps and draws (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="folder for the figures")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1-D Kalman algebra: 1 is fastest)")
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    from _common import parse_args, prepare  # tutorials/_common.py; tests import this file without it
+    args = parse_args("Nile local-level model (exact Kalman) vs statsmodels", ("--smoke", "--out", "--threads", "--seed"),
+                      helps={"--smoke": "few optimizer steps and draws (CI)",
+                             "--threads": "torch threads (1-D Kalman algebra: 1 is fastest)"})
+    main(args, prepare(args))

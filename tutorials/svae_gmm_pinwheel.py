@@ -20,10 +20,8 @@
 # Run: `python tutorials/svae_gmm_pinwheel.py [--smoke] [--out DIR] [--seed S]`.
 
 # %%
-import argparse
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -34,16 +32,10 @@ import torch  # noqa: E402
 import ppl  # noqa: E402
 from ppl.models import svae_gmm  # noqa: E402
 
-parser = argparse.ArgumentParser(description="GMM-SVAE on the pinwheel (Johnson et al. 2016)")
-parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
-parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="folder for the figures")
-parser.add_argument("--threads", type=int, default=1, help="torch threads")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
+from _common import parse_args, prepare  # noqa: E402  (tutorials/_common.py)
+
+args = parse_args("GMM-SVAE on the pinwheel (Johnson et al. 2016)", ("--smoke", "--out", "--threads", "--seed"))
+out = prepare(args)
 sizes = dict(per_class=10, restarts=1, steps=20) if args.smoke else dict(per_class=100, restarts=3, steps=600)
 start = time.perf_counter()
 

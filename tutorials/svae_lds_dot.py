@@ -19,9 +19,7 @@
 # only decode its prior mean. Run: `python tutorials/svae_lds_dot.py [--smoke] [--out DIR]`.
 
 # %%
-import argparse
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -32,15 +30,11 @@ import torch  # noqa: E402
 import ppl  # noqa: E402
 from ppl.models import svae_lds, vae  # noqa: E402
 
-parser = argparse.ArgumentParser(description="LDS-SVAE vs plain VAE on bouncing-dot videos")
-parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
-parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="folder for the figures")
-parser.add_argument("--threads", type=int, default=1, help="torch threads (the 2x2 Kalman algebra is fastest on 1)")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-torch.set_num_threads(args.threads)
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
+from _common import parse_args, prepare  # noqa: E402  (tutorials/_common.py)
+
+args = parse_args("LDS-SVAE vs plain VAE on bouncing-dot videos", ("--smoke", "--out", "--threads", "--seed"),
+                  helps={"--threads": "torch threads (the 2x2 Kalman algebra is fastest on 1)"})
+out = prepare(args)
 sizes = (dict(N=8, T=12, num_test=4, steps=30) if args.smoke else dict(N=64, T=40, num_test=64, steps=1000))
 P, D, start = 16, 2, time.perf_counter()
 

@@ -19,10 +19,8 @@
 # Run: `python tutorials/svae_slds.py [--smoke] [--out DIR] [--seed S]`.
 
 # %%
-import argparse
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -33,16 +31,10 @@ import torch  # noqa: E402
 import ppl  # noqa: E402
 from ppl.models import svae_slds  # noqa: E402
 
-parser = argparse.ArgumentParser(description="SLDS-SVAE: segmentation of switching rotations")
-parser.add_argument("--smoke", action="store_true", help="tiny sizes and few steps (CI)")
-parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="folder for the figures")
-parser.add_argument("--threads", type=int, default=1, help="torch threads")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
-torch.set_num_threads(args.threads)
-torch.manual_seed(args.seed)
-out = Path(args.out)
-out.mkdir(parents=True, exist_ok=True)
+from _common import parse_args, prepare  # noqa: E402  (tutorials/_common.py)
+
+args = parse_args("SLDS-SVAE: segmentation of switching rotations", ("--smoke", "--out", "--threads", "--seed"))
+out = prepare(args)
 sizes = dict(N=2, T=12, steps=10) if args.smoke else dict(N=32, T=100, steps=400)
 start = time.perf_counter()
 
