@@ -32,6 +32,19 @@ def oracle(log_init, log_trans, log_lik, lengths, time_varying, n):
     return brute_force(log_init[n], lt, log_lik[n, :L], time_varying)
 
 
+def assert_posterior_matches(post, n, bf, time_varying):
+    """Row n of ``post`` (log Z, marginals, pairwise) equals the brute force ``bf`` to atol 1e-10 (float64
+    enumeration vs the kernels: rounding only), and is zero at the steps beyond the sequence's length."""
+    L = bf.marginals.shape[0]
+    assert torch.allclose(post.log_normalizer[n], bf.log_normalizer, atol=1e-10), "log Z, atol 1e-10"
+    assert torch.allclose(post.marginals[n, :L], bf.marginals, atol=1e-10), "marginals, atol 1e-10"
+    assert torch.all(post.marginals[n, L:] == 0), "marginals are zero beyond length"
+    pair = post.pairwise[n, :L - 1] if time_varying else post.pairwise[n]
+    assert torch.allclose(pair, bf.pairwise, atol=1e-10), "pairwise, atol 1e-10"
+    if time_varying:
+        assert torch.all(post.pairwise[n, L - 1:] == 0), "pairwise counts are zero beyond length"
+
+
 CASES = [(tv, lengths, shared)
          for tv in (False, True) for lengths in (None, [5, 3, 1]) for shared in (False, True)]
 
@@ -48,16 +61,9 @@ def test_all_outputs_match_brute_force(time_varying, lengths, shared):
     for n in range(3):
         bf = oracle(*args, lengths, time_varying, n)
         L = bf.marginals.shape[0]
+        assert_posterior_matches(post, n, bf, time_varying)
         assert torch.allclose(log_z[n], bf.log_normalizer, atol=1e-10), "log Z, atol 1e-10"
-        assert torch.allclose(post.log_normalizer[n], bf.log_normalizer, atol=1e-10)
         assert torch.allclose(par[n], bf.log_normalizer, atol=1e-10), "parallel log Z, atol 1e-10"
-        assert torch.allclose(post.marginals[n, :L], bf.marginals, atol=1e-10), "marginals"
-        assert torch.all(post.marginals[n, L:] == 0), "marginals are zero beyond length"
-        if time_varying:
-            assert torch.allclose(post.pairwise[n, :L - 1], bf.pairwise, atol=1e-10), "pairwise"
-            assert torch.all(post.pairwise[n, L - 1:] == 0)
-        else:
-            assert torch.allclose(post.pairwise[n], bf.pairwise, atol=1e-10), "pairwise, atol 1e-10"
         assert torch.equal(vit.states[n, :L], bf.map_path), "Viterbi path"
         assert torch.all(vit.states[n, L:] == -1), "Viterbi padding is -1"
         assert torch.allclose(vit.log_prob[n], bf.map_log_prob, atol=1e-10), "Viterbi log prob"
@@ -251,14 +257,9 @@ def test_forced_parallel_posterior_matches_brute_force(time_varying, lengths, sh
     log_z = hmm.log_normalizer(*args, lengths=lengths, method="parallel")
     for n in range(3):
         bf = oracle(*args, lengths, time_varying, n)
-        L = bf.marginals.shape[0]
         # float64 enumeration of 3^5 paths vs the tree product: rounding only, atol 1e-10.
+        assert_posterior_matches(post, n, bf, time_varying)
         assert torch.allclose(log_z[n], bf.log_normalizer, atol=1e-10), "log Z, atol 1e-10"
-        assert torch.allclose(post.log_normalizer[n], bf.log_normalizer, atol=1e-10)
-        assert torch.allclose(post.marginals[n, :L], bf.marginals, atol=1e-10), "marginals"
-        assert torch.all(post.marginals[n, L:] == 0), "zero beyond length"
-        pair = post.pairwise[n, :L - 1] if time_varying else post.pairwise[n]
-        assert torch.allclose(pair, bf.pairwise, atol=1e-10), "pairwise, atol 1e-10"
 
 
 def test_forced_parallel_posterior_is_differentiable():

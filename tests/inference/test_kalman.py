@@ -149,13 +149,18 @@ def test_log_normalizer_gradients_are_posterior_moments():
     assert torch.allclose(0.5 * (dJ + dJ.mT), -0.5 * second, atol=1e-9), "grad wrt J != -E[xx^T]/2"
 
 
-def test_info_kernels_gradcheck():
-    g = torch.Generator().manual_seed(5)
-    D, T = 2, 4
+def gradcheck_inputs(seed, D=2, T=4):
+    """``(prior, W (T, 2, D), h (T, D), A (D, D))``: W, h and a copy A of the prior's dynamics are leaves
+    that require grad (a test passes ``J = W^T W``, positive semidefinite for any W)."""
+    g = torch.Generator().manual_seed(seed)
     prior = random_prior(g, (), D, T)
     W = torch.randn(T, 2, D, generator=g, dtype=DT).requires_grad_(True)
     h = torch.randn(T, D, generator=g, dtype=DT).requires_grad_(True)
-    A = prior.dynamics.clone().requires_grad_(True)
+    return prior, W, h, prior.dynamics.clone().requires_grad_(True)
+
+
+def test_info_kernels_gradcheck():
+    prior, W, h, A = gradcheck_inputs(5)
 
     def fn(W, h, A):
         p = prior._replace(dynamics=A)
@@ -275,12 +280,7 @@ def test_sample_posterior_shapes_and_mean():
 
 def test_info_sample_is_reparameterized():
     """With the noise fixed (same generator seed) samples are smooth in h, J and the dynamics."""
-    g = torch.Generator().manual_seed(11)
-    D, T = 2, 4
-    prior = random_prior(g, (), D, T)
-    W = torch.randn(T, 2, D, generator=g, dtype=DT).requires_grad_(True)
-    h = torch.randn(T, D, generator=g, dtype=DT).requires_grad_(True)
-    A = prior.dynamics.clone().requires_grad_(True)
+    prior, W, h, A = gradcheck_inputs(11)
 
     def fn(W, h, A):
         noise = torch.Generator().manual_seed(0)
