@@ -306,48 +306,65 @@ def expected_log_density(natparam: niw.NIWNatural, mean: torch.Tensor, cov: torc
             + (mean.unsqueeze(-2) * e.prec_mean).sum(-1) - 0.5 * e.quad)
 
 
+def _checked_prior(site: str, fn, cls):
+    """The natural parameters of the prior ``fn`` of ``site``, which must be a ``cls`` (``ppl.NormalInverseWishart``
+    or ``ppl.MatrixNormalInverseWishart``) with valid parameters; a ValueError naming the site otherwise."""
+    if not isinstance(fn, cls):
+        raise ValueError(f"site '{site}': expected a ppl.{cls.__name__}, got {type(fn).__name__}")
+    fn.check_site(site)
+    return fn.natural()
+
+
+def _mniw_global(site: str, child: str, node: dict, facts, init: dict) -> MNIWConjugate:
+    """q(A, Q) of the MNIW ``site`` on the dynamics of the chain ``child``, started at ``init[site]`` (packed
+    ``[A | Q]``) or the prior's (M, Psi/nu), with one pseudo-transition per transition of the chain."""
+    fn = node["fn"]
+    prior = _checked_prior(site, fn, MatrixNormalInverseWishart)
+    if site in init:
+        A, Q = MatrixNormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_xxT.device),
+                                                 fn.loc.shape[-1])
+    else:
+        A, Q = fn.loc, fn.scale / fn.df[..., None, None]
+    shape = tuple(facts.targets[child].node_shape)
+    transitions = int(torch.Size(shape[:-1]).numel()) * (shape[-1] - 1)
+    return MNIWConjugate(site, child, prior, A, Q, transitions, node["value"].dtype)
+
+
+def _dirichlet_global(site: str, child: str, node: dict, facts, init: dict) -> DirichletConjugate:
+    """q(pi) of the Dirichlet ``site`` over the mixture assignment ``child``."""
+    target = next(t for t in facts.targets.values() if t.discrete == child)
+    nodes = int(torch.Size(target.node_shape).numel())
+    return DirichletConjugate(site, child, target.site, node["fn"].concentration, nodes)
+
+
+def _niw_global(site: str, child: str, node: dict, facts, init: dict) -> NIWConjugate:
+    """q(mu_k, Sigma_k) of the NIW ``site`` over the components of the mixture node ``child``, started at
+    ``init[site]`` (packed ``(K, D, D + 1)``) or the traced prior draw of the means and Psi/nu."""
+    target = facts.targets[child]
+    prior = _checked_prior(site, node["fn"], NormalInverseWishart)
+    if site in init:
+        loc, cov = NormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_x.device))
+    else:
+        params = niw.standard_from_natural(prior)
+        loc = NormalInverseWishart.unpack(node["value"])[0]
+        cov = params.scale / params.df[..., None, None]
+    nodes = int(torch.Size(target.node_shape).numel())
+    return NIWConjugate(site, child, prior, loc, cov, nodes, node["value"].dtype)
+
+
 def build(trace, facts, init: dict | None = None) -> dict:
-    """The conjugate globals of a model: site -> ``DirichletConjugate`` / ``NIWConjugate``, from the model's
-    ``trace`` (prior parameters, shapes) and ``init`` (site -> initial value; an NIW site's value is packed
-    ``(K, D, D + 1)``; without one q starts at the traced prior draw of the means and the covariances
-    :math:`E_p[\\Sigma^{-1}]^{-1} = \\Psi/\\nu`)."""
+    """The conjugate globals of a model: site -> ``DirichletConjugate`` / ``NIWConjugate`` / ``MNIWConjugate``,
+    from the model's ``trace`` (prior parameters, shapes) and ``init`` (site -> initial value; an NIW site's
+    value is packed ``(K, D, D + 1)``, an MNIW site's ``(D, 2 D)``; without one q starts at the traced prior
+    draw of the means and the covariances :math:`E_p[\\Sigma^{-1}]^{-1} = \\Psi/\\nu`)."""
     init = init or {}
     out = {}
     for site, child in natural_gradient_sites(facts).items():
-        node = trace.nodes[site]
         if site in facts.conjugate_dynamics:
-            fn = node["fn"]
-            if not isinstance(fn, MatrixNormalInverseWishart):
-                raise ValueError(f"site '{site}': expected a ppl.MatrixNormalInverseWishart, got {type(fn).__name__}")
-            fn.check_site(site)
-            prior = fn.natural()
-            if site in init:
-                A, Q = MatrixNormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_xxT.device),
-                                                         fn.loc.shape[-1])
-            else:
-                A, Q = fn.loc, fn.scale / fn.df[..., None, None]
-            target = facts.targets[child]
-            shape = tuple(target.node_shape)
-            transitions = int(torch.Size(shape[:-1]).numel()) * (shape[-1] - 1)
-            out[site] = MNIWConjugate(site, child, prior, A, Q, transitions, node["value"].dtype)
-            continue
-        if site in facts.conjugate:
-            target = next(t for t in facts.targets.values() if t.discrete == child)
-            nodes = int(torch.Size(target.node_shape).numel())
-            out[site] = DirichletConjugate(site, child, target.site, node["fn"].concentration, nodes)
-            continue
-        target = facts.targets[child]
-        fn = node["fn"]
-        if not isinstance(fn, NormalInverseWishart):
-            raise ValueError(f"site '{site}': expected a ppl.NormalInverseWishart, got {type(fn).__name__}")
-        fn.check_site(site)
-        prior = fn.natural()
-        if site in init:
-            loc, cov = NormalInverseWishart.unpack(torch.as_tensor(init[site]).to(prior.sum_x.device))
+            make = _mniw_global
+        elif site in facts.conjugate:
+            make = _dirichlet_global
         else:
-            params = niw.standard_from_natural(prior)
-            loc = NormalInverseWishart.unpack(node["value"])[0]
-            cov = params.scale / params.df[..., None, None]
-        nodes = int(torch.Size(target.node_shape).numel())
-        out[site] = NIWConjugate(site, child, prior, loc, cov, nodes, node["value"].dtype)
+            make = _niw_global
+        out[site] = make(site, child, trace.nodes[site], facts, init)
     return out
