@@ -51,6 +51,7 @@ class Facts:
 
     @property
     def chains(self) -> tuple[str, ...]:
+        """Every latent chain: markov_chains then gaussian_chains."""
         return self.markov_chains + self.gaussian_chains
 
     @property
@@ -68,10 +69,12 @@ class Facts:
 
 
 def latent_chains(graph: ModelGraph, kind: str) -> tuple[str, ...]:
+    """Latent sites of block ``kind`` ("markov_chain" or "gaussian_chain")."""
     return tuple(s.name for s in graph.latent() if s.block == kind)
 
 
 def plain_latents(graph: ModelGraph, discrete: bool) -> tuple[str, ...]:
+    """Latent sites outside any block, discrete or continuous."""
     return tuple(s.name for s in graph.latent() if s.block is None and s.is_discrete == discrete)
 
 
@@ -83,6 +86,7 @@ def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
 
 
 def plate_sizes(graph: ModelGraph) -> dict[str, int]:
+    """plate name -> size, over every site."""
     return {name: size for s in graph.sites() for name, size in s.plates}
 
 

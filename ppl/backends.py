@@ -75,6 +75,7 @@ class UnsupportedModelError(ValueError):
 
 
 def backend_names() -> tuple[str, ...]:
+    """The registered backends' names, in registry order."""
     return tuple(REGISTRY)
 
 
@@ -97,6 +98,7 @@ def get_backend(name: str) -> Backend:
 
 
 def all_backends() -> tuple[Backend, ...]:
+    """Every registered backend (each module imported on first use)."""
     return tuple(get_backend(name) for name in REGISTRY)
 
 

@@ -19,6 +19,7 @@ class ModelGraph(nx.DiGraph):
     """Sites of one model on one data set. ``graph.graph['name']`` is the model's name."""
 
     def site(self, name: str) -> SiteInfo:
+        """The ``SiteInfo`` of site ``name``."""
         return self.nodes[name]["info"]
 
     def sites(self) -> list[SiteInfo]:
@@ -26,9 +27,11 @@ class ModelGraph(nx.DiGraph):
         return [self.nodes[n]["info"] for n in self.graph["order"]]
 
     def latent(self) -> list[SiteInfo]:
+        """Unobserved sites in execution order."""
         return [s for s in self.sites() if not s.observed]
 
     def observed(self) -> list[SiteInfo]:
+        """Observed sites in execution order."""
         return [s for s in self.sites() if s.observed]
 
     def children_of(self, name: str) -> list[str]:
@@ -37,6 +40,7 @@ class ModelGraph(nx.DiGraph):
         return [n for n in self.graph["order"] if n in kids]
 
     def parents_of(self, name: str) -> list[str]:
+        """Direct parents of ``name`` in execution order."""
         ups = set(self.predecessors(name))
         return [n for n in self.graph["order"] if n in ups]
 

@@ -12,6 +12,8 @@ TREATMENTS = ("enumerate", "message passing", "recognition potential", "natural 
 
 @dataclass(frozen=True)
 class SiteTreatment:
+    """How a backend handles one site (one of ``TREATMENTS``), and the detail ``explain()`` prints."""
+
     site: str
     treatment: str
     detail: str
@@ -51,12 +53,14 @@ class Plan:
     graph: Any = field(default=None, compare=False, repr=False)
 
     def treatment(self, site: str) -> str:
+        """The treatment of ``site``; KeyError naming the model if it has no such site."""
         for t in self.treatments:
             if t.site == site:
                 return t.treatment
         raise KeyError(f"site '{site}' is not in the plan of model '{self.model_name}'")
 
     def with_options(self, **options) -> "Plan":
+        """A copy with ``options`` merged into ``self.options`` (what the backend ran with)."""
         merged = dict(self.options)
         merged.update(options)
         return replace(self, options=tuple(sorted(merged.items())))

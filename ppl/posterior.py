@@ -135,6 +135,7 @@ class Posterior:
 
     @property
     def backend(self) -> str:
+        """Name of the backend that produced this Posterior."""
         return self.plan.backend
 
     def _flat(self) -> dict[str, torch.Tensor]:

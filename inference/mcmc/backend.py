@@ -59,6 +59,7 @@ class _DrawStats:
         self._divergences = len(kernel._divergences)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """statistic -> ``(draws,)``: "step_size", "diverging", "accept_prob"."""
         return {"step_size": torch.tensor(self.step_size, dtype=torch.float64),
                 "diverging": torch.tensor(self.diverging, dtype=torch.bool),
                 "accept_prob": torch.tensor(self.accept_prob, dtype=torch.float64)}

@@ -142,6 +142,8 @@ class _Step:
         self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": [], "global_kl": []}
 
     def run(self, generator=None, point: dict | None = None) -> SVAEObjective:
+        """One pass of the model under ``SVAEObjective`` with the networks' potentials, globals at ``point``
+        (the guide's value if None) and conjugate q's plugged in; returns the handler (terms, locals)."""
         if point is None:
             point = self.guide(*self.args, **self.kwargs) if self.guide is not None else {}
         pots = {}

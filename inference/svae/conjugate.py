@@ -96,15 +96,18 @@ class DirichletConjugate:
         return dirichlet.expected_stats(self.natparam)
 
     def mean(self) -> torch.Tensor:
+        """:math:`E_q[\pi]`: ``(K,)``."""
         alpha = self.natparam + 1
         return alpha / alpha.sum(-1, keepdim=True)
 
     point = mean
 
     def kl(self) -> torch.Tensor:
+        """:math:`\mathrm{KL}(q(\pi) \| p(\pi))`: a scalar."""
         return dirichlet.kl(self.natparam, self.prior)
 
     def sample(self, n: int) -> torch.Tensor:
+        """``n`` draws of the weights from q: ``(n, K)``."""
         return torch.distributions.Dirichlet(self.natparam + 1).sample((n,))
 
     def update(self, counts: torch.Tensor, step: float) -> None:
@@ -112,6 +115,7 @@ class DirichletConjugate:
         self.natparam = natural_step(self.natparam, self.prior + counts.detach(), step)
 
     def update_from(self, handler, step: float) -> None:
+        """Update from a finished ``SVAEObjective`` run: the expected counts of the assignment's q(z)."""
         probs = handler.locals[self.target].probs
         self.update(probs.reshape(-1, probs.shape[-1]).sum(0), step)
 
@@ -152,6 +156,7 @@ class NIWConjugate:
         self.natparam = niw.conjugate_update(prior, pseudo)
 
     def expectations(self) -> niw.NIWExpectations:
+        """Expected statistics of q = NIW per component (``niw.NIWExpectations``, batch ``(K,)``)."""
         return niw.expectations(self.natparam)
 
     def plug_in(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,9 +174,11 @@ class NIWConjugate:
         return expected_log_density_offset(self.natparam).to(self.dtype)
 
     def kl(self) -> torch.Tensor:
+        """:math:`\sum_k \mathrm{KL}(q(\mu_k, \Sigma_k) \| p(\mu_k, \Sigma_k))`: a scalar in ``dtype``."""
         return niw.kl(self.natparam, self.prior).sum().to(self.dtype)
 
     def sample(self, n: int) -> torch.Tensor:
+        """``n`` draws from q, packed ``(n, K, D, D + 1)`` as the site's value."""
         draw = niw.sample(self.natparam, (n,))
         return NormalInverseWishart.pack(draw.loc, draw.covariance_matrix).to(self.dtype)
 
@@ -250,9 +257,11 @@ class MNIWConjugate:
         return MatrixNormalInverseWishart.pack(*self.plug_in())
 
     def kl(self) -> torch.Tensor:
+        """:math:`\mathrm{KL}(q(A, Q) \| p(A, Q))`: a scalar in ``dtype``."""
         return mniw.kl(self.natparam, self.prior).sum().to(self.dtype)
 
     def sample(self, n: int) -> torch.Tensor:
+        """``n`` draws from q, packed ``(n, D, 2 D)`` as the site's value."""
         draw = mniw.sample(self.natparam, (n,))
         return MatrixNormalInverseWishart.pack(draw.A, draw.Q).to(self.dtype)
 
