@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+import pyro.distributions as dist
 import torch
 
 from bench.harness import Case, median_time
@@ -61,7 +63,6 @@ def ours_loglik(p: Problem, grad: bool, fn=hmm.log_normalizer):
 
 def pyro_loglik(p: Problem, grad: bool):
     """Callable: Pyro ``DiscreteHMM.log_prob`` of the problem, plus backward when ``grad``."""
-    import pyro.distributions as dist
 
     def run():
         with torch.set_grad_enabled(grad):
@@ -75,7 +76,6 @@ def pyro_loglik(p: Problem, grad: bool):
 
 def pyro_loglik_value(p: Problem) -> float:
     """Pyro ``DiscreteHMM.log_prob`` of the problem, summed over sequences (no gradient)."""
-    import pyro.distributions as dist
 
     with torch.no_grad():
         d = dist.DiscreteHMM(p.init_logits, p.trans_logits, dist.Normal(p.loc, p.log_scale.exp()))
@@ -150,8 +150,6 @@ def check_agreement(p: Problem) -> str:
     may flip a step) with total path log-probabilities within relative 1e-5.
     Returns a one-line summary of the measured differences for the table's note.
     """
-    import numpy as np
-    import pyro.distributions as dist
 
     N, T = p.y.shape
     leaves = list(p[:4])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
+import pyro.distributions as dist
 import torch
 
 from bench.harness import Case
@@ -60,7 +62,6 @@ def ours_smoother(p: Problem, mask=None):
 
 def pykalman_smoother(p: Problem, mask=None):
     """pykalman's ``smooth`` on each sequence in turn (missing steps as a numpy masked array)."""
-    import numpy as np
     from pykalman import KalmanFilter
     prior = our_prior(p)
     kf = KalmanFilter(transition_matrices=p.A.numpy(), observation_matrices=p.C.numpy(),
@@ -96,7 +97,6 @@ def ours_loglik(p: Problem, grad: bool):
 
 def pyro_loglik(p: Problem, grad: bool):
     """Callable: Pyro ``GaussianHMM.log_prob`` summed over the batch, plus backward if ``grad``."""
-    import pyro.distributions as dist
 
     def run():
         q = with_grad(p) if grad else p
@@ -122,7 +122,6 @@ def check_agreement(p64: Problem, p32: Problem) -> None:
     absolute 1e-8 (both are exact float64 recursions; measured differences ~1e-12). Summed
     log p(y) vs Pyro in float32: relative 1e-4 (float32 sums of B*T terms of order 1).
     """
-    import numpy as np
     one = Problem(*p64[:7], p64.y[:1])
     means, covs = pykalman_smoother(one)()[0]
     sm = ours_smoother(one)()

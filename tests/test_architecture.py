@@ -20,7 +20,7 @@ from tests.ppl.models_for_tests import normal_normal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in (ROOT / "ppl").rglob("*.py") if p.name != "demo.py")  # demo.py is an app on top
-PACKAGES = CORE + sorted((ROOT / "inference").rglob("*.py")) + sorted((ROOT / "models").rglob("*.py"))
+PACKAGES = CORE + [p for folder in ("inference", "models", "bench", "tutorials") for p in sorted((ROOT / folder).rglob("*.py"))]
 OPTIONAL_EXTRAS = {"arviz", "matplotlib", "sklearn", "statsmodels", "hmmlearn", "pykalman"}
 
 
@@ -29,7 +29,7 @@ def _imports(path: pathlib.Path):
     resolved against the file's package (``ppl.inference`` lives in inference/, ``ppl.models`` in models/)."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    parts[0] = {"ppl": "ppl", "inference": "ppl.inference", "models": "ppl.models"}[parts[0]]
+    parts[0] = {"inference": "ppl.inference", "models": "ppl.models"}.get(parts[0], parts[0])
     package = ".".join(parts[:-1])  # a module's package; an __init__'s is its own folder
     tree = ast.parse(path.read_text())
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]

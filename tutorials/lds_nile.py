@@ -27,10 +27,12 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ppl
 from ppl import dist
+from ppl.inference.exact.kalman import LDSPrior, kalman_smoother
 
 FIRST_YEAR = 1871
 DAM_YEAR = 1899          # the first Aswan dam: the level drops in 1899 (D&K sec. 2.12)
@@ -127,7 +129,6 @@ def statsmodels_model(y: torch.Tensor, initial: tuple[float, float] | None = Non
     import statsmodels.api as sm
     mod = sm.tsa.UnobservedComponents(y.cpu().numpy(), "local level", use_exact_diffuse=initial is None)
     if initial is not None:
-        import numpy as np
         mod.ssm.initialize_known(np.array([float(initial[0])]), np.array([[float(initial[1])]]))
         mod.loglikelihood_burn = mod.ssm.loglikelihood_burn = 0
     return mod
@@ -147,7 +148,6 @@ def smoothed_level(y: torch.Tensor, var_obs: float, var_level: float):
     r"""Exact RTS smoother of the (diffuse-equivalent) local-level model at fixed variances, by the library's
     Kalman kernel (``ppl.inference.exact.kalman.kalman_smoother``): ``(mean (T,), var (T,), cross (T-1,))``
     with ``cross[t] = Cov(x_t, x_{t+1} | y)``."""
-    from ppl.inference.exact.kalman import LDSPrior, kalman_smoother
     one = torch.ones(1, 1, dtype=y.dtype, device=y.device)
     prior = LDSPrior(initial_loc=y[:1], initial_cov=var_obs * one, dynamics=one, noise_cov=var_level * one)
     mask = torch.ones_like(y, dtype=torch.bool)
