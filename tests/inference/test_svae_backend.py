@@ -6,6 +6,7 @@ import torch
 import ppl
 from ppl import dist
 from tests.conftest import cuda_params
+from tests.ppl.models_for_tests import ScaledIdentity
 
 
 class Decoder(torch.nn.Module):
@@ -99,15 +100,7 @@ def test_conjugate_dirichlet_weights_get_natural_gradient_updates():
     z = torch.tensor([0] * 30 + [1] * 15 + [2] * 5)
     y = locs[z] + 0.5 * torch.randn(50, 2, dtype=torch.float64)
 
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-
-        def forward(self, x):
-            return self.scale * x
-
-    decoder = Linear()
+    decoder = ScaledIdentity()
 
     def model(y):
         dec = ppl.module("dec", decoder)

@@ -4,7 +4,6 @@ Gaussian node) and lower-bounds it, tightly, where it is mean field (mixture, sw
 import itertools
 import math
 
-import pytest
 import torch
 
 import ppl
@@ -14,19 +13,12 @@ from ppl.graph import trace_graph
 from ppl.inference.exact.kalman import LDSPrior, log_likelihood
 from ppl.inference.svae.facts import svae_facts
 from ppl.inference.svae.objective import SVAEObjective
+from tests.ppl.models_for_tests import ScaledIdentity
 
 R_VAR = 0.3
 
 
-class Identity(torch.nn.Module):
-    """A 'network' so that the likelihood counts as neural; y = x + noise."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-
-    def forward(self, x):
-        return self.scale * x
+Identity = ScaledIdentity  # a 'network' so that the likelihood counts as neural; y = x + noise
 
 
 class TanhDecoder(Identity):

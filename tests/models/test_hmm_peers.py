@@ -13,19 +13,10 @@ import pytest
 import torch
 
 import ppl
-from ppl.handlers import tabulate
-from ppl.inference.chains import collapsed_log_normalizer
 from ppl.models import hmm
+from tests.reference.collapsed import exact_log_likelihood
 
 hmmlearn_hmm = pytest.importorskip("hmmlearn.hmm")
-
-
-def exact_log_likelihood(model, values: dict, *args, **kwargs) -> torch.Tensor:
-    """log p(data | values) with every chain marginalized exactly, through the model code."""
-    conditioned = ppl.condition(model, values)
-    spec = ppl.compile(conditioned, *args, **kwargs).facts.collapse_spec()
-    tables = tabulate(conditioned, args, kwargs, spec)
-    return sum(collapsed_log_normalizer(t) for t in tables.values()).detach()
 
 
 def _params(sim, dtype):

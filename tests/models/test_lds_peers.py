@@ -19,18 +19,11 @@ from ppl import dist
 from ppl.handlers import tabulate
 from ppl.inference.chains import collapsed_log_normalizer
 from ppl.models import factorial_hmm, lds, slds
+from tests.reference.collapsed import exact_log_likelihood
 
 pykalman = pytest.importorskip("pykalman")
 
 GLOBALS = ("dynamics", "state_noise", "obs_offset", "obs_noise", "emission_free", "input_matrix")
-
-
-def exact_log_likelihood(model, values: dict, *args, **kwargs) -> torch.Tensor:
-    """log p(data | values) with every chain marginalized exactly, through the model code."""
-    conditioned = ppl.condition(model, values)
-    spec = ppl.compile(conditioned, *args, **kwargs).facts.collapse_spec()
-    tables = tabulate(conditioned, args, kwargs, spec)
-    return sum(collapsed_log_normalizer(t) for t in tables.values()).detach()
 
 
 def _peer(params: dict, inputs: torch.Tensor | None):
