@@ -7,17 +7,18 @@ from typing import Callable
 import pyro.poutine as poutine
 import torch
 
-from .primitives import ModelInputError, model_name
+from .primitives import ModelInputError, model_name, without_data
 
 
 def simulate(model: Callable, *args, num_samples: int = 1, seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
-    """Draw ``num_samples`` joint samples of every site from the prior, observed sites resampled.
+    """Draw ``num_samples`` joint samples of every site from the prior, observed sites resampled (sites fixed
+    by ``ppl.condition`` keep their values).
 
     Returns site -> ``(num_samples, *value_shape)``. The global RNG state is left unchanged.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    free = poutine.uncondition(model)
+    free = without_data(model)
     draws: dict[str, list] = {}
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from pyro.infer import Predictive
+
+from .primitives import without_data
 
 
 class LogEvidence(NamedTuple):
@@ -196,12 +197,13 @@ class Posterior:
 
     def predictive(self, n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
         """Posterior predictive: ``n`` replicated data sets (every site, observed ones redrawn), latents from
-        ``sample(n, seed)``, the learned parameters in place: site -> ``(n, *value_shape)``."""
+        ``sample(n, seed)``, the learned parameters in place, sites fixed by ``ppl.condition`` at their given
+        values: site -> ``(n, *value_shape)``."""
         if self.model is None:
             raise RuntimeError(f"this Posterior (backend '{self.backend}') does not hold its model")
         latent = {s.name for s in self.plan.graph.latent()}
         given = {k: v for k, v in self.sample(n, seed).items() if k in latent}
-        pred = Predictive(poutine.uncondition(self.model), posterior_samples=given, num_samples=n, parallel=False)
+        pred = Predictive(without_data(self.model), posterior_samples=given, num_samples=n, parallel=False)
         with torch.random.fork_rng(), torch.no_grad(), self.fitted_params():
             torch.manual_seed(seed)
             return pred(*self.args, **self.kwargs)

@@ -36,9 +36,14 @@ class Model:
         if not callable(fn):
             raise TypeError(f"ppl.model expects a function, got {type(fn).__name__}")
         self.fn = fn
-        self.fixed_sites: frozenset[str] = frozenset()  # sites fixed by ppl.condition: not data
+        self.fixed_values: dict[str, torch.Tensor] = {}  # sites fixed by ppl.condition: not data
         self.name = getattr(fn, "__name__", "model")
         functools.update_wrapper(self, fn)
+
+    @property
+    def fixed_sites(self) -> frozenset[str]:
+        """Names of the sites fixed by ``ppl.condition`` (not data: kept when the data are redrawn)."""
+        return frozenset(self.fixed_values)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -52,7 +57,7 @@ class Model:
         module, qualname = getattr(self.fn, "__module__", None), getattr(self.fn, "__qualname__", "")
         if _lookup(module, qualname) is self:
             return _lookup, (module, qualname)
-        return _restore_model, (self.fn, self.fixed_sites, self.name)
+        return _restore_model, (self.fn, self.fixed_values, self.name)
 
 
 def _lookup(module: str | None, qualname: str) -> Any:
@@ -65,9 +70,9 @@ def _lookup(module: str | None, qualname: str) -> Any:
     return obj
 
 
-def _restore_model(fn: Callable[..., Any], fixed_sites: frozenset, name: str) -> Model:
+def _restore_model(fn: Callable[..., Any], fixed_values: dict, name: str) -> Model:
     restored = Model(fn)
-    restored.fixed_sites, restored.name = fixed_sites, name
+    restored.fixed_values, restored.name = dict(fixed_values), name
     return restored
 
 
@@ -195,5 +200,15 @@ def condition(fn: Callable[..., Any], data: dict[str, torch.Tensor]) -> Model:
             raise ModelInputError(f"site '{name}': conditioned value contains NaN or inf")
     conditioned = Model(pyro.poutine.condition(fn, data=data))
     conditioned.name = f"{model_name(fn)}|{','.join(data)}"
-    conditioned.fixed_sites = frozenset(data) | getattr(fn, "fixed_sites", frozenset())
+    # the outer condition wins in Pyro (it writes the site's value last), so its values override the inner's
+    conditioned.fixed_values = {**getattr(fn, "fixed_values", {}), **data}
     return conditioned
+
+
+def without_data(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its observed data freed (drawn when it runs), the sites fixed by ``ppl.condition`` kept at
+    their given values: what the predictive and ``simulate`` run. (``poutine.uncondition`` alone would free
+    both, redrawing e.g. a conditioned transition matrix from its prior.)"""
+    free = pyro.poutine.uncondition(fn)
+    fixed = getattr(fn, "fixed_values", None)
+    return pyro.poutine.condition(free, data=dict(fixed)) if fixed else free
