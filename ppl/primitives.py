@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pyro
 import torch
+from pyro.distributions import Independent
 from pyro.poutine.runtime import get_plates
 
 plate = pyro.plate
@@ -86,12 +87,12 @@ def model_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "name", None) or getattr(fn, "__name__", "model")
 
 
-def _check_observed(name: str, fn, obs: torch.Tensor, mask) -> None:
+def _check_observed(name: str, fn, obs: torch.Tensor, mask, trailing: int) -> None:
     """Raise ModelInputError if ``obs`` is not a finite value of the right shape for ``fn``.
 
-    Entries where ``mask`` is False (missing data) may be NaN; all others must be finite.
-    The event shape of ``obs`` must equal ``fn.event_shape``; its batch shape must broadcast
-    with ``fn.batch_shape``.
+    Entries where ``mask`` is False (missing data) may be NaN; all others must be finite (``mask`` is aligned
+    with ``obs`` but for its last ``trailing`` dims). The event shape of ``obs`` must equal ``fn.event_shape``;
+    its batch shape must broadcast with ``fn.batch_shape``.
     """
     event_shape = tuple(fn.event_shape)
     shape = tuple(obs.shape)
@@ -111,7 +112,7 @@ def _check_observed(name: str, fn, obs: torch.Tensor, mask) -> None:
     if obs.is_floating_point() or obs.is_complex():
         bad = ~torch.isfinite(obs)
         if isinstance(mask, torch.Tensor):
-            bad = bad & _expand_mask(mask, obs, len(event_shape))
+            bad = bad & _expand_mask(mask, obs, trailing)
         elif mask is False:
             return
         if bool(bad.any()):
@@ -136,9 +137,52 @@ def _plated_batch_shape(fn) -> tuple[int, ...]:
 
 
 def _expand_mask(mask: torch.Tensor, obs: torch.Tensor, event_dim: int) -> torch.Tensor:
-    """Broadcast a batch mask ``(batch...)`` over the event dims of ``obs``."""
+    """Broadcast a mask over the last ``event_dim`` dims of ``obs`` (the dims it does not cover)."""
     mask = mask.reshape(mask.shape + (1,) * event_dim)
     return mask.expand(obs.shape) if mask.dim() <= obs.dim() else mask
+
+
+def _check_mask_type(name: str, mask) -> None:
+    """A mask is None, a Python bool or a bool tensor (True = observed); ModelInputError naming the site."""
+    if mask is None or isinstance(mask, bool) or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+        return
+    got = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+    raise ModelInputError(f"site '{name}': mask must be a bool tensor (True = observed) or a Python bool, got {got}")
+
+
+def _fold_entry_mask(name: str, fn, obs: torch.Tensor | None, mask):
+    """``(fn, site_mask, trailing)``: how a mask applies to the site.
+
+    A mask of at most as many dims as the value's batch shape masks whole events (Pyro's ``poutine.mask``):
+    returned as ``site_mask``, ``trailing`` = the number of event dims. A mask with more dims would be
+    broadcast by Pyro into new batch dims, counting the log-density once per extra entry (an all-True
+    ``(T, P)`` mask on ``Normal(...).to_event(2)`` multiplied it by T * P). Such a mask is read as one over the
+    value's entries, right-aligned: over the dims that ``.to_event`` reinterpreted it masks the base
+    distribution (``fn.base_dist.mask(m).to_event(n)``: masked entries leave the sum, exactly) and
+    ``site_mask`` is None; reaching into a base's own event dims (e.g. a MultivariateNormal's) it is refused
+    with a ModelInputError naming the site and the shapes a mask may have.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return fn, mask, len(fn.event_shape)
+    event = tuple(fn.event_shape)
+    batch = tuple(obs.shape[: obs.dim() - len(event)]) if obs is not None else _plated_batch_shape(fn)
+    if mask.dim() <= len(batch):
+        return fn, mask, len(event)
+    base, n = fn, 0
+    while isinstance(base, Independent):
+        n, base = n + base.reinterpreted_batch_ndims, base.base_dist
+    entries = batch + event[:n]
+    try:
+        fits = mask.dim() <= len(entries) and tuple(torch.broadcast_shapes(mask.shape, entries)) == entries
+    except RuntimeError:
+        fits = False
+    if not fits:
+        single = f", or one over its single entries of shape {entries} (the dims .to_event reinterpreted)" if n else ""
+        raise ModelInputError(
+            f"site '{name}': mask has shape {tuple(mask.shape)}, more dims than the batch shape {batch} of "
+            f"{type(fn).__name__} (event shape {event}); expected a mask of the batch shape {batch} (whole "
+            f"events){single}")
+    return base.mask(mask).to_event(n), None, len(event) - n
 
 
 def sample(name: str, fn, obs: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
@@ -150,7 +194,9 @@ def sample(name: str, fn, obs: torch.Tensor | None = None, *, mask: torch.Tensor
         fn: a ``ppl.dist`` (Pyro) distribution, or a structured block's distribution.
         obs: observed value, shape ``batch_shape + event_shape`` of ``fn`` (broadcastable batch).
         mask: optional boolean ``(batch...)``; False marks a missing observation, which is
-            then left out of the likelihood (its value may be NaN).
+            then left out of the likelihood (its value may be NaN). On a ``.to_event(n)``
+            distribution the mask may also cover the n reinterpreted dims ``(batch..., event[:n]...)``
+            (e.g. y's full shape for ``Normal(loc, s).to_event(2)``) to leave out single entries.
         infer: Pyro inference hints.
     Returns:
         the value of the site: ``obs`` if observed, otherwise a draw (or the value an
@@ -159,16 +205,19 @@ def sample(name: str, fn, obs: torch.Tensor | None = None, *, mask: torch.Tensor
     check_site = getattr(fn, "check_site", None)  # parameter checks that name the site (ppl.conjugate_dists)
     if check_site is not None:
         check_site(name)
+    if obs is not None and not isinstance(obs, torch.Tensor):
+        raise ModelInputError(f"site '{name}': observed value must be a torch.Tensor, got {type(obs).__name__}")
+    _check_mask_type(name, mask)
+    fn, site_mask, trailing = _fold_entry_mask(name, fn, obs, mask)
     if obs is not None:
-        if not isinstance(obs, torch.Tensor):
-            raise ModelInputError(f"site '{name}': observed value must be a torch.Tensor, got {type(obs).__name__}")
-        _check_observed(name, fn, obs, mask)
+        _check_observed(name, fn, obs, mask, trailing)
         if mask is not None and obs.is_floating_point():
             # Missing entries are excluded by the mask; a finite placeholder keeps gradients finite.
-            obs = torch.where(_expand_mask(mask, obs, len(fn.event_shape)), obs, torch.zeros_like(obs))
-    if mask is None:
+            keep = _expand_mask(mask, obs, trailing) if isinstance(mask, torch.Tensor) else mask
+            obs = torch.where(torch.as_tensor(keep, device=obs.device), obs, torch.zeros_like(obs))
+    if site_mask is None:
         return pyro.sample(name, fn, obs=obs, infer=infer or {})
-    with pyro.poutine.mask(mask=mask):
+    with pyro.poutine.mask(mask=site_mask):
         return pyro.sample(name, fn, obs=obs, infer=infer or {})
 
 

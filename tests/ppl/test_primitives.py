@@ -84,3 +84,56 @@ def test_module_registers_parameters_and_rejects_non_modules():
     assert {"net$$$weight", "net$$$bias"} <= set(tr.nodes)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ppl.module("bad", lambda x: x)
+
+
+# ----------------------------------------------------------------------------- masks over single entries
+def to_event_model(y, mask=None):
+    loc = ppl.sample("loc", dist.Normal(0.0, 10.0))
+    ppl.sample("y", dist.Normal(loc, 1.0).expand(y.shape).to_event(2), obs=y, mask=mask)
+
+
+def test_full_shape_mask_on_to_event_site_counts_each_entry_once():
+    """Before the fix Pyro broadcast a ``(T, P)`` mask into new batch dims of the ``()``-batched site: the
+    log-density was counted T * P times (all-True mask: log evidence -3748 instead of -75)."""
+    torch.manual_seed(0)
+    y = torch.randn(5, 10)
+    loc = torch.tensor(0.3)
+    unmasked = ppl.log_joint(to_event_model, {"loc": loc}, y)
+    all_true = ppl.log_joint(to_event_model, {"loc": loc}, y, mask=torch.ones(5, 10, dtype=torch.bool))
+    assert torch.isclose(all_true, unmasked, rtol=1e-6)
+    mask = torch.rand(5, 10) < 0.6
+    y_missing = torch.where(mask, y, torch.tensor(float("nan")))
+    got = ppl.log_joint(to_event_model, {"loc": loc}, y_missing, mask=mask)
+    expected = dist.Normal(0.0, 10.0).log_prob(loc) + dist.Normal(loc, 1.0).log_prob(y[mask]).sum()
+    assert torch.isclose(got, expected, rtol=1e-6)
+    fixed = ppl.condition(to_event_model, {"loc": loc})
+    post = ppl.infer(fixed, y, model_kwargs={"mask": torch.ones(5, 10, dtype=torch.bool)}, progress=False)
+    assert abs(post.log_evidence.value - float(unmasked - dist.Normal(0.0, 10.0).log_prob(loc))) < 1e-4
+
+
+def test_entry_mask_under_a_collapsed_chain_equals_the_step_mask():
+    """A (T, P) mask whose rows are all True or all False is the per-step mask (T,): same exact evidence."""
+    @ppl.model
+    def hmm2(y, mask=None):
+        loc = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
+        z = ppl.markov_chain("z", 2, torch.tensor([[0.8, 0.2], [0.3, 0.7]]), length=y.shape[-2])
+        ppl.sample("y", dist.Normal(loc[z], 1.0).to_event(1), obs=y, mask=mask)
+
+    torch.manual_seed(1)
+    y = torch.randn(12, 2)
+    steps = torch.ones(12, dtype=torch.bool)
+    steps[[3, 7]] = False
+    by_step = ppl.infer(hmm2, y, model_kwargs={"mask": steps}, progress=False).log_evidence.value
+    by_entry = ppl.infer(hmm2, y, model_kwargs={"mask": steps[:, None].expand(12, 2)}, progress=False)
+    assert abs(by_entry.log_evidence.value - by_step) < 1e-4
+
+
+def test_mask_reaching_into_a_multivariate_event_is_refused():
+    def mvn(y, mask):
+        with ppl.plate("data", y.shape[0]):
+            ppl.sample("y", dist.MultivariateNormal(torch.zeros(3), torch.eye(3)), obs=y, mask=mask)
+
+    with pytest.raises(ppl.ModelInputError, match=r"site 'y'.*mask has shape \(4, 3\).*batch shape \(4,\)"):
+        run(mvn, torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ppl.ModelInputError, match=r"site 'y'.*single entries of shape \(5, 10\)"):
+        run(to_event_model, torch.zeros(5, 10), torch.ones(2, 5, 10, dtype=torch.bool))
