@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .hmm_forward import Smoothed, step_matrix, valid_time_major
 from .hmm_inputs import ChainInputs
+from .safe_log import logsumexp
 
 
 class LogForward(NamedTuple):
@@ -43,13 +44,13 @@ def forward_log(ch: ChainInputs) -> LogForward:
     lik = ch.log_lik.transpose(0, 1)
     valid = valid_time_major(ch)
     la = ch.log_init + lik[0]
-    total = la.logsumexp(-1)
+    total = logsumexp(la, -1)
     la = la - _safe(total)[:, None]
     alphas, terms = [la], [total]
     for t in range(1, lik.shape[0]):
         trans = step_matrix(ch.log_trans, t, ch.time_varying)
-        la = torch.logsumexp(la[:, :, None] + trans, -2) + lik[t]
-        total = la.logsumexp(-1)
+        la = logsumexp(la[:, :, None] + trans, -2) + lik[t]  # -inf entries (structural zeros): gradient 0
+        total = logsumexp(la, -1)
         la = la - _safe(total)[:, None]
         alphas.append(la)
         terms.append(total)

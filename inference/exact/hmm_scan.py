@@ -27,33 +27,10 @@ import torch
 from torch import Tensor
 
 from .hmm_inputs import ChainInputs, canonicalize, valid_steps
+from .safe_log import SafeLog, detached_max, logsumexp
 
 
 PAIR_GEMM_MAX_STATES = 8
-
-
-def _detached_max(x: Tensor, dim: int) -> Tensor:
-    """Max over ``dim`` (keepdim), detached (the result does not depend on the shift), with
-    -inf clamped to the dtype's lowest finite value so that ``-inf - shift`` is never NaN."""
-    return torch.amax(x.detach(), dim=dim, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)
-
-
-class _SafeLog(torch.autograd.Function):
-    """``log(x)`` for ``x >= 0`` (log 0 = -inf) with the finite gradient ``g / max(x, tiny)``.
-
-    At x = 0 the incoming gradient is 0 (the entry is -inf, so it has zero weight downstream);
-    the plain ``log`` backward would give 0 * inf = NaN there.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.log()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad / x.clamp(min=torch.finfo(x.dtype).tiny)
 
 
 def _underflowed(a: Tensor, b: Tensor, prod: Tensor) -> Tensor | None:
@@ -73,15 +50,16 @@ def log_matmul_exp(a: Tensor, b: Tensor) -> Tensor:
 
     Shifted by the row maxima of ``a`` and column maxima of ``b``; products where an entry
     underflows anyway (potentials conflicting by more than the dtype's range) are recomputed
-    exactly with ``logsumexp`` over a ``(K, K, K)`` tensor.
+    exactly with ``logsumexp`` over a ``(K, K, K)`` tensor (``safe_log.logsumexp``: an entry that is an
+    exact zero, all its terms -inf, gets gradient 0, not NaN).
     """
-    row = _detached_max(a, -1)
-    col = _detached_max(b, -2)
+    row = detached_max(a, -1)
+    col = detached_max(b, -2)
     prod = torch.matmul(torch.exp(a - row), torch.exp(b - col))
-    out = _SafeLog.apply(prod) + row + col
+    out = SafeLog.apply(prod) + row + col
     lost = _underflowed(a, b, prod)
     if lost is not None:
-        out[lost] = torch.logsumexp(a[lost][..., :, :, None] + b[lost][..., None, :, :], -2)
+        out[lost] = logsumexp(a[lost][..., :, :, None] + b[lost][..., None, :, :], -2)
     return out
 
 
@@ -137,7 +115,7 @@ def parallel_log_z(ch: ChainInputs) -> Tensor:
             pad = ~valid_steps(ch.lengths, T, N, ch.log_lik.device)[:, 1:, None, None]
             mats = torch.where(pad, _log_identity(K, mats), mats)
     total = tree_log_product(mats)
-    return (first[:, :, None] + total).logsumexp((-2, -1))
+    return logsumexp(first[:, :, None] + total, (-2, -1))
 
 
 def _shared_pair_products(log_trans: Tensor, log_lik: Tensor) -> Tensor | None:
@@ -162,8 +140,8 @@ def _shared_pair_products(log_trans: Tensor, log_lik: Tensor) -> Tensor | None:
     """
     N, S, K = log_lik.shape
     half = S // 2
-    c = _detached_max(log_trans.flatten(), 0)
-    m = _detached_max(log_lik, -1)
+    c = detached_max(log_trans.flatten(), 0)
+    m = detached_max(log_lik, -1)
     trans = torch.exp(log_trans - c)
     emis = torch.exp(log_lik[:, :2 * half] - m[:, :2 * half])
     # R[k, i K + j] = P(i, k) P(k, j)
@@ -173,4 +151,4 @@ def _shared_pair_products(log_trans: Tensor, log_lik: Tensor) -> Tensor | None:
     if prod.numel() and not bool(prod.detach().amin() >= torch.finfo(prod.dtype).tiny):
         return None
     shift = (m[:, :2 * half].reshape(N, half, 2).sum(-1) + 2.0 * c)[..., None, None]
-    return _SafeLog.apply(prod) + shift
+    return SafeLog.apply(prod) + shift

@@ -7,6 +7,8 @@ import ppl
 from ppl import dist
 from tests.reference.brute_force import brute_force
 from tests.reference import dense_gaussian as dense
+from tests.reference.log_space import forward_backward
+from tests.reference.random_inputs import LEFT_RIGHT_LOC, LEFT_RIGHT_TRANS, left_right_hmm_data
 
 K, T = 3, 6
 INIT = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
@@ -179,3 +181,24 @@ def test_log_evidence_excludes_sites_fixed_by_condition(y):
     conditioned = ppl.condition(hmm_priors, {"trans": TRANS, "loc": MU})
     post = ppl.infer(conditioned, y, progress=False)
     assert abs(post.log_evidence.value - float(oracle(y).log_normalizer)) < 1e-9
+
+
+@ppl.model
+def left_right_hmm(y):
+    loc = ppl.sample("loc", dist.Normal(torch.zeros(3), 10.0).to_event(1))
+    trans = LEFT_RIGHT_TRANS.float()
+    z = ppl.markov_chain("z", 3, trans, initial=torch.tensor([1.0, 0.0, 0.0]), length=y.shape[-1])
+    ppl.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+
+
+def test_map_fit_with_structural_zeros_on_a_long_chain():
+    """A state that cannot be re-entered, T = 400 (the tree product from T = 256): before the fix the MAP fit
+    crashed on a NaN gradient; now it runs and the marginals at the MAP are the log-space oracle's (1e-5)."""
+    y = left_right_hmm_data(400).float()
+    post = ppl.infer(left_right_hmm, y, num_steps=30, init={"loc": LEFT_RIGHT_LOC.float()}, progress=False)
+    marg = post.marginals("z")
+    assert torch.isfinite(marg).all()
+    point_lik = torch.distributions.Normal(post.point["loc"].double(), 1.0).log_prob(y.double()[:, None])
+    log_init = torch.tensor([0.0, -torch.inf, -torch.inf], dtype=torch.float64)
+    _, ref = forward_backward(log_init, LEFT_RIGHT_TRANS.log(), point_lik)
+    assert torch.allclose(marg.double(), ref, atol=1e-5)

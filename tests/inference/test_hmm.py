@@ -8,6 +8,8 @@ from ppl.inference.exact import hmm
 from ppl.inference.exact.hmm_forward import forward_scaled, renorm_period, smooth_scaled
 from ppl.inference.exact.hmm_inputs import canonicalize
 from tests.reference.brute_force import brute_force
+from tests.reference.log_space import forward_backward
+from tests.reference.random_inputs import LEFT_RIGHT_LOC, LEFT_RIGHT_TRANS, left_right_hmm_data
 
 F64 = torch.float64
 
@@ -559,3 +561,34 @@ def test_cuda_matches_cpu():
     draws = hmm.sample(*cuda, sample_shape=(5,), lengths=lengths.cuda(),
                        generator=torch.Generator(device="cuda").manual_seed(0))
     assert draws.device.type == "cuda" and draws.shape == (5, 3, 50)
+
+
+def left_right_chain(T: int, dtype):
+    """(log_init, log_trans, log_lik) of the left-right chain of ``left_right_hmm_data`` (structural zeros)."""
+    y = left_right_hmm_data(T)
+    log_lik = torch.distributions.Normal(LEFT_RIGHT_LOC, 1.0).log_prob(y[:, None])
+    log_init = torch.tensor([0.0, -torch.inf, -torch.inf], dtype=F64)
+    return log_init.to(dtype), LEFT_RIGHT_TRANS.log().to(dtype), log_lik.to(dtype)
+
+
+@pytest.mark.parametrize("method", ["auto", "sequential", "parallel"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_structural_zeros_long_chain_has_no_nan(method, dtype):
+    """Before the fix the tree product (chosen by "auto" from T = 256) and the autograd posteriors took the
+    gradient of ``torch.logsumexp`` over all--inf terms, exp(-inf + inf) = NaN: NaN marginals, pairwise
+    counts and gradients while log Z and Viterbi were right. Checked against a float64 log-space oracle."""
+    T = 400
+    log_init, log_trans, log_lik = left_right_chain(T, dtype)
+    ref_z, ref_marg = forward_backward(log_init, log_trans, log_lik)
+    tol = 1e-9 if dtype == F64 else 1e-5
+    post = hmm.posterior(log_init, log_trans, log_lik, method=method)
+    assert torch.isfinite(post.marginals).all() and torch.isfinite(post.pairwise).all()
+    assert torch.allclose(post.marginals.double(), ref_marg, atol=tol), "marginals vs log-space oracle"
+    assert abs(float(post.log_normalizer) - float(ref_z)) < (1e-8 if dtype == F64 else 1e-5) * abs(float(ref_z))
+    lik = log_lik.clone().requires_grad_()
+    trans = log_trans.clone().requires_grad_()
+    (g_lik, g_trans) = torch.autograd.grad(hmm.log_normalizer(log_init, trans, lik, method=method), (lik, trans))
+    assert torch.allclose(g_lik.double(), ref_marg, atol=tol), "d log Z / d log_lik = marginals"
+    assert torch.isfinite(g_trans).all() and float(g_trans[1, 0]) == 0.0, "no count on a structural zero"
+    tracked = hmm.posterior(log_init, log_trans, log_lik.clone().requires_grad_(), method=method)
+    assert torch.allclose(tracked.marginals.detach().double(), ref_marg, atol=tol), "differentiable posterior"

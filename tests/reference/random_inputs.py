@@ -2,7 +2,8 @@
 
 - :func:`spd`: random symmetric positive definite matrices;
 - :func:`random_niw`, :func:`random_mniw`: natural parameters of random NIW / MNIW distributions;
-- :func:`mc_close`: a sample mean within z standard errors of the exact value.
+- :func:`mc_close`: a sample mean within z standard errors of the exact value;
+- :func:`left_right_hmm_data`: a long path of a chain with structural zeros and its Gaussian data.
 """
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def mc_close(samples: Tensor, exact: Tensor, z: float = 5.0) -> bool:
     with the draws on dim 0, ``exact`` broadcastable to ``samples.shape[1:]``."""
     se = samples.std(0) / math.sqrt(samples.shape[0])
     return bool(((samples.mean(0) - exact).abs() <= z * se + 1e-12).all())
+
+
+LEFT_RIGHT_TRANS = torch.tensor([[0.99, 0.01, 0.0], [0.0, 0.99, 0.01], [0.0, 0.0, 1.0]], dtype=F64)
+"""A 3-state left-right chain: a state once left cannot be re-entered (zeros below the diagonal)."""
+LEFT_RIGHT_LOC = torch.tensor([-5.0, 0.0, 5.0], dtype=F64)
+
+
+def left_right_hmm_data(T: int, seed: int = 7) -> Tensor:
+    """y: (T,) float64, ``LEFT_RIGHT_LOC[z_t] + N(0, 1)`` along a path z from state 0 of ``LEFT_RIGHT_TRANS``."""
+    g = torch.Generator().manual_seed(seed)
+    z = [0]
+    for _ in range(T - 1):
+        z.append(int(torch.multinomial(LEFT_RIGHT_TRANS[z[-1]], 1, generator=g)))
+    return LEFT_RIGHT_LOC[torch.tensor(z)] + torch.randn(T, dtype=F64, generator=g)
