@@ -120,3 +120,18 @@ def test_conjugate_dirichlet_weights_get_natural_gradient_updates():
     assert torch.allclose(post.mean("weights"), alpha_mean, atol=0.01)  # 2000 Dirichlet draws: sd ~0.001
     kl = post.elbo_terms["global_kl"]
     assert kl[-1] > 0 and abs(kl[-1] - kl[-2]) < 1e-6  # converged coordinate ascent
+
+
+def test_local_draws_follow_the_seed():
+    """``post.sample(n, seed)`` draws the svae's local latents from the fitted q: the same seed gives the same
+    draws, another seed other draws (the seed reaches the local sampler's generator)."""
+    from tests.ppl.models_for_tests import neural_lds
+
+    torch.manual_seed(0)
+    post = ppl.infer(neural_lds, torch.randn(6, 3), num_steps=3, num_samples=2, progress=False)
+    assert post.plan.backend == "svae"
+    first, again, other = post.sample(4, seed=1)["x"], post.sample(4, seed=1)["x"], post.sample(4, seed=2)["x"]
+    assert first.shape == (4, 6, 2)
+    assert torch.equal(first, again), "same seed, same local draws"
+    assert not torch.allclose(first, other), "another seed, other local draws"
+    assert not torch.allclose(first[0], first[1]), "the n draws differ from each other"
