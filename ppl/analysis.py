@@ -41,6 +41,7 @@ class Facts:
     plates: dict[str, int] = field(default_factory=dict)
     unplated: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # site -> ((dim, size), ...)
     plate_nesting: int = 0                       # deepest plate dim used by any site (as a positive count)
+    continuous_local: tuple[str, ...] = ()       # continuous latents sharing a plate with a finite discrete one
     backend_facts: dict[str, Any] = field(default_factory=dict)  # backend name -> its own facts (plug-ins)
 
     def of(self, backend: str) -> Any:
@@ -83,6 +84,13 @@ def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
     return tuple((m, g) for m in latent_chains(graph, "markov_chain")
                  for g in graph.children_of(m) if graph.site(g).block == "gaussian_chain"
                  and not graph.site(g).observed)
+
+
+def sharing_a_plate(graph: ModelGraph, sites: tuple[str, ...], others: tuple[str, ...]) -> tuple[str, ...]:
+    """The sites of ``sites`` that sit in a plate with one of ``others`` (per-datapoint locals of a mixture,
+    e.g. an LDA document's topic proportions next to its words' topic assignments)."""
+    plates = {name for o in others for name, _ in graph.site(o).plates}
+    return tuple(s for s in sites if any(name in plates for name, _ in graph.site(s).plates))
 
 
 def plate_sizes(graph: ModelGraph) -> dict[str, int]:
@@ -207,5 +215,7 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         neural=tuple(s.name for s in graph.sites() if s.neural),
         latent_dim=sum(int(torch.Size(graph.site(n).value_shape).numel()) for n in continuous),
         plates=plate_sizes(graph),
+        continuous_local=sharing_a_plate(graph, continuous, tuple(n for n in discrete
+                                                                  if graph.site(n).discrete_size is not None)),
         unplated=unplated_batch_dims(trace),
         plate_nesting=plate_nesting(trace))

@@ -45,14 +45,16 @@ def supports(facts: Facts) -> Verdict:
 
 def treatments(graph, facts: Facts):
     """Chains: message passing; finite discrete sites: enumerated; other latents: MAP point estimates."""
-    return chains.site_treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (Adam)")
+    return chains.site_treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (L-BFGS)")
 
 
 def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_samples: int = 100,
-        init: dict | None = None, progress: bool = True, **unused) -> Posterior:
+        init: dict | None = None, optimizer: str = "lbfgs", progress: bool = True, **unused) -> Posterior:
     """MAP-fit the globals on the collapsed model, then exact chain posteriors at the MAP.
 
-    Options: num_steps, lr, init (site -> initial value), num_samples (exact chain draws kept).
+    Options: optimizer ("lbfgs": L-BFGS on the exact log joint, at most ``num_steps`` evaluations, stopping at
+    convergence; "adam": ``num_steps`` Adam steps of rate ``lr``), init (site -> initial value),
+    num_samples (exact chain draws kept).
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
@@ -62,7 +64,7 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     fmodel = chains.fit_model(model, facts)
     if facts.continuous or _has_params(model, args, kwargs, spec):
         guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress, init,
-                                               desc=NAME)
+                                               desc=NAME, optimizer=optimizer)
         with torch.no_grad():
             point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
     tables = chains.chain_tables(model, args, kwargs, point, spec)
@@ -103,6 +105,10 @@ def _discrete_only(f: Facts) -> bool:
     return bool(f.enumerable) and not (f.chains or f.unenumerable or f.continuous)
 
 
+def _discrete_with_globals(f: Facts) -> bool:
+    return (bool(f.enumerable) and bool(f.continuous) and not (f.chains or f.unenumerable or f.continuous_local))
+
+
 def _exact_chains(f: Facts) -> bool:
     return bool(f.chains) and f.exactly_collapsible and not f.unenumerable
 
@@ -113,6 +119,10 @@ RULES = (
     Rule("discrete-only", _discrete_only, NAME,
          "the only latents are finite discrete ones (e.g. a mixture with its globals fixed): they are summed "
          "out by enumeration, so the log-likelihood and their posteriors are exact", order=20),
+    Rule("discrete-with-globals", _discrete_with_globals, NAME,
+         "finite discrete latents (e.g. mixture assignments) are summed out exactly and the global parameters "
+         "fitted by MAP on the exact marginal likelihood (L-BFGS): EM-quality fits at a fraction of SVI's cost; "
+         "backend='svi' or 'mcmc' gives uncertainty over the globals", order=25),
     Rule("exact-chains", _exact_chains, NAME,
          "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
          "global parameters (and any network weights) by MAP on the exact marginal likelihood", order=30),

@@ -9,13 +9,13 @@ from tests.ppl import models_for_tests as M
 
 def test_rules_are_data_ordered_across_backends():
     rules = routing_rules(all_backends())
-    assert [r.name for r in rules] == ["nothing-latent", "discrete-only", "exact-chains", "neural-structured",
-                                       "small-continuous", "default-svi"]
+    assert [r.name for r in rules] == ["nothing-latent", "discrete-only", "discrete-with-globals", "exact-chains",
+                                       "neural-structured", "small-continuous", "default-svi"]
     assert all(callable(r.applies) and r.reason and r.backend for r in rules)
 
 
 @pytest.mark.parametrize("model, args, backend, rule", [
-    (M.gmm, (torch.randn(20, 2),), "svi", "default-svi"),
+    (M.gmm, (torch.randn(20, 2),), "exact", "discrete-with-globals"),
     (M.normal_normal, (torch.randn(10),), "mcmc", "small-continuous"),
     (M.hmm, (torch.randn(8),), "exact", "exact-chains"),
     (M.lds, (torch.randn(8, 1),), "exact", "exact-chains"),
