@@ -36,13 +36,21 @@ class DiscreteTable(NamedTuple):
 
 
 class GaussianTable(NamedTuple):
-    """Factors of a collapsed ``gaussian_chain``: the LDS prior (the chain's distribution) and
-    node potentials ``J (..., T, D, D)``, ``h (..., T, D)`` plus the constant ``const`` (scalar)."""
+    """Factors of a collapsed ``gaussian_chain``: the LDS prior (the chain's distribution) and the children's
+    log-density as node potentials about ``center``, a fixed path ``(..., T, D)`` (None: 0),
+
+        log p(children | x) = const + sum_t h_t'u_t - 1/2 u_t'J_t u_t,    u = x - center,
+
+    with ``J (..., T, D, D)``, ``h (..., T, D)`` and ``const`` = log p(children | center) (a scalar, summed in
+    float64). About 0 the constant and log Z are each of order sum_t y_t'R^-1 y_t / 2 with opposite signs,
+    which float32 cannot hold to a nat on long sequences far from 0; about a path near the data both are O(T)
+    (``ppl.inference.chains`` re-centers when it matters)."""
 
     prior: Any
     J: torch.Tensor
     h: torch.Tensor
     const: torch.Tensor
+    center: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,10 @@ class CollapseChains(Messenger):
     ``GaussianTable`` per chain.
     """
 
-    def __init__(self, spec: CollapseSpec):
+    def __init__(self, spec: CollapseSpec, centers: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.spec = spec
+        self.centers = dict(centers or {})  # gaussian chain -> path (..., T, D) its potentials are taken about
         self.parent = {c: k for k, cs in {**spec.discrete, **spec.gaussian}.items() for c in cs}
         self.chains: dict[str, dict] = {}
         self.terms: dict[str, list] = {k: [] for k in self.parent.values()}
@@ -143,8 +152,11 @@ class CollapseChains(Messenger):
 
     def _probe(self, msg):
         fn = msg["fn"]
-        x0 = fn.initial_loc.new_zeros(fn.batch_shape + fn.event_shape).requires_grad_(True)
-        self.chains[msg["name"]] = dict(fn=fn, shape=x0.shape, x0=x0)
+        shape = fn.batch_shape + fn.event_shape
+        center = self.centers.get(msg["name"])
+        x0 = fn.initial_loc.new_zeros(shape) if center is None else center.detach().to(fn.initial_loc).expand(shape)
+        x0 = x0.clone().requires_grad_(True)
+        self.chains[msg["name"]] = dict(fn=fn, shape=x0.shape, x0=x0, centered=center is not None)
         msg.update(value=x0, done=True, stop=True)
 
     def _child(self, msg):
@@ -195,23 +207,28 @@ def _discrete_table(name: str, info: dict, terms: list) -> DiscreteTable:
 
 
 def _gaussian_table(name: str, info: dict, terms: list) -> GaussianTable:
-    """Gaussian node potentials of the children at x = 0 by autograd (exact for quadratic log-densities)."""
+    """Gaussian node potentials of the children about the probe point x0 (0, or the chain's center) by
+    autograd (exact for quadratic log-densities)."""
     x0 = info["x0"]
-    f = x0.new_zeros(())
+    f = x0.new_zeros((), dtype=torch.float64)
     for child_fn, value, msg in terms:
         lp, extra = elementwise_log_prob(child_fn, value)
-        f = f + _weighted(lp, msg, extra).sum()
-    J, h = quadratic_potentials(f, x0)
-    return GaussianTable(info["fn"], J, h, f)
+        f = f + _weighted(lp, msg, extra).sum(dtype=torch.float64)
+    if not info["centered"]:
+        J, h = quadratic_potentials(f, x0)
+        return GaussianTable(info["fn"], J, h, f)
+    J, h = quadratic_potentials(f, x0, about=x0.detach())
+    return GaussianTable(info["fn"], J, h, f, x0.detach())
 
 
-def quadratic_potentials(f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quadratic_potentials(f: torch.Tensor, x: torch.Tensor,
+                         about: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-step Gaussian potentials of a scalar ``f`` that is quadratic in ``x: (..., T, D)``.
 
     Returns ``J = -\partial^2 f / \partial x_t^2: (..., T, D, D)`` (diagonal blocks of the Hessian)
-    and ``h = \nabla f (x) + J x: (..., T, D)``. Differentiable (``create_graph``), so gradients
-    flow to whatever parameters ``f`` depends on. Cross-step Hessian blocks are assumed zero
-    (the compiler checks it by probing).
+    and ``h = \nabla f (x) + J (x - about): (..., T, D)`` (the linear term about ``about``; None: 0).
+    Differentiable (``create_graph``), so gradients flow to whatever parameters ``f`` depends on.
+    Cross-step Hessian blocks are assumed zero (the compiler checks it by probing).
     """
     if not f.requires_grad:
         zeros = x.new_zeros(x.shape + x.shape[-1:])
@@ -223,13 +240,15 @@ def quadratic_potentials(f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor
         cols.append(torch.zeros_like(x) if col is None else -col)
     J = torch.stack(cols, -1)
     J = 0.5 * (J + J.transpose(-1, -2))
-    h = g + (J @ x.unsqueeze(-1)).squeeze(-1)
+    shift = x if about is None else x - about
+    h = g + (J @ shift.unsqueeze(-1)).squeeze(-1)
     return J, h
 
 
-def tabulate(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpec) -> dict:
-    """Run ``model`` once under ``CollapseChains(spec)`` and return the chains' tables."""
-    handler = CollapseChains(spec)
+def tabulate(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpec,
+             centers: dict[str, torch.Tensor] | None = None) -> dict:
+    """Run ``model`` once under ``CollapseChains(spec, centers)`` and return the chains' tables."""
+    handler = CollapseChains(spec, centers)
     with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
         model(*args, **kwargs)
         return handler.tables()

@@ -33,10 +33,11 @@ from ppl.checks import broadcast_batch, check_mask, check_positive_definite, che
 
 from .kalman_scan import column_layout, from_columns, symmetrize, to_columns, to_matrices
 from .kalman_info import (InfoFilterResult, LDSPrior, SmootherResult, filter_result, info_filter,
-                          info_sample, info_smoother, matrices_out, prepare, run_filter, sample, smooth)
+                          info_log_normalizer64, info_sample, info_smoother, matrices_out, prepare, run_filter,
+                          sample, smooth)
 
 __all__ = ["LDSPrior", "InfoFilterResult", "SmootherResult", "Potentials", "with_inputs", "info_filter",
-           "info_smoother", "info_sample", "observation_potentials", "log_likelihood", "kalman_filter",
+           "info_log_normalizer64", "info_smoother", "info_sample", "observation_potentials", "log_likelihood", "kalman_filter",
            "kalman_smoother", "sample_posterior"]
 
 
@@ -178,7 +179,7 @@ def _innovation_log_lik(f, C, d, L, y, mask) -> torch.Tensor:
           - 0.5 * y.shape[-1] * math.log(2 * math.pi))
     if mask is not None:
         ll = ll * mask.to(y.dtype)
-    return ll.sum(-1)
+    return ll.sum(-1, dtype=torch.float64).to(y.dtype)  # float64 accumulator over the T steps
 
 
 def _observe(prior, emission, obs_bias, obs_cov, y, mask, time_varying, with_log_lik=True):

@@ -107,7 +107,8 @@ class _Chain(NamedTuple):
 
 class _Filtered(NamedTuple):
     """chain; mean: (vb, T, D, K) filtered means; V: (mb, T, D, D) with filtered cov V V^T;
-    pred_mean: (vb, T, D, K); pred_chol: (mb, T, D, D) chol of predicted covs; log_normalizer: (vb, K)."""
+    pred_mean: (vb, T, D, K); pred_chol: (mb, T, D, D) chol of predicted covs; log_normalizer: (vb, K), in
+    float64 whatever the inputs' dtype (the sum of T per-step terms, see :func:`run_filter`)."""
 
     chain: _Chain
     mean: torch.Tensor
@@ -240,7 +241,11 @@ def run_filter(chain: _Chain) -> _Filtered:
     """Parallel filter (covariances, then means), square-root update and log Z for all steps at once.
 
     Returns a :class:`_Filtered`: means ``(vb, T, D, K)``, covariance factors ``(mb, T, D, D)`` in
-    the chain's column layout (:func:`filter_result` brings them to the caller's batch shape)."""
+    the chain's column layout (:func:`filter_result` brings them to the caller's batch shape).
+    log Z is summed over steps in a float64 accumulator: each step's term is of order
+    :math:`h_t^\top m_t \approx y_t^\top R^{-1} y_t / 2`, so with float32 data far from 0 (a random walk)
+    the float32 sum of 1e5 terms (~1e9) was off by whole nats and ~12 nats after the large constant of
+    the potentials was added back (``ppl.inference.chains.collapsed_log_normalizer``)."""
     if chain.h.shape[-3] > 1:
         elems = tuple(_prepend(f, r) for f, r in zip(_first_element(chain), _transition_elements(chain)))
         _, Sigma, _ = associative_scan(filter_combine, elems, (2, 2, 2))
@@ -256,7 +261,7 @@ def run_filter(chain: _Chain) -> _Filtered:
     r = V.mT @ (chain.h - Jm)
     log_z = (-0.5 * (pred_mean * Jm).sum(-2) + (chain.h * pred_mean).sum(-2) + 0.5 * (r * r).sum(-2)
              - K.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True))
-    return _Filtered(chain, mean, V, pred_mean, pred_chol, log_z.sum(-2))
+    return _Filtered(chain, mean, V, pred_mean, pred_chol, log_z.sum(-2, dtype=torch.float64))
 
 
 def _backward_maps(f: _Filtered) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,7 +314,15 @@ def filter_result(f: _Filtered) -> InfoFilterResult:
     ``(..., time, D)``, filtered_cov ``(..., time, D, D)``, log_normalizer ``(...)``."""
     lay = f.chain.layout
     return InfoFilterResult(from_columns(lay, f.mean, 2), _cov_out(lay, f.V @ f.V.mT),
-                            from_columns(lay, f.log_normalizer, 0))
+                            from_columns(lay, f.log_normalizer.to(f.mean.dtype), 0))
+
+
+def info_log_normalizer64(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -> torch.Tensor:
+    r"""log Z ``(...)`` as :func:`info_filter` computes it, but returned in float64 whatever the inputs' dtype:
+    for callers that add it to another large term (the constant of the potentials, of the same size and the
+    opposite sign) and need the digits that a float32 result would round away (ulp 64 at 1e9)."""
+    f = run_filter(prepare(prior, J_node, h_node))
+    return from_columns(f.chain.layout, f.log_normalizer, 0)
 
 
 def info_smoother(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -> SmootherResult:
@@ -332,7 +345,7 @@ def smooth(f: _Filtered) -> SmootherResult:
     cross = G[..., :-1, :, :] @ cov[..., 1:, :, :]
     lay = f.chain.layout
     return SmootherResult(from_columns(lay, mean, 2), _cov_out(lay, cov), _cov_out(lay, cross),
-                          from_columns(lay, f.log_normalizer, 0))
+                          from_columns(lay, f.log_normalizer.to(mean.dtype), 0))
 
 
 def info_sample(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor, sample_shape=(),

@@ -41,27 +41,46 @@ def discrete_sample(table, n: int, generator: torch.Generator | None = None) -> 
                       generator=generator)
 
 
-def lds_prior(chain_dist) -> "kalman.LDSPrior":
-    """The LDS prior of a ``GaussianChain`` distribution, per-step parameters expanded to T-1 steps."""
+def lds_prior(chain_dist, center: torch.Tensor | None = None) -> "kalman.LDSPrior":
+    """The LDS prior of a ``GaussianChain`` distribution, per-step parameters expanded to T-1 steps; with a
+    ``center`` path ``(..., T, D)``, the prior of ``u = x - center``: initial mean m0 - c_0, offsets
+    b_t + A_t c_{t-1} - c_t (same dynamics and noise)."""
     d = chain_dist
     T, D = d.length, d.dim
     A, Q, offsets = d.dynamics, d.noise_cov, d.offsets
     if d.time_varying:
         A = A.expand(A.shape[:-3] + (T - 1, D, D))
         Q = Q.expand(Q.shape[:-3] + (T - 1, D, D))
-    return kalman.LDSPrior(d.initial_loc, d.initial_cov, A, Q, offsets, time_varying=d.time_varying)
+    loc = d.initial_loc
+    if center is not None:
+        step_A = A if d.time_varying else A.unsqueeze(-3)
+        shift = (step_A @ center[..., :-1, :, None]).squeeze(-1) - center[..., 1:, :]
+        offsets = shift if offsets is None else offsets + shift
+        loc = loc - center[..., 0, :]
+    return kalman.LDSPrior(loc, d.initial_cov, A, Q, offsets, time_varying=d.time_varying)
 
 
 def gaussian_log_normalizer(table) -> torch.Tensor:
-    """log \\int p(x) prod_t exp(-1/2 x_t'J_t x_t + h_t'x_t) dx per sequence ``(...)`` (constant excluded)."""
-    return kalman.info_filter(lds_prior(table.prior), table.J, table.h).log_normalizer
+    """log \\int p(u) prod_t exp(-1/2 u_t'J_t u_t + h_t'u_t) du per sequence ``(...)`` (u = x - center; constant
+    excluded), in float64: it is added to the table's constant."""
+    return kalman.info_log_normalizer64(lds_prior(table.prior, table.center), table.J, table.h)
 
 
 def gaussian_posterior(table):
     """SmootherResult (mean (..., T, D), cov, cross_cov, log_normalizer) of the chain given its children."""
-    return kalman.info_smoother(lds_prior(table.prior), table.J, table.h)
+    post = kalman.info_smoother(lds_prior(table.prior, table.center), table.J, table.h)
+    return post if table.center is None else post._replace(mean=post.mean + table.center)
 
 
 def gaussian_sample(table, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` exact posterior paths ``(n, ..., T, D)``."""
-    return kalman.info_sample(lds_prior(table.prior), table.J, table.h, sample_shape=(n,), generator=generator)
+    u = kalman.info_sample(lds_prior(table.prior, table.center), table.J, table.h, sample_shape=(n,),
+                           generator=generator)
+    return u if table.center is None else u + table.center
+
+
+def gaussian_filtered_means(table) -> torch.Tensor:
+    """Filtered means ``(..., T, D)`` of the chain given its children (detached): a path near the data."""
+    with torch.no_grad():
+        f = kalman.info_filter(lds_prior(table.prior, table.center), table.J.detach(), table.h.detach())
+    return f.filtered_mean if table.center is None else f.filtered_mean + table.center

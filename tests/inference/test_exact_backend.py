@@ -202,3 +202,70 @@ def test_map_fit_with_structural_zeros_on_a_long_chain():
     log_init = torch.tensor([0.0, -torch.inf, -torch.inf], dtype=torch.float64)
     _, ref = forward_backward(log_init, LEFT_RIGHT_TRANS.log(), point_lik)
     assert torch.allclose(marg.double(), ref, atol=1e-5)
+
+
+def random_walk(T: int, seed: int = 0) -> torch.Tensor:
+    """y: (T, 1) float64, a local-level random walk (state noise 0.1, obs noise 1) that wanders ~sqrt(T / 10)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (0.1 ** 0.5 * torch.randn(T, dtype=torch.float64, generator=g)).cumsum(0)
+    return (x + torch.randn(T, dtype=torch.float64, generator=g))[:, None]
+
+
+def local_level(y):
+    eye = torch.eye(1, dtype=y.dtype)
+    x = ppl.gaussian_chain("x", 1, eye, 0.1 * eye, torch.zeros(1, dtype=y.dtype), eye, length=y.shape[-2])
+    ppl.sample("y", dist.Normal(x, 1.0).to_event(2), obs=y)
+
+
+def local_level_oracle(y: torch.Tensor) -> float:
+    """log p(y) by the float64 innovation-form Kalman filter."""
+    from ppl.inference.exact import kalman
+    eye = torch.eye(1, dtype=torch.float64)
+    prior = kalman.LDSPrior(torch.zeros(1, dtype=torch.float64), eye, eye, 0.1 * eye)
+    return float(kalman.log_likelihood(prior, eye, None, eye, y.double()))
+
+
+def test_float32_collapsed_lds_log_likelihood_at_T_100000():
+    """A float32 random walk of 1e5 steps: the collapsed log-likelihood (log Z of the potentials about 0 plus
+    their constant, each ~2e8 with opposite signs) was 12 nats off (27.7 via the kernels' float32 log Z);
+    with the float64 accumulators and the potentials re-taken about the filtered means it is within 0.01."""
+    from ppl.handlers import CollapseSpec
+    from ppl.inference import chains
+
+    y = random_walk(100_000)
+    _, tables = chains._run_collapsed(local_level, (y.float(),), {}, CollapseSpec(gaussian={"x": ("y",)}))
+    assert tables["x"].center is not None, "re-centered: the constant about 0 is too large for float32"
+    got = chains.collapsed_log_normalizer(tables["x"])
+    assert got.dtype == torch.float32
+    assert abs(float(got.detach()) - local_level_oracle(y.float())) < 0.01
+
+
+def test_centered_tables_equal_tables_about_zero():
+    """Centering is a change of variables: same log-likelihood, smoothed means and sample law (float64)."""
+    from ppl.handlers import CollapseSpec, tabulate
+    from ppl.inference import chains
+    from ppl.inference.exact import tables as kernels
+
+    y = random_walk(60, seed=3)
+    spec = CollapseSpec(gaussian={"x": ("y",)})
+    plain = tabulate(local_level, (y,), {}, spec)["x"]
+    center = kernels.gaussian_filtered_means(plain) + 0.3  # any fixed path
+    centered = tabulate(local_level, (y,), {}, spec, centers={"x": center})["x"]
+    assert torch.equal(centered.center, center)
+    want = local_level_oracle(y)
+    for table in (plain, centered):
+        assert abs(float(chains.collapsed_log_normalizer(table)) - want) < 1e-9
+    assert torch.allclose(kernels.gaussian_posterior(centered).mean, kernels.gaussian_posterior(plain).mean,
+                          atol=1e-10)
+    draws = kernels.gaussian_sample(centered, 4000, torch.Generator().manual_seed(0))
+    sd = kernels.gaussian_posterior(plain).cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    assert ((draws.mean(0) - kernels.gaussian_posterior(plain).mean).abs() < 5 * sd / 4000 ** 0.5).all()
+
+
+def test_float32_exact_fit_of_a_long_random_walk_matches_float64():
+    """End to end (exact backend, T = 20,000 float32): log evidence and smoothed means as in float64."""
+    y = random_walk(20_000, seed=1)
+    post32 = ppl.infer(local_level, y.float(), progress=False)
+    assert abs(post32.log_evidence.value - local_level_oracle(y.float())) < 0.01
+    post64 = ppl.infer(local_level, y.float().double(), progress=False)
+    assert torch.allclose(post32.smoothed_means["x"].double(), post64.smoothed_means["x"], atol=1e-3)
