@@ -50,18 +50,25 @@ def _run_collapsed(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpe
     """Run ``model`` under ``CollapseChains``: (its return value, the chains' tables). A Gaussian chain whose
     table about 0 is too large for its dtype (``_needs_center``) is tabulated again about its filtered means:
     the same exact log normalizer (centering is a change of variables), without adding and cancelling two
-    terms of order sum_t y_t'R^-1 y_t / 2 (in float32 at T = 1e5 on a random walk: 12 nats)."""
+    terms of order sum_t y_t'R^-1 y_t / 2 (in float32 at T = 1e5 on a random walk: 12 nats). The second run
+    takes the first one's value of every other sample site (a global the fit's guide or ``condition`` set is
+    seen only by the first run) and is hidden from the handlers outside (a trace sees each site once); only
+    the re-centered tables are taken from it."""
     handler = CollapseChains(spec)
+    tracer = poutine.trace(model)
     with torch.enable_grad(), handler:  # Gaussian potentials are read off by autograd
-        out = model(*args, **kwargs)
+        out = tracer(*args, **kwargs)
         tables = handler.tables()
     centers = {name: kernels.gaussian_filtered_means(t) for name, t in tables.items() if _needs_center(t)}
     if not centers:
         return out, tables
+    chains = {**spec.discrete, **spec.gaussian}
+    values = {name: site["value"] for name, site in tracer.trace.nodes.items()  # latent, fixed by a handler
+              if site["type"] == "sample" and name not in chains}                 # outside, or data
     handler = CollapseChains(spec, centers)
-    with torch.enable_grad(), handler:
-        out = model(*args, **kwargs)
-        return out, handler.tables()
+    with torch.enable_grad(), poutine.block(), handler:
+        poutine.condition(model, data=values)(*args, **kwargs)
+        return out, {**tables, **{name: t for name, t in handler.tables().items() if name in centers}}
 
 
 def collapse(model: Callable, spec: CollapseSpec) -> Callable:

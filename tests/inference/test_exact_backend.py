@@ -269,3 +269,26 @@ def test_float32_exact_fit_of_a_long_random_walk_matches_float64():
     assert abs(post32.log_evidence.value - local_level_oracle(y.float())) < 0.01
     post64 = ppl.infer(local_level, y.float().double(), progress=False)
     assert torch.allclose(post32.smoothed_means["x"].double(), post64.smoothed_means["x"], atol=1e-3)
+
+
+@ppl.model
+def local_level_noise(y):
+    noise = ppl.sample("noise", dist.LogNormal(torch.zeros((), dtype=y.dtype), 1.0))
+    eye = torch.eye(1, dtype=y.dtype)
+    x = ppl.gaussian_chain("x", 1, eye, 0.1 * eye, torch.zeros(1, dtype=y.dtype), eye, length=y.shape[-2])
+    ppl.sample("y", dist.Normal(x, noise).to_event(2), obs=y)
+
+
+def test_float32_map_fit_of_a_long_random_walk_with_a_global():
+    """The re-centered second tabulation runs inside the fit's trace: it must not record the global twice
+    ('Multiple sample sites named noise') and must use the fit's value of it, not a prior draw."""
+    from ppl.inference.exact import kalman
+
+    y = random_walk(20_000, seed=2).float()
+    post = ppl.infer(local_level_noise, y, num_steps=30, progress=False)
+    noise = post.point["noise"].double()
+    assert abs(float(noise) - 1.0) < 0.05
+    eye = torch.eye(1, dtype=torch.float64)
+    prior = kalman.LDSPrior(torch.zeros(1, dtype=torch.float64), eye, eye, 0.1 * eye)
+    want = float(kalman.log_likelihood(prior, eye, None, noise ** 2 * eye, y.double()))
+    assert abs(post.log_evidence.value - want) < 0.05
