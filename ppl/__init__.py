@@ -10,6 +10,7 @@ from .blocks import gaussian_chain, markov_chain, switching_chain
 from .compiler import compile  # noqa: A004
 from .conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from .data import extend, missing_mask
+from .data_scale import DataScaleWarning
 from .infer import infer
 from .interpret import log_joint, simulate
 from .plan import Plan
@@ -24,4 +25,5 @@ __all__ = [
     "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
     "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
+    "DataScaleWarning",
 ]

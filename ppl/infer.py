@@ -11,6 +11,7 @@ import pyro
 
 from .backends import get_backend
 from .compiler import compile as compile_model
+from .data_scale import warn_on_data_scale
 from .posterior import Posterior
 
 
@@ -58,6 +59,7 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     model_kwargs = {k: _to_device(v, device) for k, v in model_kwargs.items()} if device else model_kwargs
     with (torch.device(device) if device else contextlib.nullcontext()):
         plan = compile_model(model, *args, backend=backend, **model_kwargs)
+        warn_on_data_scale(model, args, model_kwargs)
         runner = get_backend(plan.backend)
         if num_steps is not None:
             options["num_steps"] = num_steps
