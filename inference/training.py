@@ -91,12 +91,14 @@ def _restore(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
 
 
 def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int, progress: bool, desc: str,
-                   rel_tol: float = 1e-7) -> list[float]:
+                   rel_tol: float = 1e-7, warn: bool = True) -> list[float]:
     r"""Minimize a deterministic ``step() -> (loss, params)`` by L-BFGS (history 20, strong-Wolfe line search).
 
     Stops when an outer iteration changes the loss by less than ``rel_tol * (1 + |loss|)`` (converged) or after
-    ``max_evals`` objective evaluations (then warns ``NotConverged`` naming the last change). The parameters end
-    at the best finite loss seen: a line-search trial that leaves the domain (non-finite loss) is never kept.
+    ``max_evals`` objective evaluations (then, if ``warn``, warns ``NotConverged`` naming the last change). The
+    parameters end at the best finite loss seen: a line-search trial that leaves the domain (non-finite loss) is never kept.
+    The first evaluation must succeed; later ones that raise ``ValueError``/``RuntimeError`` (the model refusing
+    a line-search trial point, e.g. a transition matrix that overflowed) count as outside the domain.
     Returns the loss at every evaluation.
     """
     if not isinstance(max_evals, int) or max_evals < 1:
@@ -116,9 +118,14 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
     def closure():
         nonlocal best
         optim.zero_grad()
-        value, _ = step()
+        try:
+            with warnings.catch_warnings():  # a NaN at a line-search trial point is handled below
+                warnings.filterwarnings("ignore", message="Encountered NaN")
+                value, _ = step()
+        except (ValueError, RuntimeError):  # a trial point the model refuses (e.g. an overflowed matrix)
+            value = params[0].new_tensor(float("nan"))
         history.append(float(value.detach()))
-        if torch.isfinite(value):
+        if torch.isfinite(value) and value.requires_grad:
             value.backward()
             if history[-1] < best[0]:
                 best = (history[-1], _snapshot(params))
@@ -141,7 +148,7 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
         previous = best[0]
     bar.close()
     _restore(params, best[1])
-    if len(history) >= max_evals and change > rel_tol * (1 + abs(best[0])):
+    if warn and len(history) >= max_evals and change > rel_tol * (1 + abs(best[0])):
         warnings.warn(f"{desc}: L-BFGS used its {max_evals} evaluations (num_steps) and the objective still "
                       f"changed by {change:.3g} in the last iteration; raise num_steps", NotConverged, stacklevel=3)
     return history
@@ -174,7 +181,8 @@ OPTIMIZERS = ("adam", "lbfgs")
 
 
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
-              progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam"):
+              progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
+              warn: bool = True):
     """Fit an autoguide (``guide_kind`` "normal" or "delta") to ``fmodel``, the model with chains collapsed and
     discrete sites marked for enumeration (``chains.fit_model``), by Adam on the ELBO (``num_steps`` steps of
     rate ``lr``) or, for a deterministic objective (AutoDelta: MAP), by L-BFGS (at most ``num_steps``
@@ -197,6 +205,6 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     elbo = make_elbo(graph, facts)
     step = traced_loss(_unvalidated(lambda: elbo.differentiable_loss(fmodel, guide, *args, **kwargs)))
     if optimizer == "lbfgs":
-        return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)")
+        return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn)
     history = optimize(step, num_steps, lr, progress, f"{desc} ({guide_kind})")
     return guide, elbo, history

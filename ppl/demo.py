@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     plan = ppl.compile(gmm_lib.gmm, x, K=K)
     print(plan.explain(), "\n")
-    post = ppl.infer(gmm_lib.gmm, x, model_kwargs={"K": K}, num_steps=args.steps, seed=args.seed,
-                     init=gmm_lib.init_locations(x, K, seed=args.seed))
+    post = ppl.infer(gmm_lib.gmm, x, model_kwargs={"K": K}, num_steps=args.steps, seed=args.seed)
     elapsed = time.perf_counter() - start
     clusters = post.marginals("z").argmax(-1)
     print(f"Fitted parameters ({'MAP' if post.backend == 'exact' else 'posterior mean'}, standardized units):")

@@ -17,7 +17,7 @@ from ppl.analysis import Facts
 from ppl.backends import Backend, Rule, Verdict
 from ppl.posterior import LogEvidence, Posterior
 
-from .. import chains, training
+from .. import chains, initialization, training
 from ..results import make_posterior
 
 NAME = "exact"
@@ -49,24 +49,29 @@ def treatments(graph, facts: Facts):
 
 
 def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_samples: int = 100,
-        init: dict | None = None, optimizer: str = "lbfgs", progress: bool = True, **unused) -> Posterior:
+        init: dict | None = None, optimizer: str = "lbfgs", restarts: int = 3, seed: int = 0,
+        progress: bool = True, **unused) -> Posterior:
     """MAP-fit the globals on the collapsed model, then exact chain posteriors at the MAP.
 
     Options: optimizer ("lbfgs": L-BFGS on the exact log joint, at most ``num_steps`` evaluations, stopping at
-    convergence; "adam": ``num_steps`` Adam steps of rate ``lr``), init (site -> initial value),
-    num_samples (exact chain draws kept).
+    convergence; "adam": ``num_steps`` Adam steps of rate ``lr``), init (site -> initial value: the first
+    start), restarts (how many starts in all; beyond ``init``, data-driven ones from k-means hard assignments
+    of the finite discrete latents, ``inference/initialization.py``; the fit with the best objective is kept),
+    seed (of the k-means++ seeding), num_samples (exact chain draws kept).
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     facts, graph = plan.facts, plan.graph
     spec = facts.collapse_spec()
     history, point = [], {}
     fmodel = chains.fit_model(model, facts)
     if facts.continuous or _has_params(model, args, kwargs, spec):
-        guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress, init,
-                                               desc=NAME, optimizer=optimizer)
-        with torch.no_grad():
-            point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
+        starts = [init] if init else []
+        if restarts > len(starts) and facts.continuous:
+            starts += initialization.data_driven_starts(model, args, kwargs, plan, restarts - len(starts), seed)
+        point, history = _best_map(fmodel, args, kwargs, plan, starts or [None], num_steps, lr, optimizer, progress)
     tables = chains.chain_tables(model, args, kwargs, point, spec)
     with torch.no_grad():
         evidence = _log_likelihood(model, fmodel, args, kwargs, point, plan)
@@ -75,6 +80,41 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
         log_evidence=LogEvidence(evidence, "exact log p(data | MAP globals)" if point else "exact log p(data)"),
         point=point, tables=tables, history=history,
         discrete=chains.discrete_marginals(model, args, kwargs, point, graph, facts))
+
+
+SCREEN_EVALS = 30  # evaluations each start gets before the best one is fitted to convergence
+
+
+def _map_fit(fmodel, args, kwargs, plan, start, state, num_steps, lr, optimizer, progress, desc, warn=True):
+    """One MAP fit from ``start`` in the parameter store ``state`` (a fresh one if None):
+    (best objective, store state after, point, history)."""
+    with pyro.get_param_store().scope(state) as state:
+        guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress,
+                                               start, desc=desc, optimizer=optimizer, warn=warn)
+        with torch.no_grad():
+            point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
+    return min(history), state, point, history
+
+
+def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: float, optimizer: str,
+              progress: bool) -> tuple[dict, list[float]]:
+    """MAP by restarts, each start in its own parameter store. L-BFGS: each start gets ``SCREEN_EVALS``
+    evaluations, then the best is fitted to convergence from where it stopped; Adam: every start runs
+    ``num_steps`` steps. The winner's parameters are loaded into the current store; returns its point and
+    objective history (screening included)."""
+    if len(starts) == 1 or (optimizer == "lbfgs" and num_steps <= 2 * SCREEN_EVALS):
+        starts = starts[:1]
+    screen = SCREEN_EVALS if optimizer == "lbfgs" and len(starts) > 1 else num_steps
+    runs = [_map_fit(fmodel, args, kwargs, plan, start, None, screen, lr, optimizer, progress,
+                     NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}", warn=screen == num_steps)
+            for i, start in enumerate(starts)]
+    _, state, point, history = min(runs, key=lambda r: r[0])
+    if screen < num_steps:
+        _, state, point, more = _map_fit(fmodel, args, kwargs, plan, point, state, num_steps - screen, lr,
+                                         optimizer, progress, NAME)
+        history = history + more
+    pyro.get_param_store().set_state(state)
+    return point, history
 
 
 def _has_params(model, args, kwargs, spec) -> bool:
