@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import pyro
 import torch
 from torch import nn
 
@@ -188,8 +187,9 @@ def infer_options(sim: Simulated, num_steps: int = 300, seed: int = 0) -> dict:
 
 
 class Fit(NamedTuple):
-    """posterior: the restart with the best final ELBO; kwargs: its model kwargs (its decoder);
-    elbos: final ELBO of every restart, in order."""
+    """posterior: the restart with the best final ELBO; kwargs: its model kwargs with its trained decoder
+    (``posterior.kwargs``: ``ppl.infer`` trains a copy of the decoder it is given); elbos: final ELBO of every
+    restart, in order."""
 
     posterior: object
     kwargs: dict
@@ -205,14 +205,13 @@ def fit(sim: Simulated, restarts: int = 3, num_steps: int = 300, progress: bool 
     y = sim.args[0]
     best, elbos = None, []
     for seed in range(restarts):
-        pyro.clear_param_store()  # a stale store would shadow the fresh networks' parameters
         decoder = make_networks(sim.kwargs["D"], y.shape[-1], seed=seed, device=y.device, dtype=y.dtype).decoder
         kwargs = dict(sim.kwargs, decoder=decoder)
         post = ppl.infer(svae_gmm, *sim.args, model_kwargs=kwargs, progress=progress,
                          **infer_options(sim, num_steps, seed))
         elbos.append(post.log_evidence.value)
         if best is None or elbos[-1] > best[0]:
-            best = (elbos[-1], post, kwargs)
+            best = (elbos[-1], post, post.kwargs)
     return Fit(best[1], best[2], elbos)
 
 

@@ -115,11 +115,12 @@ class Prediction(NamedTuple):
 def predict_frames(post, y: torch.Tensor, observed: int, **model_kwargs) -> Prediction:
     r"""Condition on the first ``observed`` frames of ``y: (N, T, P)`` and decode
     :math:`f_\phi(\mathbb{E}[x_t \mid y_{0:observed}])` for all t (the later ones are forecasts:
-    :math:`\mathbb{E}[x_{t_0+k}] = A^k\, \mathbb{E}[x_{t_0}]`). ``model_kwargs``: as given to ``ppl.infer``."""
+    :math:`\mathbb{E}[x_{t_0+k}] = A^k\, \mathbb{E}[x_{t_0}]`). ``model_kwargs``: as given to ``ppl.infer``;
+    frames are decoded by the trained decoder, ``post.kwargs["decoder"]`` (``ppl.infer`` fits a copy)."""
     mask = prefix_mask(y.shape[0], y.shape[1], observed, y.device)
     mean = post.encode(y, mask=mask, **model_kwargs)["x"].mean
     with torch.no_grad():
-        return Prediction(model_kwargs["decoder"](mean), mean)
+        return Prediction(post.kwargs["decoder"](mean), mean)
 
 
 def forecast_mse(frames: torch.Tensor, truth: torch.Tensor, observed: int) -> float:

@@ -103,10 +103,11 @@ def vae(y: torch.Tensor, decoder: nn.Module, D: int = 2, obs_scale: float = 0.1,
 
 def reconstruct(post, y: torch.Tensor, mask: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
     r"""Decoded posterior means :math:`f_\phi(\mathbb{E}_q[x_n])`: ``(N, P)``; a masked frame's q is the
-    prior, so its prediction is :math:`f_\phi(0)`. ``model_kwargs`` as given to ``ppl.infer`` (decoder, D)."""
+    prior, so its prediction is :math:`f_\phi(0)`. ``model_kwargs`` as given to ``ppl.infer`` (decoder, D); the
+    trained decoder is ``post.kwargs["decoder"]`` (``ppl.infer`` fits a copy)."""
     mean = post.encode(y, mask=mask, **model_kwargs)["x"].mean
     with torch.no_grad():
-        return model_kwargs["decoder"](mean)
+        return post.kwargs["decoder"](mean)
 
 
 def centroid(frames: torch.Tensor) -> torch.Tensor:

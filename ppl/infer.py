@@ -13,6 +13,7 @@ from .backends import get_backend
 from .compiler import compile as compile_model
 from .data_scale import warn_on_data_scale
 from .posterior import Posterior
+from .primitives import copy_modules
 
 
 def _to_device(value, device):
@@ -51,9 +52,16 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
         progress: show a progress bar.
+        model_kwargs: keyword arguments of the model.
         **options: backend-specific options (e.g. ``lr``, ``guide``, ``num_chains``, ``warmup_steps``).
+
+    Networks (``torch.nn.Module``) in ``args``, ``model_kwargs`` and the options are fitted as deep copies:
+    the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the
+    recognition networks in ``post.networks``).
     """
-    model_kwargs = dict(model_kwargs or {})
+    memo: dict = {}  # networks are fitted as copies: the caller's modules stay untouched (trained: post.kwargs)
+    args, model_kwargs = copy_modules(args, memo), copy_modules(dict(model_kwargs or {}), memo)
+    options = copy_modules(options, memo)
     device = torch.device(device) if device is not None else None
     args = tuple(_to_device(a, device) for a in args) if device else args
     model_kwargs = {k: _to_device(v, device) for k, v in model_kwargs.items()} if device else model_kwargs

@@ -18,7 +18,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import Predictive
 
-from .primitives import without_data
+from .primitives import copy_modules, without_data
 
 
 class LogEvidence(NamedTuple):
@@ -210,9 +210,12 @@ class Posterior:
 
     def encode(self, *args, **kwargs) -> dict:
         """Local posteriors on new data ``model(*args, **kwargs)`` by the trained recognition networks
-        (amortized inference; backend "svae"): site -> Local(x, kl, mean, probs)."""
+        (amortized inference; backend "svae"): site -> Local(x, kl, mean, probs). The model runs with the fitted
+        weights whatever networks ``kwargs`` hold (copies of them are loaded; the trained ones: ``self.kwargs``)."""
         if self.encoder is None:
             raise RuntimeError(f"backend '{self.backend}' has no amortized encoder; encode() needs backend 'svae'")
+        memo: dict = {}  # running the model loads the fitted weights into its modules: into copies, not the caller's
+        args, kwargs = copy_modules(args, memo), copy_modules(kwargs, memo)
         with self.fitted_params():
             return self.encoder(*args, **kwargs)
 

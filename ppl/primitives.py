@@ -7,6 +7,7 @@ gives it a name and a place to hang compile-time facts, nothing more.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import sys
@@ -231,6 +232,24 @@ def module(name: str, nn_module: torch.nn.Module) -> torch.nn.Module:
     # update_module_params: the module computes with the parameter store's tensors, the ones
     # inference optimizes, even when the model builds a fresh module on every call.
     return pyro.module(name, nn_module, update_module_params=True)
+
+
+def copy_modules(value: Any, memo: dict | None = None) -> Any:
+    """``value`` with every ``torch.nn.Module`` in it (itself, or an item of a tuple, list or dict, nested)
+    replaced by a deep copy; everything else (data tensors included) is passed through uncopied.
+
+    ``ppl.infer`` fits copies of the networks it is given, so the caller's modules are never trained in place
+    (the same call twice gives the same fit); the trained copies live in the Posterior (``kwargs``, ``args``,
+    ``networks``). One ``memo`` across calls keeps modules shared between arguments shared.
+    """
+    memo = {} if memo is None else memo
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value, memo)
+    if isinstance(value, dict):
+        return type(value)((k, copy_modules(v, memo)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(copy_modules(v, memo) for v in value)
+    return value
 
 
 def condition(fn: Callable[..., Any], data: dict[str, torch.Tensor]) -> Model:

@@ -66,8 +66,11 @@ def test_user_recognition_network_and_errors():
     y = sine_data()
     model = make_model(Decoder())
     mine = torch.nn.Linear(4, 4)
+    weight = mine.weight.detach().clone()
     post = ppl.infer(model, y, num_steps=5, recognition={"x": mine}, progress=False)
-    assert post.networks["x"] is mine
+    used = post.networks["x"]  # a trained copy of the user's network (the user's is left as it was)
+    assert isinstance(used, torch.nn.Linear) and used is not mine and torch.equal(mine.weight, weight)
+    assert not torch.equal(used.weight, weight)
     with pytest.raises(ValueError, match=r"recognition= names unknown site\(s\) \['z'\]"):
         ppl.infer(model, y, num_steps=5, recognition={"z": mine}, progress=False)
     with pytest.raises(ValueError, match=r"must output 2 \* latent_dim = 4 numbers per node, got 3"):
@@ -135,3 +138,35 @@ def test_local_draws_follow_the_seed():
     assert torch.equal(first, again), "same seed, same local draws"
     assert not torch.allclose(first, other), "another seed, other local draws"
     assert not torch.allclose(first[0], first[1]), "the n draws differ from each other"
+
+
+def test_networks_passed_in_are_fitted_as_copies():
+    """Before, a decoder given in model_kwargs (and a recognition network given in options) was trained in
+    place: the same call twice started from different weights and gave different fits. Now ppl.infer fits
+    deep copies: identical calls give identical ELBOs, the caller's modules keep their weights, and the
+    trained ones live in the Posterior (``post.kwargs``, ``post.networks``)."""
+    from ppl.models import svae_lds, vae
+
+    sim = svae_lds.simulate(seed=0, N=4, T=6, num_test=1)
+    decoder = sim.kwargs["decoder"]
+    encoder = vae.make_networks(2, sim.args[0].shape[-1], seed=5).encoder
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def fit():
+        return ppl.infer(svae_lds.model, *sim.args, model_kwargs=sim.kwargs, num_steps=5, num_samples=2,
+                         recognition={"x": encoder}, progress=False)
+
+    first, second = fit(), fit()
+    assert first.history == second.history, "the same call twice gives the same fit"
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"the caller's decoder was trained in place ({k})"
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), f"the caller's encoder was trained in place ({k})"
+    trained = first.kwargs["decoder"]
+    assert trained is not decoder and any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+    # encoding with the caller's (untrained) module runs the trained weights and leaves the module alone
+    pred = svae_lds.predict_frames(first, sim.truth["test_frames"], 3, **sim.kwargs)
+    assert torch.isfinite(pred.frames).all()
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"encode() loaded the fitted weights into the caller's decoder ({k})"
