@@ -7,6 +7,7 @@ and a backend that cannot run the model raises an error naming the fact that sto
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from typing import Callable
 
@@ -32,6 +33,15 @@ def with_backend_facts(graph: ModelGraph, facts: Facts, backends: tuple[Backend,
     """``facts`` with each backend's own facts attached (``facts.of(name)``)."""
     extra = {b.name: b.facts(graph, facts) for b in backends if b.facts is not None}
     return replace(facts, backend_facts=extra)
+
+
+def default_options(backend: Backend) -> tuple[tuple[str, object], ...]:
+    """The options ``backend.run`` takes and their defaults, sorted by name (what ``plan.explain()`` shows
+    before ``ppl.infer`` merges the user's)."""
+    skip = {"model", "args", "kwargs", "plan", "progress"}
+    params = inspect.signature(backend.run).parameters.values()
+    return tuple(sorted((p.name, p.default) for p in params
+                        if p.name not in skip and p.default is not inspect.Parameter.empty))
 
 
 def route(facts: Facts, backends: tuple[Backend, ...]) -> tuple[Backend, str, str, tuple[RuleOutcome, ...]]:
@@ -77,4 +87,5 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
             raise UnsupportedModelError(f"backend '{backend}' cannot run model '{model_name(model)}': {verdict.reason}")
         rule, reason, tried = "user override", f"backend='{backend}' requested", ()
     treatments = tuple(chosen.treatments(graph, facts))
-    return Plan(model_name(model), chosen.name, rule, reason, treatments, facts, rules_tried=tried, graph=graph)
+    return Plan(model_name(model), chosen.name, rule, reason, treatments, facts, options=default_options(chosen),
+                rules_tried=tried, graph=graph)

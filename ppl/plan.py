@@ -37,7 +37,8 @@ class Plan:
     rule:       the routing rule that chose it, or "user override"
     reason:     why, in words
     treatments: how each site is handled
-    options:    backend options as (name, value) pairs
+    options:    backend options as (name, value) pairs: the backend's defaults, merged with the user's by
+                ``ppl.infer`` (what the backend ran with)
     facts:      the analysis facts the decision was based on
     rules_tried: every routing rule in the order tried, up to the one that chose (empty on override)
     """
@@ -79,8 +80,15 @@ class Plan:
                   f"  {'-' * width}  {'-' * twidth}  {'-' * 40}"]
         lines += [f"  {t.site:<{width}}  {t.treatment:<{twidth}}  {t.detail}" for t in self.treatments]
         if self.options:
-            lines += ["", "  options: " + ", ".join(f"{k}={v}" for k, v in self.options)]
+            lines += ["", "  options: " + ", ".join(f"{k}={_short(v)}" for k, v in self.options)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """``repr`` of an option value, cut to ``width`` characters (a dict of networks stays one line)."""
+    text = repr(value) if not isinstance(value, str) else value
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -81,3 +81,14 @@ def test_bad_data_reports_while_tracing():
 def test_unknown_option_is_rejected_by_name():
     with pytest.raises(TypeError, match=r"backend 'mcmc' does not take option\(s\) guide"):
         ppl.infer(M.normal_normal, torch.randn(5), guide="delta", progress=False)
+
+
+def test_plan_shows_the_backends_options_with_defaults_and_the_users_choices():
+    y = torch.randn(8)
+    plan = ppl.compile(M.hmm, y)
+    options = dict(plan.options)
+    assert options["num_steps"] == 500 and options["restarts"] == 3 and options["optimizer"] == "lbfgs"
+    assert "options: " in plan.explain() and "restarts=3" in plan.explain()
+    post = ppl.infer(M.hmm, y, num_steps=40, restarts=1, progress=False)
+    ran = dict(post.plan.options)
+    assert ran["num_steps"] == 40 and ran["restarts"] == 1 and ran["lr"] == 0.05
