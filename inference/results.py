@@ -3,11 +3,13 @@
 Every backend calls it with what it computed; it adds what all share: the learned parameters
 (from the Pyro parameter store the fit ran in), the chains' exact posteriors at the point
 estimate when the backend hands over their tables (marginals, Viterbi paths, smoothed means,
-and exact draws as a ``StateFunction`` of the tables), and the model and data for the
-predictive. The result holds only data, so it pickles.
+and exact draws as a ``StateFunction`` of the tables), the model and data for the predictive,
+and a ``DegenerateFit`` warning when a discrete latent ends with an empty state. The result
+holds only data, so it pickles.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import pyro
@@ -16,6 +18,25 @@ import torch
 from ppl.posterior import LogEvidence, MCMCStats, Posterior, StateFunction
 
 from .chains import chain_results, sample_chains
+
+
+class DegenerateFit(UserWarning):
+    """A fit ended with a state of a discrete latent that no data point uses (an empty component)."""
+
+
+def warn_if_degenerate(discrete: dict[str, torch.Tensor], backend: str) -> None:
+    """Warn ``DegenerateFit`` for each discrete latent with a state whose expected count
+    ``sum over entries of q(z = k)`` is below one half (of ``n`` entries, ``n >= K``): an empty mixture component
+    or a never-visited chain state. ``discrete``: site -> probabilities ``(..., K)``."""
+    for site, probs in discrete.items():
+        K = probs.shape[-1]
+        counts = probs.detach().reshape(-1, K).sum(0)
+        n = probs.numel() // K
+        if K > 1 and n >= K and float(counts.min()) < 0.5:
+            k = int(counts.argmin())
+            warnings.warn(f"{backend}: state {k} of '{site}' has an expected count of {float(counts[k]):.3g} of {n} "
+                          f"entries: the fit uses fewer than its {K} states (an empty component). Try fewer states, "
+                          "more restarts= or another init=", DegenerateFit, stacklevel=4)
 
 
 def _param_snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -41,6 +62,7 @@ def make_posterior(plan, model: Callable, args: tuple, kwargs: dict, *, draws: d
     tables = tables or {}
     marg, paths, means = chain_results(tables)
     marg.update(discrete or {})
+    warn_if_degenerate(marg, plan.backend)
     means.update(smoothed_means or {})
     if local_sampler is None and tables:
         local_sampler = StateFunction(sample_chains, tables)

@@ -149,8 +149,9 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
     bar.close()
     _restore(params, best[1])
     if warn and len(history) >= max_evals and change > rel_tol * (1 + abs(best[0])):
-        warnings.warn(f"{desc}: L-BFGS used its {max_evals} evaluations (num_steps) and the objective still "
-                      f"changed by {change:.3g} in the last iteration; raise num_steps", NotConverged, stacklevel=3)
+        moved = f"changed by {change:.3g} in the last iteration" if change < float("inf") else "was still moving"
+        warnings.warn(f"{desc}: L-BFGS used its {max_evals} evaluations (num_steps) and the objective {moved}; "
+                      "raise num_steps", NotConverged, stacklevel=3)
     return history
 
 
