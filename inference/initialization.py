@@ -92,18 +92,24 @@ def hard_assignments(model: Callable, args: tuple, kwargs: dict, plan, generator
     return out
 
 
-def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, num_steps: int) -> dict:
-    """MAP of the globals with the discrete latents fixed at ``labels`` (chains still collapsed where exact):
-    site -> value, detached. Fails soft: {} if the complete-data model cannot be fitted."""
+def complete_data_plan(model: Callable, args: tuple, kwargs: dict, labels: dict):
+    """The plan of ``model`` with the discrete latents fixed at ``labels`` (its structure does not depend on
+    the labels' values, so one plan serves every restart); None if it cannot be compiled."""
+    try:
+        plan = compile_model(condition(model, labels), *args, backend="svi", **kwargs)
+    except (ValueError, RuntimeError):
+        return None
+    return plan if plan.facts.continuous else None
+
+
+def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, plan, num_steps: int) -> dict:
+    """MAP of the globals with the discrete latents fixed at ``labels`` (chains still collapsed where exact;
+    ``plan`` from ``complete_data_plan``): site -> value, detached. Fails soft: {} if the fit fails."""
     fixed = condition(model, labels)
     try:
-        plan = compile_model(fixed, *args, backend="svi", **kwargs)
-        if not plan.facts.continuous:
-            return {}
         with pyro.get_param_store().scope():
             guide, _, _ = training.fit_guide(chains.fit_model(fixed, plan.facts), args, kwargs, plan, "delta",
-                                             num_steps, 0.0, False, desc="init", optimizer="lbfgs",
-                                             warn=False)
+                                             num_steps, 0.0, False, desc="init", optimizer="lbfgs", warn=False)
             with torch.no_grad():
                 return {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
     except (ValueError, RuntimeError, FloatingPointError):
@@ -114,12 +120,16 @@ def data_driven_starts(model: Callable, args: tuple, kwargs: dict, plan, restart
                        num_steps: int = 150) -> list[dict]:
     """Up to ``restarts`` starting points (site -> value) from k-means hard assignments (module docstring);
     fewer (possibly none) when the model has no finite discrete latent with a usable observed child."""
-    starts = []
+    starts, fixed_plan = [], None
     for r in range(restarts):
         generator = torch.Generator().manual_seed(seed * 1009 + r)
         labels = hard_assignments(model, args, kwargs, plan, generator)
-        start = complete_data_map(model, args, kwargs, labels, num_steps) if labels else {}
+        if not labels:
+            break
+        fixed_plan = fixed_plan or complete_data_plan(model, args, kwargs, labels)
+        if fixed_plan is None:
+            break
+        start = complete_data_map(model, args, kwargs, labels, fixed_plan, num_steps)
         if start:
             starts.append(start)
     return starts
-
