@@ -8,6 +8,7 @@ collapsed, discrete sites enumerated); ``init_fn`` is the initialization the bac
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable
 
@@ -39,6 +40,13 @@ def _unvalidated(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     return run
 
 
+def progress_bar(desc: str, total: int, enabled: bool) -> tqdm:
+    """A tqdm bar over ``total`` steps: redrawn every 0.5 s on a terminal, every 30 s when stderr is a file or
+    a pipe (a log gets a few lines, not one carriage return per redraw)."""
+    interactive = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=0.5 if interactive else 30.0)
+
+
 def traced_loss(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], tuple[torch.Tensor, list]]:
     """Wrap a loss so that it also returns the unconstrained Pyro parameters it touched."""
 
@@ -58,8 +66,9 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     history: list[float] = []
     optim, params = None, None
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
-    for _ in bar:
+    bar = progress_bar(desc, num_steps, progress)
+    for _ in range(num_steps):
+        bar.update()
         loss, touched = step()
         if optim is None:
             params = list({id(p): p for p in touched}.values())
@@ -73,6 +82,7 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
         optim.step()
         history.append(float(loss.detach()))
         bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+    bar.close()
     return history
 
 
@@ -135,7 +145,7 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
                 p.grad = torch.zeros_like(p)
         return value
 
-    bar = tqdm(total=max_evals, desc=desc, disable=not progress, leave=False, mininterval=0.5)
+    bar = progress_bar(desc, max_evals, progress)
     previous, change = best[0], float("inf")
     while len(history) < max_evals:
         before = len(history)

@@ -1,11 +1,14 @@
 """The shared training loops (inference/training.py): L-BFGS for deterministic objectives (the exact backend's
 MAP), checked against closed-form minima, and its guards (budget, leaving the domain)."""
 
+import io
+import sys
+
 import pytest
 import torch
 
 import ppl
-from ppl.inference.training import NotConverged, optimize_lbfgs
+from ppl.inference.training import NotConverged, optimize_lbfgs, progress_bar
 from ppl.models import hmm as hmm_lib
 
 
@@ -41,10 +44,19 @@ def test_exact_map_by_lbfgs_reaches_adams_optimum_or_better():
     at least as high, in far fewer evaluations."""
     sim = hmm_lib.simulate(seed=0, N=2, T=100)
     init = hmm_lib.init_values(sim.args[0], 3)
-    fits = {opt: ppl.infer(hmm_lib.hmm, *sim.args, model_kwargs=sim.kwargs, optimizer=opt, init=init, progress=False,
+    fits = {opt: ppl.infer(hmm_lib.hmm, *sim.args, model_kwargs=sim.kwargs, optimizer=opt, init=init, restarts=1,
+                           progress=False,
                            **({"num_steps": 2000, "lr": 0.05} if opt == "adam" else {}))
             for opt in ("lbfgs", "adam")}
     lbfgs, adam = fits["lbfgs"], fits["adam"]
     assert lbfgs.backend == "exact" and len(lbfgs.history) < 300
     assert lbfgs.log_evidence.value >= adam.log_evidence.value - 1e-3
     assert torch.allclose(lbfgs.point["loc"], adam.point["loc"], atol=0.02)
+
+
+def test_progress_bars_redraw_rarely_when_stderr_is_not_a_terminal(monkeypatch):
+    """In a log (stderr not a terminal) a bar redraws at most every 30 s; on a terminal every 0.5 s."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar("fit", 1000, True).mininterval == 30.0
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress_bar("fit", 1000, True).mininterval == 0.5
