@@ -56,7 +56,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     Options: optimizer ("lbfgs": L-BFGS on the exact log joint, at most ``num_steps`` evaluations, stopping at
     convergence; "adam": ``num_steps`` Adam steps of rate ``lr``), init (site -> initial value: the first
     start), restarts (how many starts in all; beyond ``init``, data-driven ones from k-means hard assignments
-    of the finite discrete latents, ``inference/initialization.py``; the fit with the best objective is kept),
+    of the finite discrete latents, ``inference/initialization.py``; the fit with the best objective is kept;
+    with L-BFGS and ``num_steps <= 60`` only the first start runs, as screening needs 30 evaluations a start),
     seed (of the k-means++ seeding), num_samples (exact chain draws kept).
     """
     if unused:
