@@ -27,6 +27,9 @@ class LogEvidence(NamedTuple):
     value: float
     kind: str
 
+    def __float__(self) -> float:
+        return float(self.value)
+
 
 class Summary(dict):
     """site -> rows of (index, mean, sd, 5%, 95%); prints as a table."""
@@ -79,7 +82,9 @@ class MCMCStats:
     """What the MCMC sampler wrote.
 
     r_hat:       site -> split R-hat ``(*value_shape)`` (only with 2+ chains)
-    ess:         site -> effective sample size ``(*value_shape)``
+    ess:         site -> effective sample size ``(*value_shape)``: Pyro's ``effective_sample_size`` (autocorrelation
+                 summed by Geyer's initial monotone sequence over all chains; not rank-normalized, so it can
+                 differ from ArviZ's bulk ESS, which ``to_arviz()`` lets you compute)
     divergences: number of divergent transitions after warmup, all chains
     per_draw:    statistic -> ``(chains, draws)``: "diverging" (bool), "step_size", "accept_prob"
                  (exported as ArviZ ``sample_stats``)

@@ -122,3 +122,7 @@ def test_simulate_keeps_sites_fixed_by_condition():
                          y, K=2, num_samples=3)
     assert torch.equal(draws["trans"], TRANS.expand(3, 2, 2))
     assert torch.equal(draws["loc"], torch.tensor([-1.0, 1.0]).expand(3, 2))
+
+
+def test_log_evidence_converts_to_float(post):
+    assert float(post.log_evidence) == post.log_evidence.value
