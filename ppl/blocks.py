@@ -8,9 +8,12 @@ A mixture needs no block: a ``Categorical`` site inside a plate.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .chain_dists import GaussianChain, MarkovChain
+from .checks import check_positive_definite
 from .primitives import ModelInputError, sample
 
 BLOCK_KEY = "ppl_block"
@@ -83,7 +86,8 @@ def markov_chain(name: str, num_states: int, transition, initial: torch.Tensor |
     elif not isinstance(initial, torch.Tensor):
         raise ModelInputError(f"site '{name}': initial must be a tensor of shape (..., {K}), got {type(initial).__name__}")
     _check_stochastic(name, "initial", initial, K)
-    fn = MarkovChain(initial.log(), probs.log(), T, time_varying=time_varying)
+    dtype = torch.promote_types(initial.dtype, probs.dtype)  # float32 and float64 parameters: promoted
+    fn = MarkovChain(initial.to(dtype).log(), probs.to(dtype).log(), T, time_varying=time_varying)
     return sample(name, fn, obs=obs, infer={BLOCK_KEY: "markov_chain"})
 
 
@@ -96,6 +100,15 @@ def _check_square(name: str, arg: str, value, D: int, switched: bool) -> None:
         raise ModelInputError(f"site '{name}': {arg} must have shape {want}, got {got}")
     if not bool(torch.isfinite(value).all()):
         raise ModelInputError(f"site '{name}': {arg} contains NaN or inf")
+
+
+def _check_covariance(name: str, arg: str, value: torch.Tensor) -> None:
+    """ModelInputError naming the site and the argument unless ``value (..., D, D)`` is symmetric positive
+    definite (the Kalman kernels factorize it; the error would otherwise come from inside them)."""
+    try:
+        check_positive_definite(arg, value.detach())
+    except ValueError as exc:
+        raise ModelInputError(f"site '{name}': {exc}") from None
 
 
 def _select(table: torch.Tensor, switch: torch.Tensor | None, T: int) -> tuple[torch.Tensor, bool]:
@@ -140,6 +153,14 @@ def gaussian_chain(name: str, dim: int, dynamics: torch.Tensor, noise_cov: torch
     if initial_cov.shape[-2:] != (D, D):
         raise ModelInputError(f"site '{name}': initial_cov must be (..., {D}, {D}), got {tuple(initial_cov.shape)}")
     offsets = _input_offsets(name, D, T, inputs, input_matrix)
+    # float32 and float64 parameters (e.g. a float64 prior draw and a float32 constant): promoted, as torch does
+    tensors = [t for t in (dynamics, noise_cov, initial_loc, initial_cov, offsets) if isinstance(t, torch.Tensor)]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    dynamics, noise_cov, initial_loc, initial_cov = (t.to(dtype) for t in (dynamics, noise_cov, initial_loc,
+                                                                            initial_cov))
+    offsets = None if offsets is None else offsets.to(dtype)
+    _check_covariance(name, "noise_cov", noise_cov)
+    _check_covariance(name, "initial_cov", initial_cov)
     A, tv_a = _select(dynamics, switch, T)
     Q, tv_q = _select(noise_cov, switch, T)
     time_varying = tv_a or tv_q

@@ -203,7 +203,9 @@ def _discrete_table(name: str, info: dict, terms: list) -> DiscreteTable:
                 f"has shape {tuple(lp.shape)}, which does not align with (states={K}, *{tuple(shape)}); "
                 f"put the chain inside the same plates as its children") from None
     log_lik = total.movedim(0, -1)
-    return DiscreteTable(fn.log_init, fn.log_trans, log_lik, fn.time_varying)
+    # float32 priors with float64 data (or the reverse): the table gets the wider dtype, as torch promotes
+    dtype = torch.promote_types(torch.promote_types(fn.log_init.dtype, fn.log_trans.dtype), log_lik.dtype)
+    return DiscreteTable(fn.log_init.to(dtype), fn.log_trans.to(dtype), log_lik.to(dtype), fn.time_varying)
 
 
 def _gaussian_table(name: str, info: dict, terms: list) -> GaussianTable:
