@@ -44,13 +44,14 @@ def _continuous_observed(site: dict) -> bool:
             and value.is_floating_point() and not getattr(site["fn"].support, "is_discrete", False))
 
 
-def scale_mismatches(model: Callable, args: tuple, kwargs: dict) -> list[tuple[str, float, float]]:
+def scale_mismatches(model: Callable, args: tuple, kwargs: dict,
+                     trace: pyro.poutine.Trace | None = None) -> list[tuple[str, float, float]]:
     """``(site, data scale, model scale)`` for each observed continuous site whose data scale exceeds
     ``SCALE_RATIO * max(model scale, 1)``; the model scale is that of one draw of the site's distribution
-    after one draw of every latent from its prior."""
+    after one draw of every latent from its prior (``trace``: a trace of the model, made here if None)."""
     with pyro.get_param_store().scope(), torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
-        trace = run_traced(model, args, kwargs)
+        trace = run_traced(model, args, kwargs) if trace is None else trace
         fixed = getattr(model, "fixed_sites", frozenset())  # given by ppl.condition: not data
         out = []
         for name, site in trace.nodes.items():
@@ -65,11 +66,11 @@ def scale_mismatches(model: Callable, args: tuple, kwargs: dict) -> list[tuple[s
     return out
 
 
-def warn_on_data_scale(model: Callable, args: tuple, kwargs: dict) -> None:
+def warn_on_data_scale(model: Callable, args: tuple, kwargs: dict, trace: pyro.poutine.Trace | None = None) -> None:
     """Warn ``DataScaleWarning`` for each site of ``scale_mismatches``, saying how to fix it."""
-    for name, data, predicted in scale_mismatches(model, args, kwargs):
+    for name, data, predicted in scale_mismatches(model, args, kwargs, trace):
         warnings.warn(
             f"model '{model_name(model)}', site '{name}': the observed data have scale {data:.3g} (90th percentile "
             f"of |value|) but the model predicts values of scale {predicted:.3g} there under its priors; the fit "
             f"starts at O(1) values and may stop far from the truth. Standardize the data (e.g. "
-            f"(y - y.mean()) / y.std()) or give priors of the data's scale", DataScaleWarning, stacklevel=3)
+            f"(y - y.mean()) / y.std()) or give priors of the data's scale", DataScaleWarning, stacklevel=4)

@@ -11,9 +11,9 @@ import pyro
 
 from .backends import get_backend
 from .compiler import compile as compile_model
-from .data_scale import warn_on_data_scale
 from .posterior import Posterior
 from .primitives import copy_modules
+from .validate import check_device, check_options, check_plan, check_traced
 
 
 def _to_device(value, device):
@@ -59,15 +59,17 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the
     recognition networks in ``post.networks``).
     """
+    check_options(num_steps, num_samples, seed, model_kwargs)
+    device = check_device(device)
     memo: dict = {}  # networks are fitted as copies: the caller's modules stay untouched (trained: post.kwargs)
     args, model_kwargs = copy_modules(args, memo), copy_modules(dict(model_kwargs or {}), memo)
     options = copy_modules(options, memo)
-    device = torch.device(device) if device is not None else None
     args = tuple(_to_device(a, device) for a in args) if device else args
     model_kwargs = {k: _to_device(v, device) for k, v in model_kwargs.items()} if device else model_kwargs
     with (torch.device(device) if device else contextlib.nullcontext()):
         plan = compile_model(model, *args, backend=backend, **model_kwargs)
-        warn_on_data_scale(model, args, model_kwargs)
+        check_plan(plan, options)
+        check_traced(model, args, model_kwargs, options)
         runner = get_backend(plan.backend)
         if num_steps is not None:
             options["num_steps"] = num_steps

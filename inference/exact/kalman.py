@@ -37,8 +37,8 @@ from .kalman_info import (InfoFilterResult, LDSPrior, SmootherResult, filter_res
                           sample, smooth)
 
 __all__ = ["LDSPrior", "InfoFilterResult", "SmootherResult", "Potentials", "with_inputs", "info_filter",
-           "info_log_normalizer64", "info_smoother", "info_sample", "observation_potentials", "log_likelihood", "kalman_filter",
-           "kalman_smoother", "sample_posterior"]
+           "info_log_normalizer64", "info_smoother", "info_sample", "observation_potentials", "log_likelihood",
+           "kalman_filter", "kalman_smoother", "sample_posterior"]
 
 
 class Potentials(NamedTuple):
