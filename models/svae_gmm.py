@@ -117,6 +117,8 @@ def _check_inputs(y, decoder, K: int, D: int) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be (points, features), got {got}")
+    if y.shape[0] < 1 or y.shape[1] < 1:
+        raise ModelInputError(f"y must hold at least one point and one feature, got shape {tuple(y.shape)}")
     check_decoder(decoder, D, "(mean, scale)")
     check_positive_ints(K=K, D=D)
 
@@ -129,8 +131,8 @@ def svae_gmm(y: torch.Tensor, decoder: nn.Module, K: int = 5, D: int = 2, kappa:
     ``(K, D, D + 1)``; ``df`` defaults to D + 3).
 
     ``decoder`` (``x (..., D) -> (mean (..., P), scale)``) is built outside the model (``make_networks``)
-    so that its trained weights persist after ``ppl.infer``. Invalid NIW parameters (kappa <= 0, df <= D - 1,
-    psi <= 0) raise a ``ModelInputError`` naming the site ``theta``.
+    and passed in; ``ppl.infer`` trains a copy of it (``post.kwargs["decoder"]``). Invalid NIW parameters
+    (kappa <= 0, df <= D - 1, psi <= 0) raise a ``ModelInputError`` naming the site ``theta``.
     """
     _check_inputs(y, decoder, K, D)
     dec = ppl.module("decoder", decoder)

@@ -58,6 +58,8 @@ def _check_inputs(y, decoder, D: int, mask) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[1] < 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be (sequences, time >= 2, pixels), got {got}")
+    if y.shape[0] < 1 or y.shape[2] < 1:
+        raise ModelInputError(f"y must hold at least one sequence and one pixel, got shape {tuple(y.shape)}")
     check_decoder(decoder, D, "(..., pixels)")
     check_positive_ints(D=D)
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(y.shape[:2])):
@@ -72,7 +74,8 @@ def svae_lds(y: torch.Tensor, decoder: nn.Module, D: int = 2, noise_scale: float
     """LDS-SVAE on videos ``y: (N, T, P)``: one D-dim linear-Gaussian latent path per sequence, frames
     ~ N(decoder(x_t), obs_scale^2 I); dynamics A ~ N(I, prior_scale^2) entrywise, Q = noise_scale^2 I.
 
-    ``decoder`` is built outside the model (e.g. ``vae.make_networks``) so its trained weights persist;
+    ``decoder`` is built outside the model (e.g. ``vae.make_networks``); ``ppl.infer`` trains a copy of it
+    (``post.kwargs["decoder"]``);
     ``mask: (N, T)`` False marks frames that are not observed (no potential, no likelihood).
     """
     _check_inputs(y, decoder, D, mask)

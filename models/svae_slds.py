@@ -50,6 +50,8 @@ def _check_inputs(y, decoder, K: int, D: int) -> None:
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() != 3 or y.shape[1] < 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be a floating tensor (sequences, time >= 2, features), got {got}")
+    if y.shape[0] < 1 or y.shape[2] < 1:
+        raise ModelInputError(f"y must hold at least one sequence and one feature, got shape {tuple(y.shape)}")
     check_decoder(decoder, D, "(..., features)")
 
 
@@ -60,8 +62,8 @@ def svae_slds(y: torch.Tensor, decoder: nn.Module, K: int = 2, D: int = 2, noise
     dynamics of a D-dim path ``s_x: (N, T, D)``; observations ~ N(decoder(x_t), obs_scale^2 I).
     Priors: rows of trans ~ Dir(concentration), A_k ~ N(I, prior_scale^2) entrywise; Q = noise_scale^2 I.
 
-    ``decoder`` (``(..., D) -> (..., P)``) is built outside the model (``vae.make_networks``) so that its
-    trained weights persist after ``ppl.infer``.
+    ``decoder`` (``(..., D) -> (..., P)``) is built outside the model (``vae.make_networks``) and passed
+    in; ``ppl.infer`` trains a copy of it (``post.kwargs["decoder"]``).
     """
     _check_inputs(y, decoder, K, D)
     N, T, _ = y.shape

@@ -80,6 +80,8 @@ def _check_inputs(y, decoder, D: int, mask) -> None:
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelInputError(f"y must be (frames, pixels), got {got}")
+    if y.shape[0] < 1 or y.shape[1] < 1:
+        raise ModelInputError(f"y must hold at least one frame and one pixel, got shape {tuple(y.shape)}")
     check_decoder(decoder, D, "(..., pixels)")
     check_positive_ints(D=D)
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (y.shape[0],)):
@@ -91,7 +93,8 @@ def _check_inputs(y, decoder, D: int, mask) -> None:
 def vae(y: torch.Tensor, decoder: nn.Module, D: int = 2, obs_scale: float = 0.1, mask: torch.Tensor | None = None):
     """VAE on frames ``y: (N, P)``: x_n ~ N(0, I_D) i.i.d., y_n ~ N(decoder(x_n), obs_scale^2 I).
 
-    ``decoder`` is built outside the model (e.g. ``make_networks``) so its trained weights persist;
+    ``decoder`` is built outside the model (e.g. ``make_networks``); ``ppl.infer`` trains a copy of it
+    (``post.kwargs["decoder"]``);
     ``mask: (N,)`` False marks frames that are not observed (no recognition potential, no likelihood).
     """
     _check_inputs(y, decoder, D, mask)
