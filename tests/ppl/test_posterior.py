@@ -85,7 +85,7 @@ def _conditioned_fit(case: str):
     y = torch.cat([torch.randn(8) - 4, torch.randn(8) + 4])
     if case in ("exact", "svi"):
         post = ppl.infer(ppl.condition(M.hmm, {"trans": TRANS}), y, model_kwargs={"K": 2}, backend=case,
-                         num_steps=5, progress=False)
+                         num_steps=5 if case == "svi" else 100, progress=False)
         return post, {"trans": TRANS}
     if case == "chain path":  # a conditioned chain: compiled to mcmc over loc
         path = (y > 0).long()
