@@ -138,6 +138,8 @@ ROWS = [
     ("model_kwargs not a dict", infer(hmm, Y, model_kwargs=[3]), TypeError, ["model_kwargs", "dict", "list"]),
     ("unknown backend", infer(hmm, Y, backend="nope"), UnknownBackendError, ["'nope'", "exact", "svi"]),
     ("option the backend does not take", infer(hmm, Y, lr2=0.1), TypeError, ["'exact'", "lr2", "num_steps"]),
+    ("restarts zero", infer(hmm, Y, restarts=0), ValueError, ["restarts", "integer >= 1", "0"]),
+    ("optimizer unknown", infer(hmm, Y, optimizer="sgd"), ValueError, ["optimizer", "'sgd'", "lbfgs"]),
     ("backend that cannot run the model", infer(normal_normal, Y, backend="exact"), UnsupportedModelError,
      ["'exact'", "normal_normal", "only continuous latents"]),
     ("init names an unknown site", infer(hmm, Y, num_steps=1, init={"nope": torch.zeros(3)}), ValueError,

@@ -62,8 +62,10 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
-    if not isinstance(restarts, int) or restarts < 1:
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    if optimizer not in training.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {training.OPTIMIZERS}, got {optimizer!r}")
     facts, graph = plan.facts, plan.graph
     spec = facts.collapse_spec()
     history, point = [], {}
