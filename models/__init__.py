@@ -28,11 +28,12 @@ class Simulated(NamedTuple):
 
 MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm",
                  "iohmm", "mixture_of_experts", "cca", "lda", "nmf")
-__all__ = ["MODEL_MODULES", "Simulated", *MODEL_MODULES]
+NEURAL_MODULES = ("vae", "svae_gmm", "svae_lds", "svae_slds")  # structured VAEs (their tests, tutorials)
+__all__ = ["MODEL_MODULES", "NEURAL_MODULES", "Simulated", *MODEL_MODULES, *NEURAL_MODULES]
 
 
 def __getattr__(name: str):
-    """Import a model submodule on first attribute access (``ppl.models.lda`` after ``import ppl.models``)."""
-    if name in MODEL_MODULES:
+    """Import a model submodule on first attribute access (``ppl.models.lda`` after ``import ppl``)."""
+    if name in MODEL_MODULES or name in NEURAL_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

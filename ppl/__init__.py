@@ -4,6 +4,8 @@ Write a model as a Python function with ``ppl.sample``/``ppl.plate`` and the str
 blocks (``markov_chain``, ``gaussian_chain``, ``switching_chain``); ``ppl.compile`` says how
 it will be inferred and why; ``ppl.infer`` runs it and returns a ``Posterior``.
 """
+import importlib
+
 from pyro import distributions as dist
 
 from .blocks import gaussian_chain, markov_chain, switching_chain
@@ -27,3 +29,10 @@ __all__ = [
     "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
     "DataScaleWarning",
 ]
+
+
+def __getattr__(name: str):
+    """``ppl.models`` and ``ppl.inference`` are imported on first access, so ``import ppl`` loads no backend."""
+    if name in ("models", "inference"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -131,3 +131,17 @@ def test_a_registered_module_without_a_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(backends.REGISTRY, "broken", "ppl.plan")
     with pytest.raises(TypeError, match="must define BACKEND"):
         ppl.compile(normal_normal, torch.randn(4), backend="broken")
+
+
+def test_the_model_library_is_reachable_as_written_in_the_readme():
+    """``import ppl`` then ``ppl.models.svae_gmm`` (it raised AttributeError), without loading a backend first."""
+    code = textwrap.dedent("""
+        import sys
+        import ppl
+        assert not [m for m in sys.modules if m.startswith("ppl.inference")]
+        names = ppl.models.MODEL_MODULES + ppl.models.NEURAL_MODULES
+        assert all(callable(getattr(ppl.models, n).model) for n in names), names
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
