@@ -108,8 +108,11 @@ def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, 
     fixed = condition(model, labels)
     try:
         with pyro.get_param_store().scope():
-            guide, _, _ = training.fit_guide(chains.fit_model(fixed, plan.facts), args, kwargs, plan, "delta",
-                                             num_steps, 0.0, False, desc="init", optimizer="lbfgs", warn=False)
+            guide, _, history = training.fit_guide(chains.fit_model(fixed, plan.facts), args, kwargs, plan,
+                                                   "delta", num_steps, 0.0, False, desc="init", optimizer="lbfgs",
+                                                   warn=False)
+            if history.interrupted:  # Ctrl-C while finding starts: nothing fitted yet, stop here
+                raise KeyboardInterrupt("interrupted while computing data-driven starts")
             with torch.no_grad():
                 return {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
     except (ValueError, RuntimeError, FloatingPointError):

@@ -71,4 +71,5 @@ def make_posterior(plan, model: Callable, args: tuple, kwargs: dict, *, draws: d
                      point=dict(point or {}), smoothed_means=means, history=list(history or []), params=params,
                      param_constraints=constraints, mcmc=mcmc, elbo_terms=dict(elbo_terms or {}),
                      networks=dict(networks or {}), model=model, args=tuple(args), kwargs=dict(kwargs),
-                     local_sampler=local_sampler, encoder=encoder)
+                     local_sampler=local_sampler, encoder=encoder,
+                     interrupted=bool(getattr(history, "interrupted", False)))

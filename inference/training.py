@@ -58,31 +58,57 @@ def traced_loss(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], tuple[torch
     return step
 
 
+class History(list):
+    """The objective per step (a list of floats); ``interrupted`` is True when the user stopped the fit (Ctrl-C)
+    and the parameters are the state reached."""
+
+    interrupted: bool = False
+
+
+class Interrupted(UserWarning):
+    """A fit was stopped by the user (KeyboardInterrupt); the result holds the state reached."""
+
+
+def _interrupted(history: History, desc: str, total: int) -> History:
+    """Mark ``history`` interrupted and say so; a fit stopped before its first step has no state to return."""
+    if not history:
+        raise KeyboardInterrupt(f"{desc}: interrupted before the first step")
+    history.interrupted = True
+    warnings.warn(f"{desc}: interrupted by the user after {len(history)} of {total} steps; the result holds the "
+                  "state reached (post.interrupted is True)", Interrupted, stacklevel=4)
+    return history
+
+
 def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: float, progress: bool,
-             desc: str) -> list[float]:
+             desc: str) -> History:
     """Adam with gradient-norm clipping (10) on ``step() -> (loss, params)``; the parameters are
-    those of the first step (guides create theirs lazily). Returns the loss per step."""
+    those of the first step (guides create theirs lazily). Returns the loss per step; Ctrl-C stops the loop
+    and returns what was reached (``History.interrupted``)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    history: list[float] = []
+    history = History()
     optim, params = None, None
     bar = progress_bar(desc, num_steps, progress)
-    for _ in range(num_steps):
-        bar.update()
-        loss, touched = step()
-        if optim is None:
-            params = list({id(p): p for p in touched}.values())
-            optim = torch.optim.Adam(params, lr=lr)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: the objective became {float(loss)} at step {len(history) + 1}; "
-                                     "lower lr= or check the model's parameters")
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optim.step()
-        history.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
-    bar.close()
+    try:
+        for _ in range(num_steps):
+            bar.update()
+            loss, touched = step()
+            if optim is None:
+                params = list({id(p): p for p in touched}.values())
+                optim = torch.optim.Adam(params, lr=lr)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the objective became {float(loss)} at step {len(history) + 1}; "
+                                         "lower lr= or check the model's parameters")
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            optim.step()
+            history.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+    except KeyboardInterrupt:
+        _interrupted(history, desc, num_steps)
+    finally:
+        bar.close()
     return history
 
 
@@ -101,7 +127,7 @@ def _restore(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
 
 
 def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int, progress: bool, desc: str,
-                   rel_tol: float = 1e-7, warn: bool = True) -> list[float]:
+                   rel_tol: float = 1e-7, warn: bool = True) -> History:
     r"""Minimize a deterministic ``step() -> (loss, params)`` by L-BFGS (history 20, strong-Wolfe line search).
 
     Stops when an outer iteration changes the loss by less than ``rel_tol * (1 + |loss|)`` (converged) or after
@@ -109,13 +135,13 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
     parameters end at the best finite loss seen: a line-search trial that leaves the domain (non-finite loss) is never kept.
     The first evaluation must succeed; later ones that raise ``ValueError``/``RuntimeError`` (the model refusing
     a line-search trial point, e.g. a transition matrix that overflowed) count as outside the domain.
-    Returns the loss at every evaluation.
+    Returns the loss at every evaluation; Ctrl-C stops it at the best point so far (``History.interrupted``).
     """
     if not isinstance(max_evals, int) or max_evals < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {max_evals!r}")
     loss, params = step()
     params = list({id(p): p for p in params}.values())
-    history = [float(loss.detach())]
+    history = History([float(loss.detach())])
     if not params:
         return history
     if not torch.isfinite(loss):
@@ -147,16 +173,21 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
 
     bar = progress_bar(desc, max_evals, progress)
     previous, change = best[0], float("inf")
-    while len(history) < max_evals:
-        before = len(history)
-        optim.step(closure)
-        bar.update(len(history) - before)
-        bar.set_postfix(loss=f"{best[0]:.6g}", refresh=False)
-        change = abs(previous - best[0])
-        if change <= rel_tol * (1 + abs(best[0])) or len(history) == before:
-            break
-        previous = best[0]
-    bar.close()
+    try:
+        while len(history) < max_evals:
+            before = len(history)
+            optim.step(closure)
+            bar.update(len(history) - before)
+            bar.set_postfix(loss=f"{best[0]:.6g}", refresh=False)
+            change = abs(previous - best[0])
+            if change <= rel_tol * (1 + abs(best[0])) or len(history) == before:
+                break
+            previous = best[0]
+    except KeyboardInterrupt:
+        _interrupted(history, desc, max_evals)
+        change = 0.0
+    finally:
+        bar.close()
     _restore(params, best[1])
     if warn and len(history) >= max_evals and change > rel_tol * (1 + abs(best[0])):
         moved = f"changed by {change:.3g} in the last iteration" if change < float("inf") else "was still moving"

@@ -118,6 +118,7 @@ class Posterior:
     model, args, kwargs: what was fitted; ``predictive`` reruns the model on them
     local_sampler:  StateFunction ``(n, generator) -> {site: (n, ...)}``: exact or q draws of local latents
     encoder:        StateFunction ``(*new_args, **new_kwargs) -> {site: Local}``: amortized inference
+    interrupted:    True when the fit was stopped by the user (Ctrl-C): everything here is the state reached
     """
 
     plan: Any
@@ -138,6 +139,7 @@ class Posterior:
     kwargs: dict[str, Any] = field(default_factory=dict)
     local_sampler: StateFunction | None = None
     encoder: StateFunction | None = None
+    interrupted: bool = False
 
     @property
     def backend(self) -> str:
@@ -258,5 +260,6 @@ class Posterior:
 
     def __repr__(self) -> str:
         sites = ", ".join(self.draws) or "none"
+        stopped = ", interrupted" if self.interrupted else ""
         return (f"Posterior(backend={self.backend!r}, sites=[{sites}], "
-                f"log_evidence={self.log_evidence.value:.4f} ({self.log_evidence.kind}))")
+                f"log_evidence={self.log_evidence.value:.4f} ({self.log_evidence.kind}){stopped})")

@@ -108,14 +108,19 @@ def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: floa
     if len(starts) == 1 or (optimizer == "lbfgs" and num_steps <= 2 * SCREEN_EVALS):
         starts = starts[:1]
     screen = SCREEN_EVALS if optimizer == "lbfgs" and len(starts) > 1 else num_steps
-    runs = [_map_fit(fmodel, args, kwargs, plan, start, None, screen, lr, optimizer, progress,
-                     NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}", warn=screen == num_steps)
-            for i, start in enumerate(starts)]
+    runs = []
+    for i, start in enumerate(starts):
+        runs.append(_map_fit(fmodel, args, kwargs, plan, start, None, screen, lr, optimizer, progress,
+                             NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}",
+                             warn=screen == num_steps))
+        if runs[-1][3].interrupted:  # Ctrl-C: no further starts, no continuation
+            break
     _, state, point, history = min(runs, key=lambda r: r[0])
-    if screen < num_steps:
+    if screen < num_steps and not runs[-1][3].interrupted:
         _, state, point, more = _map_fit(fmodel, args, kwargs, plan, point, state, num_steps - screen, lr,
                                          optimizer, progress, NAME)
-        history = history + more
+        history = training.History(history + more)
+        history.interrupted = more.interrupted
     pyro.get_param_store().set_state(state)
     return point, history
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import ppl
-from ppl.inference.training import NotConverged, optimize_lbfgs, progress_bar
+from ppl.inference import training
+from ppl.inference.training import Interrupted, NotConverged, optimize, optimize_lbfgs, progress_bar
 from ppl.models import hmm as hmm_lib
+from tests.ppl.models_for_tests import normal_normal
 
 
 def _objective(f, x0):
@@ -60,3 +62,52 @@ def test_progress_bars_redraw_rarely_when_stderr_is_not_a_terminal(monkeypatch):
     assert progress_bar("fit", 1000, True).mininterval == 30.0
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert progress_bar("fit", 1000, True).mininterval == 0.5
+
+
+def _stopping_after(n: int, step):
+    """``step`` that raises KeyboardInterrupt (a Ctrl-C) at its ``n + 1``-th call."""
+    calls = [0]
+
+    def wrapped():
+        calls[0] += 1
+        if calls[0] > n:
+            raise KeyboardInterrupt
+        return step()
+
+    return wrapped
+
+
+def test_ctrl_c_stops_the_loops_and_keeps_the_state_reached():
+    x, step = _objective(lambda x: ((x - 3.0) ** 2).sum(), [0.0, 0.0])
+    with pytest.warns(Interrupted, match="after 5 of 100 steps"):
+        history = optimize(_stopping_after(5, step), 100, 0.1, progress=False, desc="test")
+    assert history.interrupted and len(history) == 5 and 0 < float(x.detach()[0]) < 3
+    x, step = _objective(lambda x: (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2, [-1.2, 1.0])
+    with pytest.warns(Interrupted):
+        history = optimize_lbfgs(_stopping_after(8, step), 500, progress=False, desc="test")
+    assert history.interrupted and len(history) == 8
+    assert float(history[0]) > min(history)                           # the best point reached is kept
+    with pytest.raises(KeyboardInterrupt):                             # nothing reached: nothing to return
+        optimize(_stopping_after(0, step), 100, 0.1, progress=False, desc="test")
+
+
+def test_an_interrupted_fit_returns_a_posterior_marked_interrupted(monkeypatch):
+    """ppl.infer with Ctrl-C after 12 SVI steps: a usable Posterior of the state reached, marked, with its history."""
+    original = training.traced_loss
+    monkeypatch.setattr(training, "traced_loss", lambda loss_fn: _stopping_after(12, original(loss_fn)))
+    y = 1.0 + torch.randn(20)
+    with pytest.warns(Interrupted):
+        post = ppl.infer(normal_normal, y, backend="svi", num_steps=500, num_samples=10, progress=False)
+    assert post.interrupted and len(post.history) == 12 and "interrupted" in repr(post)
+    assert post.sample(5)["mu"].shape == (5,)
+
+
+def test_an_interrupted_exact_fit_keeps_its_best_point(monkeypatch):
+    original = training.traced_loss
+    monkeypatch.setattr(training, "traced_loss", lambda loss_fn: _stopping_after(10, original(loss_fn)))
+    sim = hmm_lib.simulate(seed=0, N=1, T=50)
+    with pytest.warns(Interrupted):
+        post = ppl.infer(hmm_lib.hmm, *sim.args, model_kwargs=sim.kwargs, restarts=1, progress=False,
+                         init=hmm_lib.init_values(sim.args[0], 3))
+    assert post.backend == "exact" and post.interrupted and len(post.history) == 10
+    assert post.viterbi("z").shape == (1, 50)
