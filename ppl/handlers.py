@@ -146,7 +146,9 @@ class CollapseChains(Messenger):
         fn = msg["fn"]
         shape = fn.batch_shape + fn.event_shape
         K = fn.num_states
-        support = torch.arange(K, device=fn.log_init.device).reshape((K,) + (1,) * len(shape))
+        # the support at every position (K, *shape), not (K, 1, ...): a child built as ``rate[z]`` then has the
+        # shape it has outside enumeration, so ``.to_event(1)`` over time reinterprets the time dim, as written
+        support = torch.arange(K, device=fn.log_init.device).reshape((K,) + (1,) * len(shape)).expand((K,) + shape)
         self.chains[msg["name"]] = dict(fn=fn, shape=shape)
         msg.update(value=support, done=True, stop=True)
 

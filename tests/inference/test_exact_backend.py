@@ -292,3 +292,29 @@ def test_float32_map_fit_of_a_long_random_walk_with_a_global():
     prior = kalman.LDSPrior(torch.zeros(1, dtype=torch.float64), eye, eye, 0.1 * eye)
     want = float(kalman.log_likelihood(prior, eye, None, noise ** 2 * eye, y.double()))
     assert abs(post.log_evidence.value - want) < 0.05
+
+
+@ppl.model
+def _poisson_hmm_event(y, rate, trans):
+    z = ppl.markov_chain("z", num_states=3, transition=trans, length=y.shape[-1])
+    ppl.sample("y", dist.Poisson(rate[z]).to_event(1), obs=y)     # the whole path as one event
+
+
+@ppl.model
+def _poisson_hmm_elementwise(y, rate, trans):
+    z = ppl.markov_chain("z", num_states=3, transition=trans, length=y.shape[-1])
+    ppl.sample("y", dist.Poisson(rate[z]), obs=y)
+
+
+def test_a_chain_child_declared_as_one_event_over_time_is_tabulated():
+    """``Poisson(rate[z]).to_event(1)`` over the path: under enumeration ``rate[z]`` has the path's shape (the
+    support is expanded over every position), so the model is exact and equals the elementwise one; before,
+    ``rate[z]`` was (K, 1), the event shape (1,) did not match the data and no backend could run it."""
+    y = torch.tensor([0.0, 3.0, 12.0, 9.0, 1.0, 0.0, 15.0, 4.0])
+    rate = torch.tensor([1.0, 5.0, 12.0])
+    trans = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    posts = [ppl.infer(m, y, model_kwargs={"rate": rate, "trans": trans}, progress=False)
+             for m in (_poisson_hmm_event, _poisson_hmm_elementwise)]
+    assert [p.backend for p in posts] == ["exact", "exact"]
+    assert abs(posts[0].log_evidence.value - posts[1].log_evidence.value) < 1e-4
+    assert torch.allclose(posts[0].marginals("z"), posts[1].marginals("z"), atol=1e-5)
