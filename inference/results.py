@@ -42,8 +42,7 @@ def warn_if_degenerate(discrete: dict[str, torch.Tensor], backend: str) -> None:
 def _param_snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(constrained values, constraints) of the current Pyro parameter store, detached copies."""
     store = pyro.get_param_store()
-    values = {k: v.detach().clone() for k, v in store.items()}
-    return values, {k: store._constraints[k] for k in values if k in store._constraints}
+    return {k: v.detach().clone() for k, v in store.items()}, dict(store.get_state()["constraints"])
 
 
 def make_posterior(plan, model: Callable, args: tuple, kwargs: dict, *, draws: dict[str, torch.Tensor],
