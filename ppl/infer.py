@@ -47,13 +47,47 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     Args:
         model: a model function.
         *args: the data (tensors are moved to ``device``).
-        backend: "auto" (the compiler's rules decide) or a backend name ("exact", "svae", "svi", "mcmc").
-        num_steps: optimization steps (svi, exact); num_samples: posterior draws (all backends).
+        backend: "auto" (the compiler's rules decide; ``ppl.compile(model, *args).explain()`` says which and why)
+            or a backend name ("exact", "svae", "svi", "mcmc").
+        num_steps: optimization steps (exact, svae, svi); num_samples: posterior draws kept (every backend).
+            None: the backend's default (below).
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
         progress: show a progress bar.
         model_kwargs: keyword arguments of the model.
-        **options: backend-specific options (e.g. ``lr``, ``guide``, ``num_chains``, ``warmup_steps``).
+        **options: the chosen backend's options (below); an option it does not take is an error naming the ones
+            it does.
+
+    Backend options, with their defaults (``plan.options`` and ``plan.explain()`` list them for a compiled
+    model; ``post.plan.options`` holds what a fit ran with):
+
+        exact (chains and finite discrete latents marginalized exactly; globals by MAP):
+            num_steps=500         at most this many L-BFGS evaluations (it stops at convergence), or Adam steps
+            lr=0.05               Adam's learning rate (optimizer="adam" only)
+            num_samples=100       exact posterior draws of the chains kept
+            init=None             site -> initial value of a global: the first start
+            optimizer='lbfgs'     or 'adam'
+            restarts=3            starts in all: init, then data-driven ones (k-means); the best fit is kept
+            seed=0                seed of the data-driven starts (ppl.infer passes its seed)
+        svae (structured VAE: recognition potentials, exact local message passing, natural gradients):
+            num_steps=1000        Adam steps
+            lr=0.01               Adam's learning rate (networks and non-conjugate globals)
+            num_samples=100       draws of the conjugate globals' q kept
+            recognition=None      site -> torch.nn.Module replacing the default recognition network
+            num_iters=3           structured mean-field iterations (mixture, switching LDS)
+            init=None             site -> initial value of a global
+            natgrad_step=0.5      natural-gradient step size of the conjugate globals' q
+        svi (Pyro SVI; chains collapsed, finite discrete latents enumerated):
+            num_steps=2000        Adam steps
+            lr=0.02               Adam's learning rate
+            num_samples=1000      guide draws kept
+            guide='normal'        AutoNormal, or 'delta' (AutoDelta: a MAP point)
+            init=None             site -> initial value
+        mcmc (Pyro NUTS; chains collapsed, finite discrete latents enumerated):
+            num_samples=500       draws kept per chain
+            warmup_steps=None     adaptation steps per chain; None: num_samples
+            num_chains=2          chains, chain c seeded with seed + c
+            seed=0                (ppl.infer passes its seed)
 
     Networks (``torch.nn.Module``) in ``args``, ``model_kwargs`` and the options are fitted as deep copies:
     the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the
