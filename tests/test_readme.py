@@ -143,3 +143,18 @@ def test_every_file_named_exists(path):
 def test_every_python_m_module_exists(module):
     base = ROOT / module.replace(".", "/")
     assert base.with_suffix(".py").exists() or (base / "__main__.py").exists(), module
+
+
+LIBRARY = sorted(set(re.findall(r"`models/(\w+)\.py`", TEXT.split("## Model library", 1)[1].split("\n## ", 1)[0])))
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_every_library_model_has_what_the_readme_says(name):
+    """``ppl.models.<name>`` holds ``model``, ``simulate(seed)`` (its result's ``args`` go to ``ppl.infer``) and
+    ``infer_options``; the HMM and the LDS take ``mask=``."""
+    module = getattr(ppl.models, name)
+    assert callable(module.model) and callable(module.infer_options)
+    sim = module.simulate(seed=0)
+    assert isinstance(sim.args, tuple) and isinstance(sim.kwargs, dict)
+    if name in ("hmm", "lds"):
+        assert "mask" in inspect.signature(module.model).parameters
