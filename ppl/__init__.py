@@ -13,6 +13,7 @@ from .compiler import compile  # noqa: A004
 from .conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from .data import extend, missing_mask
 from .data_scale import DataScaleWarning
+from .implicit import RBM, EnergyBased, Implicit, NoDensityError
 from .infer import infer
 from .interpret import log_joint, simulate
 from .plan import Plan
@@ -27,7 +28,7 @@ __all__ = [
     "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
     "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
-    "DataScaleWarning",
+    "DataScaleWarning", "Implicit", "EnergyBased", "RBM", "NoDensityError",
 ]
 
 

@@ -43,6 +43,9 @@ class Facts:
     plate_nesting: int = 0                       # deepest plate dim used by any site (as a positive count)
     continuous_local: tuple[str, ...] = ()       # continuous latents sharing a plate with a finite discrete one
     backend_facts: dict[str, Any] = field(default_factory=dict)  # backend name -> its own facts (plug-ins)
+    combinatorial: tuple[str, ...] = ()          # latent sites with finite support too large to enumerate as one
+                                                 # variable: a finite discrete base over .to_event dims (2^20 states
+                                                 # for Bernoulli(...).to_event(1) over 20 bits); not in unenumerable
 
     def of(self, backend: str) -> Any:
         """The facts backend ``backend`` computed about this model (``Backend.facts``)."""
@@ -77,6 +80,22 @@ def latent_chains(graph: ModelGraph, kind: str) -> tuple[str, ...]:
 def plain_latents(graph: ModelGraph, discrete: bool) -> tuple[str, ...]:
     """Latent sites outside any block, discrete or continuous."""
     return tuple(s.name for s in graph.latent() if s.block is None and s.is_discrete == discrete)
+
+
+def combinatorial_latents(graph: ModelGraph, trace: poutine.Trace) -> tuple[str, ...]:
+    """Latent discrete sites outside any block whose distribution is ``Independent`` over a base with finite
+    support (e.g. ``Bernoulli(logits).to_event(1)``, ``OneHotCategorical(logits).to_event(1)``): each value is a
+    vector of finite variables, a joint support of ``prod`` of their sizes, which is not enumerated as one."""
+    out = []
+    for s in graph.latent():
+        if s.block is not None or not s.is_discrete or s.discrete_size is not None:
+            continue
+        fn = trace.nodes[s.name]["fn"]
+        while type(fn).__name__ == "Independent":
+            fn = fn.base_dist
+        if getattr(fn, "has_enumerate_support", False):
+            out.append(s.name)
+    return tuple(out)
 
 
 def switching_pairs(graph: ModelGraph) -> tuple[tuple[str, str], ...]:
@@ -199,10 +218,12 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
     discrete = plain_latents(graph, discrete=True)
     switching = switching_pairs(graph)
     switched = {g for _, g in switching}
+    combinatorial = combinatorial_latents(graph, trace)
     return Facts(
         observed=tuple(s.name for s in graph.observed()),
         enumerable=tuple(n for n in discrete if graph.site(n).discrete_size is not None),
-        unenumerable=tuple(n for n in discrete if graph.site(n).discrete_size is None),
+        unenumerable=tuple(n for n in discrete if graph.site(n).discrete_size is None and n not in combinatorial),
+        combinatorial=combinatorial,
         continuous=continuous,
         markov_chains=markov, gaussian_chains=gauss, chain_children=children,
         tabulable={c: bool(children[c]) and probe_tabulable(model, args, kwargs, c, children[c], trace)

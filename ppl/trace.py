@@ -20,6 +20,7 @@ from pyro.infer.inspect import get_dependencies
 from pyro.poutine.util import site_is_subsample
 
 from .blocks import block_kind
+from .implicit import ImplicitDependencies
 from .primitives import ModelInputError, model_name
 
 
@@ -271,5 +272,6 @@ def site_dependencies(model: Callable, args: tuple, kwargs: dict) -> dict[str, s
     """child site -> set of parent sites, from Pyro's provenance tracking."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        deps = get_dependencies(model, args, kwargs)["prior_dependencies"]
+        # an Implicit (simulator) site has no log_prob: it depends on its simulator's inputs
+        deps = get_dependencies(ImplicitDependencies()(model), args, kwargs)["prior_dependencies"]
     return {child: {p for p in parents if p != child} for child, parents in deps.items()}
