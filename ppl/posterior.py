@@ -82,9 +82,10 @@ class MCMCStats:
     """What the MCMC sampler wrote.
 
     r_hat:       site -> split R-hat ``(*value_shape)`` (only with 2+ chains)
-    ess:         site -> effective sample size ``(*value_shape)``: Pyro's ``effective_sample_size`` (autocorrelation
-                 summed by Geyer's initial monotone sequence over all chains; not rank-normalized, so it can
-                 differ from ArviZ's bulk ESS, which ``to_arviz()`` lets you compute)
+    ess:         site -> effective sample size ``(*value_shape)``: Pyro's ``pyro.ops.stats.effective_sample_size``
+                 over all chains (Geyer's initial monotone sequence of the autocorrelations, on the raw draws). It
+                 is not rank-normalized, so it differs from ArviZ's default bulk ESS; that one, computed by ArviZ
+                 on the same draws, is ``arviz.ess(post.to_arviz())``
     divergences: number of divergent transitions after warmup, all chains
     per_draw:    statistic -> ``(chains, draws)``: "diverging" (bool), "step_size", "accept_prob"
                  (exported as ArviZ ``sample_stats``)
@@ -112,8 +113,13 @@ class Posterior:
                     (Kalman/RTS smoother at the point estimate; E_q[x] for the svae)
     history:        training objective per step (negative ELBO or negative log joint)
     params:         learned ``ppl.param`` / ``ppl.module`` values (constrained), name -> tensor
-    mcmc:           MCMCStats (backend "mcmc"), else None
-    elbo_terms:     SVAE objective terms per step: "recon", "local_kl", "global_term", "global_kl"
+    mcmc:           MCMCStats (backend "mcmc"): split R-hat, ESS (Pyro's estimator, see ``MCMCStats``),
+                    divergences, per-draw sampler statistics; else None
+    elbo_terms:     backend "svae": term -> list of floats, one entry per optimization step (the one-sample
+                    estimate the step was taken on): "recon" E_q[log p(data | latents)], "local_kl"
+                    KL(q(local latents) || p(local latents | globals)), "global_term" log p(point-estimated
+                    globals), "global_kl" KL(q || prior) of the conjugate globals; step i's ELBO is
+                    recon - local_kl + global_term - global_kl, and ``history[i]`` is its negative. Empty otherwise
     networks:       site -> trained recognition network (backend "svae")
     model, args, kwargs: what was fitted; ``predictive`` reruns the model on them
     local_sampler:  StateFunction ``(n, generator) -> {site: (n, ...)}``: exact or q draws of local latents
@@ -229,7 +235,9 @@ class Posterior:
     def to_arviz(self):
         """An ``arviz.InferenceData``: ``posterior`` holds the draws ``(chain, draw, ...)``; with MCMC,
         ``sample_stats`` holds what the sampler wrote per draw (diverging, step_size, accept_prob) and the
-        attributes hold R-hat and ESS per site (requires the ``arviz`` extra)."""
+        attributes hold ``post.mcmc``'s R-hat and ESS per site (``r_hat_<site>``, ``ess_<site>``: Pyro's
+        estimators). ArviZ's own diagnostics of the same draws come from ArviZ: ``arviz.ess(idata)`` (bulk ESS),
+        ``arviz.rhat(idata)``, ``arviz.summary(idata)``. Requires the ``arviz`` extra."""
         try:
             import arviz as az
         except ImportError as exc:
