@@ -1,0 +1,1 @@
+"""Backend "vi": conjugate variational Bayes (coordinate ascent / variational message passing)."""

@@ -1,0 +1,207 @@
+r"""Backend "vi": variational Bayes on conjugate-exponential models (VB-EM / variational message passing).
+
+For a model with one discrete local z (a Categorical mixture assignment in a plate, or a ``markov_chain``) and
+continuous globals each conjugate to what it feeds (Dirichlet -> mixture weights / chain rows / categorical
+emissions, Gamma -> Poisson rates, Beta -> Bernoulli probabilities, Normal or MultivariateNormal -> Gaussian
+means with known covariance, ``ppl.NormalInverseWishart`` -> Gaussian mean and covariance), the mean-field
+posterior :math:`q(z)\prod_g q(g)` is fitted by coordinate ascent with every update in closed form: exact
+local messages (responsibilities; forward-backward on :math:`E_q[\log A]` for a chain) and conjugate global
+updates from expected sufficient statistics. The ELBO is computed in closed form term by term and never
+decreases. The result is the full posterior over the globals (draws from q), not a point estimate.
+
+The structure is found by probing the model (``conjugacy``); anything not recognized is refused with a reason
+naming the site. A model without a discrete latent (a conjugate prior on observed data) runs too with
+``backend="vi"``: one sweep gives the exact posterior and the ELBO equals log p(data).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ppl.analysis import Facts
+from ppl.backends import Backend, Rule, Verdict
+from ppl.handlers import DiscreteTable
+from ppl.plan import SiteTreatment
+from ppl.posterior import LogEvidence, Posterior
+
+from .. import initialization, training
+from ..results import make_posterior
+from . import cavi
+from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
+from .families import FAMILIES
+
+NAME = "vi"
+
+
+@dataclass(frozen=True)
+class VIFacts:
+    """The vi backend's facts (``facts.of("vi")``). local: the discrete local (None: none); problem: why the
+    backend cannot run the model ("" if it can, as far as the compiler let it look); probed: the model itself
+    was probed at compile time (the compiler passed it), so ``updates`` names each closed-form update."""
+
+    local: str | None
+    problem: str = ""
+    probed: bool = False
+    updates: dict = field(default_factory=dict)
+
+
+def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
+    """Structural checks from the graph; with ``probe = (model, args, kwargs)`` the full conjugacy probe."""
+    try:
+        local = local_site(facts)
+    except NotConjugate as exc:
+        return VIFacts(None, str(exc))
+    for g in facts.continuous:
+        family = graph.site(g).family
+        if family not in PRIOR_FAMILIES + ("Independent",):
+            return VIFacts(local, f"site '{g}': a {family} prior is not conjugate to any likelihood backend 'vi' "
+                                  f"knows (it knows {', '.join(PRIOR_FAMILIES)} priors)")
+    if probe is None:
+        return VIFacts(local)
+    model, args, kwargs = probe
+    try:
+        structure = analyse(model, args, kwargs, facts, graph)
+    except (NotConjugate, RuntimeError, ValueError, IndexError) as exc:
+        return VIFacts(local, str(exc), probed=True)
+    return VIFacts(local, "", True, describe(structure))
+
+
+def describe(structure: Structure) -> dict[str, str]:
+    """site -> the closed-form update ``plan.explain()`` prints, e.g. "q(weights) = Dirichlet: closed form from
+    expected counts of z"."""
+    stats = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
+             "Normal": "precision-weighted expected sums", "Gaussian": "precision-weighted expected sums",
+             "NormalInverseWishart": "expected counts, sums and scatter matrices"}
+    out = {}
+    for name, g in structure.globals.items():
+        fed = ", ".join(structure.links.get(name, ())) or "nothing (q = prior)"
+        out[name] = f"q({name}) = {FAMILIES[g.family].q_name}: closed form from {stats[g.family]} of {fed}"
+    return out
+
+
+def supports(facts: Facts) -> Verdict:
+    """Runs a model with at most one discrete local and conjugate continuous globals; the reason names the site
+    otherwise (what only a probe of the model shows is checked when ``run`` starts, with the same kind of reason)."""
+    v = facts.of(NAME)
+    return Verdict(not v.problem, v.problem)
+
+
+def treatments(graph, facts: Facts) -> list[SiteTreatment]:
+    """Local: responsibilities (mixture) or VB-HMM forward-backward (chain); globals: closed-form conjugate updates."""
+    v = facts.of(NAME)
+    rows = []
+    for s in graph.sites():
+        if s.observed:
+            rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape}"))
+        elif s.name == v.local and s.block == "markov_chain":
+            rows.append(SiteTreatment(s.name, "message passing", "q(z): forward-backward on E_q[log initial], "
+                                      "E_q[log transition] and expected log-likelihoods (VB-HMM)"))
+        elif s.name == v.local:
+            rows.append(SiteTreatment(s.name, "enumerate", "q(z) = Categorical: responsibilities from E_q[log "
+                                      "weights] and expected log-likelihoods"))
+        else:
+            rows.append(SiteTreatment(s.name, "natural gradient", v.updates.get(
+                s.name, f"q({s.name}) in its prior's conjugate family: closed form from expected sufficient "
+                        "statistics (one coordinate-ascent step = a natural-gradient step of size 1)")))
+    return rows
+
+
+def _check_options(num_steps, tol, restarts, num_samples) -> None:
+    for name, value in (("num_steps", num_steps), ("restarts", restarts), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"backend 'vi': {name} must be an integer >= 1, got {value!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"backend 'vi': tol must be a number >= 0, got {tol!r}")
+
+
+def _starts(model, args, kwargs, plan, structure: Structure, restarts: int, seed: int) -> list:
+    """Hard starts of q(z): k-means++ labels of the local's observed child (``initialization``), one per restart
+    (random labels when no child can be clustered); [None] when there is no local."""
+    local = structure.local
+    if local is None:
+        return [None]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(restarts):
+        labels = initialization.hard_assignments(model, args, kwargs, plan, gen).get(local.name)
+        if labels is None or tuple(labels.shape) != local.zshape:
+            labels = torch.randint(local.K, local.zshape, generator=gen)
+        out.append(cavi.hard_local(structure, labels.to(_device(structure))))
+    return out
+
+
+def _device(structure: Structure) -> torch.device:
+    return structure.children[0].y.device if structure.children else torch.device("cpu")
+
+
+def _chain_table(structure: Structure, fit: cavi.Fit) -> dict:
+    """The VB-HMM's sub-normalized tables at the final q, as a DiscreteTable (marginals, Viterbi, FFBS draws)."""
+    local = structure.local
+    if local is None or local.kind != "chain":
+        return {}
+    logs = cavi.local_logs(structure, fit.q)
+    lik = sum(fit.tables[c.name] for c in structure.children).movedim(0, -1)
+    return {local.name: DiscreteTable(logs["initial"], logs["transition"], lik.detach(), False)}
+
+
+def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-8, restarts: int = 3, seed: int = 0,
+        num_samples: int = 1000, progress: bool = True, **unused) -> Posterior:
+    """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
+    keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
+    below ``tol``. Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
+    ``log_evidence``, ``history`` = ELBO per sweep and ``elbo_terms`` (each term per sweep)."""
+    if unused:
+        raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
+    _check_options(num_steps, tol, restarts, num_samples)
+    structure = analyse(model, args, kwargs, plan.facts, plan.graph)
+    fits = []
+    starts = _starts(model, args, kwargs, plan, structure, restarts, seed)
+    with torch.no_grad():
+        for i, start in enumerate(starts):
+            desc = NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}"
+            bar = training.progress_bar(desc, num_steps, progress)
+            fits.append(cavi.coordinate_ascent(structure, start, num_steps, tol,
+                                               lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
+            bar.close()
+    best = max(fits, key=lambda f: f.elbo)
+    if not best.converged:
+        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
+                      "raise num_steps", training.NotConverged, stacklevel=2)
+    return _posterior(model, args, kwargs, plan, structure, best, num_samples)
+
+
+def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, num_samples: int) -> Posterior:
+    """The typed Posterior of the best fit."""
+    draws, point = {}, {}
+    for name, g in structure.globals.items():
+        fam = FAMILIES[g.family]
+        draws[name] = fam.sample(fit.q[name], num_samples).reshape((1, num_samples) + g.shape)
+        point[name] = fam.mean(fit.q[name]).reshape(g.shape)
+    local = structure.local
+    discrete = {local.name: fit.state.r.movedim(0, -1)} if local is not None and local.kind == "mixture" else {}
+    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=fit.history,
+                          log_evidence=LogEvidence(fit.elbo, "ELBO (lower bound)"), tables=_chain_table(structure, fit),
+                          discrete=discrete, elbo_terms=fit.terms)
+
+
+def _conjugate_local(f: Facts) -> bool:
+    v = f.of(NAME)
+    return v.probed and not v.problem and v.local is not None
+
+
+RULES = (
+    Rule("conjugate-exponential", _conjugate_local, NAME,
+         "one discrete latent (a mixture assignment or a markov_chain) whose globals are each conjugate to what they "
+         "feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages, the "
+         "full posterior over the globals (not MAP) and the ELBO in closed form", order=22),
+)
+
+
+def _facts_hook(graph, facts, *probe):
+    """``Backend.facts``: ``vi_facts``; the compiler may pass ``(model, args, kwargs)`` after the facts."""
+    return vi_facts(graph, facts, tuple(probe) if len(probe) == 3 else None)
+
+
+BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=_facts_hook)

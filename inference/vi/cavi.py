@@ -1,0 +1,203 @@
+r"""Coordinate ascent on the mean-field ELBO :math:`q(z)\prod_g q(g)` of a conjugate-exponential model.
+
+.. math::
+    \mathcal L(q) = E_q[\log p(y \mid z, g)] + E_q[\log p(z \mid g)] + H[q(z)] - \sum_g KL(q(g) \,\|\, p(g)).
+
+- local step: :math:`q(z) \propto \exp(E_q[\log p(z \mid g)] + E_q[\log p(y \mid z, g)])`; for a mixture the
+  responsibilities, for a ``markov_chain`` forward-backward on the sub-normalized tables
+  :math:`E_q[\log \pi]`, :math:`E_q[\log A]`, :math:`E_q[\log p(y_t \mid k)]` (the VB-HMM), whose log
+  normalizer is :math:`\log Z` with :math:`H[q(z)] = \log Z - E_q[\log p(z, y \mid g)]`;
+- global step: each q(g) in closed form from the expected sufficient statistics (``families``, ``links``).
+
+Each step maximizes the ELBO over its factor with the others fixed, so the ELBO never decreases; it is
+computed in closed form after every sweep, term by term.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..exact import hmm
+from . import links
+from .conjugacy import Structure
+from .families import FAMILIES, dirichlet_expected_log
+
+
+@dataclass
+class LocalState:
+    """q(z): ``r (K, *zshape)`` = q(z = k); ``counts``: role -> expected counts for the local's Dirichlet priors
+    (weights ``(*zshape, K)`` / initial ``(*batch, K)`` / transition ``(*batch, K, K)``, before summing over the
+    data); ``entropy`` H[q(z)]."""
+
+    r: torch.Tensor | None
+    counts: dict
+    entropy: torch.Tensor
+
+
+def _lead(q: tuple, structure: Structure, glob: str) -> tuple:
+    """A global's q params with the leading state dim the link functions expect (K = 1 when not indexed)."""
+    return q if structure.globals[glob].indexed else tuple(x.unsqueeze(0) for x in q)
+
+
+def child_tables(structure: Structure, q: dict) -> dict[str, torch.Tensor]:
+    """child -> ``E_q[log p(y | z = k)]`` weighted, ``(K, *zshape)`` (K = 1 for a child without a local)."""
+    return {c.name: links.table(c, _lead(q[c.glob], structure, c.glob) if c.glob else None)
+            for c in structure.children}
+
+
+def local_logs(structure: Structure, q: dict) -> dict[str, torch.Tensor]:
+    """role -> E_q[log probabilities] of the local's own distribution (a Dirichlet global's, or the fixed ones)."""
+    out = {}
+    for role, src in structure.local.priors.items():
+        out[role] = dirichlet_expected_log(q[src]) if isinstance(src, str) else src
+    return out
+
+
+def _summed_tables(structure: Structure, tables: dict) -> torch.Tensor:
+    local = structure.local
+    total = torch.zeros((local.K,) + local.zshape, dtype=structure.dtype, device=_device(structure))
+    for c in structure.children:
+        total = total + tables[c.name]
+    return total
+
+
+def _device(structure: Structure) -> torch.device:
+    return next(iter(structure.globals.values())).prior[0].device if structure.globals else structure.children[0].y.device
+
+
+def local_step(structure: Structure, q: dict, tables: dict) -> LocalState:
+    """The optimal q(z) given q(globals) (``tables`` = ``child_tables(structure, q)``)."""
+    local = structure.local
+    logs = local_logs(structure, q)
+    lik = _summed_tables(structure, tables)
+    if local.kind == "mixture":
+        logits = lik + logs["weights"].expand(local.zshape + (local.K,)).movedim(-1, 0)
+        log_z = torch.logsumexp(logits, 0)
+        r = (logits - log_z).exp()
+        return LocalState(r, {"weights": r.movedim(0, -1)}, log_z.sum() - (r * logits).sum())
+    log_lik = lik.movedim(0, -1)
+    batch = log_lik.shape[:-2]
+    init = logs["initial"].expand(batch + logs["initial"].shape[-1:])
+    trans = logs["transition"].expand(batch + logs["transition"].shape[-2:])
+    post = hmm.posterior(init, trans, log_lik, time_varying=False)
+    first, pairwise = post.marginals[..., 0, :], post.pairwise
+    expected = (first * init).sum() + (pairwise * trans).sum() + (post.marginals * log_lik).sum()
+    return LocalState(post.marginals.movedim(-1, 0), {"initial": first, "transition": pairwise},
+                      post.log_normalizer.sum() - expected)
+
+
+def hard_local(structure: Structure, labels: torch.Tensor) -> LocalState:
+    """q(z) as a point mass on ``labels (*zshape)`` (a data-driven start), entropy 0."""
+    local = structure.local
+    onehot = torch.nn.functional.one_hot(labels.long(), local.K).to(structure.dtype)
+    if local.kind == "mixture":
+        return LocalState(onehot.movedim(-1, 0), {"weights": onehot}, onehot.new_zeros(()))
+    pairwise = (onehot[..., :-1, :, None] * onehot[..., 1:, None, :]).sum(-3)
+    return LocalState(onehot.movedim(-1, 0), {"initial": onehot[..., 0, :], "transition": pairwise},
+                      onehot.new_zeros(()))
+
+
+def _role_stats(counts: torch.Tensor, glob_shape: tuple) -> tuple:
+    """Expected counts summed over the data dims down to the Dirichlet global's shape."""
+    extra = counts.dim() - len(glob_shape)
+    return (counts.sum(tuple(range(extra))) if extra > 0 else counts,)
+
+
+def global_step(structure: Structure, state: LocalState | None, q: dict) -> dict:
+    """Every q(g) in closed form: prior natural parameters plus the expected sufficient statistics."""
+    stats: dict[str, list] = {g: [] for g in structure.globals}
+    for c in structure.children:
+        if c.glob is None:
+            continue
+        g = structure.globals[c.glob]
+        r = state.r if g.indexed else c.w.new_ones((1,) + tuple(c.w.shape[:c.nz]))
+        s = links.stats(c, r, _lead(q[c.glob], structure, c.glob))
+        stats[c.glob].append(s if g.indexed else tuple(x.squeeze(0) for x in s))
+    if structure.local is not None:
+        for role, src in structure.local.priors.items():
+            if isinstance(src, str):
+                stats[src].append(_role_stats(state.counts[role], structure.globals[src].shape))
+    out = {}
+    for name, g in structure.globals.items():
+        fam = FAMILIES[g.family]
+        total = None
+        for s in stats[name]:
+            total = s if total is None else tuple(a + b for a, b in zip(total, s))
+        out[name] = g.prior if total is None else fam.update(g.prior, total)
+    return out
+
+
+def elbo_terms(structure: Structure, q: dict, tables: dict, state: LocalState | None) -> dict[str, torch.Tensor]:
+    """The ELBO term by term: ``E log p(child)`` per observed site, ``E log p(local)``, ``entropy(local)``,
+    ``-KL(global)`` per global (so that the ELBO is their sum), and ``log p(constant sites)``."""
+    terms = {}
+    for c in structure.children:
+        table = tables[c.name]
+        terms[f"E log p({c.name})"] = (state.r * table).sum() if structure.local is not None else table.sum()
+    if structure.local is not None:
+        logs = local_logs(structure, q)
+        terms[f"E log p({structure.local.name})"] = sum((state.counts[role] * logs[role]).sum() for role in logs)
+        terms[f"entropy({structure.local.name})"] = state.entropy
+    for name, g in structure.globals.items():
+        terms[f"-KL({name})"] = -FAMILIES[g.family].kl(q[name], g.prior)
+    if structure.constant:
+        terms["log p(sites with no latent parent)"] = torch.tensor(structure.constant, dtype=structure.dtype)
+    return terms
+
+
+class ELBODecreased(UserWarning):
+    """A coordinate-ascent sweep lowered the ELBO by more than round-off (it never should: a bug or a numerical
+    breakdown, e.g. a nearly singular covariance)."""
+
+
+@dataclass
+class Fit:
+    """One coordinate-ascent run: final ``q`` (global -> params), ``state`` q(z), ``tables`` E_q log-likelihoods,
+    ``history`` ELBO per sweep, ``terms`` name -> value per sweep, ``converged``."""
+
+    q: dict
+    state: LocalState | None
+    tables: dict
+    history: list
+    terms: dict
+    converged: bool
+
+    @property
+    def elbo(self) -> float:
+        return self.history[-1]
+
+
+def round_off(value: float, dtype: torch.dtype) -> float:
+    """How much a sum of ELBO terms of size ``value`` may move by rounding alone."""
+    return 1e3 * torch.finfo(dtype).eps * (abs(value) + 1.0)
+
+
+def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps: int, tol: float,
+                      on_step=None) -> Fit:
+    """Sweeps (local step, global step, ELBO) from the hard start ``start`` (None: no local) until the relative
+    ELBO change is below ``tol`` or ``num_steps`` sweeps ran; warns ``ELBODecreased`` if a sweep lowers it by more
+    than round-off. ``on_step(elbo)`` is called after each sweep (a progress bar)."""
+    q = global_step(structure, start, {g: G.prior for g, G in structure.globals.items()})
+    tables = child_tables(structure, q)
+    state, history, terms_history, converged = start, [], {}, False
+    for _ in range(num_steps):
+        if structure.local is not None:
+            state = local_step(structure, q, tables)
+        q = global_step(structure, state, q)
+        tables = child_tables(structure, q)
+        terms = {k: float(v) for k, v in elbo_terms(structure, q, tables, state).items()}
+        value = sum(terms.values())
+        for k, v in terms.items():
+            terms_history.setdefault(k, []).append(v)
+        if history and value < history[-1] - round_off(history[-1], structure.dtype):
+            warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep {len(history) + 1}",
+                          ELBODecreased, stacklevel=3)
+        history.append(value)
+        if on_step is not None:
+            on_step(value)
+        if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            converged = True
+            break
+    return Fit(q, state, tables, history, terms_history, converged)

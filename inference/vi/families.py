@@ -1,0 +1,124 @@
+r"""Conjugate prior families of the vi backend: prior parameters, closed-form posterior update from expected
+sufficient statistics, expectations under q, KL(q || prior) and draws from q.
+
+Each global is stored with a leading *state* dim K (the states of the discrete local that indexes it; K = 1
+for a global that no local indexes). A family is a record of pure functions on a ``params`` tuple:
+
+============================  ==========================================  =====================================
+family (q = prior's family)   params                                      statistics a child adds
+============================  ==========================================  =====================================
+Dirichlet                     (alpha,)  ``(K, C)``                        (counts ``(K, C)``,)
+Gamma (rate of a Poisson)     (shape a, rate b)  ``(K, *E)``              (sum r y, sum r)
+Beta (probs of a Bernoulli)   (a, b)  ``(K, *E)``                         (sum r y, sum r (1 - y))
+Normal, elementwise           (mean m, variance v)  ``(K, *E)``           (sum r y / s^2, sum r / s^2)
+Gaussian, full (mean of MVN)  (mean ``(K, D)``, cov ``(K, D, D)``)        (Lambda sum r y ``(K, D)``, (sum r) Lambda ``(K, D, D)``)
+NormalInverseWishart          ``ppl.expfam.niw.NIWNatural`` of batch (K,)  ``NIWNatural`` (sum r yy', sum r y, sum r, sum r)
+============================  ==========================================  =====================================
+
+Updates (r the responsibilities, s the child's known scale, Lambda its known precision):
+
+.. math::
+    \alpha' = \alpha + c, \quad (a', b') = (a + \textstyle\sum r y,\ b + \sum r), \quad
+    v'^{-1} = v^{-1} + \textstyle\sum r / s^2,\ m' = v' (m / v + \sum r y / s^2), \\
+    P' = S_0^{-1} + (\textstyle\sum r)\Lambda,\ m' = P'^{-1}(S_0^{-1} m_0 + \Lambda \sum r y), \quad
+    \eta'_{NIW} = \eta + (\textstyle\sum r yy^\top, \sum r y, \sum r, \sum r).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.distributions import Beta, Dirichlet, Gamma, MultivariateNormal, Normal, kl_divergence
+
+from ppl.expfam import niw
+
+
+@dataclass(frozen=True)
+class Family:
+    """The conjugate-update functions of one prior family (all pure, on params tuples; see module docstring)."""
+
+    name: str
+    update: Callable      # (prior params, stats) -> q params
+    kl: Callable          # (q params, prior params) -> () sum over the global's entries
+    sample: Callable      # (q params, n) -> (n, K, *value_shape) draws
+    mean: Callable        # q params -> (K, *value_shape)
+    q_name: str           # how explain() names q
+
+
+def _add(prior: tuple, stats: tuple) -> tuple:
+    return tuple(p + s for p, s in zip(prior, stats))
+
+
+def dirichlet_expected_log(params: tuple) -> torch.Tensor:
+    r""":math:`E_q[\log \pi] = \psi(\alpha) - \psi(\sum_c \alpha_c)`: ``(K, C)``."""
+    (alpha,) = params
+    return torch.digamma(alpha) - torch.digamma(alpha.sum(-1, keepdim=True))
+
+
+def gamma_expectations(params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`(E[\lambda], E[\log\lambda]) = (a/b, \psi(a) - \log b)`."""
+    a, b = params
+    return a / b, torch.digamma(a) - b.log()
+
+
+def beta_expectations(params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`(E[\log p], E[\log(1-p)]) = (\psi(a) - \psi(a+b), \psi(b) - \psi(a+b))`."""
+    a, b = params
+    total = torch.digamma(a + b)
+    return torch.digamma(a) - total, torch.digamma(b) - total
+
+
+def _normal_update(prior: tuple, stats: tuple) -> tuple:
+    m0, v0 = prior
+    weighted_y, precision = stats
+    prec = 1.0 / v0 + precision
+    return (m0 / v0 + weighted_y) / prec, 1.0 / prec
+
+
+def _gaussian_update(prior: tuple, stats: tuple) -> tuple:
+    m0, S0 = prior
+    h_data, J_data = stats
+    P0 = torch.linalg.inv(S0)
+    P = P0 + J_data
+    P = 0.5 * (P + P.mT)
+    L = torch.linalg.cholesky(P)
+    cov = torch.cholesky_inverse(L)
+    mean = torch.cholesky_solve((P0 @ m0.unsqueeze(-1)) + h_data.unsqueeze(-1), L).squeeze(-1)
+    return mean, 0.5 * (cov + cov.mT)
+
+
+def _niw_sample(params: tuple, n: int) -> torch.Tensor:
+    draw = niw.sample(niw.NIWNatural(*params), (n,))
+    return torch.cat([draw.covariance_matrix, draw.loc.unsqueeze(-1)], -1)
+
+
+def _niw_mean(params: tuple) -> torch.Tensor:
+    std = niw.standard_from_natural(niw.NIWNatural(*params))
+    D = std.loc.shape[-1]
+    cov = std.scale / (std.df - D - 1).clamp_min(1e-12)[..., None, None]
+    return torch.cat([cov, std.loc.unsqueeze(-1)], -1)
+
+
+FAMILIES = {
+    "Dirichlet": Family(
+        "Dirichlet", _add, lambda q, p: kl_divergence(Dirichlet(q[0]), Dirichlet(p[0])).sum(),
+        lambda q, n: Dirichlet(q[0]).sample((n,)), lambda q: q[0] / q[0].sum(-1, keepdim=True), "Dirichlet"),
+    "Gamma": Family(
+        "Gamma", _add, lambda q, p: kl_divergence(Gamma(*q), Gamma(*p)).sum(),
+        lambda q, n: Gamma(*q).sample((n,)), lambda q: q[0] / q[1], "Gamma"),
+    "Beta": Family(
+        "Beta", _add, lambda q, p: kl_divergence(Beta(*q), Beta(*p)).sum(),
+        lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta"),
+    "Normal": Family(
+        "Normal", _normal_update, lambda q, p: kl_divergence(Normal(q[0], q[1].sqrt()), Normal(p[0], p[1].sqrt())).sum(),
+        lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal"),
+    "Gaussian": Family(
+        "Gaussian", _gaussian_update,
+        lambda q, p: kl_divergence(MultivariateNormal(q[0], q[1]), MultivariateNormal(p[0], p[1])).sum(),
+        lambda q, n: MultivariateNormal(q[0], q[1]).sample((n,)), lambda q: q[0], "MultivariateNormal"),
+    "NormalInverseWishart": Family(
+        "NormalInverseWishart", lambda p, s: tuple(niw.conjugate_update(niw.NIWNatural(*p), niw.NIWNatural(*s))),
+        lambda q, p: niw.kl(niw.NIWNatural(*q), niw.NIWNatural(*p)).sum(), _niw_sample, _niw_mean,
+        "NormalInverseWishart"),
+}
