@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "svae": "ppl.inference.svae.backend",
     "svi": "ppl.inference.svi.backend",
     "mcmc": "ppl.inference.mcmc.backend",
+    "vi": "ppl.inference.vi.backend",
 }
 
 
