@@ -151,7 +151,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-8, rest
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
     below ``tol``. Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
-    ``log_evidence``, ``history`` = ELBO per sweep and ``elbo_terms`` (each term per sweep)."""
+    ``log_evidence``, ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never
+    increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``)."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
@@ -181,7 +182,8 @@ def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, n
         point[name] = fam.mean(fit.q[name]).reshape(g.shape)
     local = structure.local
     discrete = {local.name: fit.state.r.movedim(0, -1)} if local is not None and local.kind == "mixture" else {}
-    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=fit.history,
+    # history: the objective per sweep, the negative ELBO (as every backend's); elbo_terms sum to -history[i]
+    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=[-v for v in fit.history],
                           log_evidence=LogEvidence(fit.elbo, "ELBO (lower bound)"), tables=_chain_table(structure, fit),
                           discrete=discrete, elbo_terms=fit.terms)
 
