@@ -48,8 +48,9 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
         model: a model function.
         *args: the data (tensors are moved to ``device``).
         backend: "auto" (the compiler's rules decide; ``ppl.compile(model, *args).explain()`` says which and why)
-            or a backend name ("exact", "svae", "svi", "mcmc").
-        num_steps: optimization steps (exact, svae, svi); num_samples: posterior draws kept (every backend).
+            or a backend name ("exact", "svae", "svi", "mcmc", "vi"; ``ppl.backends.backend_names()``).
+        num_steps: optimization steps or sweeps (exact, svae, svi, vi); num_samples: posterior draws kept (every
+            backend).
             None: the backend's default (below).
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
@@ -83,11 +84,21 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             num_samples=1000      guide draws kept
             guide='normal'        AutoNormal, or 'delta' (AutoDelta: a MAP point)
             init=None             site -> initial value
-        mcmc (Pyro NUTS; chains collapsed, finite discrete latents enumerated):
+        mcmc (NUTS on the continuous latents; chains collapsed, finite discrete latents enumerated):
             num_samples=500       draws kept per chain
             warmup_steps=None     adaptation steps per chain; None: num_samples
-            num_chains=2          chains, chain c seeded with seed + c
+            num_chains=None       chains (None: 2), each with its own random stream from seed
             seed=0                (ppl.infer passes its seed)
+            dense_mass=False      adapt a dense inverse mass matrix (else diagonal)
+            target_accept=0.8     acceptance statistic the step-size adaptation aims at
+            max_tree_depth=10     at most 2^max_tree_depth - 1 leapfrog steps per draw
+            resume=None           a Posterior of this backend on the same model: continue its chains
+        vi (conjugate variational Bayes: closed-form coordinate ascent, exact local messages):
+            num_steps=500         coordinate-ascent sweeps at most per start
+            tol=1e-08             stop when the relative ELBO change is below this
+            restarts=3            data-driven starts (k-means++); the best ELBO is kept
+            seed=0                seed of the starts (ppl.infer passes its seed)
+            num_samples=1000      draws of the globals from q kept
 
     Networks (``torch.nn.Module``) in ``args``, ``model_kwargs`` and the options are fitted as deep copies:
     the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the

@@ -115,11 +115,13 @@ class Posterior:
     params:         learned ``ppl.param`` / ``ppl.module`` values (constrained), name -> tensor
     mcmc:           MCMCStats (backend "mcmc"): split R-hat, ESS (Pyro's estimator, see ``MCMCStats``),
                     divergences, per-draw sampler statistics; else None
-    elbo_terms:     backend "svae": term -> list of floats, one entry per optimization step (the one-sample
-                    estimate the step was taken on): "recon" E_q[log p(data | latents)], "local_kl"
-                    KL(q(local latents) || p(local latents | globals)), "global_term" log p(point-estimated
-                    globals), "global_kl" KL(q || prior) of the conjugate globals; step i's ELBO is
-                    recon - local_kl + global_term - global_kl, and ``history[i]`` is its negative. Empty otherwise
+    elbo_terms:     the ELBO term by term (backends "svae" and "vi"; empty otherwise): term -> list of floats,
+                    one entry per optimization step (svae: the one-sample estimate the step was taken on) or
+                    coordinate-ascent sweep (vi); ``history[i]`` is minus step i's ELBO. svae: "recon"
+                    E_q[log p(data | latents)], "local_kl" KL(q(local latents) || p(local latents | globals)),
+                    "global_term" log p(point-estimated globals), "global_kl" KL(q || prior) of the conjugate
+                    globals; ELBO = recon - local_kl + global_term - global_kl. vi: expected log-densities,
+                    entropies and -KL terms, named after their sites; ELBO = their sum
     networks:       site -> trained recognition network (backend "svae")
     model, args, kwargs: what was fitted; ``predictive`` reruns the model on them
     local_sampler:  StateFunction ``(n, generator) -> {site: (n, ...)}``: exact or q draws of local latents
