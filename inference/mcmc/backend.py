@@ -1,11 +1,15 @@
-"""Backend "mcmc": NUTS (Pyro) over the continuous latents, with finite discrete latents
-enumerated and chains marginalized exactly by the exact kernels; several chains, run one
-after another; R-hat, effective sample size, divergences and per-draw sampler statistics reported."""
+"""Backend "mcmc": NUTS (``nuts.py``, several chains advanced in one batch) over the continuous latents, with
+finite discrete latents enumerated and chains marginalized exactly by the exact kernels; R-hat, effective
+sample sizes, divergences, tree depths and per-draw sampler statistics reported; a run can be continued
+(``resume=``) and Ctrl-C returns the draws reached."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from pyro.infer import MCMC, NUTS
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+import ppl
 
 from ppl.analysis import Facts
 from ppl.backends import Backend, Rule, Verdict
@@ -13,6 +17,8 @@ from ppl.posterior import LogEvidence, MCMCStats, Posterior
 
 from .. import chains, training
 from ..results import make_posterior
+from . import nuts
+from .potential import Layout, make_potential
 
 NAME = "mcmc"
 MAX_PLUGIN_DRAWS = 20
@@ -40,41 +46,6 @@ def treatments(graph, facts: Facts):
     return chains.site_treatments(graph, facts, "sampled", "NUTS (Hamiltonian Monte Carlo)")
 
 
-class _DrawStats:
-    """MCMC hook recording, per draw after warmup, what Pyro's NUTS wrote: step size, whether the
-    transition diverged, and its acceptance probability (recovered from the running mean Pyro keeps)."""
-
-    def __init__(self):
-        self.step_size, self.diverging, self.accept_prob = [], [], []
-        self._divergences, self._mean = 0, 0.0
-
-    def __call__(self, kernel, params, stage: str, i: int):
-        if not stage.startswith("Sample"):
-            return
-        n, mean = i + 1, float(kernel._mean_accept_prob)
-        self.accept_prob.append(min(1.0, max(0.0, n * mean - (n - 1) * self._mean)))
-        self._mean = mean
-        self.step_size.append(float(kernel.step_size))
-        self.diverging.append(len(kernel._divergences) > self._divergences)
-        self._divergences = len(kernel._divergences)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """statistic -> ``(draws,)``: "step_size", "diverging", "accept_prob"."""
-        return {"step_size": torch.tensor(self.step_size, dtype=torch.float64),
-                "diverging": torch.tensor(self.diverging, dtype=torch.bool),
-                "accept_prob": torch.tensor(self.accept_prob, dtype=torch.float64)}
-
-
-def _run_chain(fmodel, args, kwargs, plan, seed, num_samples, warmup_steps, progress, chain):
-    torch.manual_seed(seed + chain)
-    stats = _DrawStats()
-    kernel = NUTS(fmodel, max_plate_nesting=training.max_plate_nesting(plan.graph), jit_compile=False)
-    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
-                disable_progbar=not progress, hook_fn=stats)
-    mcmc.run(*args, **kwargs)
-    return mcmc.get_samples(), stats.tensors()
-
-
 def _draws_subset(draws: dict, k: int) -> list[dict]:
     flat = {n: v.reshape((-1,) + v.shape[2:]) for n, v in draws.items()}
     total = next(iter(flat.values())).shape[0]
@@ -96,39 +67,143 @@ def _averaged_marginals(model, args, kwargs, plan, draws) -> dict:
     return totals
 
 
-def _mcmc_stats(draws: dict, per_chain: list[dict]) -> MCMCStats:
+@dataclass(frozen=True)
+class NUTSStats(MCMCStats):
+    """``MCMCStats`` plus what only this sampler writes.
+
+    ess_bulk, ess_tail: site -> ArviZ's rank-normalized bulk and tail ESS ``(*value_shape)`` (Vehtari et al.
+                        2021; empty without the ``arviz`` extra)
+    per_draw:           statistic -> ``(chains, draws)``: "diverging", "tree_depth", "n_steps", "step_size",
+                        "accept_prob", "energy"
+    state:              ``nuts.SamplerState`` where the chains stopped (positions, adapted step size and
+                        mass matrix, random streams): ``resume=`` continues from it
+    layout:             the flat unconstrained layout the state refers to
+    """
+
+    ess_bulk: dict[str, torch.Tensor] = field(default_factory=dict)
+    ess_tail: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: nuts.SamplerState | None = None
+    layout: Layout | None = None
+
+
+def _arviz_ess(draws: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(bulk, tail) ESS per site from draws ``(chains, draws, *shape)`` by ArviZ; ({}, {}) without arviz."""
+    try:
+        import arviz as az
+    except ImportError:
+        return {}, {}
+    data = az.convert_to_dataset({k: v.detach().cpu().double().numpy() for k, v in draws.items()})
+    out = []
+    for method in ("bulk", "tail"):
+        ess = az.ess(data, method=method)
+        out.append({k: torch.as_tensor(ess[k].values, dtype=torch.float64) for k in draws})
+    return out[0], out[1]
+
+
+def _mcmc_stats(draws: dict, per_draw: dict, state, layout) -> NUTSStats:
     num_chains, num_samples = next(iter(draws.values())).shape[:2]
     r_hat, ess = {}, {}
     for k, v in draws.items():
         if num_chains > 1 and num_samples > 3:
             r_hat[k] = split_gelman_rubin(v.double(), chain_dim=0, sample_dim=1)
         ess[k] = effective_sample_size(v.double(), chain_dim=0, sample_dim=1)
-    per_draw = {k: torch.stack([c[k] for c in per_chain]) for k in per_chain[0]}
-    return MCMCStats(r_hat=r_hat, ess=ess, divergences=int(per_draw["diverging"].sum()), per_draw=per_draw)
+    bulk, tail = _arviz_ess(draws) if num_samples > 3 else ({}, {})
+    return NUTSStats(r_hat=r_hat, ess=ess, divergences=int(per_draw["diverging"].sum()), per_draw=per_draw,
+                     ess_bulk=bulk, ess_tail=tail, state=state, layout=layout)
 
 
-def run(model, args, kwargs, plan, num_samples: int = 500, warmup_steps: int | None = None, num_chains: int = 2,
-        seed: int = 0, progress: bool = True, **unused) -> Posterior:
-    """NUTS with ``num_chains`` chains of ``num_samples`` draws after ``warmup_steps`` (default num_samples);
-    chain c is seeded with ``seed + c``. Chain posteriors are exact at the posterior mean of the globals;
-    discrete marginals are averaged over up to MAX_PLUGIN_DRAWS draws."""
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"backend 'mcmc': {name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_options(num_samples, warmup_steps, num_chains, dense_mass, target_accept, max_tree_depth) -> None:
+    """ValueError naming the first bad option, before any model is run."""
+    _check_count("num_samples", num_samples, 1)
+    if warmup_steps is not None:
+        _check_count("warmup_steps", warmup_steps, 0)
+    if num_chains is not None:
+        _check_count("num_chains", num_chains, 1)
+    _check_count("max_tree_depth", max_tree_depth, 1)
+    if not isinstance(dense_mass, bool):
+        raise ValueError(f"backend 'mcmc': dense_mass must be True or False, got {dense_mass!r}")
+    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
+        raise ValueError(f"backend 'mcmc': target_accept must be a number in (0, 1), got {target_accept!r}")
+
+
+def _resume_state(resume, model, num_chains, warmup_steps) -> NUTSStats:
+    """The stats (with the sampler state) of the Posterior to continue; ValueError when it cannot be continued."""
+    if not isinstance(resume, Posterior):
+        raise ValueError(f"backend 'mcmc': resume= takes a Posterior of backend 'mcmc', got {type(resume).__name__}")
+    stats = resume.mcmc
+    if resume.backend != NAME or not isinstance(stats, NUTSStats) or stats.state is None:
+        raise ValueError(f"backend 'mcmc': resume= needs a Posterior sampled by this NUTS (backend 'mcmc'); "
+                         f"this one is from backend '{resume.backend}' and holds no sampler state")
+    if resume.model is not model:
+        raise ValueError(f"backend 'mcmc': resume= holds a fit of model '{getattr(resume.model, '__name__', '?')}', "
+                         f"not of '{getattr(model, '__name__', '?')}'")
+    chains_before = stats.state.z.shape[0]
+    if num_chains is not None and num_chains != chains_before:
+        raise ValueError(f"backend 'mcmc': resume= continues the {chains_before} chains of the previous run; "
+                         f"got num_chains={num_chains}")
+    if warmup_steps:
+        raise ValueError(f"backend 'mcmc': resume= continues without warmup (the step size and mass matrix are "
+                         f"kept); got warmup_steps={warmup_steps}")
+    return stats
+
+
+def run(model, args, kwargs, plan, num_samples: int = 500, warmup_steps: int | None = None,
+        num_chains: int | None = None, seed: int = 0, progress: bool = True, dense_mass: bool = False,
+        target_accept: float = 0.8, max_tree_depth: int = 10, resume: Posterior | None = None,
+        **unused) -> Posterior:
+    """NUTS (``nuts.sample``) with ``num_chains`` chains (default 2) advanced together, ``num_samples`` draws
+    each after ``warmup_steps`` adaptation steps (default ``num_samples``).
+
+    dense_mass: adapt a dense inverse mass matrix (else diagonal); target_accept: the acceptance statistic
+    step-size adaptation aims at; max_tree_depth: at most ``2^max_tree_depth - 1`` leapfrog steps per draw;
+    seed: chain c's random stream is ``nuts.chain_seeds(seed, num_chains)[c]`` (starting points from ``seed``).
+    resume: a Posterior of this backend on the same model: continue its chains for ``num_samples`` more draws
+    from their last state with the adapted step size and mass matrix (no warmup); the result holds all draws.
+    Ctrl-C during the draws returns the draws reached (``post.interrupted``).
+
+    Chain posteriors are exact at the posterior mean of the globals; discrete marginals are averaged over up to
+    MAX_PLUGIN_DRAWS draws."""
     if unused:
         raise TypeError(f"backend 'mcmc' got unexpected options: {', '.join(unused)}")
-    if num_chains < 1 or num_samples < 1:
-        raise ValueError(f"num_chains and num_samples must be >= 1, got {num_chains}, {num_samples}")
-    warmup_steps = num_samples if warmup_steps is None else warmup_steps
-    fmodel = chains.fit_model(model, plan.facts)
-    runs = [_run_chain(fmodel, args, kwargs, plan, seed, num_samples, warmup_steps, progress, c)
-            for c in range(num_chains)]
+    _check_options(num_samples, warmup_steps, num_chains, dense_mass, target_accept, max_tree_depth)
+    before = _resume_state(resume, model, num_chains, warmup_steps) if resume is not None else None
+    num_chains = before.state.z.shape[0] if before is not None else (num_chains or 2)
+    warmup_steps = 0 if before is not None else (num_samples if warmup_steps is None else warmup_steps)
+    potential = make_potential(model, args, kwargs, plan, num_chains)
+    if before is not None and before.layout != potential.layout:
+        raise ValueError(f"backend 'mcmc': resume= was sampled over latents {before.layout}, this model has "
+                         f"{potential.layout}")
+    result = nuts.sample(potential.potential_and_grad, potential.init, num_samples, warmup_steps, seed=seed,
+                         dense_mass=dense_mass, target_accept=target_accept, max_tree_depth=max_tree_depth,
+                         state=None if before is None else before.state, progress=progress)
     graph = plan.graph
-    draws = {k: torch.stack([r[0][k] for r in runs]).reshape((num_chains, num_samples) + graph.site(k).value_shape)
-             for k in runs[0][0] if k in graph.nodes}
+    draws = {k: v.reshape((num_chains, v.shape[1]) + graph.site(k).value_shape)
+             for k, v in potential.constrain(result.draws).items() if k in graph.nodes}
+    per_draw = result.stats
+    if before is not None:
+        draws = {k: torch.cat([resume.draws[k], v], 1) for k, v in draws.items()}
+        per_draw = {k: torch.cat([before.per_draw[k], v], 1) for k, v in per_draw.items()}
+        plan = plan.with_options(resume=f"continued after {before.per_draw['diverging'].shape[1]} draws per chain")
+    history = training.History()
+    history.interrupted = result.interrupted
     point = {k: v.reshape((-1,) + v.shape[2:]).mean(0) for k, v in draws.items()}
     return make_posterior(
         plan, model, args, kwargs, draws=draws, log_evidence=LogEvidence(float("nan"), "not computed by mcmc"),
         point=point, tables=chains.chain_tables(model, args, kwargs, point, plan.facts.collapse_spec()),
-        discrete=_averaged_marginals(model, args, kwargs, plan, draws),
-        mcmc=_mcmc_stats(draws, [r[1] for r in runs]))
+        discrete=_averaged_marginals(model, args, kwargs, plan, draws), history=history,
+        mcmc=_mcmc_stats(draws, per_draw, result.state, potential.layout))
+
+
+def continue_sampling(post: Posterior, num_samples: int, progress: bool = True) -> Posterior:
+    """``post``'s chains continued for ``num_samples`` more draws each (``ppl.infer(..., resume=post)`` on the
+    model and data ``post`` holds): a new Posterior with all draws; ``post`` is left as it is."""
+    return ppl.infer(post.model, *post.args, backend=NAME, model_kwargs=post.kwargs, num_samples=num_samples,
+                     progress=progress, resume=post)
 
 
 def _small_continuous(f: Facts) -> bool:
