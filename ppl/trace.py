@@ -20,7 +20,7 @@ from pyro.infer.inspect import get_dependencies
 from pyro.poutine.util import site_is_subsample
 
 from .blocks import block_kind
-from .implicit import ImplicitDependencies
+from .implicit import Implicit, ImplicitDependencies
 from .primitives import ModelInputError, model_name
 
 
@@ -46,6 +46,8 @@ class SiteInfo:
     observed: bool
     block: str | None                # "markov_chain", "gaussian_chain" or None
     neural: bool                     # distribution depends on nn.Module parameters
+    density: str = "normalized"      # "normalized", "unnormalized" (energy-based: log_prob is -energy), "none"
+                                     # (a simulator, ppl.Implicit: no log_prob)
 
     @property
     def value_shape(self) -> tuple[int, ...]:
@@ -250,6 +252,14 @@ def _discrete_size(fn: Any) -> int | None:
     return int(num_states) if num_states is not None else None
 
 
+def _density(fn: Any) -> str:
+    """What ``fn.log_prob`` is: "none" for a simulator (``Implicit``), "unnormalized" for an energy-based
+    distribution (``normalized = False``), else "normalized"."""
+    if isinstance(fn, Implicit):
+        return "none"
+    return "normalized" if getattr(fn, "normalized", True) else "unnormalized"
+
+
 def site_infos(trace: poutine.Trace) -> list[SiteInfo]:
     """A ``SiteInfo`` for each sample site of ``trace``, in execution order."""
     neural_ids = _module_param_ids(trace)
@@ -264,7 +274,7 @@ def site_infos(trace: poutine.Trace) -> list[SiteInfo]:
             name=name, family=type(fn).__name__, support=str(fn.support),
             discrete_size=_discrete_size(fn), is_discrete=bool(getattr(fn.support, "is_discrete", False)),
             batch_shape=tuple(fn.batch_shape), event_shape=tuple(fn.event_shape), plates=plates,
-            observed=bool(site["is_observed"]), block=block_kind(site), neural=neural))
+            observed=bool(site["is_observed"]), block=block_kind(site), neural=neural, density=_density(fn)))
     return infos
 
 

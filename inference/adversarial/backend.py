@@ -49,7 +49,7 @@ class AdversarialFacts:
 
 def facts(graph, generic: Facts) -> AdversarialFacts:
     """Which observed sites are simulators."""
-    implicit = tuple(s.name for s in graph.observed() if s.family == "Implicit")
+    implicit = tuple(s.name for s in graph.observed() if s.density == "none")
     return AdversarialFacts(implicit, tuple(s for s in generic.observed if s not in implicit))
 
 
