@@ -27,6 +27,9 @@ REGISTRY: dict[str, str] = {
     "svi": "ppl.inference.svi.backend",
     "mcmc": "ppl.inference.mcmc.backend",
     "vi": "ppl.inference.vi.backend",
+    "adversarial": "ppl.inference.adversarial.backend",
+    "discrete_vi": "ppl.inference.discrete_vi.backend",
+    "energy": "ppl.inference.energy.backend",
 }
 
 
