@@ -1,9 +1,23 @@
-"""MCMC backend: NUTS on a normal-normal model matches the closed-form posterior."""
+"""MCMC backend: NUTS on a normal-normal model matches the closed-form posterior; sampler statistics, seeds,
+continuation (resume=, in this process and after save / load in a fresh one), Ctrl-C and bad options."""
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 import ppl
+from ppl.inference.mcmc import backend as mcmc_backend
+from ppl.inference.mcmc.potential import make_potential
+from ppl.inference.training import Interrupted
+from tests.ppl import models_for_tests as M
 from tests.ppl.models_for_tests import normal_normal
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_nuts_matches_conjugate_posterior():
@@ -64,3 +78,118 @@ def test_sampler_statistics_reach_arviz_and_seed_changes_the_draws():
     other = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=30, num_chains=2, seed=4, progress=False)
     assert torch.equal(post.draws["mu"], again.draws["mu"])
     assert not torch.equal(post.draws["mu"], other.draws["mu"])
+
+
+def test_sampler_reports_bulk_and_tail_ess_and_tree_depth():
+    """ArviZ's rank-normalized bulk and tail ESS per site are in post.mcmc (they equal arviz.ess on the draws);
+    tree depth, leapfrog steps and energy per draw reach ArviZ's sample_stats (BFMI computes from the energy)."""
+    arviz = pytest.importorskip("arviz")
+    y = 1.0 + torch.randn(10)
+    post = ppl.infer(normal_normal, y, num_samples=60, warmup_steps=40, num_chains=2, seed=1, progress=False)
+    idata = post.to_arviz()
+    for method, got in (("bulk", post.mcmc.ess_bulk), ("tail", post.mcmc.ess_tail)):
+        assert float(got["mu"]) == pytest.approx(float(arviz.ess(idata, method=method)["mu"]))
+    assert idata.sample_stats["tree_depth"].shape == (2, 60)
+    assert bool((post.mcmc.per_draw["tree_depth"] >= 1).all())
+    assert arviz.bfmi(idata).shape == (2,)
+
+
+def test_resume_continues_the_chains_exactly():
+    """resume= continues from the last state with the adapted step size and mass matrix and no warmup: 20 draws
+    then 15 more are the 35 draws of one run (same seed), with the statistics of the combined chains; the
+    plan records the continuation (not the previous Posterior)."""
+    y = 1.0 + torch.randn(12)
+    first = ppl.infer(normal_normal, y, num_samples=20, warmup_steps=30, seed=1, progress=False)
+    more = ppl.infer(normal_normal, y, backend="mcmc", num_samples=15, resume=first, progress=False)
+    whole = ppl.infer(normal_normal, y, num_samples=35, warmup_steps=30, seed=1, progress=False)
+    assert more.draws["mu"].shape == (2, 35)
+    assert torch.equal(more.draws["mu"], whole.draws["mu"])
+    for k, v in whole.mcmc.per_draw.items():
+        assert torch.equal(more.mcmc.per_draw[k], v), k
+    assert float(more.mcmc.r_hat["mu"]) == pytest.approx(float(whole.mcmc.r_hat["mu"]))
+    assert float(more.mcmc.ess_bulk["mu"]) == pytest.approx(float(whole.mcmc.ess_bulk["mu"]))
+    assert torch.equal(first.draws["mu"], whole.draws["mu"][:, :20])       # the first Posterior is untouched
+    assert dict(more.plan.options)["resume"] == "continued after 20 draws per chain"
+    again = ppl.inference.mcmc.continue_sampling(first, 15, progress=False)
+    assert torch.equal(again.draws["mu"], whole.draws["mu"])
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    import ppl
+    from ppl.inference.mcmc import continue_sampling
+    saved, result = sys.argv[1:]
+    post = ppl.Posterior.load(saved)
+    torch.save(continue_sampling(post, 10, progress=False).draws, result)
+""")
+
+
+def test_a_saved_run_continues_in_a_fresh_process(tmp_path):
+    """The sampler state round-trips through save / load: a new process continues the chains to the same draws
+    as this one."""
+    y = 1.0 + torch.randn(12)
+    post = ppl.infer(normal_normal, y, num_samples=15, warmup_steps=20, seed=2, progress=False)
+    post.save(tmp_path / "post.pt")
+    subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "post.pt"), str(tmp_path / "draws.pt")],
+                   check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    there = torch.load(tmp_path / "draws.pt")
+    here = ppl.inference.mcmc.continue_sampling(post, 10, progress=False).draws
+    assert set(there) == set(here) and torch.equal(there["mu"], here["mu"])
+
+
+def test_ctrl_c_returns_the_draws_reached(monkeypatch):
+    """A KeyboardInterrupt during the draws returns a Posterior of the draws so far, marked interrupted, with an
+    Interrupted warning; resume= completes it to the uninterrupted run."""
+    y = 1.0 + torch.randn(12)
+    calls = {"n": 0, "limit": 10 ** 9}
+
+    def counting(*args, **kwargs):
+        potential = make_potential(*args, **kwargs)
+
+        def potential_and_grad(z):
+            calls["n"] += 1
+            if calls["n"] == calls["limit"]:
+                raise KeyboardInterrupt
+            return potential.potential_and_grad(z)
+
+        return dataclasses.replace(potential, potential_and_grad=potential_and_grad)
+
+    monkeypatch.setattr(mcmc_backend, "make_potential", counting)
+    whole = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=20, seed=3, progress=False)
+    calls.update(n=0, limit=calls["n"] - 25)
+    with pytest.warns(Interrupted):
+        cut = ppl.infer(normal_normal, y, num_samples=30, warmup_steps=20, seed=3, progress=False)
+    n = cut.draws["mu"].shape[1]
+    assert cut.interrupted and 0 < n < 30 and "interrupted" in repr(cut)
+    assert torch.equal(cut.draws["mu"], whole.draws["mu"][:, :n])
+    calls.update(n=0, limit=10 ** 9)
+    rest = ppl.infer(normal_normal, y, backend="mcmc", num_samples=30 - n, resume=cut, progress=False)
+    assert not rest.interrupted and torch.equal(rest.draws["mu"], whole.draws["mu"])
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(num_chains=0), "num_chains must be an integer >= 1, got 0"),
+    (dict(warmup_steps=-2), "warmup_steps must be an integer >= 0, got -2"),
+    (dict(dense_mass="yes"), "dense_mass must be True or False, got 'yes'"),
+    (dict(target_accept=1.5), "target_accept must be a number in (0, 1), got 1.5"),
+    (dict(max_tree_depth=0), "max_tree_depth must be an integer >= 1, got 0"),
+    (dict(resume="post.pt"), "resume= takes a Posterior of backend 'mcmc', got str"),
+])
+def test_bad_options_are_named(options, words):
+    with pytest.raises(ValueError) as info:
+        ppl.infer(normal_normal, torch.randn(5), backend="mcmc", num_samples=5, progress=False, **options)
+    assert words in str(info.value)
+
+
+def test_resume_refuses_what_it_cannot_continue():
+    y = torch.randn(8)
+    post = ppl.infer(normal_normal, y, num_samples=5, warmup_steps=5, progress=False)
+    for options, words in ((dict(num_chains=3), "continues the 2 chains of the previous run; got num_chains=3"),
+                           (dict(warmup_steps=10), "continues without warmup")):
+        with pytest.raises(ValueError, match=words):
+            ppl.infer(normal_normal, y, backend="mcmc", num_samples=5, resume=post, progress=False, **options)
+    svi = ppl.infer(normal_normal, y, backend="svi", num_steps=5, num_samples=5, progress=False)
+    with pytest.raises(ValueError, match="this one is from backend 'svi'"):
+        ppl.infer(normal_normal, y, backend="mcmc", num_samples=5, resume=svi, progress=False)
+    with pytest.raises(ValueError, match="holds a fit of model 'normal_normal', not of 'shifted'"):
+        ppl.infer(M.shifted, y, backend="mcmc", num_samples=5, resume=post, progress=False)
