@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import pyro
 import pyro.poutine as poutine
@@ -18,6 +18,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median, init_to_value
 from tqdm.auto import tqdm
+
+from . import compiled
+from .checkpoints import Checkpoints, restore, rng_state, set_rng_state, snapshot
 
 GUIDES = {"normal": AutoNormal, "delta": AutoDelta}
 
@@ -80,22 +83,43 @@ def _interrupted(history: History, desc: str, total: int) -> History:
 
 
 def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: float, progress: bool,
-             desc: str) -> History:
+             desc: str, checkpoints: Checkpoints | None = None, extra: LoopState | None = None) -> History:
     """Adam with gradient-norm clipping (10) on ``step() -> (loss, params)``; the parameters are
     those of the first step (guides create theirs lazily). Returns the loss per step; Ctrl-C stops the loop
-    and returns what was reached (``History.interrupted``)."""
+    and returns what was reached (``History.interrupted``).
+
+    ``checkpoints`` (``checkpoints.py``): the loop's state is written every ``checkpoints.every`` steps, at the
+    end and on Ctrl-C; a saved state of this loop is restored (finished) or continued from its step with its
+    Adam moments and RNG state (partial): bit-identical to the uninterrupted run. ``extra`` carries state the
+    step itself updates outside the parameters (the SVAE's conjugate q's).
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    key = checkpoints.key(desc) if checkpoints else None
+    saved = checkpoints.resumed(key) if checkpoints else None
     history = History()
-    optim, params = None, None
     bar = progress_bar(desc, num_steps, progress)
+    loss, touched = step()
+    params = list({id(p): p for p in touched}.values())
+    optim = torch.optim.Adam(params, lr=lr)
+    if saved is not None:
+        history = _resume(saved, params, optim, extra)
+        loss = None
+        bar.update(len(history))
+        if saved["done"]:
+            bar.close()
+            return history
+    boundary, written = rng_state(), len(history)
+
+    def state(done: bool) -> dict:
+        return {"step": len(history), "done": done, "params": snapshot(params), "optim": optim.state_dict(),
+                "rng": boundary, "history": list(history), "extra": extra.get() if extra else None}
+
     try:
-        for _ in range(num_steps):
+        for _ in range(len(history), num_steps):
             bar.update()
-            loss, touched = step()
-            if optim is None:
-                params = list({id(p): p for p in touched}.values())
-                optim = torch.optim.Adam(params, lr=lr)
+            if loss is None:
+                loss, _ = step()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the objective became {float(loss)} at step {len(history) + 1}; "
                                          "lower lr= or check the model's parameters")
@@ -104,30 +128,48 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             optim.step()
             history.append(float(loss.detach()))
+            loss = None
             bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+            if checkpoints:
+                boundary = rng_state()
+                if checkpoints.due(len(history), written):
+                    checkpoints.write(key, state(False))
+                    written = len(history)
+        if checkpoints:
+            checkpoints.write(key, state(True))
     except KeyboardInterrupt:
+        if checkpoints and history:
+            checkpoints.write(key, state(False))
         _interrupted(history, desc, num_steps)
     finally:
         bar.close()
     return history
 
 
+class LoopState:
+    """State a loop's step updates outside its parameters, saved with its checkpoints: ``get() -> value``,
+    ``set(value)``."""
+
+    def __init__(self, get: Callable[[], Any], set: Callable[[Any], None]):  # noqa: A002
+        self.get, self.set = get, set
+
+
+def _resume(saved: dict, params: list, optim, extra: LoopState | None) -> History:
+    """Load a loop's saved state into its parameters, optimizer, RNG and ``extra``; its history so far."""
+    restore(params, saved["params"])
+    optim.load_state_dict(saved["optim"])
+    set_rng_state(saved["rng"])
+    if extra is not None and saved.get("extra") is not None:
+        extra.set(saved["extra"])
+    return History(saved["history"])
+
+
 class NotConverged(UserWarning):
     """An optimization stopped at its step budget while the objective was still changing."""
 
 
-def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
-
-
-def _restore(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
-
-
 def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int, progress: bool, desc: str,
-                   rel_tol: float = 1e-7, warn: bool = True) -> History:
+                   rel_tol: float = 1e-7, warn: bool = True, checkpoints: Checkpoints | None = None) -> History:
     r"""Minimize a deterministic ``step() -> (loss, params)`` by L-BFGS (history 20, strong-Wolfe line search).
 
     Stops when an outer iteration changes the loss by less than ``rel_tol * (1 + |loss|)`` (converged) or after
@@ -136,9 +178,13 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
     The first evaluation must succeed; later ones that raise ``ValueError``/``RuntimeError`` (the model refusing
     a line-search trial point, e.g. a transition matrix that overflowed) count as outside the domain.
     Returns the loss at every evaluation; Ctrl-C stops it at the best point so far (``History.interrupted``).
+    ``checkpoints``: as ``optimize``, written between outer iterations once ``checkpoints.every`` evaluations
+    have passed (a resumed loop continues with its curvature pairs and best point).
     """
     if not isinstance(max_evals, int) or max_evals < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {max_evals!r}")
+    key = checkpoints.key(desc) if checkpoints else None
+    saved = checkpoints.resumed(key) if checkpoints else None
     loss, params = step()
     params = list({id(p): p for p in params}.values())
     history = History([float(loss.detach())])
@@ -147,9 +193,18 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{desc}: the objective is {history[0]} at the initial values; "
                                  "check the model's parameters or give init=")
-    best = (history[0], _snapshot(params))
+    best = (history[0], snapshot(params))
     optim = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20, tolerance_grad=1e-9,
                               tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    previous, change = best[0], float("inf")
+    if saved is not None:
+        history = _resume(saved, params, optim, None)
+        extra = saved["extra"]
+        best = (extra["best"], snapshot(extra["best_params"]))
+        previous, change = extra["previous"], extra["change"]
+        if saved["done"]:
+            restore(params, best[1])
+            return history
 
     def closure():
         nonlocal best
@@ -164,15 +219,21 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
         if torch.isfinite(value) and value.requires_grad:
             value.backward()
             if history[-1] < best[0]:
-                best = (history[-1], _snapshot(params))
+                best = (history[-1], snapshot(params))
         else:  # outside the domain: a huge finite value makes the line search step back
             value = value.detach().new_tensor(1e30).requires_grad_()
             for p in params:
                 p.grad = torch.zeros_like(p)
         return value
 
+    def state(done: bool) -> dict:
+        return {"step": len(history), "done": done, "params": snapshot(params), "optim": optim.state_dict(),
+                "rng": rng_state(), "history": list(history),
+                "extra": {"best": best[0], "best_params": best[1], "previous": previous, "change": change}}
+
     bar = progress_bar(desc, max_evals, progress)
-    previous, change = best[0], float("inf")
+    bar.update(len(history) - 1)
+    written = len(history)
     try:
         while len(history) < max_evals:
             before = len(history)
@@ -183,12 +244,17 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
             if change <= rel_tol * (1 + abs(best[0])) or len(history) == before:
                 break
             previous = best[0]
+            if checkpoints and checkpoints.due(len(history), written):
+                checkpoints.write(key, state(False))
+                written = len(history)
+        if checkpoints:
+            checkpoints.write(key, state(True))
     except KeyboardInterrupt:
         _interrupted(history, desc, max_evals)
         change = 0.0
     finally:
         bar.close()
-    _restore(params, best[1])
+    restore(params, best[1])
     if warn and len(history) >= max_evals and change > rel_tol * (1 + abs(best[0])):
         moved = f"changed by {change:.3g} in the last iteration" if change < float("inf") else "was still moving"
         warnings.warn(f"{desc}: L-BFGS used its {max_evals} evaluations (num_steps) and the objective {moved}; "
@@ -222,15 +288,32 @@ def init_fn(init: dict | None):
 OPTIMIZERS = ("adam", "lbfgs")
 
 
+class PyroObjective(UserWarning):
+    """The model could not be run as a compiled log density; the fit uses Pyro's ELBO (slower, same objective)."""
+
+
+def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan) -> Callable[[], tuple]:
+    """``step() -> (loss, params)`` fitting ``guide`` to ``fmodel``: the compiled log density (``compiled.py``:
+    one pass of the model, enumerated sites contracted in place) for Pyro's autoguides, Pyro's ``elbo`` for any
+    other guide or a model the compiled run refuses (then a ``PyroObjective`` warning names the site)."""
+    try:
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan))
+    except compiled.NotCompilable as why:
+        warnings.warn(f"model '{plan.model_name}': the compiled log density stopped ({why}); fitting with Pyro's "
+                      f"{type(elbo).__name__} instead (same objective, slower)", PyroObjective, stacklevel=3)
+        step = None
+    return step or traced_loss(_unvalidated(lambda: elbo.differentiable_loss(fmodel, guide, *args, **kwargs)))
+
+
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
               progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
-              warn: bool = True):
+              warn: bool = True, checkpoints: Checkpoints | None = None):
     """Fit an autoguide (``guide_kind`` "normal" or "delta") to ``fmodel``, the model with chains collapsed and
     discrete sites marked for enumeration (``chains.fit_model``), by Adam on the ELBO (``num_steps`` steps of
     rate ``lr``) or, for a deterministic objective (AutoDelta: MAP), by L-BFGS (at most ``num_steps``
     evaluations).
 
-    Returns ``(guide, elbo, history)``.
+    ``checkpoints``: written/resumed by the loop (``optimize``). Returns ``(guide, elbo, history)``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -245,8 +328,9 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     hidden = poutine.block(fmodel, hide=list(facts.enumerable))
     guide = GUIDES[guide_kind](hidden, init_loc_fn=init_fn(init))
     elbo = make_elbo(graph, facts)
-    step = traced_loss(_unvalidated(lambda: elbo.differentiable_loss(fmodel, guide, *args, **kwargs)))
+    step = objective(fmodel, guide, elbo, args, kwargs, plan)
     if optimizer == "lbfgs":
-        return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn)
-    history = optimize(step, num_steps, lr, progress, f"{desc} ({guide_kind})")
+        return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
+                                           checkpoints=checkpoints)
+    history = optimize(step, num_steps, lr, progress, f"{desc} ({guide_kind})", checkpoints=checkpoints)
     return guide, elbo, history

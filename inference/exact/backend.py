@@ -18,6 +18,7 @@ from ppl.backends import Backend, Rule, Verdict
 from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, initialization, training
+from ..checkpoints import Checkpoints
 from ..results import make_posterior
 
 NAME = "exact"
@@ -45,12 +46,14 @@ def supports(facts: Facts) -> Verdict:
 
 def treatments(graph, facts: Facts):
     """Chains: message passing; finite discrete sites: enumerated; other latents: MAP point estimates."""
-    return chains.site_treatments(graph, facts, "point estimate", "MAP on the exact marginal likelihood (L-BFGS)")
+    return chains.site_treatments(graph, facts, "point estimate",
+                                  "MAP on the exact marginal likelihood (L-BFGS on the compiled log density)")
 
 
 def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_samples: int = 100,
         init: dict | None = None, optimizer: str = "lbfgs", restarts: int = 3, seed: int = 0,
-        progress: bool = True, **unused) -> Posterior:
+        progress: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
+        resume: str | None = None, **unused) -> Posterior:
     """MAP-fit the globals on the collapsed model, then exact chain posteriors at the MAP.
 
     Options: optimizer ("lbfgs": L-BFGS on the exact log joint, at most ``num_steps`` evaluations, stopping at
@@ -58,7 +61,9 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     start), restarts (how many starts in all; beyond ``init``, data-driven ones from k-means hard assignments
     of the finite discrete latents, ``inference/initialization.py``; the fit with the best objective is kept;
     with L-BFGS and ``num_steps <= 60`` only the first start runs, as screening needs 30 evaluations a start),
-    seed (of the k-means++ seeding), num_samples (exact chain draws kept).
+    seed (of the k-means++ seeding), num_samples (exact chain draws kept), checkpoint (a file written every
+    ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
+    bit-identically, ``inference/checkpoints.py``).
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
@@ -66,6 +71,7 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     if optimizer not in training.OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {training.OPTIMIZERS}, got {optimizer!r}")
+    checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     facts, graph = plan.facts, plan.graph
     spec = facts.collapse_spec()
     history, point = [], {}
@@ -74,7 +80,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
         starts = [init] if init else []
         if restarts > len(starts) and facts.continuous:
             starts += initialization.data_driven_starts(model, args, kwargs, plan, restarts - len(starts), seed)
-        point, history = _best_map(fmodel, args, kwargs, plan, starts or [None], num_steps, lr, optimizer, progress)
+        point, history = _best_map(fmodel, args, kwargs, plan, starts or [None], num_steps, lr, optimizer, progress,
+                                   checkpoints)
     tables = chains.chain_tables(model, args, kwargs, point, spec)
     with torch.no_grad():
         evidence = _log_likelihood(model, fmodel, args, kwargs, point, plan)
@@ -88,19 +95,21 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
 SCREEN_EVALS = 30  # evaluations each start gets before the best one is fitted to convergence
 
 
-def _map_fit(fmodel, args, kwargs, plan, start, state, num_steps, lr, optimizer, progress, desc, warn=True):
+def _map_fit(fmodel, args, kwargs, plan, start, state, num_steps, lr, optimizer, progress, desc, warn=True,
+             checkpoints=None):
     """One MAP fit from ``start`` in the parameter store ``state`` (a fresh one if None):
     (best objective, store state after, point, history)."""
     with pyro.get_param_store().scope(state) as state:
         guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress,
-                                               start, desc=desc, optimizer=optimizer, warn=warn)
+                                               start, desc=desc, optimizer=optimizer, warn=warn,
+                                               checkpoints=checkpoints)
         with torch.no_grad():
             point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
     return min(history), state, point, history
 
 
 def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: float, optimizer: str,
-              progress: bool) -> tuple[dict, list[float]]:
+              progress: bool, checkpoints=None) -> tuple[dict, list[float]]:
     """MAP by restarts, each start in its own parameter store. L-BFGS: each start gets ``SCREEN_EVALS``
     evaluations, then the best is fitted to convergence from where it stopped; Adam: every start runs
     ``num_steps`` steps. The winner's parameters are loaded into the current store; returns its point and
@@ -112,13 +121,13 @@ def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: floa
     for i, start in enumerate(starts):
         runs.append(_map_fit(fmodel, args, kwargs, plan, start, None, screen, lr, optimizer, progress,
                              NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}",
-                             warn=screen == num_steps))
+                             warn=screen == num_steps, checkpoints=checkpoints))
         if runs[-1][3].interrupted:  # Ctrl-C: no further starts, no continuation
             break
     _, state, point, history = min(runs, key=lambda r: r[0])
     if screen < num_steps and not runs[-1][3].interrupted:
         _, state, point, more = _map_fit(fmodel, args, kwargs, plan, point, state, num_steps - screen, lr,
-                                         optimizer, progress, NAME)
+                                         optimizer, progress, NAME, checkpoints=checkpoints)
         history = training.History(history + more)
         history.interrupted = more.interrupted
     pyro.get_param_store().set_state(state)

@@ -25,7 +25,8 @@ from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
 
 from ..results import make_posterior
-from ..training import init_fn, optimize, traced_loss
+from ..checkpoints import Checkpoints
+from ..training import LoopState, init_fn, optimize, traced_loss
 from .conjugate import DirichletConjugate, MNIWConjugate, NIWConjugate, describe, natural_gradient_sites
 from .conjugate import build as build_conjugates
 from .facts import Kind, svae_facts
@@ -174,6 +175,17 @@ class _Step:
         for c in self.conjugates.values():
             c.update_from(handler, self.natgrad_step)
 
+    def state(self) -> dict:
+        """What the step updates outside the parameters: the conjugate q's natural parameters, the ELBO terms."""
+        return {"natparams": {site: c.natparam for site, c in self.conjugates.items()},
+                "terms": {k: list(v) for k, v in self.terms.items()}}
+
+    def load_state(self, state: dict) -> None:
+        for site, natparam in state["natparams"].items():
+            self.conjugates[site].natparam = natparam
+        for key, values in state["terms"].items():
+            self.terms[key][:] = values
+
     def __call__(self) -> torch.Tensor:
         h = self.run()
         for key in self.terms:
@@ -184,7 +196,8 @@ class _Step:
 
 def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
         recognition: dict | None = None, num_iters: int = 3, init: dict | None = None,
-        natgrad_step: float = 0.5, progress: bool = True, **unused) -> Posterior:
+        natgrad_step: float = 0.5, progress: bool = True, checkpoint: str | None = None,
+        checkpoint_every: int = 100, resume: str | None = None, **unused) -> Posterior:
     """Train decoder, recognition networks and globals on the SVAE ELBO.
 
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
@@ -192,7 +205,9 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     natgrad_step (step size of the natural-gradient updates of conjugate globals: a Dirichlet on mixture
     weights, a ``ppl.NormalInverseWishart`` on mixture components, a ``ppl.MatrixNormalInverseWishart`` on an
     LDS chain's dynamics and noise; ``init`` may give the starting value of the latter two, packed
-    ``(K, D, D + 1)`` and ``(D, 2 D)``).
+    ``(K, D, D + 1)`` and ``(D, 2 D)``), checkpoint (a file written every ``checkpoint_every`` steps, at the end
+    and on Ctrl-C: parameters, Adam moments, RNG and the conjugate q's), resume (a checkpoint file of the same fit:
+    continues it bit-identically, ``inference/checkpoints.py``).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
@@ -206,7 +221,9 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     if global_sites:
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
     step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step)
-    history = optimize(traced_loss(step), num_steps, lr, progress, NAME)
+    checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
+    history = optimize(traced_loss(step), num_steps, lr, progress, NAME, checkpoints,
+                       LoopState(step.state, step.load_state))
     return _collect(plan, step, history, num_samples, model, args, kwargs)
 
 

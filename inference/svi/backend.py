@@ -14,6 +14,7 @@ from ppl.backends import Backend, Rule, Verdict
 from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, training
+from ..checkpoints import Checkpoints
 from ..results import make_posterior
 
 NAME = "svi"
@@ -57,21 +58,26 @@ def unplated_verdict(facts: Facts) -> Verdict:
 def treatments(graph, facts: Facts):
     """Chains: message passing; finite discrete sites: enumerated; other latents: the guide."""
     return chains.site_treatments(graph, facts, "guide",
-                                  "AutoNormal guide (mean-field Gaussian in unconstrained space)")
+                                  "AutoNormal guide (mean-field Gaussian in unconstrained space), "
+                                  "ELBO on the compiled log density")
 
 
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_samples: int = 1000,
-        guide: str = "normal", init: dict | None = None, progress: bool = True, **unused) -> Posterior:
+        guide: str = "normal", init: dict | None = None, progress: bool = True, checkpoint: str | None = None,
+        checkpoint_every: int = 100, resume: str | None = None, **unused) -> Posterior:
     """Fit and collect the posterior: guide draws, plug-in discrete/chain posteriors at the guide median.
 
     Options: num_steps, lr (Adam), num_samples (guide draws kept), guide ("normal" or "delta"),
-    init (site -> initial value, e.g. data points for mixture locations).
+    init (site -> initial value, e.g. data points for mixture locations), checkpoint (a file written every
+    ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
+    bit-identically, ``inference/checkpoints.py``).
     """
     if unused:
         raise TypeError(f"backend 'svi' got unexpected options: {', '.join(unused)}")
+    checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     fmodel = chains.fit_model(model, plan.facts)
     fitted, elbo, history = training.fit_guide(fmodel, args, kwargs, plan, guide, num_steps, lr, progress, init,
-                                               desc=NAME)
+                                               desc=NAME, checkpoints=checkpoints)
     return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
 
 

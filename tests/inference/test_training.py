@@ -93,8 +93,8 @@ def test_ctrl_c_stops_the_loops_and_keeps_the_state_reached():
 
 def test_an_interrupted_fit_returns_a_posterior_marked_interrupted(monkeypatch):
     """ppl.infer with Ctrl-C after 12 SVI steps: a usable Posterior of the state reached, marked, with its history."""
-    original = training.traced_loss
-    monkeypatch.setattr(training, "traced_loss", lambda loss_fn: _stopping_after(12, original(loss_fn)))
+    original = training.objective
+    monkeypatch.setattr(training, "objective", lambda *a: _stopping_after(12, original(*a)))
     y = 1.0 + torch.randn(20)
     with pytest.warns(Interrupted):
         post = ppl.infer(normal_normal, y, backend="svi", num_steps=500, num_samples=10, progress=False)
@@ -103,8 +103,8 @@ def test_an_interrupted_fit_returns_a_posterior_marked_interrupted(monkeypatch):
 
 
 def test_an_interrupted_exact_fit_keeps_its_best_point(monkeypatch):
-    original = training.traced_loss
-    monkeypatch.setattr(training, "traced_loss", lambda loss_fn: _stopping_after(10, original(loss_fn)))
+    original = training.objective
+    monkeypatch.setattr(training, "objective", lambda *a: _stopping_after(10, original(*a)))
     sim = hmm_lib.simulate(seed=0, N=1, T=50)
     with pytest.warns(Interrupted):
         post = ppl.infer(hmm_lib.hmm, *sim.args, model_kwargs=sim.kwargs, restarts=1, progress=False,
