@@ -146,7 +146,7 @@ def _chain_table(structure: Structure, fit: cavi.Fit) -> dict:
     return {local.name: DiscreteTable(logs["initial"], logs["transition"], lik.detach(), False)}
 
 
-def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-8, restarts: int = 3, seed: int = 0,
+def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, restarts: int = 3, seed: int = 0,
         num_samples: int = 1000, progress: bool = True, **unused) -> Posterior:
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is

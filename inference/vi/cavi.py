@@ -74,8 +74,10 @@ def local_step(structure: Structure, q: dict, tables: dict) -> LocalState:
     lik = _summed_tables(structure, tables)
     if local.kind == "mixture":
         logits = lik + logs["weights"].expand(local.zshape + (local.K,)).movedim(-1, 0)
-        log_z = torch.logsumexp(logits, 0)
-        r = (logits - log_z).exp()
+        top = logits.max(0).values
+        unnormalized = (logits - top).exp()
+        total = unnormalized.sum(0)
+        r, log_z = unnormalized / total, total.log() + top
         return LocalState(r, {"weights": r.movedim(0, -1)}, log_z.sum() - (r * logits).sum())
     log_lik = lik.movedim(0, -1)
     batch = log_lik.shape[:-2]

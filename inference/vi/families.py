@@ -94,10 +94,12 @@ def _niw_sample(params: tuple, n: int) -> torch.Tensor:
 
 
 def _niw_mean(params: tuple) -> torch.Tensor:
+    r"""``[E\Sigma | E\mu] = [\Psi / (\nu - D - 1) | \mu_0]``; where that mean does not exist
+    (:math:`\nu \le D + 1`, e.g. an empty component), the inverse-Wishart mode :math:`\Psi / (\nu + D + 1)`."""
     std = niw.standard_from_natural(niw.NIWNatural(*params))
     D = std.loc.shape[-1]
-    cov = std.scale / (std.df - D - 1).clamp_min(1e-12)[..., None, None]
-    return torch.cat([cov, std.loc.unsqueeze(-1)], -1)
+    denom = torch.where(std.df > D + 1, std.df - D - 1, std.df + D + 1)
+    return torch.cat([std.scale / denom[..., None, None], std.loc.unsqueeze(-1)], -1)
 
 
 FAMILIES = {

@@ -43,6 +43,8 @@ class Child:
     known: "normal": variance ``s^2`` broadcastable to ``(K, *zshape, *E)``; "gaussian": (precision ``(K, D, D)``,
         log det of the covariance ``(K,)``); "fixed": the table ``(K, *zshape)``; else None.
     nz: ``len(zshape)``.
+    yy: for "gaussian" / "niw": the data's outer products flattened, ``(M, D * D)`` (each sweep's scatter
+        statistics and quadratic forms are then one matrix product each); else None.
     """
 
     name: str
@@ -52,6 +54,13 @@ class Child:
     w: torch.Tensor
     known: object
     nz: int
+    yy: torch.Tensor | None = None
+
+
+def outer_products(y: torch.Tensor) -> torch.Tensor:
+    """``y (..., D)`` -> ``y y^T`` flattened over the data: ``(M, D * D)``."""
+    y = y.reshape(-1, y.shape[-1])
+    return (y[:, :, None] * y[:, None, :]).reshape(y.shape[0], -1)
 
 
 def _extra(child: Child) -> int:
@@ -92,7 +101,8 @@ def stats(child: Child, r: torch.Tensor, q: tuple) -> tuple:
         y = child.y.reshape(-1, child.y.shape[-1])
         n, sum_y = rw.sum(-1), rw @ y
         if kind == "niw":
-            return (torch.einsum("km,mi,mj->kij", rw, y, y), sum_y, n, n)
+            D = y.shape[-1]
+            return ((rw @ child.yy).reshape(-1, D, D), sum_y, n, n)
         prec = child.known[0]
         return ((prec @ sum_y.unsqueeze(-1)).squeeze(-1), n[:, None, None] * prec)
     rw = _expand_r(r, child) * child.w
@@ -135,19 +145,19 @@ def table(child: Child, q: tuple | None) -> torch.Tensor:
 
 
 def _gaussian_table(child: Child, q: tuple) -> torch.Tensor:
-    """Expected MultivariateNormal log-density ``(K, *zshape)`` under q(loc) Gaussian or q(loc, cov) NIW."""
+    r"""Expected MultivariateNormal log-density ``(K, *zshape)`` under q(loc) Gaussian or q(loc, cov) NIW, as
+    :math:`c_k + y^\top h_k - \tfrac12 y^\top P_k y` with the quadratic form read off ``yy`` by one product."""
     y = child.y.reshape(-1, child.y.shape[-1])
     D = y.shape[-1]
     if child.kind == "niw":
         e = niw.expectations(niw.NIWNatural(*q))
-        quad = torch.einsum("mi,kij,mj->km", y, e.prec, y)
-        lin = e.prec_mean @ y.mT
-        out = -0.5 * D * math.log(2 * math.pi) - 0.5 * e.logdet_cov[:, None] - 0.5 * quad + lin - 0.5 * e.quad[:, None]
+        P, h = e.prec, e.prec_mean
+        const = -0.5 * D * math.log(2 * math.pi) - 0.5 * e.logdet_cov - 0.5 * e.quad
     else:
         mean, cov = q
-        prec, logdet = child.known
-        diff = y.unsqueeze(0) - mean.unsqueeze(1)                                   # (K, M, D)
-        quad = torch.einsum("kmi,kij,kmj->km", diff, prec, diff)
-        trace = (prec * cov).sum((-1, -2))
-        out = -0.5 * D * math.log(2 * math.pi) - 0.5 * logdet[:, None] - 0.5 * quad - 0.5 * trace[:, None]
+        P, logdet = child.known
+        h = (P @ mean.unsqueeze(-1)).squeeze(-1)
+        const = (-0.5 * D * math.log(2 * math.pi) - 0.5 * logdet - 0.5 * (mean * h).sum(-1)
+                 - 0.5 * (P * cov).sum((-1, -2)))
+    out = const[:, None] + h @ y.mT - 0.5 * (P.reshape(P.shape[0], -1) @ child.yy.mT)
     return out.reshape(out.shape[:1] + child.w.shape) * child.w
