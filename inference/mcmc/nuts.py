@@ -122,9 +122,26 @@ def _checkpoints(n: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- one transition
 
 
-def _evaluate(potential_and_grad: PotentialAndGrad, z: torch.Tensor, rows: torch.Tensor
+@dataclass(frozen=True)
+class AllChains:
+    """Marks a potential to be evaluated on all C chains at every leapfrog step, not only on the chains still
+    moving: for a potential whose rows differ per chain (one data set per chain, as in simulation-based
+    calibration) or a vectorized density where a subset saves nothing. Chains already stopped are evaluated at
+    their current point and the result discarded."""
+
+    fn: PotentialAndGrad
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(z)
+
+
+def _evaluate(potential_and_grad: PotentialAndGrad, z: torch.Tensor, rows: torch.Tensor, current: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U ``(C,)``, grad ``(C, D)``) of the chains where ``rows`` ``(C,)`` is True (zeros elsewhere)."""
+    """(U ``(C,)``, grad ``(C, D)``) of the chains where ``rows`` ``(C,)`` is True (zeros elsewhere, or, for an
+    ``AllChains`` potential, its values at ``current`` ``(C, D)``)."""
+    if isinstance(potential_and_grad, AllChains):
+        u, grad = potential_and_grad(torch.where(rows.unsqueeze(-1), z, current))
+        return u.to(z.dtype), grad.to(z.dtype)
     if bool(rows.all()):
         u, grad = potential_and_grad(z)
         return u.to(z.dtype), grad.to(z.dtype)
@@ -147,7 +164,7 @@ def _leapfrog(potential_and_grad: PotentialAndGrad, metric: Metric, p: torch.Ten
     e = step.unsqueeze(-1)
     r_half = p[:, D:2 * D] - 0.5 * e * p[:, 2 * D:3 * D]
     z = p[:, :D] + e * metric.velocity(r_half)
-    u, grad = _evaluate(potential_and_grad, z, rows)
+    u, grad = _evaluate(potential_and_grad, z, rows, p[:, :D])
     return torch.where(rows.unsqueeze(-1), pack(z, r_half - 0.5 * e * grad, u, grad), p)
 
 
@@ -411,7 +428,8 @@ def sample(potential_and_grad: PotentialAndGrad, init: torch.Tensor | None, num_
            progress: bool = False) -> NUTSRun:
     """Run C chains of NUTS: ``warmup_steps`` adaptation transitions, then ``num_samples`` draws.
 
-    potential_and_grad: ``z (A, D) -> (U (A,), dU/dz (A, D))``, ``U = -log density`` (up to a constant).
+    potential_and_grad: ``z (A, D) -> (U (A,), dU/dz (A, D))``, ``U = -log density`` (up to a constant),
+        called on the ``A <= C`` chains still moving (wrap it in ``AllChains`` to have it called on all C).
     init: starting points ``(C, D)`` (ignored when continuing from ``state``).
     seed / seeds: chain c uses ``seeds[c]`` if given, else ``chain_seeds(seed, C)[c]``.
     dense_mass: adapt a dense (else diagonal) inverse mass matrix.
