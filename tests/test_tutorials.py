@@ -59,3 +59,23 @@ def test_lds_nile_smoke(tmp_path):
     assert "log-lik at D&K's MLE, diffuse start:" in proc.stdout
     assert "largest state residual:" in proc.stdout
     assert_figures(tmp_path, ("lds_nile_level.png", "lds_nile_residuals.png"))
+
+
+def test_gan_ring_smoke(tmp_path):
+    proc = run_smoke("gan_ring.py", tmp_path)
+    assert "final: modes covered" in proc.stdout and "within 3 sd" in proc.stdout
+    assert_figures(tmp_path, ("gan_ring_samples.png", "gan_ring_coverage.png"))
+
+
+def test_discrete_vae_digits_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    proc = run_smoke("discrete_vae_digits.py", tmp_path)
+    assert "ratio to REINFORCE" in proc.stdout and "held-out ELBO" in proc.stdout
+    assert_figures(tmp_path, ("discrete_vae_estimators.png", "discrete_vae_samples.png"))
+
+
+def test_rbm_digits_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    proc = run_smoke("rbm_digits.py", tmp_path)
+    assert "RBM (AIS)" in proc.stdout and "Bernoulli mixture (EM, exact)" in proc.stdout
+    assert_figures(tmp_path, ("rbm_digits_loglik.png", "rbm_digits_samples.png"))

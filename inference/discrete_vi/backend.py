@@ -306,6 +306,59 @@ def _collect(plan, fit: Fit, num_samples: int, history, gen) -> Posterior:
                           discrete=discrete, history=history, networks=networks)
 
 
+def fit_of(post: Posterior, estimator: str = "relax") -> Fit:
+    """The trained model and encoder of a discrete_vi Posterior, as a ``Fit`` (the fitted parameters must be
+    in the Pyro parameter store: call inside ``post.fitted_params()``)."""
+    if post.backend != NAME:
+        raise ValueError(f"needs a Posterior of backend '{NAME}', got '{post.backend}'")
+    graph, own = post.plan.graph, post.plan.facts.of(NAME)
+    layout = Layout(own.binary, tuple(graph.site(n).event_shape for n in own.binary))
+    _, size = mb.data_plate(graph, own.binary[0])
+    inputs = observed_inputs(post.model, post.args, post.kwargs, graph)
+    return Fit(post.model, post.args, post.kwargs, size, layout, inputs, post.networks[own.binary[0]], None,
+               estimator, dict(post.plan.options).get("temperature", 0.5))
+
+
+def elbo_of(post: Posterior, *args, draws: int = 10, seed: int = 0, **kwargs) -> float:
+    """The ELBO of new data ``model(*args, **kwargs)`` (e.g. held-out images with the trained decoder,
+    ``post.kwargs["decoder"]``) under the trained encoder: ``draws`` draws of q per data point, entropy exact."""
+    with post.fitted_params():
+        fit = fit_of(post)
+        inputs = observed_inputs(post.model, args, kwargs, post.plan.graph)
+        new = Fit(post.model, args, kwargs, inputs.shape[0], fit.layout, inputs, fit.encoder, None, fit.estimator,
+                  fit.temperature)
+        return elbo(new, draws, torch.Generator().manual_seed(seed))
+
+
+def gradient_variances(post: Posterior, rows: torch.Tensor, n: int = 200, tune_steps: int = 100,
+                       temperature: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    r"""Each estimator's gradient wrt the encoder's logits at the fitted model, on the data points ``rows``:
+    estimator -> {"variance": total variance :math:`\sum_{i,k} \mathrm{Var}[\hat g_{ik}]` over ``n`` draws,
+    "bias": :math:`\|ar g - g^*\| / \|g^*\|` with :math:`g^*` the mean of the unbiased estimators' draws}.
+    REINFORCE uses the baseline :math:`E_q[f]` per point (from ``n`` separate draws); REBAR and RELAX first tune
+    their control variates for ``tune_steps`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    with post.fitted_params():
+        fit = fit_of(post)
+        f = objective(fit, rows)
+        with torch.no_grad():
+            logits = fit.encoder(fit.inputs[rows.to(fit.inputs.device)])
+            base = f(bernoulli_draws(torch.sigmoid(logits), n, gen)).mean(0)
+        cvs = {"rebar": E.ControlVariate(fit.layout.bits, temperature).to(logits),
+               "relax": E.ControlVariate(fit.layout.bits, temperature, hidden=32).to(logits)}
+        for cv in cvs.values():
+            E.tune_control_variate(f, logits, cv, tune_steps, lr=0.01, draws=4, generator=gen)
+        draws = {name: E.gradient_samples(name, f, logits, n, cv=cvs.get(name), baseline=base,
+                                          temperature=temperature, generator=gen)
+                 for name in ("reinforce", "rebar", "relax", "gumbel")}
+    reference = torch.cat([draws[k] for k in ("reinforce", "rebar", "relax")]).mean(0)
+    for name, g in draws.items():
+        bias = float((g.mean(0) - reference).norm() / reference.norm())
+        out[name] = {"variance": float(g.var(0).sum()), "bias": bias}
+    return out
+
+
 RULES = (
     Rule("binary-latent-vectors", lambda f: bool(f.of(NAME).binary), NAME,
          "latent binary vectors too large to enumerate (2^K states): amortized variational inference with a "

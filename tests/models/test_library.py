@@ -5,10 +5,11 @@ import importlib
 import pytest
 
 import ppl
-from ppl.models import MODEL_MODULES
+from ppl.models import GENERATIVE_MODULES, MODEL_MODULES
 
 
-@pytest.mark.parametrize("name", MODEL_MODULES)
+@pytest.mark.parametrize("name", MODEL_MODULES + tuple(pytest.param(n, marks=pytest.mark.slow)
+                                                       for n in GENERATIVE_MODULES))
 def test_model_recovers_parameters_with_expected_backend(name):
     module = importlib.import_module(f"ppl.models.{name}")
     assert module.EXPECTED_BACKEND in module.__doc__, "the docstring must state the backend"
