@@ -13,7 +13,8 @@ from .backends import get_backend
 from .compiler import compile as compile_model
 from .posterior import Posterior
 from .primitives import copy_modules
-from .validate import check_device, check_options, check_plan, check_traced
+from .validate import (check_backend_options, check_conditioned, check_device, check_model, check_options,
+                       check_plan, check_traced)
 
 
 def _to_device(value, device):
@@ -104,7 +105,9 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the
     recognition networks in ``post.networks``).
     """
+    check_model(model)
     check_options(num_steps, num_samples, seed, model_kwargs)
+    check_backend_options(options)
     device = check_device(device)
     memo: dict = {}  # networks are fitted as copies: the caller's modules stay untouched (trained: post.kwargs)
     args, model_kwargs = copy_modules(args, memo), copy_modules(dict(model_kwargs or {}), memo)
@@ -112,6 +115,7 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
     args = tuple(_to_device(a, device) for a in args) if device else args
     model_kwargs = {k: _to_device(v, device) for k, v in model_kwargs.items()} if device else model_kwargs
     with (torch.device(device) if device else contextlib.nullcontext()):
+        check_conditioned(model, args, model_kwargs)
         plan = compile_model(model, *args, backend=backend, **model_kwargs)
         check_plan(plan, options)
         check_traced(model, args, model_kwargs, options)

@@ -14,6 +14,7 @@ from pyro.poutine.util import site_is_subsample
 from .backends import UnsupportedModelError, get_backend
 from .compiler import compile as compile_model
 from .primitives import Model, ModelInputError, model_name, without_data
+from .validate import GivenValues, check_count, check_model, sample_sites
 
 SUMMED_OUT = ("finite discrete latents (Categorical, Bernoulli, ...), markov_chains whose children use their "
               "value elementwise, and gaussian_chains with linear-Gaussian children")
@@ -26,8 +27,10 @@ def simulate(model: Callable, *args, num_samples: int = 1, seed: int = 0, **kwar
 
     Returns site -> ``(num_samples, *value_shape)``. The global RNG state is left unchanged.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_model(model, "ppl.simulate")
+    check_count("num_samples", num_samples, "ppl.simulate")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"ppl.simulate: seed must be an integer, got {seed!r}")
     free = without_data(model)
     draws: dict[str, list] = {}
     with torch.random.fork_rng():
@@ -53,11 +56,20 @@ def log_joint(model: Callable, values: dict[str, torch.Tensor], *args, **kwargs)
     exact backend's kernels compute it, as its ``log_evidence``. That result is a float64 tensor on the data's
     device, detached (no gradient). Any other latent left out (a continuous latent outside a chain, a switching
     chain, a chain with a nonlinear child) raises ``ModelInputError`` naming it; so does a model with learnable
-    ``ppl.param`` / ``ppl.module`` parameters when something must be summed out. The global RNG state is left
-    unchanged.
+    ``ppl.param`` / ``ppl.module`` parameters when something must be summed out. A value is checked at its site
+    as the model runs (its shape, dtype and support); a name that is no sample site of the model is an error. The
+    global RNG state is left unchanged.
     """
+    check_model(model, "ppl.log_joint")
+    if not isinstance(values, dict):
+        raise TypeError(f"ppl.log_joint: values must be a dict site -> value, got {type(values).__name__}")
+    checker = GivenValues(values, "the value given to log_joint")
     with torch.random.fork_rng():
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        with checker:
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        if checker.unknown():
+            raise ModelInputError(f"log_joint of model '{model_name(model)}': values name site(s) {checker.unknown()} "
+                                  f"that the model does not sample; its sample sites are {sample_sites(trace)}")
         missing = [n for n, s in trace.nodes.items()
                    if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]  # plates: no value
         if not missing:

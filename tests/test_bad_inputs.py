@@ -15,7 +15,7 @@ from ppl.backends import UnknownBackendError, UnsupportedModelError
 from ppl.inference.exact import hmm as hmm_kernel
 from ppl.inference.exact import kalman
 from ppl.models import svae_gmm, svae_lds, svae_slds, vae
-from tests.ppl.models_for_tests import Decoder, gmm, hmm, neural_lds, normal_normal
+from tests.ppl.models_for_tests import Decoder, gmm, hmm, lds, lds_nonlinear, neural_lds, normal_normal
 
 Y = torch.linspace(-2.0, 2.0, 10)
 
@@ -147,6 +147,26 @@ ROWS = [
     ("recognition names an unknown site", infer(neural_lds, torch.randn(6, 3), num_steps=1,
                                                 recognition={"q": torch.nn.Linear(3, 4)}),
      ValueError, ["recognition=", "'q'", "'x'"]),
+    ("model not callable", infer(3, Y), TypeError, ["ppl.infer", "model", "callable", "int"]),
+    ("lr negative (Adam's own error, after tracing)", infer(hmm, Y, lr=-1.0, optimizer="adam"), ValueError,
+     ["lr", "> 0", "-1.0"]),
+    ("lr a string (internal TypeError)", infer(hmm, Y, lr="0.1"), ValueError, ["lr", "> 0", "'0.1'"]),
+    ("natgrad_step above 1 (silently accepted)", infer(neural_lds, torch.randn(6, 3), natgrad_step=2.0),
+     ValueError, ["natgrad_step", "(0, 1]", "2.0"]),
+    ("natgrad_step zero (q never moves)", infer(neural_lds, torch.randn(6, 3), natgrad_step=0.0), ValueError,
+     ["natgrad_step", "(0, 1]", "0.0"]),
+    ("num_iters zero (silently run as 1)", infer(neural_lds, torch.randn(6, 3), num_iters=0), ValueError,
+     ["num_iters", "integer >= 1", "0"]),
+    ("recognition network not a module (AttributeError)", infer(neural_lds, torch.randn(6, 3), recognition={"x": 3}),
+     TypeError, ["recognition['x']", "torch.nn.Module", "int"]),
+    ("recognition not a dict", infer(neural_lds, torch.randn(6, 3), recognition=torch.nn.Linear(3, 4)), TypeError,
+     ["recognition=", "dict", "Linear"]),
+    ("init not a dict (named the list's items as sites)", infer(hmm, Y, init=[1]), TypeError, ["init=", "dict", "list"]),
+    ("init of the wrong shape (internal RuntimeError)", infer(hmm, Y, init={"loc": torch.zeros(5)}), ValueError,
+     ["init['loc']", "(5,)", "site 'loc'", "(3,)"]),
+    ("init not a tensor", infer(hmm, Y, init={"loc": [0.0, 1.0, 2.0]}), TypeError, ["init['loc']", "torch.Tensor", "list"]),
+    ("init outside the support (blamed site 'z')", infer(hmm, Y, init={"trans": -torch.ones(3, 3)}), ValueError,
+     ["init['trans']", "outside the support", "site 'trans'", "Dirichlet"]),
     # --- dtypes
     ("float64 data through a float32 network", infer(neural_lds, torch.randn(6, 3, dtype=torch.float64),
                                                      num_steps=1),
@@ -195,6 +215,11 @@ ROWS = [
     ("condition with NaN", lambda: ppl.condition(hmm, {"loc": torch.tensor([float("nan")] * 3)}),
      ppl.ModelInputError, ["site 'loc'", "NaN"]),
     ("condition with an empty dict", lambda: ppl.condition(hmm, {}), TypeError, ["ppl.condition", "non-empty dict"]),
+    ("condition naming no site (silently ignored)", infer(ppl.condition(hmm, {"nope": torch.zeros(3)}), Y),
+     ppl.ModelInputError, ["ppl.condition", "['nope']", "'hmm|nope'", "'loc'"]),
+    ("condition with a value of the wrong shape (Pyro's error, no site)",
+     infer(ppl.condition(hmm, {"loc": torch.zeros(5)}), Y), ppl.ModelInputError,
+     ["site 'loc'", "ppl.condition", "(5,)", "event shape (3,)"]),
     # --- data
     ("NaN in the data", infer(hmm, torch.tensor([0.0, float("nan"), 1.0]), num_steps=1), ppl.ModelInputError,
      ["site 'y'", "NaN", "mask"]),
@@ -241,6 +266,26 @@ ROWS = [
     ("extend by zero steps", lambda: ppl.extend(Y, steps=0), ValueError, ["steps", "0"]),
     ("log_joint without a latent's value", lambda: ppl.log_joint(normal_normal, {}, Y), ppl.ModelInputError,
      ["log_joint", "'mu'"]),
+    ("log_joint without a global next to a chain", lambda: ppl.log_joint(hmm, {"trans": torch.eye(3)}, Y),
+     ppl.ModelInputError, ["log_joint", "['loc', 'z']", "continuous latent(s) ['loc']", "Give their values"]),
+    ("log_joint summing out a chain with a nonlinear child", lambda: ppl.log_joint(lds_nonlinear, {}, torch.randn(5, 1)),
+     ppl.ModelInputError, ["log_joint", "['x']", "gaussian_chain 'x'", "not linear-Gaussian"]),
+    ("log_joint summing out a chain of a model with parameters", lambda: ppl.log_joint(lds, {"A": torch.eye(2)},
+                                                                                        torch.randn(5, 3)),
+     ppl.ModelInputError, ["log_joint", "['x']", "learnable parameters ['C']", "log_evidence"]),
+    ("log_joint values not a dict", lambda: ppl.log_joint(hmm, [1.0], Y), TypeError, ["log_joint", "dict", "list"]),
+    ("log_joint value naming no site (silently ignored)",
+     lambda: ppl.log_joint(normal_normal, {"mu": torch.tensor(0.0), "nu": torch.tensor(1.0)}, Y),
+     ppl.ModelInputError, ["log_joint", "['nu']", "'mu'"]),
+    ("log_joint value of the wrong shape", lambda: ppl.log_joint(normal_normal, {"mu": torch.zeros(3)}, Y),
+     ppl.ModelInputError, ["site 'mu'", "log_joint", "(3,)", "batch shape ()"]),
+    ("log_joint value outside the support (blamed site 'z')",
+     lambda: ppl.log_joint(hmm, {"trans": -torch.ones(3, 3), "loc": torch.zeros(3)}, Y),
+     ppl.ModelInputError, ["site 'trans'", "log_joint", "outside the support", "Dirichlet"]),
+    ("simulate with a float seed (silently accepted)", lambda: ppl.simulate(hmm, Y, seed=1.5), ValueError,
+     ["ppl.simulate", "seed", "1.5"]),
+    ("simulate a float number of samples (internal TypeError)", lambda: ppl.simulate(hmm, Y, num_samples=2.5),
+     ValueError, ["ppl.simulate", "num_samples", "2.5"]),
     ("ppl.module of a non-module", lambda: ppl.module("net", lambda x: x), TypeError, ["'net'", "torch.nn.Module"]),
     ("ppl.model of a non-function", lambda: ppl.model(3), TypeError, ["ppl.model", "int"]),
     # --- the exact kernels name the argument
