@@ -49,9 +49,10 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
         model: a model function.
         *args: the data (tensors are moved to ``device``).
         backend: "auto" (the compiler's rules decide; ``ppl.compile(model, *args).explain()`` says which and why)
-            or a backend name ("exact", "svae", "svi", "mcmc", "vi"; ``ppl.backends.backend_names()``).
-        num_steps: optimization steps or sweeps (exact, svae, svi, vi); num_samples: posterior draws kept (every
-            backend).
+            or a backend name (``ppl.backends.backend_names()``: "exact", "svae", "svi", "mcmc", "amortized",
+            "vi", "adversarial", "discrete_vi", "energy").
+        num_steps: optimization steps, rounds or sweeps (every backend but mcmc); num_samples: posterior draws
+            kept.
             None: the backend's default (below).
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
@@ -71,6 +72,9 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             optimizer='lbfgs'     or 'adam'
             restarts=3            starts in all: init, then data-driven ones (k-means); the best fit is kept
             seed=0                seed of the data-driven starts (ppl.infer passes its seed)
+            checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
+            checkpoint_every=100  steps between checkpoints
+            resume=None           a checkpoint file of the same fit: continues it bit-identically
         svae (structured VAE: recognition potentials, exact local message passing, natural gradients):
             num_steps=1000        Adam steps
             lr=0.01               Adam's learning rate (networks and non-conjugate globals)
@@ -78,13 +82,19 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             recognition=None      site -> torch.nn.Module replacing the default recognition network
             num_iters=3           structured mean-field iterations (mixture, switching LDS)
             init=None             site -> initial value of a global
-            natgrad_step=0.5      natural-gradient step size of the conjugate globals' q
+            natgrad_step=0.5      natural-gradient step size of the conjugate globals' q, in (0, 1]
+            checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
+            checkpoint_every=100  steps between checkpoints
+            resume=None           a checkpoint file of the same fit: continues it bit-identically
         svi (Pyro SVI; chains collapsed, finite discrete latents enumerated):
             num_steps=2000        Adam steps
             lr=0.02               Adam's learning rate
             num_samples=1000      guide draws kept
             guide='normal'        AutoNormal, or 'delta' (AutoDelta: a MAP point)
             init=None             site -> initial value
+            checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
+            checkpoint_every=100  steps between checkpoints
+            resume=None           a checkpoint file of the same fit: continues it bit-identically
         mcmc (NUTS on the continuous latents; chains collapsed, finite discrete latents enumerated):
             num_samples=500       draws kept per chain
             warmup_steps=None     adaptation steps per chain; None: num_samples
@@ -94,12 +104,55 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             target_accept=0.8     acceptance statistic the step-size adaptation aims at
             max_tree_depth=10     at most 2^max_tree_depth - 1 leapfrog steps per draw
             resume=None           a Posterior of this backend on the same model: continue its chains
+        amortized (SVI with an encoder for the local latents of a data plate, on minibatches):
+            num_steps=2000        Adam steps
+            lr=0.01               Adam's learning rate
+            num_samples=100       draws of the globals kept
+            batch_size=None       data points per step, all processes together; None: min(N, 256)
+            encoder=None          site -> torch.nn.Module emitting mean and log variance of a point's latent
+            init=None             site -> initial value of a global
+            checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
+            checkpoint_every=100  steps between checkpoints
+            resume=None           a checkpoint file of the same fit: continues it bit-identically
         vi (conjugate variational Bayes: closed-form coordinate ascent, exact local messages):
             num_steps=500         coordinate-ascent sweeps at most per start
-            tol=1e-08             stop when the relative ELBO change is below this
+            tol=1e-06             stop when the relative ELBO change is below this
             restarts=3            data-driven starts (k-means++); the best ELBO is kept
             seed=0                seed of the starts (ppl.infer passes its seed)
             num_samples=1000      draws of the globals from q kept
+        adversarial (a simulator with no density, ppl.Implicit, fitted against a discriminator):
+            num_steps=2000        rounds
+            lr=0.001              Adam's learning rate, both players
+            batch_size=256        data rows per round; None: all
+            divergence='gan'      non-saturating GAN, or f-GAN 'kl' / 'reverse_kl'
+            discriminator=None    a torch.nn.Module (B, *event) -> (B,); None: an MLP
+            disc_steps=1          discriminator updates per round
+            hidden=64             units of the default discriminator
+            seed=0                (ppl.infer passes its seed)
+            num_samples=1000      draws of q kept (with guide; else unused: use post.predictive(n))
+            guide=None            a function sampling every latent site: adversarial variational Bayes
+            draws=16              draws of q and of the prior per step (with guide)
+        discrete_vi (binary latent vectors too large to enumerate: an encoder and a gradient estimator):
+            num_steps=2000        Adam steps
+            lr=0.001              Adam's learning rate
+            batch_size=100        data rows per step; None: all
+            estimator='relax'     or 'rebar', 'reinforce', 'gumbel'
+            encoder=None          a torch.nn.Module (B, P) -> (B, K) logits; None: an MLP
+            hidden=128            units of the default encoder
+            temperature=0.5       of the concrete relaxation (REBAR / RELAX start from it and learn it)
+            seed=0                (ppl.infer passes its seed)
+            num_samples=100       draws of q per data point kept
+        energy (an energy-based model, ppl.RBM: contrastive divergence, log Z by annealed importance sampling):
+            num_steps=1000        Adam steps
+            lr=0.01               Adam's learning rate
+            method='pcd'          persistent contrastive divergence, or 'cd'
+            gibbs_steps=1         Gibbs sweeps per step (the k of CD-k)
+            batch_size=100        data rows per step
+            num_chains=100        persistent chains of PCD
+            ais_betas=1000        AIS temperatures
+            ais_chains=100        AIS runs
+            seed=0                (ppl.infer passes its seed)
+            num_samples=0         unused (draw with post.predictive(n): block Gibbs)
 
     Networks (``torch.nn.Module``) in ``args``, ``model_kwargs`` and the options are fitted as deep copies:
     the caller's modules are left untouched; the trained ones are in ``post.args``, ``post.kwargs`` (and the
