@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "svae": "ppl.inference.svae.backend",
     "svi": "ppl.inference.svi.backend",
     "mcmc": "ppl.inference.mcmc.backend",
+    "amortized": "ppl.inference.amortized.backend",
     "vi": "ppl.inference.vi.backend",
     "adversarial": "ppl.inference.adversarial.backend",
     "discrete_vi": "ppl.inference.discrete_vi.backend",
