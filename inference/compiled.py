@@ -46,11 +46,17 @@ class NotCompilable(Exception):
 
 @dataclass(frozen=True)
 class SitePlan:
-    """What the compiled run needs to know about the model: the finite discrete sites it enumerates and the
-    most plates any site sits in (enumeration dims start left of them)."""
+    """What the compiled run needs to know about the model: the finite discrete sites it enumerates, the
+    most plates any site sits in (enumeration dims start left of them) and, for a minibatch, the factor by
+    which each subsampled plate's sites are scaled (plate name -> full size / batch size)."""
 
     enumerate: frozenset[str]
     max_plate_nesting: int
+    plate_scales: tuple[tuple[str, float], ...] = ()
+
+    def scaled(self, **plate_scales: float) -> "SitePlan":
+        """This plan with the sites of the named plates scaled (an unbiased minibatch estimate of the sum)."""
+        return SitePlan(self.enumerate, self.max_plate_nesting, tuple(sorted(plate_scales.items())))
 
     @classmethod
     def of(cls, plan) -> "SitePlan":
@@ -113,7 +119,11 @@ class _DensityRun(Messenger):
             if mask is False:
                 log_prob = log_prob.new_zeros(log_prob.shape)
         plates = {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized and f.dim is not None}
-        self.factors.append(_Factor(msg["name"], log_prob, plates, msg["scale"]))
+        scale = msg["scale"]
+        for plate, factor in self.site_plan.plate_scales:
+            if plate in plates:
+                scale = scale * factor
+        self.factors.append(_Factor(msg["name"], log_prob, plates, scale))
 
 
 def _run(fmodel: Callable, args: tuple, kwargs: dict, values: dict, site_plan: SitePlan) -> _DensityRun:
@@ -288,3 +298,26 @@ def _continuous_draw(guide: AutoContinuous):
 def _log_det(transform, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """log |dT/du| summed over the site (its event dims and its batch dims)."""
     return transform.log_abs_det_jacobian(u, value).sum()
+
+
+def potential_fn(fmodel: Callable, args: tuple, kwargs: dict, transforms: dict, site_plan: SitePlan
+                 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    r"""``U(u) = -[log p(data, T(u)) + log|dT/du|]`` over unconstrained site values ``u`` (site -> tensor): the
+    potential energy HMC/NUTS samples, on the compiled log joint. ``transforms`` (site -> Transform from
+    constrained to unconstrained space, Pyro's ``initialize_model`` convention; T is its inverse) may omit
+    real-valued sites."""
+
+    def potential(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
+        values, log_det = {}, 0.0
+        for name, u in unconstrained.items():
+            transform = transforms.get(name)
+            if transform is None:
+                values[name] = u
+                continue
+            to_constrained = transform.inv
+            value = to_constrained(u)
+            values[name] = value
+            log_det = log_det + _log_det(to_constrained, u, value)
+        return -(log_joint(fmodel, args, kwargs, values, site_plan) + log_det)
+
+    return potential

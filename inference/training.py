@@ -83,7 +83,8 @@ def _interrupted(history: History, desc: str, total: int) -> History:
 
 
 def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: float, progress: bool,
-             desc: str, checkpoints: Checkpoints | None = None, extra: LoopState | None = None) -> History:
+             desc: str, checkpoints: Checkpoints | None = None, extra: LoopState | None = None,
+             after_backward: Callable[[list], None] | None = None) -> History:
     """Adam with gradient-norm clipping (10) on ``step() -> (loss, params)``; the parameters are
     those of the first step (guides create theirs lazily). Returns the loss per step; Ctrl-C stops the loop
     and returns what was reached (``History.interrupted``).
@@ -91,7 +92,8 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
     ``checkpoints`` (``checkpoints.py``): the loop's state is written every ``checkpoints.every`` steps, at the
     end and on Ctrl-C; a saved state of this loop is restored (finished) or continued from its step with its
     Adam moments and RNG state (partial): bit-identical to the uninterrupted run. ``extra`` carries state the
-    step itself updates outside the parameters (the SVAE's conjugate q's).
+    step itself updates outside the parameters (the SVAE's conjugate q's). ``after_backward(params)`` runs
+    between the gradient and the step (data parallel: averaging the gradients over processes).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -125,6 +127,8 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
                                          "lower lr= or check the model's parameters")
             optim.zero_grad()
             loss.backward()
+            if after_backward is not None:
+                after_backward(params)
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             optim.step()
             history.append(float(loss.detach()))

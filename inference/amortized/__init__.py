@@ -1,0 +1,1 @@
+"""amortized backend."""
