@@ -116,20 +116,36 @@ def _check_options(num_steps, tol, restarts, num_samples) -> None:
         raise ValueError(f"backend 'vi': tol must be a number >= 0, got {tol!r}")
 
 
-def _starts(model, args, kwargs, plan, structure: Structure, restarts: int, seed: int) -> list:
-    """Hard starts of q(z): k-means++ labels of the local's observed child (``initialization``), one per restart
-    (random labels when no child can be clustered); [None] when there is no local."""
+def _starts(structure: Structure, restarts: int, seed: int) -> list:
+    """Hard starts of q(z), one per restart: k-means++ and Lloyd labels (``initialization.kmeans_labels``, seeded
+    by ``seed``) of the local's observed data, entries where it is missing left out; random labels when no child
+    is laid out like the local. [None] when there is no local."""
     local = structure.local
     if local is None:
         return [None]
     gen = torch.Generator().manual_seed(seed)
+    rows = _features(structure)
     out = []
     for _ in range(restarts):
-        labels = initialization.hard_assignments(model, args, kwargs, plan, gen).get(local.name)
-        if labels is None or tuple(labels.shape) != local.zshape:
+        if rows is not None and rows.shape[0] >= local.K:
+            labels = initialization.kmeans_labels(rows, local.K, gen).reshape(local.zshape)
+        else:
             labels = torch.randint(local.K, local.zshape, generator=gen)
         out.append(cavi.hard_local(structure, labels.to(_device(structure))))
     return out
+
+
+def _features(structure: Structure) -> torch.Tensor | None:
+    """The first observed child's values as rows indexed like the local, ``(prod(zshape), F)`` on the CPU, NaN
+    where missing (k-means fills them with the column mean); None if no child is laid out like the local."""
+    zshape = structure.local.zshape
+    for c in structure.children:
+        if c.nz == len(zshape) and tuple(c.y.shape[:c.nz]) == zshape and c.y.numel():
+            y = c.y.double()
+            keep = (c.w != 0).reshape(c.w.shape + (1,) * (y.dim() - c.w.dim()))
+            y = torch.where(keep, y, torch.full_like(y, float("nan")))
+            return y.reshape(int(torch.Size(zshape).numel()), -1).cpu()
+    return None
 
 
 def _device(structure: Structure) -> torch.device:
@@ -158,7 +174,7 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     _check_options(num_steps, tol, restarts, num_samples)
     structure = analyse(model, args, kwargs, plan.facts, plan.graph)
     fits = []
-    starts = _starts(model, args, kwargs, plan, structure, restarts, seed)
+    starts = _starts(structure, restarts, seed)
     with torch.no_grad():
         for i, start in enumerate(starts):
             desc = NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}"

@@ -421,6 +421,9 @@ def _child(name: str, runs, priors: dict, graph, local: Local | None, dtype: tor
     glob = next(iter(linked.values()))
     y, w, nz = _layout(name, kind, site, base_a, extra, inner_mask, uses_local, a.sites[glob]["value"])
     known = _known(name, kind, base_a, base_b, nz, uses_local)
+    if not bool(torch.isfinite(y[w != 0] if y.shape == w.shape else y).all()):
+        raise ValueError(f"site '{name}': observed values must be finite where observed; mark missing entries "
+                         "with mask=")
     y = y.long() if kind == "categorical" else y.to(dtype)
     if isinstance(known, tuple):
         known = tuple(k.to(dtype) for k in known)
@@ -447,7 +450,12 @@ def analyse(model, args, kwargs, facts, graph) -> Structure:
     """Probe ``model(*args, **kwargs)`` and return its conjugate ``Structure``; NotConjugate names the site that
     stops it."""
     local_name = local_site(facts)
-    runs = probe_runs(model, args, kwargs, local_name)
+    try:
+        runs = probe_runs(model, args, kwargs, local_name)
+    except (RuntimeError, IndexError, TypeError) as exc:
+        what = f"with '{local_name}' set to all its states at once" if local_name else "with fresh prior draws"
+        raise NotConjugate(f"the model fails when run {what} (it must use the discrete latent elementwise, "
+                           f"e.g. loc[z]): {type(exc).__name__}: {exc}") from exc
     a, b = runs
     if a.params:
         raise NotConjugate(f"'{a.params[0]}' is a learnable parameter (ppl.param / ppl.module): backend 'vi' fits "

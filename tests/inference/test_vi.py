@@ -307,3 +307,40 @@ def test_bad_input_and_options_are_clear_errors():
         fit(M.gmm, torch.randn(10, 2), lr=0.1)
     with pytest.raises(ValueError, match="'x'"):
         fit(M.gmm, torch.randn(10, 3))                      # wrong shape for the model's (2,) mean prior
+
+
+def test_a_decreasing_elbo_is_reported(monkeypatch):
+    y = torch.tensor([0.0, 1.0, 7.0, 9.0, 2.0], dtype=D64)
+    structure, _, _ = structure_of(poisson_hmm, y)
+    start = cavi.hard_local(structure, torch.tensor([0, 0, 1, 1, 0]))
+    honest = cavi.global_step
+    calls = []
+
+    def broken(structure, state, q):  # the third global step moves q(rate) away from its optimum
+        out = honest(structure, state, q)
+        calls.append(1)
+        if len(calls) == 3:
+            a, b = out["rate"]
+            out["rate"] = (a * 5, b)
+        return out
+
+    monkeypatch.setattr(cavi, "global_step", broken)
+    with pytest.warns(cavi.ELBODecreased, match="decreased"):
+        cavi.coordinate_ascent(structure, start, 4, 0.0)
+
+
+def test_library_hmm_with_poisson_emissions_and_missing_entries_recovers_its_parameters():
+    from ppl.models import hmm  # noqa: PLC0415 - the library model, imported where it is used
+    sim = hmm.simulate(seed=0, T=100, emission="poisson")
+    (y,), kwargs = sim.args, sim.kwargs
+    mask = torch.rand(y.shape, generator=torch.Generator().manual_seed(0)) > 0.2
+    post = fit(hmm.model, torch.where(mask, y, torch.full_like(y, float("nan"))), model_kwargs={**kwargs, "mask": mask})
+    assert_monotone(post)
+    for key, err in hmm.recovery_errors(post, sim).items():
+        assert err < hmm.TOLERANCES_BY_EMISSION["poisson"][key], (key, err)
+    assert post.marginals("z").shape == (4, 100, 3)
+
+
+def test_a_model_that_does_not_use_the_local_elementwise_is_refused():
+    with pytest.raises(UnsupportedModelError, match="markov_chain 'z'"):
+        fit(M.hmm_nonpointwise, torch.randn(6))
