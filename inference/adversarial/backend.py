@@ -30,6 +30,7 @@ from ppl.posterior import LogEvidence, Posterior
 from ppl.primitives import without_data
 
 from .. import minibatch as mb
+from . import avb
 from ..results import make_posterior
 from ..training import History, Interrupted, progress_bar
 from .losses import DIVERGENCES, check_divergence, discriminator_loss, generator_loss
@@ -54,8 +55,11 @@ def facts(graph, generic: Facts) -> AdversarialFacts:
 
 
 def supports(f: Facts) -> Verdict:
-    """Exactly one observed site, an ``Implicit`` simulator; its latent inputs are drawn from their priors."""
+    """Exactly one observed site, an ``Implicit`` simulator (its latent inputs drawn from their priors); or a model
+    with a density whose latents are all plain continuous sites, for an implicit posterior (option ``guide=``)."""
     own = f.of(NAME)
+    if not own.implicit and f.continuous and not (f.enumerable or f.combinatorial or f.chains or f.unenumerable):
+        return Verdict(True)
     if len(own.implicit) != 1:
         return Verdict(False, "the model needs exactly one observed Implicit (simulator) site, "
                               f"found {len(own.implicit)}")
@@ -66,7 +70,14 @@ def supports(f: Facts) -> Verdict:
 
 
 def treatments(graph, f: Facts) -> list[SiteTreatment]:
-    """The simulator's site and its inputs (drawn from their priors at every step)."""
+    """The simulator's site and its inputs (drawn from their priors at every step); or, for a model with a
+    density, the latents of an implicit q."""
+    if not f.of(NAME).implicit:
+        return [SiteTreatment(s.name, "observed", "log-density at q's draws") if s.observed else
+                SiteTreatment(s.name, "guide", "implicit q (option guide=, a simulator): log q by a "
+                              "discriminator against a Gaussian with q's moments (adversarial variational Bayes, "
+                              "adaptive contrast)")
+                for s in graph.sites()]
     rows = []
     for s in graph.sites():
         if s.observed:
@@ -141,17 +152,25 @@ def _game_step(model, args, kwargs, site, data, size, rows, D, opt_d, opt_g, div
 
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 1e-3, batch_size: int | None = 256,
         divergence: str = "gan", discriminator: nn.Module | None = None, disc_steps: int = 1, hidden: int = 64,
-        seed: int = 0, progress: bool = True, num_samples: int = 1000, **unused) -> Posterior:
+        seed: int = 0, progress: bool = True, num_samples: int = 1000, guide=None, draws: int = 16,
+        **unused) -> Posterior:
     """Train the simulator adversarially.
 
     Options: num_steps (rounds), lr (Adam, both players), batch_size (data rows per round; None: all),
     divergence ("gan" non-saturating, or f-GAN "kl" / "reverse_kl"), discriminator (a module ``(B, *event) ->
     (B,)``; default an MLP with ``hidden`` units), disc_steps (discriminator updates per round), seed.
     ``num_samples`` is accepted for ``ppl.infer`` and unused (draw with ``post.predictive(n)``).
+
+    For a model with a density: ``guide`` a function of the model's arguments sampling every latent site (e.g.
+    ``ppl.sample("mu", ppl.Implicit(net, noise))``), fitted by adversarial variational Bayes (``avb``) with
+    ``draws`` draws of q and of the prior per step; ``num_samples`` draws of q are kept in ``post.draws``.
     """
     if unused:
         raise TypeError(f"backend 'adversarial' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, lr, disc_steps, divergence, discriminator, batch_size)
+    if not plan.facts.of(NAME).implicit or guide is not None:
+        return _run_implicit_q(model, args, kwargs, plan, guide, num_steps, lr, draws, hidden, discriminator,
+                               num_samples, progress)
     site = plan.facts.of(NAME).implicit[0]
     _, size = mb.data_plate(plan.graph, site)
     data = _observed(model, args, kwargs, site)
@@ -185,6 +204,33 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 1e-3, batc
     return make_posterior(plan, model, args, kwargs, draws={}, history=history, elbo_terms=terms,
                           networks={site: D.eval()},
                           log_evidence=LogEvidence(float("nan"), "none (implicit model: no likelihood)"))
+
+
+def _run_implicit_q(model, args, kwargs, plan, guide, num_steps, lr, draws, hidden, discriminator, num_samples,
+                    progress) -> Posterior:
+    """Adversarial variational Bayes with the user's implicit ``guide`` (``avb``)."""
+    own = plan.facts.of(NAME)
+    if own.implicit:
+        raise ValueError(f"backend 'adversarial': guide= fits an implicit posterior of a model with a density; site "
+                         f"'{own.implicit[0]}' of this model is a simulator (fit it without guide=)")
+    if not callable(guide):
+        raise ValueError("backend 'adversarial': this model has a density; pass guide=, a function of the model's "
+                         "arguments that samples every latent site from an implicit q (e.g. "
+                         "ppl.sample('z', ppl.Implicit(net, noise))), to fit it by adversarial variational Bayes")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"backend 'adversarial': draws must be an integer >= 1, got {draws!r}")
+    sites = tuple(s.name for s in plan.graph.latent())
+    size = sum(int(torch.Size(plan.graph.site(s).value_shape).numel()) for s in sites)
+    ref = next(t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor))
+    D = discriminator if discriminator is not None else MLPDiscriminator(size, hidden).to(
+        device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+    history, d_losses = avb.fit(model, guide, args, kwargs, sites, D, num_steps, lr, draws, progress)
+    tail = history[-min(50, len(history)):]
+    evidence = LogEvidence(-sum(tail) / len(tail), f"elbo (adversarial: log q by the discriminator; mean of "
+                                                   f"the last {len(tail)} steps)")
+    return make_posterior(plan, model, args, kwargs, draws=avb.posterior_draws(guide, args, kwargs, sites, num_samples),
+                          log_evidence=evidence, history=history, elbo_terms={"discriminator": d_losses},
+                          networks={s: D.eval() for s in sites})
 
 
 def log_density_ratio(post: Posterior, x: torch.Tensor) -> torch.Tensor:
