@@ -16,6 +16,7 @@ import torch
 
 import ppl
 from ppl import dist
+from tests.conftest import cuda_params
 from tests.ppl.models_for_tests import normal_normal
 from tests.reference import dense_gaussian
 from tests.reference.brute_force import all_paths, path_log_potentials
@@ -32,9 +33,9 @@ def close(a, b) -> bool:
 # ----------------------------------------------------------------------------- a tiny HMM (K = 3, T = 5)
 @ppl.model
 def hmm(y, K=3):
-    trans = ppl.sample("trans", dist.Dirichlet(torch.ones(K, K, dtype=F64)).to_event(1))
-    loc = ppl.sample("loc", dist.Normal(torch.zeros(K, dtype=F64), 10.0).to_event(1))
-    init = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    trans = ppl.sample("trans", dist.Dirichlet(y.new_ones(K, K)).to_event(1))  # y: float64, on any device
+    loc = ppl.sample("loc", dist.Normal(y.new_zeros(K), 10.0).to_event(1))
+    init = y.new_tensor([0.5, 0.3, 0.2])
     with ppl.plate("sequences", y.shape[0]) if y.dim() == 2 else contextlib.nullcontext():
         z = ppl.markov_chain("z", K, trans, initial=init, length=y.shape[-1])
         ppl.sample("y", dist.Normal(loc[z], 1.0).to_event(1), obs=y)  # one event per sequence
@@ -163,3 +164,11 @@ def test_a_missing_continuous_global_is_refused_by_name(values, site):
     y = torch.tensor([-2.1, -1.5, 0.7], dtype=F64)
     with pytest.raises(ppl.ModelInputError, match=f"no value given for latent site.*{site}.*outside any chain"):
         ppl.log_joint(hmm, values, y)
+
+
+@pytest.mark.parametrize("device", cuda_params())
+def test_summed_out_result_is_on_the_datas_device_and_device_independent(device):
+    y = torch.tensor([-2.1, -1.5, 0.7, 2.9, 3.2], dtype=F64)
+    values = {k: v.to(device) for k, v in HMM_VALUES.items()}
+    got = ppl.log_joint(hmm, values, y.to(device))
+    assert got.device.type == device and close(got.cpu(), hmm_brute_force(y, HMM_VALUES))
