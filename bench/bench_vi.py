@@ -86,7 +86,8 @@ def _sweep_case(x: torch.Tensor, K: int) -> Case:
     plan = ppl.compile(bayes_gmm, x, K=K, backend="vi")
     structure = analyse(bayes_gmm, (x,), {"K": K}, plan.facts, plan.graph)
     labels = torch.randint(K, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    q = cavi.global_step(structure, cavi.hard_local(structure, labels), {g: G.prior for g, G in structure.globals.items()})
+    priors = {g: G.prior for g, G in structure.globals.items()}
+    q = cavi.global_step(structure, cavi.hard_local(structure, labels), priors)
     tables = cavi.child_tables(structure, q)
 
     def ours():
@@ -200,7 +201,8 @@ def _iris_case() -> Case:
     MEASURED["iris_seconds"] = time.perf_counter() - start
     g, b = em(), vb()
     ari = adjusted_rand_score(species.numpy(), post.marginals("z").argmax(-1).numpy())
-    ari_em, ari_vb = adjusted_rand_score(species.numpy(), g.predict(X)), adjusted_rand_score(species.numpy(), b.predict(X))
+    ari_em = adjusted_rand_score(species.numpy(), g.predict(X))
+    ari_vb = adjusted_rand_score(species.numpy(), b.predict(X))
     MEASURED.update(iris_ari=ari, iris_ari_em=ari_em)
     return Case("Bayesian GMM fit, iris (150 x 4, standardized), K=3, defaults (3 restarts)", ours,
                 {"scikit-learn GaussianMixture(n_init=3)": em,

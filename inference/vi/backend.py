@@ -71,7 +71,8 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
 def describe(structure: Structure) -> dict[str, str]:
     """site -> the closed-form update ``plan.explain()`` prints, e.g. "q(weights) = Dirichlet: closed form from
     expected counts of z"."""
-    stats = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
+    stats = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums",
+             "Beta": "expected successes and failures",
              "Normal": "precision-weighted expected sums", "Gaussian": "precision-weighted expected sums",
              "NormalInverseWishart": "expected counts, sums and scatter matrices"}
     out = {}
@@ -128,11 +129,30 @@ def _starts(structure: Structure, restarts: int, seed: int) -> list:
     out = []
     for _ in range(restarts):
         if rows is not None and rows.shape[0] >= local.K:
-            labels = initialization.kmeans_labels(rows, local.K, gen).reshape(local.zshape)
+            labels = _kmeans_start(rows, local.K, gen).reshape(local.zshape)
         else:
             labels = torch.randint(local.K, local.zshape, generator=gen)
         out.append(cavi.hard_local(structure, labels.to(_device(structure))))
     return out
+
+
+KMEANS_ROWS = 10_000  # k-means++ and Lloyd run on at most this many rows; every row then joins its nearest center
+
+
+def _kmeans_start(rows: torch.Tensor, K: int, gen: torch.Generator) -> torch.Tensor:
+    """Labels ``(n,)`` of ``rows (n, F)``: ``initialization.kmeans_labels`` on a random subset of ``KMEANS_ROWS``
+    rows (all when fewer), then each row's nearest center in the standardized features (a start, not a fit)."""
+    if rows.shape[0] <= KMEANS_ROWS:
+        return initialization.kmeans_labels(rows, K, gen)
+    pick = torch.randperm(rows.shape[0], generator=gen)[:KMEANS_ROWS]
+    labels = initialization.kmeans_labels(rows[pick], K, gen)
+    finite = torch.isfinite(rows)
+    col_mean = torch.where(finite, rows, 0).sum(0) / finite.sum(0).clamp_min(1)
+    x = torch.where(finite, rows, col_mean)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
+    onehot = torch.nn.functional.one_hot(labels, K).to(x.dtype)
+    centers = (onehot.T @ x[pick]) / onehot.sum(0).clamp_min(1)[:, None]
+    return torch.cdist(x, centers).argmin(-1)
 
 
 def _features(structure: Structure) -> torch.Tensor | None:

@@ -64,7 +64,9 @@ def _summed_tables(structure: Structure, tables: dict) -> torch.Tensor:
 
 
 def _device(structure: Structure) -> torch.device:
-    return next(iter(structure.globals.values())).prior[0].device if structure.globals else structure.children[0].y.device
+    if structure.globals:
+        return next(iter(structure.globals.values())).prior[0].device
+    return structure.children[0].y.device
 
 
 def local_step(structure: Structure, q: dict, tables: dict) -> LocalState:

@@ -7,7 +7,7 @@ draws, a pair is recognized when, in both runs, a child's distribution parameter
 the local — ``child.rate[k] == rate[k]`` for every state k, broadcast over the data — and the child's family
 is the conjugate one (Dirichlet -> Categorical probs / a chain's initial and transition rows; Gamma -> Poisson
 rate; Beta -> Bernoulli probs; Normal or MultivariateNormal -> a Gaussian's loc with known covariance;
-``ppl.NormalInverseWishart`` -> a MultivariateNormal's (loc, covariance)). Parameters that are not a global
+``ppl.NormalInverseWishart`` -> a MultivariateNormal's (loc, covariance); ``probe``). Parameters that are not a global
 must be the same in both runs (known). Anything else raises ``NotConjugate`` naming the site: the backend
 never guesses.
 """
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pyro
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 
 from ppl.backends import UnsupportedModelError
 
 from .links import Child, outer_products
+from .probe import child_params, close, is_global, is_global_indexed, num_states, peel, probe_runs
 
 PRIOR_FAMILIES = ("Dirichlet", "Gamma", "Beta", "Normal", "MultivariateNormal", "NormalInverseWishart")
 CONJUGATE_CHILD = {"Categorical": ("Dirichlet",), "Poisson": ("Gamma",), "Bernoulli": ("Beta",),
                    "Normal": ("Normal", "MultivariateNormal"),
                    "MultivariateNormal": ("Normal", "MultivariateNormal", "NormalInverseWishart")}
-PROBE_SEEDS = (101, 202)
 
 
 class NotConjugate(UnsupportedModelError):
@@ -73,104 +70,6 @@ class Structure:
     links: dict = field(default_factory=dict)   # global -> tuple of (child or local role) names it feeds
 
 
-class Tabulate(Messenger):
-    """Record every sample site (fn, value, mask, scale) with ``local`` set to its enumerated support."""
-
-    def __init__(self, local: str | None):
-        super().__init__()
-        self.local = local
-        self.sites: dict[str, dict] = {}
-        self.params: list[str] = []
-
-    def _pyro_sample(self, msg):
-        if msg["name"] != self.local or msg["is_observed"]:
-            return
-        fn = msg["fn"]
-        K = _num_states(fn)
-        shape = tuple(fn.batch_shape + fn.event_shape)
-        ref = fn.log_init if hasattr(fn, "log_init") else fn.logits
-        support = torch.arange(K, device=ref.device).reshape((K,) + (1,) * len(shape)).expand((K,) + shape)
-        msg.update(value=support, done=True)
-
-    def _pyro_post_sample(self, msg):
-        if not site_is_subsample(msg):
-            self.sites[msg["name"]] = dict(fn=msg["fn"], value=msg["value"], mask=msg.get("mask"),
-                                           scale=msg.get("scale", 1.0), observed=msg["is_observed"])
-
-    def _pyro_param(self, msg):
-        self.params.append(msg["name"])
-
-
-def _num_states(fn) -> int:
-    return int(fn.num_states) if hasattr(fn, "num_states") else int(fn.logits.shape[-1])
-
-
-def probe_runs(model, args, kwargs, local: str | None) -> list[Tabulate]:
-    """The model run under ``Tabulate`` once per probe seed (globals drawn from their priors)."""
-    runs = []
-    for seed in PROBE_SEEDS:
-        handler = Tabulate(local)
-        # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.validation_enabled(False), handler:
-            torch.manual_seed(seed)
-            model(*args, **kwargs)
-        runs.append(handler)
-    return runs
-
-
-def peel(fn) -> tuple[object, int, torch.Tensor | None]:
-    """(base distribution, dims reinterpreted by ``Independent``, mask of any MaskedDistribution inside)."""
-    extra, mask = 0, None
-    while type(fn).__name__ in ("Independent", "MaskedDistribution"):
-        if type(fn).__name__ == "Independent":
-            extra += fn.reinterpreted_batch_ndims
-        else:
-            mask = fn._mask if mask is None else mask & fn._mask
-        fn = fn.base_dist
-    return fn, extra, mask
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    try:
-        a, b = torch.broadcast_tensors(a, b)
-    except RuntimeError:
-        return False
-    b = b.to(a.dtype)
-    # an indexed global is copied exactly (``loc[z]``): equality is the common, cheap case
-    return a.shape == b.shape and (torch.equal(a, b) or bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6)))
-
-
-def _indexed_target(v: torch.Tensor, K: int, zshape: tuple) -> torch.Tensor | None:
-    """The global ``v (K, *E)`` laid out as ``(K, *zshape, *E)``; None if its leading dim is not K."""
-    if v.dim() == 0 or v.shape[0] != K:
-        return None
-    return v.reshape((K,) + (1,) * len(zshape) + tuple(v.shape[1:])).expand((K,) + zshape + tuple(v.shape[1:]))
-
-
-def _is_global_indexed(p: torch.Tensor, v: torch.Tensor, K: int, zshape: tuple) -> bool:
-    target = _indexed_target(v, K, zshape)
-    return target is not None and p.dim() == target.dim() and p.shape[0] == K and _close(p, target) \
-        and torch.broadcast_shapes(p.shape, target.shape) == target.shape
-
-
-def _is_global(p: torch.Tensor, v: torch.Tensor) -> bool:
-    return p.dim() >= v.dim() and tuple(p.shape[p.dim() - v.dim():]) == tuple(v.shape) and _close(p, v)
-
-
-def child_params(base) -> dict[str, torch.Tensor]:
-    """The parameters of an observed child's base distribution that a conjugate global can feed or fix."""
-    family = type(base).__name__
-    if family in ("Categorical", "Bernoulli"):
-        return {"probs": base.probs}
-    if family == "Poisson":
-        return {"rate": base.rate}
-    if family == "Normal":
-        return {"loc": base.loc, "scale": base.scale}
-    if family == "MultivariateNormal":
-        return {"loc": base.loc, "covariance_matrix": base.covariance_matrix}
-    return {}
-
-
 def local_site(facts) -> str | None:
     """The one discrete local (an enumerable site or a markov_chain), None if there is none; ``NotConjugate``
     naming the structure the backend cannot take."""
@@ -196,7 +95,7 @@ def local_site(facts) -> str | None:
 
 def _same(name: str, what: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a``, checked equal to ``b`` (the same quantity in the other probe run): it must not depend on a latent."""
-    if not _close(a, b):
+    if not close(a, b):
         raise NotConjugate(f"site '{name}': its {what} depends on a latent variable that is not a conjugate "
                            "global it uses directly (indexed by the discrete latent)")
     return a
@@ -235,7 +134,7 @@ def _local_roles(name: str, site_a: dict, site_b: dict) -> tuple[str, int, tuple
     fn_a, fn_b = site_a["fn"], site_b["fn"]
     if site_a["mask"] is not None or not (isinstance(site_a["scale"], float) and site_a["scale"] == 1.0):
         raise NotConjugate(f"site '{name}': a masked or scaled discrete latent is not supported by backend 'vi'")
-    K = _num_states(fn_a)
+    K = num_states(fn_a)
     if hasattr(fn_a, "log_trans"):
         if fn_a.time_varying:
             raise NotConjugate(f"markov_chain '{name}': input-driven (time-varying) transitions have no "
@@ -255,7 +154,7 @@ def _link_local(name: str, roles: dict, runs, priors: dict) -> tuple[dict, dict]
     out, fed = {}, {}
     for role, (pa, pb) in roles.items():
         match = [g for g, (fam, _) in priors.items() if fam == "Dirichlet"
-                 and _is_global(pa, a.sites[g]["value"]) and _is_global(pb, b.sites[g]["value"])]
+                 and is_global(pa, a.sites[g]["value"]) and is_global(pb, b.sites[g]["value"])]
         if match:
             out[role] = match[0]
             fed.setdefault(match[0], []).append(f"{name}.{role}")
@@ -292,10 +191,10 @@ def _match(params_a: dict, params_b: dict, runs, priors: dict, indexed: tuple | 
                 pick = 0 if param == "loc" else 1
                 va, vb = (va[..., -1], va[..., :-1])[pick], (vb[..., -1], vb[..., :-1])[pick]
             if indexed is not None:
-                ok = _is_global_indexed(params_a[param], va, *indexed) and \
-                    _is_global_indexed(params_b[param], vb, *indexed)
+                ok = is_global_indexed(params_a[param], va, *indexed) and \
+                    is_global_indexed(params_b[param], vb, *indexed)
             else:
-                ok = _is_global(params_a[param], va) and _is_global(params_b[param], vb)
+                ok = is_global(params_a[param], va) and is_global(params_b[param], vb)
             if ok:
                 out[param] = g
                 break
@@ -330,7 +229,7 @@ def _kind(name: str, family: str, linked: dict, priors: dict) -> str:
 def _constant_over_states(name: str, what: str, x: torch.Tensor, nz: int) -> torch.Tensor:
     """``x (K, *zshape, *rest)`` -> ``(K, *rest)``, checked constant over the data (zshape)."""
     first = x[(slice(None),) + (0,) * nz]
-    if not _close(x, first.reshape(first.shape[:1] + (1,) * nz + first.shape[1:])):
+    if not close(x, first.reshape(first.shape[:1] + (1,) * nz + first.shape[1:])):
         raise NotConjugate(f"site '{name}': its {what} varies across data points; the conjugate Gaussian update "
                            "of backend 'vi' needs one known covariance per state")
     return first
@@ -357,7 +256,7 @@ def _layout(name: str, kind: str, site: dict, base, extra: int, inner_mask, inde
     bb = tuple(base.batch_shape)
     w = _weights(site, base, extra, inner_mask)
     if indexed:
-        if not _close(w, w[:1]):
+        if not close(w, w[:1]):
             raise NotConjugate(f"site '{name}': its mask or scale depends on the state of the discrete latent")
         w = w[0]
         bb = bb[1:]

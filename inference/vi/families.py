@@ -4,16 +4,14 @@ sufficient statistics, expectations under q, KL(q || prior) and draws from q.
 Each global is stored with a leading *state* dim K (the states of the discrete local that indexes it; K = 1
 for a global that no local indexes). A family is a record of pure functions on a ``params`` tuple:
 
-============================  ==========================================  =====================================
-family (q = prior's family)   params                                      statistics a child adds
-============================  ==========================================  =====================================
-Dirichlet                     (alpha,)  ``(K, C)``                        (counts ``(K, C)``,)
-Gamma (rate of a Poisson)     (shape a, rate b)  ``(K, *E)``              (sum r y, sum r)
-Beta (probs of a Bernoulli)   (a, b)  ``(K, *E)``                         (sum r y, sum r (1 - y))
-Normal, elementwise           (mean m, variance v)  ``(K, *E)``           (sum r y / s^2, sum r / s^2)
-Gaussian, full (mean of MVN)  (mean ``(K, D)``, cov ``(K, D, D)``)        (Lambda sum r y ``(K, D)``, (sum r) Lambda ``(K, D, D)``)
-NormalInverseWishart          ``ppl.expfam.niw.NIWNatural`` of batch (K,)  ``NIWNatural`` (sum r yy', sum r y, sum r, sum r)
-============================  ==========================================  =====================================
+- Dirichlet: params (alpha ``(K, C)``,); a child adds (counts ``(K, C)``,).
+- Gamma (rate of a Poisson): (shape a, rate b) ``(K, *E)``; adds (sum r y, sum r).
+- Beta (probs of a Bernoulli): (a, b) ``(K, *E)``; adds (sum r y, sum r (1 - y)).
+- Normal, elementwise: (mean m, variance v) ``(K, *E)``; adds (sum r y / s^2, sum r / s^2).
+- Gaussian, full (the mean of a MultivariateNormal): (mean ``(K, D)``, cov ``(K, D, D)``); adds
+  (Lambda sum r y ``(K, D)``, (sum r) Lambda ``(K, D, D)``).
+- NormalInverseWishart: the fields of ``ppl.expfam.niw.NIWNatural`` with batch (K,); adds the same layout
+  (sum r yy', sum r y, sum r, sum r).
 
 Updates (r the responsibilities, s the child's known scale, Lambda its known precision):
 
@@ -113,7 +111,8 @@ FAMILIES = {
         "Beta", _add, lambda q, p: kl_divergence(Beta(*q), Beta(*p)).sum(),
         lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta"),
     "Normal": Family(
-        "Normal", _normal_update, lambda q, p: kl_divergence(Normal(q[0], q[1].sqrt()), Normal(p[0], p[1].sqrt())).sum(),
+        "Normal", _normal_update,
+        lambda q, p: kl_divergence(Normal(q[0], q[1].sqrt()), Normal(p[0], p[1].sqrt())).sum(),
         lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal"),
     "Gaussian": Family(
         "Gaussian", _gaussian_update,

@@ -1,0 +1,115 @@
+r"""Probing a model: run it with its discrete local enumerated and its globals drawn from their priors, and
+compare distribution parameters with the globals' values (exactly, or to float tolerance).
+
+``Tabulate`` records every sample site (distribution, value, mask, scale) while the local takes its support
+``arange(K)`` in a new leftmost dim (as ``ppl.handlers.tabulate`` does for a ``markov_chain``), so a child that
+uses z elementwise (``loc[z]``) is evaluated at all K states at once; ``is_global_indexed`` then checks that a
+parameter *is* the global indexed by the local: ``param[k, n, ...] == value[k, ...]`` for every state k and
+data entry n.
+"""
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+PROBE_SEEDS = (101, 202)
+
+
+class Tabulate(Messenger):
+    """Record every sample site (fn, value, mask, scale) with ``local`` set to its enumerated support."""
+
+    def __init__(self, local: str | None):
+        super().__init__()
+        self.local = local
+        self.sites: dict[str, dict] = {}
+        self.params: list[str] = []
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.local or msg["is_observed"]:
+            return
+        fn = msg["fn"]
+        K = num_states(fn)
+        shape = tuple(fn.batch_shape + fn.event_shape)
+        ref = fn.log_init if hasattr(fn, "log_init") else fn.logits
+        support = torch.arange(K, device=ref.device).reshape((K,) + (1,) * len(shape)).expand((K,) + shape)
+        msg.update(value=support, done=True)
+
+    def _pyro_post_sample(self, msg):
+        if not site_is_subsample(msg):
+            self.sites[msg["name"]] = dict(fn=msg["fn"], value=msg["value"], mask=msg.get("mask"),
+                                           scale=msg.get("scale", 1.0), observed=msg["is_observed"])
+
+    def _pyro_param(self, msg):
+        self.params.append(msg["name"])
+
+
+def num_states(fn) -> int:
+    return int(fn.num_states) if hasattr(fn, "num_states") else int(fn.logits.shape[-1])
+
+
+def probe_runs(model, args, kwargs, local: str | None) -> list[Tabulate]:
+    """The model run under ``Tabulate`` once per probe seed (globals drawn from their priors)."""
+    runs = []
+    for seed in PROBE_SEEDS:
+        handler = Tabulate(local)
+        # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
+        with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
+            torch.manual_seed(seed)
+            model(*args, **kwargs)
+        runs.append(handler)
+    return runs
+
+
+def peel(fn) -> tuple[object, int, torch.Tensor | None]:
+    """(base distribution, dims reinterpreted by ``Independent``, mask of any MaskedDistribution inside)."""
+    extra, mask = 0, None
+    while type(fn).__name__ in ("Independent", "MaskedDistribution"):
+        if type(fn).__name__ == "Independent":
+            extra += fn.reinterpreted_batch_ndims
+        else:
+            mask = fn._mask if mask is None else mask & fn._mask
+        fn = fn.base_dist
+    return fn, extra, mask
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        a, b = torch.broadcast_tensors(a, b)
+    except RuntimeError:
+        return False
+    b = b.to(a.dtype)
+    # an indexed global is copied exactly (``loc[z]``): equality is the common, cheap case
+    return a.shape == b.shape and (torch.equal(a, b) or bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6)))
+
+
+def indexed_target(v: torch.Tensor, K: int, zshape: tuple) -> torch.Tensor | None:
+    """The global ``v (K, *E)`` laid out as ``(K, *zshape, *E)``; None if its leading dim is not K."""
+    if v.dim() == 0 or v.shape[0] != K:
+        return None
+    return v.reshape((K,) + (1,) * len(zshape) + tuple(v.shape[1:])).expand((K,) + zshape + tuple(v.shape[1:]))
+
+
+def is_global_indexed(p: torch.Tensor, v: torch.Tensor, K: int, zshape: tuple) -> bool:
+    target = indexed_target(v, K, zshape)
+    return target is not None and p.dim() == target.dim() and p.shape[0] == K and close(p, target) \
+        and torch.broadcast_shapes(p.shape, target.shape) == target.shape
+
+
+def is_global(p: torch.Tensor, v: torch.Tensor) -> bool:
+    return p.dim() >= v.dim() and tuple(p.shape[p.dim() - v.dim():]) == tuple(v.shape) and close(p, v)
+
+
+def child_params(base) -> dict[str, torch.Tensor]:
+    """The parameters of an observed child's base distribution that a conjugate global can feed or fix."""
+    family = type(base).__name__
+    if family in ("Categorical", "Bernoulli"):
+        return {"probs": base.probs}
+    if family == "Poisson":
+        return {"rate": base.rate}
+    if family == "Normal":
+        return {"loc": base.loc, "scale": base.scale}
+    if family == "MultivariateNormal":
+        return {"loc": base.loc, "covariance_matrix": base.covariance_matrix}
+    return {}
