@@ -245,7 +245,7 @@ def log_density_ratio(post: Posterior, x: torch.Tensor) -> torch.Tensor:
 RULES = (
     Rule("implicit-simulator", lambda f: bool(f.of(NAME).implicit), NAME,
          "an observed site is a simulator with no density (ppl.Implicit): it is fitted adversarially, a "
-         "discriminator estimating the density ratio data / model", order=5),
+         "discriminator estimating the density ratio data / model", order=6),
 )
 
 BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=facts)

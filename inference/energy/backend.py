@@ -173,7 +173,7 @@ def _collect(plan, model, args, kwargs, site, size, history, ais_betas, ais_chai
 RULES = (
     Rule("energy-based", lambda f: bool(f.of(NAME).energy), NAME,
          "an observed site is energy-based (unnormalized density, intractable partition function): trained by "
-         "contrastive divergence with Gibbs sampling, log Z by annealed importance sampling", order=6),
+         "contrastive divergence with Gibbs sampling, log Z by annealed importance sampling", order=7),
 )
 
 BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=facts)
