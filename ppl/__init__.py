@@ -13,6 +13,7 @@ from .compiler import compile  # noqa: A004
 from .conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from .data import extend, missing_mask
 from .data_scale import DataScaleWarning
+from .flows import Flow, FlowGuide, flow, flow_guide
 from .implicit import RBM, EnergyBased, Implicit, NoDensityError
 from .infer import infer
 from .interpret import log_joint, simulate
@@ -27,6 +28,7 @@ __all__ = [
     "dist", "NormalInverseWishart", "MatrixNormalInverseWishart",
     "model", "condition", "sample", "param", "plate", "deterministic", "factor", "module",
     "markov_chain", "gaussian_chain", "switching_chain",
+    "flow", "flow_guide", "Flow", "FlowGuide",
     "compile", "infer", "simulate", "log_joint", "extend", "missing_mask", "Plan", "Posterior", "LogEvidence", "Model", "ModelInputError", "ModelTraceError",
     "DataScaleWarning", "Implicit", "EnergyBased", "RBM", "NoDensityError",
 ]
