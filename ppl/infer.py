@@ -51,9 +51,8 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
         backend: "auto" (the compiler's rules decide; ``ppl.compile(model, *args).explain()`` says which and why)
             or a backend name (``ppl.backends.backend_names()``: "exact", "svae", "svi", "mcmc", "amortized",
             "vi", "adversarial", "discrete_vi", "energy").
-        num_steps: optimization steps, rounds or sweeps (every backend but mcmc); num_samples: posterior draws
-            kept.
-            None: the backend's default (below).
+        num_steps: optimization steps, rounds or sweeps (every backend but mcmc); None: the backend's default.
+        num_samples: posterior draws kept; None: the backend's default (below).
         device: e.g. "cuda"; tensors the model creates without a device land there too.
         seed: random seed (the global RNG state is restored afterwards).
         progress: show a progress bar.
