@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
+from torch.distributions import Beta, Dirichlet, MultivariateNormal, kl_divergence
 
 import ppl
 from ppl import dist
@@ -344,3 +344,40 @@ def test_library_hmm_with_poisson_emissions_and_missing_entries_recovers_its_par
 def test_a_model_that_does_not_use_the_local_elementwise_is_refused():
     with pytest.raises(UnsupportedModelError, match="markov_chain 'z'"):
         fit(M.hmm_nonpointwise, torch.randn(6))
+
+
+@ppl.model
+def bernoulli_mixture(x, K=2):
+    w = ppl.sample("weights", dist.Dirichlet(x.new_ones(K)))
+    with ppl.plate("components", K):
+        probs = ppl.sample("probs", dist.Beta(x.new_full((x.shape[1],), 2.0), 3.0).to_event(1))
+    with ppl.plate("data", x.shape[0]):
+        z = ppl.sample("z", dist.Categorical(w))
+        ppl.sample("x", dist.Bernoulli(probs[z]).to_event(1), obs=x)
+
+
+def test_one_sweep_of_a_bernoulli_mixture_equals_the_dense_update_computed_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(40, 5, generator=gen, dtype=D64) < torch.linspace(0.1, 0.9, 5, dtype=D64)).to(D64)
+    structure, _, _ = structure_of(bernoulli_mixture, x)
+    labels = (torch.arange(40) % 2)
+    fitted = cavi.coordinate_ascent(structure, cavi.hard_local(structure, labels), 1, 0.0)
+    # by hand: q from the hard start, then responsibilities, then q again
+    r0 = torch.nn.functional.one_hot(labels, 2).to(D64)                        # (N, K)
+    alpha, a, b = 1 + r0.sum(0), 2 + r0.T @ x, 3 + r0.T @ (1 - x)
+    elog_w = torch.digamma(alpha) - torch.digamma(alpha.sum())
+    elog_p, elog_q = torch.digamma(a) - torch.digamma(a + b), torch.digamma(b) - torch.digamma(a + b)
+    logits = elog_w + x @ elog_p.T + (1 - x) @ elog_q.T                        # (N, K)
+    r = logits.softmax(-1)
+    assert torch.allclose(fitted.state.r.T, r, atol=1e-12)
+    assert torch.allclose(fitted.q["probs"][0], 2 + r.T @ x, atol=1e-10)
+    assert torch.allclose(fitted.q["probs"][1], 3 + r.T @ (1 - x), atol=1e-10)
+    assert torch.allclose(fitted.q["weights"][0], 1 + r.sum(0), atol=1e-10)
+    # the ELBO after the sweep, by hand: E log p(x, z | q) + H(q(z)) - KL terms
+    a, b, alpha = 2 + r.T @ x, 3 + r.T @ (1 - x), 1 + r.sum(0)
+    elog_w = torch.digamma(alpha) - torch.digamma(alpha.sum())
+    elog_p, elog_q = torch.digamma(a) - torch.digamma(a + b), torch.digamma(b) - torch.digamma(a + b)
+    expected = (r * (elog_w + x @ elog_p.T + (1 - x) @ elog_q.T)).sum() - (r * r.log()).sum()
+    kl = kl_divergence(Dirichlet(alpha), Dirichlet(torch.ones(2, dtype=D64))) + kl_divergence(
+        Beta(a, b), Beta(torch.full_like(a, 2.0), torch.full_like(b, 3.0))).sum()
+    assert abs(fitted.history[0] - float(expected - kl)) < 1e-9
