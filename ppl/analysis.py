@@ -46,6 +46,9 @@ class Facts:
     combinatorial: tuple[str, ...] = ()          # latent sites with finite support too large to enumerate as one
                                                  # variable: a finite discrete base over .to_event dims (2^20 states
                                                  # for Bernoulli(...).to_event(1) over 20 bits); not in unenumerable
+    unnormalized: tuple[str, ...] = ()           # sites whose log_prob is not a normalized log-density: energy-based
+                                                 # (ppl.RBM) or absent (ppl.Implicit); a backend that scores the model
+                                                 # by its log joint cannot fit them
 
     def of(self, backend: str) -> Any:
         """The facts backend ``backend`` computed about this model (``Backend.facts``)."""
@@ -224,6 +227,7 @@ def analyze(graph: ModelGraph, model: Callable, args: tuple, kwargs: dict, trace
         enumerable=tuple(n for n in discrete if graph.site(n).discrete_size is not None),
         unenumerable=tuple(n for n in discrete if graph.site(n).discrete_size is None and n not in combinatorial),
         combinatorial=combinatorial,
+        unnormalized=tuple(s.name for s in graph.sites() if s.density != "normalized"),
         continuous=continuous,
         markov_chains=markov, gaussian_chains=gauss, chain_children=children,
         tabulable={c: bool(children[c]) and probe_tabulable(model, args, kwargs, c, children[c], trace)

@@ -98,3 +98,9 @@ def test_a_latent_site_next_to_the_rbm_is_refused_naming_it():
 
     with pytest.raises(ppl.backends.UnsupportedModelError, match="site 's' is not the RBM"):
         ppl.compile(two, torch.ones(5, 3), backend="energy")
+
+
+def test_facts_flag_the_unnormalized_site():
+    sim = R.simulate(N=20)
+    plan = ppl.compile(R.model, *sim.args, **sim.kwargs)
+    assert plan.facts.unnormalized == ("v",) and plan.graph.site("v").density == "unnormalized"
