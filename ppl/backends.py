@@ -9,7 +9,8 @@ A backend is a folder under ``inference/`` whose module (named in ``REGISTRY``) 
     treatments  treatments(graph, facts) -> list[SiteTreatment]: the rows of ``plan.explain()``
     rules       Rule(name, applies, backend, reason, order): when the compiler should pick it
     facts       facts(graph, facts) -> Any: the backend's own facts about a model, computed at compile
-                time and read back with ``facts.of(name)`` (None if it needs none)
+                time and read back with ``facts.of(name)`` (None if it needs none); a hook taking
+                ``(graph, facts, model, args, kwargs)`` also gets the model and its data to probe
 
 The language core never imports a backend: ``get_backend`` imports the registered module by
 name when a backend is asked for (``ppl.compile`` asks for all of them to route). Adding a

@@ -29,10 +29,26 @@ def _check_structure(facts: Facts) -> None:
             "bound its support or make it continuous")
 
 
-def with_backend_facts(graph: ModelGraph, facts: Facts, backends: tuple[Backend, ...]) -> Facts:
-    """``facts`` with each backend's own facts attached (``facts.of(name)``)."""
-    extra = {b.name: b.facts(graph, facts) for b in backends if b.facts is not None}
+def with_backend_facts(graph: ModelGraph, facts: Facts, backends: tuple[Backend, ...],
+                       probe: tuple | None = None) -> Facts:
+    """``facts`` with each backend's own facts attached (``facts.of(name)``). A hook that takes more than
+    ``(graph, facts)`` also gets ``probe = (model, args, kwargs)``: it may run the model to look closer
+    (``Backend.facts``)."""
+    extra = {}
+    for b in backends:
+        if b.facts is None:
+            continue
+        extra[b.name] = b.facts(graph, facts, *probe) if probe and _takes_probe(b.facts) else b.facts(graph, facts)
     return replace(facts, backend_facts=extra)
+
+
+def _takes_probe(hook) -> bool:
+    """Does a facts hook accept ``(graph, facts, model, args, kwargs)``?"""
+    params = inspect.signature(hook).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+               for p in params) >= 5
 
 
 def default_options(backend: Backend) -> tuple[tuple[str, object], ...]:
@@ -76,7 +92,7 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
     backends = all_backends()
     with pyro.get_param_store().scope():  # tracing must not leave parameters behind
         graph, trace = trace_graph(model, args, kwargs)
-        facts = with_backend_facts(graph, analyze(graph, model, args, kwargs, trace), backends)
+        facts = with_backend_facts(graph, analyze(graph, model, args, kwargs, trace), backends, (model, args, kwargs))
     _check_structure(facts)
     if backend == "auto":
         chosen, rule, reason, tried = route(facts, backends)

@@ -9,15 +9,17 @@ from tests.ppl import models_for_tests as M
 
 def test_rules_are_data_ordered_across_backends():
     rules = routing_rules(all_backends())
-    assert [r.name for r in rules] == ["nothing-latent", "discrete-only", "discrete-with-globals", "exact-chains",
-                                       "neural-structured", "small-continuous", "default-svi"]
+    assert [r.name for r in rules] == ["implicit-simulator", "energy-based", "binary-latent-vectors",
+                                       "nothing-latent", "discrete-only", "conjugate-exponential",
+                                       "discrete-with-globals", "exact-chains", "neural-structured",
+                                       "small-continuous", "amortized-locals", "default-svi"]
     assert all(callable(r.applies) and r.reason and r.backend for r in rules)
 
 
 @pytest.mark.parametrize("model, args, backend, rule", [
-    (M.gmm, (torch.randn(20, 2),), "exact", "discrete-with-globals"),
+    (M.gmm, (torch.randn(20, 2),), "vi", "conjugate-exponential"),   # Dirichlet weights, Normal means: conjugate
     (M.normal_normal, (torch.randn(10),), "mcmc", "small-continuous"),
-    (M.hmm, (torch.randn(8),), "exact", "exact-chains"),
+    (M.hmm, (torch.randn(8),), "vi", "conjugate-exponential"),       # Dirichlet rows, Normal means: VB-HMM
     (M.lds, (torch.randn(8, 1),), "exact", "exact-chains"),
     (M.lds_nonlinear, (torch.randn(8, 1),), "svi", "default-svi"),
     (M.neural_lds, (torch.randn(8, 3),), "svae", "neural-structured"),
@@ -28,9 +30,9 @@ def test_routing(model, args, backend, rule):
 
 
 def test_explain_lists_backend_reason_and_every_site():
-    plan = ppl.compile(M.hmm, torch.randn(8))
+    plan = ppl.compile(M.hmm, torch.randn(8), backend="exact")
     text = plan.explain()
-    assert "backend: exact" in text and "rule: exact-chains" in text
+    assert "backend: exact" in text and "user override" in text
     for site, treatment in [("trans", "point estimate"), ("z", "message passing"), ("y", "observed")]:
         assert plan.treatment(site) == treatment
         assert site in text
@@ -85,10 +87,10 @@ def test_unknown_option_is_rejected_by_name():
 
 def test_plan_shows_the_backends_options_with_defaults_and_the_users_choices():
     y = torch.randn(8)
-    plan = ppl.compile(M.hmm, y)
+    plan = ppl.compile(M.hmm, y, backend="exact")
     options = dict(plan.options)
     assert options["num_steps"] == 500 and options["restarts"] == 3 and options["optimizer"] == "lbfgs"
     assert "options: " in plan.explain() and "restarts=3" in plan.explain()
-    post = ppl.infer(M.hmm, y, num_steps=40, restarts=1, progress=False)
+    post = ppl.infer(M.hmm, y, backend="exact", num_steps=40, restarts=1, progress=False)
     ran = dict(post.plan.options)
     assert ran["num_steps"] == 40 and ran["restarts"] == 1 and ran["lr"] == 0.05
