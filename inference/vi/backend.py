@@ -58,28 +58,54 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
         if family not in PRIOR_FAMILIES + ("Independent",):
             return VIFacts(local, f"site '{g}': a {family} prior is not conjugate to any likelihood backend 'vi' "
                                   f"knows (it knows {', '.join(PRIOR_FAMILIES)} priors)")
-    if probe is None:
+    if probe is None or local is None:  # the rule needs a local; without one, run() probes when asked for
         return VIFacts(local)
     model, args, kwargs = probe
     try:
         structure = analyse(model, args, kwargs, facts, graph)
-    except (NotConjugate, RuntimeError, ValueError, IndexError) as exc:
-        return VIFacts(local, str(exc), probed=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
+        return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for conjugate pairs failed ({type(exc).__name__}: {exc})", probed=True)
     return VIFacts(local, "", True, describe(structure))
+
+
+STATS = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
+         "Normal": "precision-weighted expected sums", "Gaussian": "precision-weighted expected sums",
+         "MultivariateNormal": "precision-weighted expected sums",
+         "NormalInverseWishart": "expected counts, sums and scatter matrices"}
 
 
 def describe(structure: Structure) -> dict[str, str]:
     """site -> the closed-form update ``plan.explain()`` prints, e.g. "q(weights) = Dirichlet: closed form from
-    expected counts of z"."""
-    stats = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums",
-             "Beta": "expected successes and failures",
-             "Normal": "precision-weighted expected sums", "Gaussian": "precision-weighted expected sums",
-             "NormalInverseWishart": "expected counts, sums and scatter matrices"}
+    expected counts of z.weights"."""
     out = {}
     for name, g in structure.globals.items():
         fed = ", ".join(structure.links.get(name, ())) or "nothing (q = prior)"
-        out[name] = f"q({name}) = {FAMILIES[g.family].q_name}: closed form from {stats[g.family]} of {fed}"
+        out[name] = f"q({name}) = {FAMILIES[g.family].q_name}: closed form from {STATS[g.family]} of {fed}"
     return out
+
+
+def _prior_family(site) -> str | None:
+    """The prior's family as the graph shows it (under ``.to_event`` read off its support), for explain() only."""
+    if site.family != "Independent":
+        return site.family
+    known = (("Simplex", "Dirichlet"), ("Real", "Normal"), ("Interval(lower_bound=0.0, upper_bound=1.0", "Beta"),
+             ("lower_bound=0.0", "Gamma"))
+    for word, family in known:
+        if word in site.support:
+            return family
+    return None
+
+
+def _structural_update(graph, name: str) -> str:
+    """The update ``explain()`` names before the model was probed (the pairing is confirmed when ``run`` starts)."""
+    family = _prior_family(graph.site(name))
+    kids = ", ".join(graph.children_of(name)) or "nothing"
+    if family not in STATS:
+        return f"q({name}) in its prior's conjugate family: closed form from expected sufficient statistics of {kids}"
+    q = "MultivariateNormal" if family == "Normal" and graph.site(name).event_shape else family
+    return (f"q({name}) = {q}: closed form from {STATS[family]} of {kids} (pairing checked by probing when the fit "
+            "starts)")
 
 
 def supports(facts: Facts) -> Verdict:
@@ -103,9 +129,8 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
             rows.append(SiteTreatment(s.name, "enumerate", "q(z) = Categorical: responsibilities from E_q[log "
                                       "weights] and expected log-likelihoods"))
         else:
-            rows.append(SiteTreatment(s.name, "natural gradient", v.updates.get(
-                s.name, f"q({s.name}) in its prior's conjugate family: closed form from expected sufficient "
-                        "statistics (one coordinate-ascent step = a natural-gradient step of size 1)")))
+            rows.append(SiteTreatment(s.name, "natural gradient",
+                                      v.updates.get(s.name) or _structural_update(graph, s.name)))
     return rows
 
 

@@ -9,6 +9,9 @@
 - the ELBO never decreases on every model run here; bad input and non-conjugate models get clear errors.
 """
 import math
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from ppl.inference.vi import cavi, conjugacy
 from ppl.inference.vi.backend import RULES, vi_facts
 from tests.ppl import models_for_tests as M
 from tests.reference.brute_force import brute_force
+from tests.test_posterior_roundtrip import CHILD, ROOT, assert_identical, outputs
 
 D64 = torch.float64
 
@@ -210,7 +214,7 @@ def test_vb_gmm_reaches_scikit_learns_bayesian_gaussian_mixture_fixed_point():
     gen = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]], dtype=D64)
     x = centers.repeat_interleave(100, 0) + torch.randn(300, 2, generator=gen, dtype=D64) * torch.tensor([1.0, 0.6])
-    post = fit(niw_gmm, x, num_steps=1000, tol=1e-11)
+    post = fit(niw_gmm, x, num_steps=1000, tol=1e-11, restarts=1)
     assert_monotone(post)
     ref = sklearn.BayesianGaussianMixture(
         n_components=3, weight_concentration_prior_type="dirichlet_distribution", weight_concentration_prior=1.0,
@@ -381,3 +385,18 @@ def test_one_sweep_of_a_bernoulli_mixture_equals_the_dense_update_computed_by_ha
     kl = kl_divergence(Dirichlet(alpha), Dirichlet(torch.ones(2, dtype=D64))) + kl_divergence(
         Beta(a, b), Beta(torch.full_like(a, 2.0), torch.full_like(b, 3.0))).sum()
     assert abs(fitted.history[0] - float(expected - kl)) < 1e-9
+
+
+def test_a_vi_posterior_round_trips_into_a_fresh_process(tmp_path):
+    y = torch.cat([torch.randn(10) - 3, torch.randn(10) + 3])
+    post = ppl.infer(M.hmm, y, model_kwargs={"K": 2}, progress=False, num_samples=50)
+    assert post.backend == "vi" and post.plan.rule == "conjugate-exponential"
+    expected = outputs(post, ())
+    post.save(tmp_path / "post.pt")
+    (tmp_path / "post.pkl").write_bytes(pickle.dumps(post))
+    torch.save((), tmp_path / "new.pt")
+    paths = [str(tmp_path / n) for n in ("post.pt", "post.pkl", "new.pt", "result.pt")]
+    run = subprocess.run([sys.executable, "-c", CHILD, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for got in torch.load(paths[-1], weights_only=False):
+        assert_identical(expected, got)
