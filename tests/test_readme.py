@@ -74,8 +74,12 @@ def test_the_readme_has_python_snippets_beyond_the_quick_start():
 
 def test_quick_start_runs_and_recovers_the_three_levels(ran):
     after, outputs, _ = ran
-    assert "backend: exact" in outputs["Quick start"]
-    loc = sorted(float(v) for v in after["Quick start"]["post"].mean("loc"))
+    claimed = re.search(r'explain\(\)\)\s*# backend "(\w+)"', dict(python_snippets())["Quick start"]).group(1)
+    assert f"backend: {claimed} " in outputs["Quick start"]  # the backend the README's comment names is the one chosen
+    namespace = after["Quick start"]
+    exact = ppl.compile(namespace["hmm"], namespace["y"], backend="exact")  # the comment's alternative: MAP globals
+    assert exact.treatment("trans") == exact.treatment("loc") == "point estimate"
+    loc = sorted(float(v) for v in namespace["post"].mean("loc"))
     assert [round(v) for v in loc] == [-5, 0, 5]  # the three simulated levels, within 0.5
 
 
