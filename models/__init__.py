@@ -28,7 +28,7 @@ class Simulated(NamedTuple):
 
 MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm",
                  "iohmm", "mixture_of_experts", "cca", "lda", "nmf")
-NEURAL_MODULES = ("vae", "svae_gmm", "svae_lds", "svae_slds")  # structured VAEs (their tests, tutorials)
+NEURAL_MODULES = ("vae", "svae_gmm", "svae_lds", "svae_slds", "autoregressive")  # structured VAEs (their tests, tutorials)
 # no tractable likelihood: a simulator (GAN), 2^K binary latents (discrete VAE), an unnormalized density (RBM);
 # their fits take minutes: the library test runs them as slow rows, tests/inference covers their backends fast
 GENERATIVE_MODULES = ("gan", "discrete_vae", "rbm")
