@@ -48,15 +48,18 @@ class NotCompilable(Exception):
 class SitePlan:
     """What the compiled run needs to know about the model: the finite discrete sites it enumerates, the
     most plates any site sits in (enumeration dims start left of them) and, for a minibatch, the factor by
-    which each subsampled plate's sites are scaled (plate name -> full size / batch size)."""
+    which each subsampled plate's sites are scaled (plate name -> full size / batch size) and the factor of the
+    sites in none of those plates (``outside_scale``: 0 leaves the globals' terms out of a chunk's sum)."""
 
     enumerate: frozenset[str]
     max_plate_nesting: int
     plate_scales: tuple[tuple[str, float], ...] = ()
+    outside_scale: float = 1.0
 
-    def scaled(self, **plate_scales: float) -> "SitePlan":
-        """This plan with the sites of the named plates scaled (an unbiased minibatch estimate of the sum)."""
-        return SitePlan(self.enumerate, self.max_plate_nesting, tuple(sorted(plate_scales.items())))
+    def scaled(self, outside_scale: float = 1.0, **plate_scales: float) -> "SitePlan":
+        """This plan with the sites of the named plates scaled (an unbiased minibatch estimate of the sum) and
+        the other sites by ``outside_scale``."""
+        return SitePlan(self.enumerate, self.max_plate_nesting, tuple(sorted(plate_scales.items())), outside_scale)
 
     @classmethod
     def of(cls, plan) -> "SitePlan":
@@ -120,9 +123,12 @@ class _DensityRun(Messenger):
                 log_prob = log_prob.new_zeros(log_prob.shape)
         plates = {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized and f.dim is not None}
         scale = msg["scale"]
+        inside = False
         for plate, factor in self.site_plan.plate_scales:
             if plate in plates:
-                scale = scale * factor
+                scale, inside = scale * factor, True
+        if self.site_plan.plate_scales and not inside and self.site_plan.outside_scale != 1.0:
+            scale = scale * self.site_plan.outside_scale
         self.factors.append(_Factor(msg["name"], log_prob, plates, scale))
 
 

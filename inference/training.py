@@ -8,6 +8,7 @@ collapsed, discrete sites enumerated); ``init_fn`` is the initialization the bac
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from typing import Any, Callable
@@ -84,7 +85,8 @@ def _interrupted(history: History, desc: str, total: int) -> History:
 
 def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: float, progress: bool,
              desc: str, checkpoints: Checkpoints | None = None, extra: LoopState | None = None,
-             after_backward: Callable[[list], None] | None = None) -> History:
+             after_backward: Callable[[list], None] | None = None,
+             schedule: Callable[[int, int], float] | None = None) -> History:
     """Adam with gradient-norm clipping (10) on ``step() -> (loss, params)``; the parameters are
     those of the first step (guides create theirs lazily). Returns the loss per step; Ctrl-C stops the loop
     and returns what was reached (``History.interrupted``).
@@ -94,6 +96,8 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
     Adam moments and RNG state (partial): bit-identical to the uninterrupted run. ``extra`` carries state the
     step itself updates outside the parameters (the SVAE's conjugate q's). ``after_backward(params)`` runs
     between the gradient and the step (data parallel: averaging the gradients over processes).
+    ``schedule(step, num_steps)`` multiplies ``lr`` at each step (e.g. ``cosine_tail``): a function of the step
+    index only, so a resumed fit follows it exactly.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -122,6 +126,9 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
             bar.update()
             if loss is None:
                 loss, _ = step()
+            if schedule is not None:
+                for group in optim.param_groups:
+                    group["lr"] = lr * schedule(len(history), num_steps)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the objective became {float(loss)} at step {len(history) + 1}; "
                                          "lower lr= or check the model's parameters")
@@ -148,6 +155,16 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
     finally:
         bar.close()
     return history
+
+
+def cosine_tail(step: int, num_steps: int, start: float = 0.5, floor: float = 0.1) -> float:
+    """1 for the first ``start`` fraction of the steps, then a cosine down to ``floor``: noisy minibatch
+    gradients settle at the end instead of leaving the last iterate wherever the constant step put it."""
+    begin = start * num_steps
+    if step < begin:
+        return 1.0
+    progress = (step - begin) / max(1.0, num_steps - begin)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LoopState:

@@ -210,9 +210,7 @@ class _Objective:
         if batch_size % self.world:
             raise ValueError(f"batch_size={batch_size} must be a multiple of the {self.world} processes")
         self.site_plan = compiled.SitePlan.of(plan)
-        with torch.no_grad(), pyro.get_param_store().scope():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-        self.observed_values = {n: trace.nodes[n]["value"] for n in self.own.observed}
+        trace, self.observed_values = _small_trace(model, args, kwargs, self.own)
         self.transforms = {name: biject_to(trace.nodes[name]["fn"].support) for name in plan.facts.continuous}
         self.globals = [s for s in plan.facts.continuous if s not in self.own.locals]
         self.shapes = {name: tuple(self.transforms[name].inv.forward_shape(trace.nodes[name]["value"].shape)[1:])
@@ -246,10 +244,11 @@ class _Objective:
                 - compiled._log_det(self.transforms[name], u, value)
         return values, log_q
 
-    def loss_on(self, index: torch.Tensor, scale: float, noise: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
-        """Negative ELBO estimate on the points ``index`` (the plate's sites and log q's scaled by ``scale``);
-        ``noise`` (site -> standard normal draws for these points) fixes the local draws."""
+    def loss_on(self, index: torch.Tensor, scale: float, noise: dict[str, torch.Tensor] | None = None,
+                outside: float = 1.0) -> torch.Tensor:
+        """Negative ELBO estimate on the points ``index`` (the plate's sites and log q's scaled by ``scale``, the
+        terms outside the plate by ``outside``); ``noise`` (site -> standard normal draws for these points) fixes
+        the local draws."""
         args = tuple(_slice(a, index, self.size) for a in self.args)
         kwargs = {k: _slice(v, index, self.size) for k, v in self.kwargs.items()}
         values, log_q = self._global_values()
@@ -262,8 +261,8 @@ class _Objective:
             values[name] = value
             local_q = local_q + torch.distributions.Normal(loc, sd).log_prob(u).sum() \
                 - compiled._log_det(self.transforms[name], u, value)
-        site_plan = self.site_plan.scaled(**{self.own.plate: scale})
-        return log_q + scale * local_q - compiled.log_joint(self.fmodel, args, kwargs, values, site_plan)
+        site_plan = self.site_plan.scaled(outside, **{self.own.plate: scale})
+        return outside * log_q + scale * local_q - compiled.log_joint(self.fmodel, args, kwargs, values, site_plan)
 
     def __call__(self) -> tuple[torch.Tensor, list]:
         batch = torch.randint(self.size, (self.batch_size,))
@@ -272,6 +271,24 @@ class _Objective:
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         loss = self.loss_on(batch[mine], self.size / per_rank, {n: e[mine] for n, e in noise.items()})
         return loss, self.params
+
+
+def _small_trace(model, args, kwargs, own: AmortizedFacts) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A trace of the model on a 2-point slice of the data (shapes, supports, prior medians) and each observed
+    site's full data: the argument tensor the site observes when the slice's value is that very (sliced)
+    argument, else the value in a trace on all the data. Memory stays flat in N for the usual ``obs=x``."""
+    index = torch.arange(min(2, own.size))
+    pairs = [(value, _slice(value, index, own.size)) for value in list(args) + list(kwargs.values())]
+    sliced = {id(part): full for full, part in pairs if part is not full}
+    small_args = tuple(part for _, part in pairs[:len(args)])
+    small_kwargs = dict(zip(kwargs, (part for _, part in pairs[len(args):])))
+    with torch.no_grad(), pyro.get_param_store().scope():
+        small = poutine.trace(model).get_trace(*small_args, **small_kwargs)
+        observed = {n: sliced.get(id(small.nodes[n]["value"])) for n in own.observed}
+        if any(v is None for v in observed.values()):
+            full = poutine.trace(model).get_trace(*args, **kwargs)
+            observed = {n: full.nodes[n]["value"] for n in own.observed}
+    return small, observed
 
 
 def _rows(full: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -307,7 +324,8 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.01, num_
         resume: str | None = None, **unused) -> Posterior:
     """Fit the encoder, the global q's and the model's parameters on minibatch ELBOs.
 
-    Options: num_steps (Adam steps), lr, batch_size (points per step, all processes together; default
+    Options: num_steps (Adam steps), lr (constant for the first half, then a cosine down to lr / 10:
+    ``training.cosine_tail``), batch_size (points per step, all processes together; default
     min(N, 256)), encoder (site -> nn.Module ``(B, F) -> (B, 2 d)`` emitting mean and log variance of the d
     unconstrained numbers of a point's local latent), init (site -> initial value of a global), num_samples
     (draws of the globals kept), checkpoint / checkpoint_every / resume (as the svi backend).
@@ -321,7 +339,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.01, num_
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     objective = _Objective(model, args, kwargs, plan, batch_size, encoder, init)
     history = training.optimize(objective, num_steps, lr, progress, f"{NAME} (batch {batch_size})", checkpoints,
-                                after_backward=average_gradients)
+                                after_backward=average_gradients, schedule=training.cosine_tail)
     return _collect(model, args, kwargs, plan, objective, history, num_samples)
 
 
@@ -344,12 +362,22 @@ def _collect(model, args, kwargs, plan, objective: _Objective, history, num_samp
             for name, (loc, _) in encode_batch(fitted, features).items():
                 locals_[name].append(objective.transforms[name](loc))
         means = {name: torch.cat(v) for name, v in locals_.items()}
-        pyro.set_rng_seed(0)
-        elbo = -float(objective.loss_on(torch.arange(own.size), 1.0))
+        elbo = -_full_loss(objective)
     return make_posterior(plan, model, args, kwargs, draws=draws, point={**point, **means},
                           log_evidence=LogEvidence(elbo, "elbo (amortized, one draw)"), history=history,
                           smoothed_means=means, networks=dict(objective.nets),
                           encoder=StateFunction(encode_model, (fitted, model)))
+
+
+def _full_loss(objective: _Objective, chunk: int = 4096) -> float:
+    """The negative ELBO on all the data (one draw of the globals, the same for every chunk), chunk by chunk:
+    the terms outside the data plate (the globals' priors and log q) counted once."""
+    total = 0.0
+    for start in range(0, objective.size, chunk):
+        index = torch.arange(start, min(objective.size, start + chunk))
+        pyro.set_rng_seed(0)
+        total += float(objective.loss_on(index, 1.0, outside=1.0 if start == 0 else 0.0))
+    return total
 
 
 def encode_model(state: tuple[FittedEncoder, Callable], *args, **kwargs) -> dict[str, AmortizedLocal]:
