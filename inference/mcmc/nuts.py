@@ -206,7 +206,7 @@ def transition(potential_and_grad: PotentialAndGrad, z: torch.Tensor, u: torch.T
     sum_accept = torch.zeros(C, dtype=dtype, device=device)
     diverging = torch.zeros(C, dtype=torch.bool, device=device)
     ckpt_r = torch.zeros(max(max_depth, 1), C, D, dtype=dtype, device=device)
-    ckpt_sum = torch.zeros_like(ckpt_r)
+    ckpt_v, ckpt_sum = torch.zeros_like(ckpt_r), torch.zeros_like(ckpt_r)   # momenta, velocities, sums
     log_u = noise.uniform.log()
     minus_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
     for j in range(max_depth):
@@ -224,7 +224,8 @@ def transition(potential_and_grad: PotentialAndGrad, z: torch.Tensor, u: torch.T
                 break
             end = _leapfrog(potential_and_grad, metric, end, step, building, D)
             r = end[:, D:2 * D]
-            delta = end[:, -1] + metric.kinetic(r) - h0
+            v = metric.velocity(r)
+            delta = end[:, -1] + 0.5 * (r * v).sum(-1) - h0
             ok = delta <= MAX_DELTA_ENERGY                    # False for NaN
             div = building & ~ok
             leaf_log_w = torch.where(ok, -delta, minus_inf)
@@ -237,10 +238,11 @@ def transition(potential_and_grad: PotentialAndGrad, z: torch.Tensor, u: torch.T
             sub_sum = torch.where(building.unsqueeze(-1), sub_sum + r, sub_sum)
             first, last = _checkpoints(n)
             if n % 2 == 0:
-                ckpt_r[last], ckpt_sum[last] = r, sub_sum
+                ckpt_r[last], ckpt_v[last], ckpt_sum[last] = r, v, sub_sum
             turn = torch.zeros_like(building)
-            for i in range(last, first - 1, -1):
-                turn = turn | is_turning(metric, ckpt_r[i], r, sub_sum - ckpt_sum[i] + ckpt_r[i])
+            for i in range(last, first - 1, -1):   # the subtree from checkpoint i to this leaf, ends i and r
+                centred = sub_sum - ckpt_sum[i] + 0.5 * (ckpt_r[i] - r)
+                turn = turn | ((ckpt_v[i] * centred).sum(-1) <= 0) | ((v * centred).sum(-1) <= 0)
             turn = turn & building & ~div
             sub_turn, sub_div = sub_turn | turn, sub_div | div
             building = building & ~turn & ~div

@@ -48,8 +48,9 @@ class Layout:
 @dataclass(frozen=True)
 class Potential:
     """What the sampler needs: ``potential_and_grad(z (C, D)) -> (U (C,), grad (C, D))``; the layout of ``z``;
-    the transforms from unconstrained to constrained values (site -> ``torch.distributions.Transform``);
-    starting points ``init`` ``(C, D)``."""
+    the transforms (site -> ``torch.distributions.Transform`` from constrained to unconstrained values, as
+    Pyro's ``initialize_model`` gives them; ``constrain`` applies their inverses); starting points ``init``
+    ``(C, D)``."""
 
     potential_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     layout: Layout
@@ -58,7 +59,7 @@ class Potential:
 
     def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unconstrained draws ``(*batch, D)`` -> site -> constrained values ``(*batch, *shape)``."""
-        return {name: self.transforms[name](v) if name in self.transforms else v
+        return {name: self.transforms[name].inv(v) if name in self.transforms else v
                 for name, v in self.layout.unravel(z).items()}
 
 
