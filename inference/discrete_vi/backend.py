@@ -182,7 +182,7 @@ class Fit:
     cv: E.ControlVariate | None
     estimator: str
     temperature: float
-    baseline: float = 0.0
+    baseline: float | None = None   # running mean of f(b) (REINFORCE's baseline)
 
 
 def objective(fit: Fit, rows: torch.Tensor):
@@ -195,24 +195,24 @@ def step_loss(fit: Fit, rows: torch.Tensor, gen: torch.Generator):
     negative ELBO per data point; its gradient is the model's (pathwise at the draw) and the entropy's."""
     logits = fit.encoder(fit.inputs[rows.to(fit.inputs.device)])
     free = logits.detach().requires_grad_(True)
-    est = E.estimate(fit.estimator, objective(fit, rows), free, fit.cv, fit.baseline, fit.temperature, gen)
+    est = E.estimate(fit.estimator, objective(fit, rows), free, fit.cv, fit.baseline or 0.0, fit.temperature, gen)
     loss = -(est.f_hard + E.bernoulli_entropy(logits)).mean()
     var = E.variance_loss(est.grad) if fit.cv is not None else None
-    fit.baseline = 0.9 * fit.baseline + 0.1 * float(est.f_hard.detach().mean()) if fit.baseline else \
-        float(est.f_hard.detach().mean())
+    mean = float(est.f_hard.detach().mean())
+    fit.baseline = mean if fit.baseline is None else 0.9 * fit.baseline + 0.1 * mean
     return loss, logits, est.grad, var
 
 
-def _update(fit: Fit, rows, gen, opt, opt_cv, params_box: list, model_params_of) -> float:
+def _update(fit: Fit, rows: torch.Tensor, gen: torch.Generator, opt: torch.optim.Optimizer,
+            opt_cv: torch.optim.Optimizer | None) -> float:
+    """One step: the model's and the encoder's parameters (Adam ``opt``; the encoder through the estimator's
+    gradient of its logits), and the control variate's on the estimator's variance (``opt_cv``)."""
     loss, logits, grad, var = step_loss(fit, rows, gen)
     if var is not None:
         cv_grads = torch.autograd.grad(var, list(fit.cv.parameters()), retain_graph=True)
-    if opt[0] is None:
-        params_box.extend(list({id(p): p for p in model_params_of()}.values()) + list(fit.encoder.parameters()))
-        opt[0] = torch.optim.Adam(params_box, lr=opt[1])
-    opt[0].zero_grad()
+    opt.zero_grad()
     torch.autograd.backward([loss, logits], [None, -grad.detach() / logits.shape[0]])
-    opt[0].step()
+    opt.step()
     if var is not None:
         for p, g in zip(fit.cv.parameters(), cv_grads):
             p.grad = g
@@ -252,12 +252,13 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 1e-3, batc
         cv = E.ControlVariate(layout.bits, temperature, hidden=32 if estimator == "relax" else 0).to(inputs)
     fit = Fit(model, args, kwargs, size, layout, inputs, enc, cv, estimator, temperature)
     opt_cv = torch.optim.Adam(cv.parameters(), lr=lr) if cv is not None else None
-    gen, history, opt, params = torch.Generator().manual_seed(seed), History(), [None, lr], []
+    params = {id(p): p for p in _model_params(model, args, kwargs, size) + list(enc.parameters())}
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    gen, history = torch.Generator().manual_seed(seed), History()
     bar = progress_bar(NAME, num_steps, progress)
     try:
         for _ in range(num_steps):
-            loss = _update(fit, mb.batch_rows(size, batch_size, gen), gen, opt, opt_cv, params,
-                           lambda: _model_params(model, args, kwargs, size))
+            loss = _update(fit, mb.batch_rows(size, batch_size, gen), gen, opt, opt_cv)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"discrete_vi: the negative ELBO became {loss} at step {len(history) + 1}; "
                                          "lower lr=")
