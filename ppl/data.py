@@ -25,6 +25,8 @@ def extend(y: torch.Tensor, steps: int, time_dim: int = -1) -> tuple[torch.Tenso
         ``ppl.infer(model, y_extended, model_kwargs={"mask": mask})`` and read the forecast from
         ``post.predictive(n)[site]`` at the new steps.
     """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"extend: y must be a torch.Tensor, got {type(y).__name__}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not y.is_floating_point():

@@ -169,8 +169,8 @@ class Posterior:
 
     def sample(self, n: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
         """``n`` joint posterior draws: site -> ``(n, *value_shape)``, chains included where available."""
-        if n < 1:
-            raise ValueError(f"sample(n): n must be >= 1, got {n}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"sample(n): n must be an integer >= 1, got {n!r}")
         flat = self._flat()
         gen = torch.Generator().manual_seed(seed)
         out = {}
@@ -228,7 +228,8 @@ class Posterior:
         (amortized inference; backend "svae"): site -> Local(x, kl, mean, probs). The model runs with the fitted
         weights whatever networks ``kwargs`` hold (copies of them are loaded; the trained ones: ``self.kwargs``)."""
         if self.encoder is None:
-            raise RuntimeError(f"backend '{self.backend}' has no amortized encoder; encode() needs backend 'svae'")
+            raise RuntimeError(f"backend '{self.backend}' has no amortized encoder; encode() needs backend 'svae' "
+                               "or 'amortized'")
         memo: dict = {}  # running the model loads the fitted weights into its modules: into copies, not the caller's
         args, kwargs = copy_modules(args, memo), copy_modules(kwargs, memo)
         with self.fitted_params():

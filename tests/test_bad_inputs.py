@@ -121,6 +121,21 @@ def lds_sim():
 
 CUDA_MISSING = not torch.cuda.is_available()
 
+
+def _shift(x):
+    b = ppl.sample("b", dist.Normal(0.0, 10.0))
+    with ppl.plate("data", x.shape[0]):
+        z = ppl.sample("z", dist.Normal(0.0, 1.0))
+        ppl.sample("x", dist.Normal(z + b, 1.0), obs=x)
+
+
+def _normal_posterior():
+    def model(y):
+        mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
+        with ppl.plate("data", y.shape[0]):
+            ppl.sample("y", dist.Normal(mu, 1.0), obs=y)
+    return ppl.infer(model, torch.randn(5), backend="svi", num_steps=3, num_samples=4, progress=False)
+
 # (description, call, error type, words the message must contain)
 ROWS = [
     # --- options of ppl.infer: refused before anything is traced or fitted
@@ -296,6 +311,19 @@ ROWS = [
      lambda: kalman.log_likelihood(kalman.LDSPrior(torch.zeros(1), torch.eye(1), torch.eye(1), torch.eye(1)),
                                    torch.eye(2, 1), None, torch.tensor([[1.0, 0.5], [0.0, 1.0]]), torch.zeros(3, 2)),
      ValueError, ["obs_cov", "symmetric"]),
+    # --- the Posterior and the data helpers
+    ("post.sample with a float n", lambda: _normal_posterior().sample(2.5), ValueError,
+     ["sample(n)", "integer >= 1", "2.5"]),
+    ("ppl.extend of a list", lambda: ppl.extend([1.0, 2.0], steps=2), TypeError, ["extend", "torch.Tensor", "list"]),
+    ("post.encode without an encoder", lambda: _normal_posterior().encode(torch.zeros(3)), RuntimeError,
+     ["no amortized encoder", "'svae'", "'amortized'"]),
+    # --- options of the amortized backend and checkpoints
+    ("amortized batch_size zero", infer(_shift, torch.randn(30), backend="amortized", batch_size=0), ValueError,
+     ["batch_size", "got 0"]),
+    ("checkpoint_every zero", infer(hmm, Y, backend="exact", checkpoint="x.ckpt", checkpoint_every=0), ValueError,
+     ["checkpoint_every", "got 0"]),
+    ("resume from a missing file", infer(hmm, Y, backend="exact", resume="missing.ckpt"), FileNotFoundError,
+     ["resume", "missing.ckpt"]),
 ]
 if CUDA_MISSING:
     ROWS.append(("device cuda without a GPU", infer(hmm, Y, device="cuda"), ValueError,

@@ -19,7 +19,7 @@ def fit(backend: str) -> tuple[ppl.Posterior, tuple]:
     torch.manual_seed(0)
     if backend == "exact":
         y = torch.cat([torch.randn(10) - 3, torch.randn(10) + 3])
-        return ppl.infer(M.hmm, y, model_kwargs={"K": 2}, num_steps=30, progress=False), ()
+        return ppl.infer(M.hmm, y, backend="exact", model_kwargs={"K": 2}, num_steps=30, progress=False), ()
     if backend == "svi":
         x = torch.cat([torch.randn(15, 2) - 4, torch.randn(15, 2) + 4])
         return ppl.infer(M.gmm, x, model_kwargs={"K": 2}, backend="svi", num_steps=30, num_samples=40,
