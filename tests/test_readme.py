@@ -95,12 +95,14 @@ def test_conditioning_keeps_the_fixed_site_and_forecasts_the_next_steps(ran):
 
 def test_a_saved_fit_loads_with_the_same_draws(ran):
     after, _, folder = ran
-    loaded = after["Saving a fit"]["post"]
+    section = after["Saving and resuming"]
+    loaded = section["post"]
     assert (folder / "hmm_fit.pt").exists() and isinstance(loaded, ppl.Posterior)
     original = after["Conditioning, missing data, forecasting"]["post"]
     assert loaded is not original
     for key, value in original.sample(50, seed=3).items():
         assert torch.equal(loaded.sample(50, seed=3)[key], value)
+    assert (folder / "hmm.ckpt").exists() and section["fit"].backend == "exact"   # the resumed fit
 
 
 # ----------------------------------------------------------------------------- names the README uses
