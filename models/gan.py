@@ -109,8 +109,8 @@ def simulate(seed: int = 0, N: int = 2000, sd: float = 0.05, noise_dim: int = 16
 
 
 def infer_options(sim: Simulated) -> dict:
-    """The settings of the tutorial's full run (``tutorials/gan_ring.py``)."""
-    return dict(num_steps=3000, lr=2e-3, batch_size=512, hidden=128)
+    """The settings of the tutorial's longest run (``tutorials/gan_ring.py``)."""
+    return dict(num_steps=4000, lr=1e-3, batch_size=512, hidden=128)
 
 
 def recovery_errors(post, sim: Simulated) -> dict[str, float]:
@@ -121,6 +121,8 @@ def recovery_errors(post, sim: Simulated) -> dict[str, float]:
     return {"missing_modes": float(8 - cov.modes), "low_quality": 1.0 - cov.high_quality}
 
 
-# The issue's targets: all 8 modes covered, at least 90 % of the draws within 3 sd of a mode.
+# The issue's targets: all 8 modes covered, at least 90 % of the draws within 3 sd of a mode. Measured with
+# infer_options at seeds 0, 1: 8 modes, 92.7 % and 91.5 % within 3 sd (3000 steps at lr 2e-3: 93.5 % at seed 0
+# but 7 modes and 79 % at seed 1).
 TOLERANCES = {"missing_modes": 0.5, "low_quality": 0.10}
 model = gan

@@ -3,8 +3,8 @@
 #
 # A restricted Boltzmann machine with 64 visible and 50 hidden units (`ppl.models.rbm`), written as
 # `ppl.sample("v", ppl.RBM(W, b, c), obs=v)`: its log-density is known up to the partition function. The
-# compiler routes it to the `energy` backend: persistent contrastive divergence with block Gibbs sampling, then
-# log Z by annealed importance sampling (AIS). We compare held-out log-likelihoods per digit with
+# compiler routes it to the `energy` backend: contrastive divergence (here CD-10; persistent CD is the default)
+# with block Gibbs sampling, then log Z by annealed importance sampling (AIS). We compare held-out log-likelihoods per digit with
 #
 # - a mixture of 20 products of Bernoullis fitted by EM (exact log-likelihood), and
 # - the binary-latent VAE of `tutorials/discrete_vae_digits.py` (its ELBO, a lower bound).
@@ -31,7 +31,7 @@ from _common import parse_args, prepare  # noqa: E402  (tutorials/_common.py)
 args = parse_args("RBM on digits: AIS log-likelihood vs a Bernoulli mixture and a VAE",
                   ("--smoke", "--out", "--threads", "--seed"))
 out = prepare(args)
-steps, hidden, n_train = (20, 8, 300) if args.smoke else (4000, 50, 1500)
+steps, hidden, n_train = (20, 8, 300) if args.smoke else (3000, 50, 1500)
 start = time.perf_counter()
 
 images, labels = discrete_vae.load_digits()
@@ -40,12 +40,13 @@ train, test = images[perm[:n_train]], images[perm[1500:]]
 print(f"train {tuple(train.shape)}, held out {tuple(test.shape)}")
 
 # %% [markdown]
-# ## The RBM: PCD-1, then AIS (1000 temperatures, 100 runs; the base is the data's pixel means)
+# ## The RBM: CD-10, then AIS (1000 temperatures, 100 runs; the base is the data's pixel means)
+# (PCD-1 with the same Adam steps reached -19.8 nats per held-out digit, CD-10 -17.0.)
 
 # %%
 print(ppl.compile(rbm.model, train, num_hidden=hidden).explain())
 post = ppl.infer(rbm.model, train, model_kwargs=dict(num_hidden=hidden), progress=False, num_steps=steps,
-                 lr=0.01, batch_size=100, method="pcd", seed=args.seed)
+                 lr=0.01, batch_size=100, method="cd", gibbs_steps=10, seed=args.seed)
 fn = ppl.RBM(post.params["weights"], post.params["visible_bias"], post.params["hidden_bias"])
 params = ais.RBMParams(fn.weights.detach(), fn.visible_bias.detach(), fn.hidden_bias.detach())
 log_z = ais.ais_log_z(params, 1000, 100, base_bias(train), torch.Generator().manual_seed(args.seed)).log_z
