@@ -27,6 +27,7 @@ from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior
 
 from .. import initialization, training
+from ..checkpoints import Checkpoints
 from ..results import make_posterior
 from . import cavi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
@@ -208,15 +209,19 @@ def _chain_table(structure: Structure, fit: cavi.Fit) -> dict:
 
 
 def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, restarts: int = 3, seed: int = 0,
-        num_samples: int = 1000, progress: bool = True, **unused) -> Posterior:
+        num_samples: int = 1000, progress: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
+        resume: str | None = None, **unused) -> Posterior:
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
     below ``tol``. Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
     ``log_evidence``, ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never
-    increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``)."""
+    increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``). checkpoint /
+    checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``); Ctrl-C keeps the
+    best of the runs so far, marked ``post.interrupted``."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
+    checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = analyse(model, args, kwargs, plan.facts, plan.graph)
     fits = []
     starts = _starts(structure, restarts, seed)
@@ -225,16 +230,30 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
             desc = NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}"
             bar = training.progress_bar(desc, num_steps, progress)
             fits.append(cavi.coordinate_ascent(structure, start, num_steps, tol,
-                                               lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
+                                               lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}")),
+                                               checkpoints, desc))
             bar.close()
+            if fits[-1].interrupted:
+                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
+                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
+                              stacklevel=2)
+                break
     best = max(fits, key=lambda f: f.elbo)
-    if not best.converged:
+    if not best.converged and not fits[-1].interrupted:
         warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
                       "raise num_steps", training.NotConverged, stacklevel=2)
-    return _posterior(model, args, kwargs, plan, structure, best, num_samples)
+    return _posterior(model, args, kwargs, plan, structure, best, num_samples, fits[-1].interrupted)
 
 
-def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, num_samples: int) -> Posterior:
+def _history(fit: cavi.Fit, interrupted: bool) -> training.History:
+    """The objective per sweep (the negative ELBO), marked interrupted when the user stopped the fit."""
+    history = training.History(-v for v in fit.history)
+    history.interrupted = interrupted
+    return history
+
+
+def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, num_samples: int,
+               interrupted: bool = False) -> Posterior:
     """The typed Posterior of the best fit."""
     draws, point = {}, {}
     for name, g in structure.globals.items():
@@ -244,7 +263,7 @@ def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, n
     local = structure.local
     discrete = {local.name: fit.state.r.movedim(0, -1)} if local is not None and local.kind == "mixture" else {}
     # history: the objective per sweep, the negative ELBO (as every backend's); elbo_terms sum to -history[i]
-    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=[-v for v in fit.history],
+    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=_history(fit, interrupted),
                           log_evidence=LogEvidence(fit.elbo, "ELBO (lower bound)"), tables=_chain_table(structure, fit),
                           discrete=discrete, elbo_terms=fit.terms)
 

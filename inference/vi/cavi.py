@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoints import Checkpoints
 from ..exact import hmm
 from . import links
 from .conjugacy import Structure
@@ -167,6 +168,7 @@ class Fit:
     history: list
     terms: dict
     converged: bool
+    interrupted: bool = False
 
     @property
     def elbo(self) -> float:
@@ -179,29 +181,64 @@ def round_off(value: float, dtype: torch.dtype) -> float:
 
 
 def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps: int, tol: float,
-                      on_step=None) -> Fit:
+                      on_step=None, checkpoints: Checkpoints | None = None, desc: str = "vi") -> Fit:
     """Sweeps (local step, global step, ELBO) from the hard start ``start`` (None: no local) until the relative
     ELBO change is below ``tol`` or ``num_steps`` sweeps ran; warns ``ELBODecreased`` if a sweep lowers it by more
-    than round-off. ``on_step(elbo)`` is called after each sweep (a progress bar)."""
-    q = global_step(structure, start, {g: G.prior for g, G in structure.globals.items()})
+    than round-off. ``on_step(elbo)`` is called after each sweep (a progress bar).
+
+    ``checkpoints`` (``inference/checkpoints.py``): the q's, q(z) and the ELBO history are written every
+    ``checkpoints.every`` sweeps, at the end and on Ctrl-C; a saved run of the same key is restored (finished) or
+    continued from its sweep (the sweeps are deterministic: bit-identical to the uninterrupted run). Ctrl-C
+    stops at the last finished sweep (``Fit.interrupted``)."""
+    key = checkpoints.key(desc) if checkpoints else None
+    saved = checkpoints.resumed(key) if checkpoints else None
+    if saved is not None:
+        q, state, history, terms_history, converged = (saved["extra"][k] for k in
+                                                        ("q", "state", "history", "terms", "converged"))
+        if saved["done"]:
+            return Fit(q, state, child_tables(structure, q), history, terms_history, converged)
+    else:
+        q = global_step(structure, start, {g: G.prior for g, G in structure.globals.items()})
+        state, history, terms_history, converged = start, [], {}, False
     tables = child_tables(structure, q)
-    state, history, terms_history, converged = start, [], {}, False
-    for _ in range(num_steps):
-        if structure.local is not None:
-            state = local_step(structure, q, tables)
-        q = global_step(structure, state, q)
-        tables = child_tables(structure, q)
-        terms = {k: float(v) for k, v in elbo_terms(structure, q, tables, state).items()}
-        value = sum(terms.values())
-        for k, v in terms.items():
-            terms_history.setdefault(k, []).append(v)
-        if history and value < history[-1] - round_off(history[-1], structure.dtype):
-            warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep {len(history) + 1}",
-                          ELBODecreased, stacklevel=3)
-        history.append(value)
-        if on_step is not None:
-            on_step(value)
-        if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
-            converged = True
-            break
-    return Fit(q, state, tables, history, terms_history, converged)
+    written = len(history)
+
+    def write(done: bool) -> None:
+        checkpoints.write(key, {"step": len(history), "done": done, "params": [], "optim": None, "rng": None,
+                                "history": list(history),
+                                "extra": {"q": q, "state": state, "history": list(history),
+                                          "terms": {k: list(v) for k, v in terms_history.items()},
+                                          "converged": converged}})
+
+    interrupted = False
+    try:
+        for _ in range(len(history), num_steps):
+            new_state = local_step(structure, q, tables) if structure.local is not None else state
+            new_q = global_step(structure, new_state, q)
+            new_tables = child_tables(structure, new_q)
+            terms = {k: float(v) for k, v in elbo_terms(structure, new_q, new_tables, new_state).items()}
+            state, q, tables = new_state, new_q, new_tables   # a sweep counts once it is whole (Ctrl-C)
+            value = sum(terms.values())
+            for k, v in terms.items():
+                terms_history.setdefault(k, []).append(v)
+            if history and value < history[-1] - round_off(history[-1], structure.dtype):
+                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
+                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
+            history.append(value)
+            if on_step is not None:
+                on_step(value)
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+                converged = True
+                break
+            if checkpoints and checkpoints.due(len(history), written):
+                write(False)
+                written = len(history)
+        if checkpoints:
+            write(True)
+    except KeyboardInterrupt:
+        if not history:
+            raise
+        interrupted = True
+        if checkpoints:
+            write(False)
+    return Fit(q, state, tables, history, terms_history, converged, interrupted)

@@ -1,6 +1,7 @@
 """Checkpoints and resume (inference/checkpoints.py): a fit that crashed at step k and is resumed from its
 checkpoint file in a fresh process ends bit-identical to the uninterrupted fit (parameters, objective history,
-RNG included), for a stochastic Adam fit (svi, AutoNormal), the exact backend's L-BFGS restarts and the SVAE.
+RNG included), for a stochastic Adam fit (svi, AutoNormal), the exact backend's L-BFGS restarts, the SVAE and the
+vi backend's coordinate-ascent sweeps.
 
 Each case runs two subprocesses: the first fits once uninterrupted (writing its result) and once more with
 ``checkpoint=`` and a crash (an exception raised from inside the objective) a few evaluations after the file was
@@ -49,6 +50,12 @@ def crash_after(writes, n):
     Checkpoints.write = write
     training.objective = counting(training.objective)               # the steps of svi and exact fits
     svae_backend.traced_loss = counting(svae_backend.traced_loss)   # the SVAE's
+    from ppl.inference.vi import cavi                               # the vi backend's sweeps
+    local_step = cavi.local_step
+    def counted_local_step(*a):
+        counting(lambda: lambda: None)()()
+        return local_step(*a)
+    cavi.local_step = counted_local_step
 
 def fit(**extra):
     return ppl.infer(MODEL, *ARGS, model_kwargs=KWARGS, progress=False, **OPTIONS, **extra)
@@ -69,6 +76,13 @@ sim = hmm.simulate(seed=0, N=1, T=60)
 MODEL, ARGS, KWARGS = hmm.model, sim.args, sim.kwargs
 OPTIONS = dict(num_steps=200, restarts=2)
 CRASH_AT, EVERY = (1, 3), 5
+""",
+    "vi": """
+from tests.ppl.models_for_tests import hmm as conjugate_hmm
+torch.manual_seed(0)
+MODEL, ARGS, KWARGS = conjugate_hmm, (torch.cat([torch.randn(40) - 4, torch.randn(40) + 4]),), {"K": 2}
+OPTIONS = dict(backend="vi", num_steps=60, tol=1e-14, restarts=2, num_samples=5)
+CRASH_AT, EVERY = (1, 0), 2
 """,
     "svae": """
 sim = svae_gmm.simulate(seed=0, num_classes=3, num_per_class=20)
