@@ -1,5 +1,5 @@
 """A Posterior is data: it pickles and ``torch.save``s, and a fresh process that loads it gets identical
-``mean``, ``sample``, ``predictive`` and (svae) ``encode`` — for every backend."""
+``mean``, ``sample``, ``predictive`` and (svae, amortized) ``encode`` — for every backend."""
 import pickle
 import subprocess
 import sys
@@ -27,6 +27,13 @@ def fit(backend: str) -> tuple[ppl.Posterior, tuple]:
     if backend == "svi-param":
         y = 5.0 + 0.1 * torch.randn(20)
         return ppl.infer(M.shifted, y, backend="svi", num_steps=300, lr=0.05, num_samples=40, progress=False), ()
+    if backend == "vi":
+        y = torch.cat([torch.randn(10) - 3, torch.randn(10) + 3])
+        return ppl.infer(M.hmm, y, backend="vi", model_kwargs={"K": 2}, num_samples=20, progress=False), ()
+    if backend == "amortized":
+        x = 2.0 + torch.randn(40)
+        return ppl.infer(M.local_shift, x, backend="amortized", num_steps=20, batch_size=8, num_samples=10,
+                         progress=False), (torch.randn(4),)
     if backend == "mcmc":
         return ppl.infer(M.normal_normal, torch.randn(12), num_samples=15, warmup_steps=15, progress=False), ()
     y = torch.randn(6, 3)
@@ -74,7 +81,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["exact", "svi", "svi-param", "mcmc", "svae"])
+@pytest.mark.parametrize("backend", ["exact", "svi", "svi-param", "mcmc", "svae", "vi", "amortized"])
 def test_posterior_round_trips_into_a_fresh_process(backend, tmp_path):
     post, new_data = fit(backend)
     assert post.backend == backend.split("-")[0]

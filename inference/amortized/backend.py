@@ -164,11 +164,13 @@ def encode(fitted: FittedEncoder, *args, **kwargs) -> dict[str, AmortizedLocal]:
     """Local posteriors of new data ``model(*args, **kwargs)`` (``Posterior.encode``): site -> AmortizedLocal."""
     model = kwargs.pop("__model__")
     values = _observed(model, args, kwargs, fitted.facts.observed)
+    generator = torch.Generator(device=next(iter(values.values())).device).manual_seed(0)  # the same draw each call
     with torch.no_grad():
         out = {}
         for name, (loc, scale) in encode_batch(fitted, _features(values, fitted.facts.observed)).items():
             transform = fitted.transforms[name]
-            out[name] = AmortizedLocal(transform(loc + scale * torch.randn_like(loc)), transform(loc), loc, scale)
+            eps = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+            out[name] = AmortizedLocal(transform(loc + scale * eps), transform(loc), loc, scale)
     return out
 
 

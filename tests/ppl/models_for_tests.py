@@ -93,3 +93,12 @@ def shifted(y):
     mu = ppl.sample("mu", dist.Normal(0.0, 1.0))
     with ppl.plate("data", y.shape[0]):
         ppl.sample("y", dist.Normal(b + mu, 0.1), obs=y)
+
+
+@ppl.model
+def local_shift(x):
+    """b ~ N(0, 10^2); z_n ~ N(0, 1); x_n ~ N(z_n + b, 1): continuous locals for the amortized backend."""
+    b = ppl.sample("b", dist.Normal(x.new_zeros(()), 10.0))
+    with ppl.plate("data", x.shape[0]):
+        z = ppl.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+        ppl.sample("x", dist.Normal(z + b, 1.0), obs=x)
