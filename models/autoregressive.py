@@ -82,7 +82,8 @@ class CausalConv(nn.Module):
         super().__init__()
         self.num_categories = num_categories
         sizes = [num_categories] + [channels] * layers
-        self.convs = nn.ModuleList(nn.Conv1d(a, b, 2, dilation=2 ** i) for i, (a, b) in enumerate(zip(sizes, sizes[1:])))
+        pairs = enumerate(zip(sizes, sizes[1:]))
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, 2, dilation=2 ** i) for i, (a, b) in pairs)
         self.out = nn.Conv1d(channels, num_categories, 1)
 
     def forward(self, x):
@@ -125,7 +126,8 @@ def _check_inputs(x, net, K) -> None:
         raise ModelInputError(f"x must be a long tensor (sequences, length), got {got}")
     check_positive_ints(K=K)
     if not isinstance(net, nn.Module):
-        raise ModelInputError(f"net must be a torch.nn.Module mapping (..., T) -> (..., T, K), got {type(net).__name__}")
+        raise ModelInputError(f"net must be a torch.nn.Module mapping (..., T) -> (..., T, K), "
+                              f"got {type(net).__name__}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= K):
         raise ModelInputError(f"site 'x': values must lie in 0..K-1 = 0..{K - 1}, got min {int(x.min())} "
                               f"max {int(x.max())}")

@@ -252,7 +252,8 @@ def check_flow_args(kind, dim, num_layers, hidden) -> None:
     """ValueError naming the argument, the expected and the actual value."""
     if kind not in KINDS:
         raise ValueError(f"flow kind must be one of {KINDS}, got {kind!r}")
-    for name, value in (("dim", dim), ("num_layers", num_layers)) + ((("hidden", hidden),) if hidden is not None else ()):
+    sizes = (("dim", dim), ("num_layers", num_layers)) + ((("hidden", hidden),) if hidden is not None else ())
+    for name, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"flow '{kind}': {name} must be a positive int, got {value!r}")
     if kind == "realnvp" and dim < 2:

@@ -79,3 +79,11 @@ def test_rbm_digits_smoke(tmp_path):
     proc = run_smoke("rbm_digits.py", tmp_path)
     assert "RBM (AIS)" in proc.stdout and "Bernoulli mixture (EM, exact)" in proc.stdout
     assert_figures(tmp_path, ("rbm_digits_loglik.png", "rbm_digits_samples.png"))
+
+
+def test_digits_density_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    proc = run_smoke("digits_density.py", tmp_path)
+    assert "| model | validation bits/dim | test bits/dim |" in proc.stdout
+    assert "Real NVP: test" in proc.stdout and "VAE: test" in proc.stdout and "Gaussian mixture: best" in proc.stdout
+    assert_figures(tmp_path, ("digits_samples.png", "digits_interpolations.png"))
