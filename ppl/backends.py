@@ -46,6 +46,32 @@ class Verdict:
         return self.ok
 
 
+
+def normalized_density_verdict(facts: Any) -> Verdict:
+    """Whether a model can be run by a backend that scores its normalized log-density (exact, svi, mcmc, svae,
+    vi, amortized): not if a site has none (``Facts.unnormalized``: energy-based or a simulator), nor if a latent
+    is a vector of discrete variables too large to enumerate (``Facts.combinatorial``)."""
+    unnormalized = getattr(facts, "unnormalized", ())
+    if unnormalized:
+        return Verdict(False, f"site '{unnormalized[0]}' has no normalized log-density (energy-based or a "
+                              "simulator); use backend 'energy' or 'adversarial'")
+    combinatorial = getattr(facts, "combinatorial", ())
+    if combinatorial:
+        return Verdict(False, f"site '{combinatorial[0]}' is a vector of discrete variables too large to "
+                              "enumerate; use backend 'discrete_vi'")
+    return Verdict(True)
+
+
+def needs_normalized_density(supports: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]:
+    """Decorate a backend's ``supports`` so that it first refuses what ``normalized_density_verdict`` refuses."""
+
+    def checked(facts: Any) -> Verdict:
+        verdict = normalized_density_verdict(facts)
+        return supports(facts) if verdict else verdict
+
+    checked.__name__, checked.__doc__ = supports.__name__, supports.__doc__
+    return checked
+
 @dataclass(frozen=True)
 class Rule:
     """Route to ``backend`` when ``applies(facts)``; rules are tried by ascending ``order``.

@@ -39,7 +39,7 @@ import torch.distributed as torch_dist
 from pyro.distributions.transforms import biject_to
 
 from ppl.analysis import Facts
-from ppl.backends import Backend, Rule, Verdict
+from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
 
@@ -90,6 +90,7 @@ def amortized_facts(graph, facts: Facts) -> AmortizedFacts:
     return AmortizedFacts(plate, size, locals_, observed)
 
 
+@needs_normalized_density
 def supports(facts: Facts) -> Verdict:
     own = facts.of(NAME)
     return Verdict(False, own.problem) if own.problem else Verdict(True)

@@ -14,7 +14,7 @@ import pyro
 import torch
 
 from ppl.analysis import Facts
-from ppl.backends import Backend, Rule, Verdict
+from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, initialization, training
@@ -24,6 +24,7 @@ from ..results import make_posterior
 NAME = "exact"
 
 
+@needs_normalized_density
 def supports(facts: Facts) -> Verdict:
     """Runs when every chain can be marginalized exactly and something (a chain or a finite discrete
     latent) is left to marginalize; names the chain or fact that stops it otherwise."""

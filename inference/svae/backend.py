@@ -19,7 +19,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta
 
 from ppl.analysis import Facts
-from ppl.backends import Backend, Rule, Verdict
+from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.compiler import compile as compile_model
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
@@ -39,6 +39,7 @@ MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gau
             Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}
 
 
+@needs_normalized_density
 def supports(facts: Facts) -> Verdict:
     """Runs when some latent Gaussian node or chain has a neural observed child and every other discrete
     latent or chain belongs to such a target (as its mixture assignment or switch)."""

@@ -10,7 +10,7 @@ import torch
 from pyro.infer import Predictive
 
 from ppl.analysis import Facts
-from ppl.backends import Backend, Rule, Verdict
+from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, training
@@ -20,6 +20,7 @@ from ..results import make_posterior
 NAME = "svi"
 
 
+@needs_normalized_density
 def supports(facts: Facts) -> Verdict:
     """Runs any model whose markov_chains can be tabulated, whose discrete latents are finite and whose batch
     dims outside plates Pyro's ELBO accepts (``unplated_verdict``)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ppl.analysis import Facts
-from ppl.backends import Backend, Rule, Verdict
+from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.handlers import DiscreteTable
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior
@@ -109,6 +109,7 @@ def _structural_update(graph, name: str) -> str:
             "starts)")
 
 
+@needs_normalized_density
 def supports(facts: Facts) -> Verdict:
     """Runs a model with at most one discrete local and conjugate continuous globals; the reason names the site
     otherwise (what only a probe of the model shows is checked when ``run`` starts, with the same kind of reason)."""

@@ -94,3 +94,17 @@ def test_plan_shows_the_backends_options_with_defaults_and_the_users_choices():
     post = ppl.infer(M.hmm, y, backend="exact", num_steps=40, restarts=1, progress=False)
     ran = dict(post.plan.options)
     assert ran["num_steps"] == 40 and ran["restarts"] == 1 and ran["lr"] == 0.05
+
+
+@pytest.mark.parametrize("name, message", [("rbm", "no normalized log-density"), ("gan", "no normalized log-density"),
+                                           ("discrete_vae", "too large to enumerate")])
+@pytest.mark.parametrize("backend", ["exact", "svi", "vi", "amortized", "svae"])
+def test_density_backends_refuse_energy_simulator_and_combinatorial_sites(name, message, backend):
+    """An RBM's unnormalized log_prob, a simulator without one, 2^20 binary codes: a backend that scores a
+    normalized log-density would be silently wrong (MAP on an energy) or fail inside; it refuses, naming the
+    site and the backend that can."""
+    import importlib
+    module = importlib.import_module(f"ppl.models.{name}")
+    sim = module.simulate(seed=0)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ppl.compile(module.model, *sim.args, backend=backend, **sim.kwargs)
