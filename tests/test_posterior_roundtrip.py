@@ -1,5 +1,6 @@
 """A Posterior is data: it pickles and ``torch.save``s, and a fresh process that loads it gets identical
 ``mean``, ``sample``, ``predictive`` and (svae, amortized) ``encode`` — for every backend."""
+import importlib
 import pickle
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def fit(backend: str) -> tuple[ppl.Posterior, tuple]:
         x = 2.0 + torch.randn(40)
         return ppl.infer(M.local_shift, x, backend="amortized", num_steps=20, batch_size=8, num_samples=10,
                          progress=False), (torch.randn(4),)
+    if backend in ("adversarial", "discrete_vi", "energy"):   # the library's gan, discrete_vae, rbm: tiny fits
+        name = {"adversarial": "gan", "discrete_vi": "discrete_vae", "energy": "rbm"}[backend]
+        module = importlib.import_module(f"ppl.models.{name}")
+        sim = module.simulate(seed=0)
+        options = {"adversarial": dict(num_steps=3, num_samples=5), "discrete_vi": dict(num_steps=3, num_samples=5),
+                   "energy": dict(num_steps=3, ais_betas=20, ais_chains=5)}[backend]
+        return ppl.infer(module.model, *sim.args, model_kwargs=sim.kwargs, progress=False, **options), ()
     if backend == "mcmc":
         return ppl.infer(M.normal_normal, torch.randn(12), num_samples=15, warmup_steps=15, progress=False), ()
     y = torch.randn(6, 3)
@@ -81,7 +89,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["exact", "svi", "svi-param", "mcmc", "svae", "vi", "amortized"])
+@pytest.mark.parametrize("backend", ["exact", "svi", "svi-param", "mcmc", "svae", "vi", "amortized", "adversarial",
+                                     "discrete_vi", "energy"])
 def test_posterior_round_trips_into_a_fresh_process(backend, tmp_path):
     post, new_data = fit(backend)
     assert post.backend == backend.split("-")[0]
