@@ -24,8 +24,17 @@
 # Split: 1797 images shuffled with seed 0, 397 test, 200 validation, 1200 training.
 # Run: `python tutorials/digits_density.py [--smoke] [--out DIR] [--threads N] [--seed S]`.
 #
-# Measured (full run, 2 threads): see the table printed at the end and the README row; the numbers of the run
-# that wrote this docstring are in the closing cell.
+# Measured (full run, seed 0, 2 threads on a loaded 2-core machine, 1585 s), held-out bits/dim (lower is better):
+#
+# | model | validation | test |
+# |---|---|---|
+# | GaussianMixture (logit pixels, K=16, reg_covar=0.1; best of 24 on validation) | 2.186 | 2.222 |
+# | Real NVP (6 couplings, 64 hidden; best validation at step 400 of 2000) | 2.246 | 2.291 |
+# | VAE (latent 8, IW bound: 50 samples on validation, 1000 on test) | 2.162 | 2.168 |
+#
+# The VAE beats the mixture (by 0.054 bits/dim). **The target is not reached for the flow**: the Real NVP overfits 1200 images within 400 steps (train ~2.0)
+# and loses to the heavily regularized mixture (reg_covar=0.1 in logit space) by 0.07 bits/dim. The flow is
+# sharp on the border pixels that are always 0 in training and pays on held-out images where they are not.
 
 # %%
 import math
@@ -185,7 +194,7 @@ with torch.no_grad():
     y_test, logdet_test = to_logit(test_x)
     through_model = ppl.log_joint(digits_flow, {}, y_test, realnvp) + logdet_test.sum()
     flow_test = bits_per_dim(flow_log_density(test_x))
-assert abs(float(through_model.detach()) / len(test_x) - float(flow_log_density(test_x).mean())) < 1e-2
+assert abs(float(through_model.detach()) / len(test_x) - float(flow_log_density(test_x).detach().mean())) < 1e-2
 print(f"Real NVP: test {flow_test:.3f} bits/dim (the same through ppl.log_joint of the model)")
 
 # %% [markdown]
