@@ -32,8 +32,8 @@
 # | Real NVP (6 couplings, 64 hidden; best validation at step 400 of 2000) | 2.246 | 2.291 |
 # | VAE (latent 8, IW bound: 50 samples on validation, 1000 on test) | 2.162 | 2.168 |
 #
-# The VAE beats the mixture (by 0.054 bits/dim). **The target is not reached for the flow**: the Real NVP overfits 1200 images within 400 steps (train ~2.0)
-# and loses to the heavily regularized mixture (reg_covar=0.1 in logit space) by 0.07 bits/dim. The flow is
+# The VAE beats the mixture (by 0.054 bits/dim). **The target is not reached for the flow**: the Real NVP
+# overfits 1200 images within 400 steps (train ~2.0) and loses to the heavily regularized mixture (reg_covar=0.1 in logit space) by 0.07 bits/dim. The flow is
 # sharp on the border pixels that are always 0 in training and pays on held-out images where they are not.
 
 # %%
