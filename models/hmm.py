@@ -21,7 +21,9 @@ information about it). Shapes: ``y: (T,)`` one sequence or ``(N, T)`` a batch (a
 Backend the compiler chooses: ``exact`` (rule ``exact-chains``: z is marginalized by the
 forward algorithm, its children tabulated state by state; the globals are MAP estimates on
 the exact marginal likelihood; ``post.marginals("z")``, ``post.viterbi("z")`` are exact at
-the MAP).
+the MAP). With ``emission="poisson"`` or ``"categorical"`` every global has a conjugate prior (Dirichlet rows,
+Gamma rates, Dirichlet emission probabilities) and the compiler chooses ``vi`` (variational Bayes in closed
+form: a full posterior over the globals, the VB forward-backward for z).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from . import Simulated
 from ._util import best_permutation
 
 EXPECTED_BACKEND = "exact"
+BACKEND_BY_EMISSION = {"gaussian": "exact", "poisson": "vi", "categorical": "vi"}  # conjugate priors: vi
 EMISSIONS = ("gaussian", "poisson", "categorical")
 EMISSION_SITES = {"gaussian": "loc", "poisson": "rate", "categorical": "emission_probs"}
 

@@ -156,9 +156,11 @@ class GivenValues(Messenger):
 
     def _postprocess_message(self, msg):
         name = msg["name"]
-        if msg["type"] != "sample" or name not in self.values or site_is_subsample(msg):
+        if msg["type"] != "sample" or name not in self.values:
             return
-        self.seen.add(name)
+        self.seen.add(name)  # a plate's name too: ppl.simulate returns its indices with the draws
+        if site_is_subsample(msg):
+            return
         fn, value = msg["fn"], msg["value"]
         if isinstance(value, torch.Tensor) and not _shape_fits(tuple(value.shape), tuple(fn.batch_shape),
                                                                tuple(fn.event_shape)):

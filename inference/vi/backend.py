@@ -270,8 +270,10 @@ def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, n
 
 
 def _conjugate_local(f: Facts) -> bool:
+    """One discrete local whose continuous globals (at least one: without any, the exact backend's log evidence is
+    the same number, labelled exact) are each conjugate to what they feed."""
     v = f.of(NAME)
-    return v.probed and not v.problem and v.local is not None
+    return v.probed and not v.problem and v.local is not None and bool(f.continuous)
 
 
 RULES = (

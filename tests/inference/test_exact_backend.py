@@ -195,7 +195,8 @@ def test_map_fit_with_structural_zeros_on_a_long_chain():
     """A state that cannot be re-entered, T = 400 (the tree product from T = 256): before the fix the MAP fit
     crashed on a NaN gradient; now it runs and the marginals at the MAP are the log-space oracle's (1e-5)."""
     y = left_right_hmm_data(400).float()
-    post = ppl.infer(left_right_hmm, y, num_steps=30, init={"loc": LEFT_RIGHT_LOC.float()}, progress=False)
+    post = ppl.infer(left_right_hmm, y, backend="exact", num_steps=30, init={"loc": LEFT_RIGHT_LOC.float()},
+                     progress=False)
     marg = post.marginals("z")
     assert torch.isfinite(marg).all()
     point_lik = torch.distributions.Normal(post.point["loc"].double(), 1.0).log_prob(y.double()[:, None])

@@ -21,7 +21,7 @@ def test_sample_shapes_and_seeding(post):
     s = post.sample(7, seed=1)
     assert s["loc"].shape == (7, 2, 2) and s["weights"].shape == (7, 2)
     assert torch.equal(s["loc"], post.sample(7, seed=1)["loc"])
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
         post.sample(0)
 
 
