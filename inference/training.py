@@ -329,7 +329,8 @@ def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan) ->
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
               progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
               warn: bool = True, checkpoints: Checkpoints | None = None):
-    """Fit an autoguide (``guide_kind`` "normal" or "delta") to ``fmodel``, the model with chains collapsed and
+    """Fit an autoguide (``guide_kind`` "normal", "delta", or a factory ``(model, init_loc_fn=...) -> autoguide``
+    such as ``ppl.flow_guide("iaf")``) to ``fmodel``, the model with chains collapsed and
     discrete sites marked for enumeration (``chains.fit_model``), by Adam on the ELBO (``num_steps`` steps of
     rate ``lr``) or, for a deterministic objective (AutoDelta: MAP), by L-BFGS (at most ``num_steps``
     evaluations).
@@ -340,18 +341,21 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "lbfgs" and guide_kind != "delta":
         raise ValueError("optimizer='lbfgs' needs a deterministic objective: guide='delta' (MAP)")
-    if guide_kind not in GUIDES:
-        raise ValueError(f"guide must be one of {sorted(GUIDES)}, got {guide_kind!r}")
+    if not callable(guide_kind) and guide_kind not in GUIDES:
+        raise ValueError(f"guide must be one of {sorted(GUIDES)} or a guide factory (model, init_loc_fn=...) -> "
+                         f"autoguide (e.g. ppl.flow_guide('iaf')), got {guide_kind!r}")
     facts, graph = plan.facts, plan.graph
     unknown = sorted(set(init or {}) - set(graph.nodes))
     if unknown:
         raise ValueError(f"init names unknown site(s) {unknown}; latent sites are {[s.name for s in graph.latent()]}")
     hidden = poutine.block(fmodel, hide=list(facts.enumerable))
-    guide = GUIDES[guide_kind](hidden, init_loc_fn=init_fn(init))
+    factory = guide_kind if callable(guide_kind) else GUIDES[guide_kind]
+    guide = factory(hidden, init_loc_fn=init_fn(init))
+    label = getattr(guide_kind, "kind", type(guide).__name__) if callable(guide_kind) else guide_kind
     elbo = make_elbo(graph, facts)
     step = objective(fmodel, guide, elbo, args, kwargs, plan)
     if optimizer == "lbfgs":
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints)
-    history = optimize(step, num_steps, lr, progress, f"{desc} ({guide_kind})", checkpoints=checkpoints)
+    history = optimize(step, num_steps, lr, progress, f"{desc} ({label})", checkpoints=checkpoints)
     return guide, elbo, history

@@ -85,11 +85,12 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
             checkpoint_every=100  steps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
-        svi (Pyro SVI; chains collapsed, finite discrete latents enumerated):
+        svi (SVI on the compiled log density; chains collapsed, finite discrete latents enumerated):
             num_steps=2000        Adam steps
             lr=0.02               Adam's learning rate
             num_samples=1000      guide draws kept
-            guide='normal'        AutoNormal, or 'delta' (AutoDelta: a MAP point)
+            guide='normal'        AutoNormal, 'delta' (AutoDelta: a MAP point), or a guide factory
+                                  (model, init_loc_fn=...) -> autoguide, e.g. ppl.flow_guide("iaf")
             init=None             site -> initial value
             checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
             checkpoint_every=100  steps between checkpoints
@@ -119,6 +120,9 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             restarts=3            data-driven starts (k-means++); the best ELBO is kept
             seed=0                seed of the starts (ppl.infer passes its seed)
             num_samples=1000      draws of the globals from q kept
+            checkpoint=None       a file written every checkpoint_every sweeps, at the end and on Ctrl-C
+            checkpoint_every=100  sweeps between checkpoints
+            resume=None           a checkpoint file of the same fit: continues it bit-identically
         adversarial (a simulator with no density, ppl.Implicit, fitted against a discriminator):
             num_steps=2000        rounds
             lr=0.001              Adam's learning rate, both players

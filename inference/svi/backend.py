@@ -6,6 +6,8 @@ marginalize are collapsed, and the remaining continuous latents get an AutoNorma
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from pyro.infer import Predictive
 
@@ -64,11 +66,13 @@ def treatments(graph, facts: Facts):
 
 
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_samples: int = 1000,
-        guide: str = "normal", init: dict | None = None, progress: bool = True, checkpoint: str | None = None,
+        guide: str | Callable = "normal", init: dict | None = None, progress: bool = True,
+        checkpoint: str | None = None,
         checkpoint_every: int = 100, resume: str | None = None, **unused) -> Posterior:
     """Fit and collect the posterior: guide draws, plug-in discrete/chain posteriors at the guide median.
 
-    Options: num_steps, lr (Adam), num_samples (guide draws kept), guide ("normal" or "delta"),
+    Options: num_steps, lr (Adam), num_samples (guide draws kept), guide ("normal", "delta", or a guide factory
+    ``(model, init_loc_fn=...) -> autoguide`` such as ``ppl.flow_guide("iaf")``: a normalizing-flow guide),
     init (site -> initial value, e.g. data points for mixture locations), checkpoint (a file written every
     ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
     bit-identically, ``inference/checkpoints.py``).

@@ -229,3 +229,25 @@ def test_flow_guides_fitted_by_pyro_svi_beat_autonormal(kind):
             svi.step(y)
         flow_kl = log_z - _elbo(guide, y)
     assert flow_kl < 0.5 * normal_kl, (flow_kl, normal_kl)
+
+
+
+def test_the_svi_backend_fits_a_flow_guide_on_the_compiled_objective():
+    """``guide=ppl.flow_guide(...)``: the compiled objective equals Pyro's Trace_ELBO for the same draws (a
+    FlowGuide is an AutoContinuous), and ``ppl.infer`` runs it end to end."""
+    from ppl.inference import chains, compiled, training
+    y = torch.full((4,), 0.5)
+    plan = ppl.compile(banana, y, backend="svi")
+    fmodel = chains.fit_model(banana, plan.facts)
+    with pyro.get_param_store().scope():
+        guide = ppl.flow_guide("iaf", num_layers=2, hidden=8)(fmodel)
+        step = compiled.guide_objective(fmodel, guide, (y,), {}, compiled.SitePlan.of(plan))
+        elbo = training.make_elbo(plan.graph, plan.facts)
+        for seed in range(3):
+            pyro.set_rng_seed(seed)
+            ours = float(step()[0].detach())
+            pyro.set_rng_seed(seed)
+            assert ours == pytest.approx(float(elbo.differentiable_loss(fmodel, guide, y).detach()), rel=1e-5)
+    post = ppl.infer(banana, y, backend="svi", guide=ppl.flow_guide("iaf", num_layers=2, hidden=8), num_steps=50,
+                     num_samples=10, progress=False)
+    assert post.draws["a"].shape == (1, 10) and post.history[-1] < post.history[0] + 5
