@@ -73,7 +73,7 @@ class Interrupted(UserWarning):
     """A fit was stopped by the user (KeyboardInterrupt); the result holds the state reached."""
 
 
-def _interrupted(history: History, desc: str, total: int) -> History:
+def mark_interrupted(history: History, desc: str, total: int) -> History:
     """Mark ``history`` interrupted and say so; a fit stopped before its first step has no state to return."""
     if not history:
         raise KeyboardInterrupt(f"{desc}: interrupted before the first step")
@@ -151,7 +151,7 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
     except KeyboardInterrupt:
         if checkpoints and history:
             checkpoints.write(key, state(False))
-        _interrupted(history, desc, num_steps)
+        mark_interrupted(history, desc, num_steps)
     finally:
         bar.close()
     return history
@@ -271,7 +271,7 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
         if checkpoints:
             checkpoints.write(key, state(True))
     except KeyboardInterrupt:
-        _interrupted(history, desc, max_evals)
+        mark_interrupted(history, desc, max_evals)
         change = 0.0
     finally:
         bar.close()

@@ -15,7 +15,6 @@ losses per step, ``post.log_evidence`` NaN of kind "none" (an implicit model has
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -32,7 +31,7 @@ from ppl.primitives import without_data
 from .. import minibatch as mb
 from . import avb
 from ..results import make_posterior
-from ..training import History, Interrupted, progress_bar
+from ..training import History, mark_interrupted, progress_bar
 from .losses import DIVERGENCES, check_divergence, discriminator_loss, generator_loss
 from .losses import log_density_ratio as _ratio
 
@@ -194,11 +193,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 1e-3, batc
                 history.append(loss_g)
                 bar.update()
     except KeyboardInterrupt:
-        if not history:
-            raise
-        history.interrupted = True
-        warnings.warn(f"adversarial: interrupted after {len(history)} of {num_steps} steps; the result holds the "
-                      "state reached", Interrupted, stacklevel=2)
+        mark_interrupted(history, NAME, num_steps)
     finally:
         bar.close()
     return make_posterior(plan, model, args, kwargs, draws={}, history=history, elbo_terms=terms,

@@ -22,7 +22,6 @@ the negative ELBO per data point of each minibatch.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -37,7 +36,7 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import minibatch as mb
 from ..results import make_posterior
-from ..training import History, Interrupted, progress_bar
+from ..training import History, mark_interrupted, progress_bar
 from . import estimators as E
 
 NAME = "discrete_vi"
@@ -265,11 +264,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 1e-3, batc
             history.append(loss)
             bar.update()
     except KeyboardInterrupt:
-        if not history:
-            raise
-        history.interrupted = True
-        warnings.warn(f"discrete_vi: interrupted after {len(history)} of {num_steps} steps; the result holds the "
-                      "state reached", Interrupted, stacklevel=2)
+        mark_interrupted(history, NAME, num_steps)
     finally:
         bar.close()
     return _collect(plan, fit, num_samples, history, gen)

@@ -16,7 +16,6 @@ estimate"). ``post.predictive(n)`` draws by block Gibbs sampling (``RBM.sample``
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -30,7 +29,7 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import minibatch as mb
 from ..results import make_posterior
-from ..training import History, Interrupted, progress_bar
+from ..training import History, mark_interrupted, progress_bar
 from .ais import RBMParams, ais_log_z
 
 NAME = "energy"
@@ -136,11 +135,7 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, meth
             history.append(float(loss.detach()))
             bar.update()
     except KeyboardInterrupt:
-        if not history:
-            raise
-        history.interrupted = True
-        warnings.warn(f"energy: interrupted after {len(history)} of {num_steps} steps; the result holds the state "
-                      "reached", Interrupted, stacklevel=2)
+        mark_interrupted(history, NAME, num_steps)
     finally:
         bar.close()
     return _collect(plan, model, args, kwargs, site, size, history, ais_betas, ais_chains, gen)

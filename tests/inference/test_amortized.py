@@ -14,17 +14,12 @@ import torch
 import ppl
 from ppl import dist
 from ppl.inference.amortized import backend as amortized
+from tests.ppl import models_for_tests as M
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@ppl.model
-def shift(x):
-    """b ~ N(0, 10^2); z_n ~ N(0, 1); x_n ~ N(z_n + b, 1): q(z_n | x_n) = N((x_n - b) / 2, 1/2) is exact."""
-    b = ppl.sample("b", dist.Normal(x.new_zeros(()), 10.0))
-    with ppl.plate("data", x.shape[0]):
-        z = ppl.sample("z", dist.Normal(x.new_zeros(()), 1.0))
-        ppl.sample("x", dist.Normal(z + b, 1.0), obs=x)
+shift = M.local_shift  # b ~ N(0, 10^2); z_n ~ N(0, 1); x_n ~ N(z_n + b, 1): q(z_n | x_n) = N((x_n - b)/2, 1/2)
 
 
 @ppl.model
