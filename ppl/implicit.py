@@ -124,7 +124,9 @@ class EnergyBased(TorchDistribution):
     normalized = False
 
     def free_energy(self, value: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """:math:`F(v)` with :math:`p(v) = e^{-F(v)} / Z`: each subclass defines its energy (``RBM`` does)."""
+        raise NotImplementedError(f"{type(self).__name__} is an EnergyBased distribution without a free_energy(value): "
+                                  "subclasses must define it")
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Unnormalized: :math:`-F(v)` (log p(v) + log Z)."""
