@@ -275,11 +275,8 @@ def _normal_draw(guide: AutoNormal):
     def draw():
         values, log_q = {}, 0.0
         for name, _ in sites:
-            loc, scale = guide._get_loc_and_scale(name)
-            u = loc + scale * torch.randn_like(loc)
-            value = transforms[name](u)
-            log_q = log_q + (torch.distributions.Normal(loc, scale).log_prob(u).sum() - _log_det(transforms[name], u, value))
-            values[name] = value
+            values[name], site_log_q = gaussian_draw(*guide._get_loc_and_scale(name), transforms[name])
+            log_q = log_q + site_log_q
         return values, log_q
 
     return draw
@@ -299,6 +296,16 @@ def _continuous_draw(guide: AutoContinuous):
         return values, log_q
 
     return draw
+
+
+def gaussian_draw(loc: torch.Tensor, scale: torch.Tensor, transform, eps: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""A reparametrized draw of a Gaussian q in unconstrained space, pushed into the support: ``(value, log q)``
+    with :math:`u = loc + scale \cdot \epsilon` (``eps`` given, else drawn), value = T(u) and
+    :math:`\log q = \sum \log N(u; loc, scale) - \log|dT/du|` summed over the site."""
+    u = loc + scale * (torch.randn_like(loc) if eps is None else eps)
+    value = transform(u)
+    return value, torch.distributions.Normal(loc, scale).log_prob(u).sum() - _log_det(transform, u, value)
 
 
 def _log_det(transform, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

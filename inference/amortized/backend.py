@@ -45,6 +45,7 @@ from ppl.posterior import LogEvidence, Posterior, StateFunction
 
 from .. import chains, compiled, training
 from ..checkpoints import Checkpoints
+from ..minibatch import minibatch, slice_rows
 from ..results import make_posterior
 from ..svae.recognition import MIN_VARIANCE, default_recognition
 
@@ -161,9 +162,8 @@ def encode_batch(fitted: FittedEncoder, features: torch.Tensor) -> dict[str, tup
     return out
 
 
-def encode(fitted: FittedEncoder, *args, **kwargs) -> dict[str, AmortizedLocal]:
+def encode(fitted: FittedEncoder, model: Callable, *args, **kwargs) -> dict[str, AmortizedLocal]:
     """Local posteriors of new data ``model(*args, **kwargs)`` (``Posterior.encode``): site -> AmortizedLocal."""
-    model = kwargs.pop("__model__")
     values = _observed(model, args, kwargs, fitted.facts.observed)
     generator = torch.Generator(device=next(iter(values.values())).device).manual_seed(0)  # the same draw each call
     with torch.no_grad():
@@ -173,13 +173,6 @@ def encode(fitted: FittedEncoder, *args, **kwargs) -> dict[str, AmortizedLocal]:
             eps = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
             out[name] = AmortizedLocal(transform(loc + scale * eps), transform(loc), loc, scale)
     return out
-
-
-def _slice(value, index: torch.Tensor, size: int):
-    """``value[index]`` for a tensor whose first dim is the plate's ``size``; anything else unchanged."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
-        return value.index_select(0, index.to(value.device))
-    return value
 
 
 def _world() -> tuple[int, int]:
@@ -239,12 +232,9 @@ class _Objective:
     def _global_values(self) -> tuple[dict, torch.Tensor | float]:
         values, log_q = {}, 0.0
         for name in self.globals:
-            loc, scale = pyro.param(f"{NAME}.loc.{name}"), pyro.param(f"{NAME}.scale.{name}")
-            u = loc + scale * torch.randn_like(loc)
-            value = self.transforms[name](u)
-            values[name] = value
-            log_q = log_q + torch.distributions.Normal(loc, scale).log_prob(u).sum() \
-                - compiled._log_det(self.transforms[name], u, value)
+            values[name], site_log_q = compiled.gaussian_draw(pyro.param(f"{NAME}.loc.{name}"),
+                                                              pyro.param(f"{NAME}.scale.{name}"), self.transforms[name])
+            log_q = log_q + site_log_q
         return values, log_q
 
     def loss_on(self, index: torch.Tensor, scale: float, noise: dict[str, torch.Tensor] | None = None,
@@ -252,18 +242,14 @@ class _Objective:
         """Negative ELBO estimate on the points ``index`` (the plate's sites and log q's scaled by ``scale``, the
         terms outside the plate by ``outside``); ``noise`` (site -> standard normal draws for these points) fixes
         the local draws."""
-        args = tuple(_slice(a, index, self.size) for a in self.args)
-        kwargs = {k: _slice(v, index, self.size) for k, v in self.kwargs.items()}
+        args, kwargs = minibatch(self.args, self.kwargs, self.size, index)
         values, log_q = self._global_values()
         encoded = encode_batch(self.fitted(), _features(_rows(self.observed_values, index), self.own.observed))
         local_q = 0.0
         for name, (loc, sd) in encoded.items():
-            eps = noise[name] if noise is not None else torch.randn_like(loc)
-            u = loc + sd * eps
-            value = self.transforms[name](u)
-            values[name] = value
-            local_q = local_q + torch.distributions.Normal(loc, sd).log_prob(u).sum() \
-                - compiled._log_det(self.transforms[name], u, value)
+            values[name], site_log_q = compiled.gaussian_draw(loc, sd, self.transforms[name],
+                                                              noise[name] if noise is not None else None)
+            local_q = local_q + site_log_q
         site_plan = self.site_plan.scaled(outside, **{self.own.plate: scale})
         return outside * log_q + scale * local_q - compiled.log_joint(self.fmodel, args, kwargs, values, site_plan)
 
@@ -281,7 +267,7 @@ def _small_trace(model, args, kwargs, own: AmortizedFacts) -> tuple[Any, dict[st
     site's full data: the argument tensor the site observes when the slice's value is that very (sliced)
     argument, else the value in a trace on all the data. Memory stays flat in N for the usual ``obs=x``."""
     index = torch.arange(min(2, own.size))
-    pairs = [(value, _slice(value, index, own.size)) for value in list(args) + list(kwargs.values())]
+    pairs = [(value, slice_rows(value, own.size, index)) for value in list(args) + list(kwargs.values())]
     sliced = {id(part): full for full, part in pairs if part is not full}
     small_args = tuple(part for _, part in pairs[:len(args)])
     small_kwargs = dict(zip(kwargs, (part for _, part in pairs[len(args):])))
@@ -385,7 +371,7 @@ def _full_loss(objective: _Objective, chunk: int = 4096) -> float:
 
 def encode_model(state: tuple[FittedEncoder, Callable], *args, **kwargs) -> dict[str, AmortizedLocal]:
     fitted, model = state
-    return encode(fitted, *args, __model__=model, **kwargs)
+    return encode(fitted, model, *args, **kwargs)
 
 
 def _many_local_points(f: Facts) -> bool:
