@@ -23,8 +23,9 @@ Memory is flat in N: no per-point parameter exists, the model runs on the sliced
 gives the local posteriors of new data without refitting.
 
 Data parallel: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), each of the W processes
-draws the same batch of ``batch_size`` indices (same seed), fits its 1/W slice, and the gradients are averaged
-(all-reduce) before the step: the same update as one process on the whole batch.
+draws the same batch of ``batch_size`` indices and the same noise (same seed), fits its 1/W slice, and the
+gradients are averaged (all-reduce) before the step: the same update as one process on the whole batch
+(``inference/distributed.py``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ from typing import Any, Callable, NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
-import torch.distributed as torch_dist
 from pyro.distributions.transforms import biject_to
 
 from ppl.analysis import Facts
@@ -43,7 +43,7 @@ from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
 
-from .. import chains, compiled, training
+from .. import chains, compiled, distributed, training
 from ..checkpoints import Checkpoints
 from ..minibatch import minibatch, slice_rows
 from ..results import make_posterior
@@ -175,25 +175,6 @@ def encode(fitted: FittedEncoder, model: Callable, *args, **kwargs) -> dict[str,
     return out
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, (0, 1) when it is not initialized."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank(), torch_dist.get_world_size()
-    return 0, 1
-
-
-def average_gradients(params: list[torch.Tensor]) -> None:
-    """All-reduce (mean) the gradients of ``params`` over the processes of torch.distributed."""
-    _, world = _world()
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
-        p.grad /= world
-
-
 class _Objective:
     """The minibatch negative ELBO (module docstring); ``__call__() -> (loss, params)`` for ``training.optimize``."""
 
@@ -202,9 +183,7 @@ class _Objective:
         self.own: AmortizedFacts = plan.facts.of(NAME)
         self.fmodel = chains.fit_model(model, plan.facts)
         self.size, self.batch_size = self.own.size, batch_size
-        self.rank, self.world = _world()
-        if batch_size % self.world:
-            raise ValueError(f"batch_size={batch_size} must be a multiple of the {self.world} processes")
+        self.mine = distributed.shard(batch_size)
         self.site_plan = compiled.SitePlan.of(plan)
         trace, self.observed_values = _small_trace(model, args, kwargs, self.own)
         self.transforms = {name: biject_to(trace.nodes[name]["fn"].support) for name in plan.facts.continuous}
@@ -255,10 +234,9 @@ class _Objective:
 
     def __call__(self) -> tuple[torch.Tensor, list]:
         batch = torch.randint(self.size, (self.batch_size,))
-        per_rank = self.batch_size // self.world
         noise = {name: torch.randn((self.batch_size,) + shape) for name, shape in self.shapes.items()}
-        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        loss = self.loss_on(batch[mine], self.size / per_rank, {n: e[mine] for n, e in noise.items()})
+        mine = self.mine
+        loss = self.loss_on(batch[mine], self.size / (mine.stop - mine.start), {n: e[mine] for n, e in noise.items()})
         return loss, self.params
 
 
@@ -327,8 +305,9 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.01, num_
     batch_size = _check_batch_size(batch_size, own.size)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     objective = _Objective(model, args, kwargs, plan, batch_size, encoder, init)
+    progress, checkpoints = distributed.main_only(progress, checkpoints)
     history = training.optimize(objective, num_steps, lr, progress, f"{NAME} (batch {batch_size})", checkpoints,
-                                after_backward=average_gradients, schedule=training.cosine_tail)
+                                after_backward=distributed.average_gradients, schedule=training.cosine_tail)
     return _collect(model, args, kwargs, plan, objective, history, num_samples)
 
 
