@@ -32,6 +32,7 @@ from ..results import make_posterior
 from . import cavi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
 from .families import FAMILIES
+from . import gaussian_chain as chain_vi
 
 NAME = "vi"
 
@@ -46,10 +47,13 @@ class VIFacts:
     problem: str = ""
     probed: bool = False
     updates: dict = field(default_factory=dict)
+    chain: str | None = None   # the gaussian_chain of a conjugate LDS (``gaussian_chain``), else None
 
 
 def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
     """Structural checks from the graph; with ``probe = (model, args, kwargs)`` the full conjugacy probe."""
+    if facts.gaussian_chains:
+        return _chain_facts(graph, facts, probe)
     try:
         local = local_site(facts)
     except NotConjugate as exc:
@@ -68,6 +72,22 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
         return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for conjugate pairs failed ({type(exc).__name__}: {exc})", probed=True)
     return VIFacts(local, "", True, describe(structure))
+
+
+def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
+    """The facts of a model with a gaussian_chain: a conjugate LDS (``gaussian_chain.analyse_chain`` probes it
+    when the compiler passes the model), or the reason it is not one."""
+    chain = facts.gaussian_chains[0]
+    problem = chain_vi.structural_problem(graph, facts)
+    if problem or probe is None:
+        return VIFacts(None, problem, chain=chain)
+    try:
+        structure = chain_vi.analyse_chain(*probe, facts, graph)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
+        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for a conjugate LDS failed ({type(exc).__name__}: {exc})", True,
+                       chain=chain)
+    return VIFacts(None, "", True, chain_vi.describe(structure), chain=chain)
 
 
 STATS = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
@@ -124,6 +144,8 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
     for s in graph.sites():
         if s.observed:
             rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape}"))
+        elif s.name == v.chain:
+            rows.append(SiteTreatment(s.name, "message passing", chain_vi.LOCAL_TREATMENT))
         elif s.name == v.local and s.block == "markov_chain":
             rows.append(SiteTreatment(s.name, "message passing", "q(z): forward-backward on E_q[log initial], "
                                       "E_q[log transition] and expected log-likelihoods (VB-HMM)"))
@@ -222,6 +244,10 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
+    if plan.facts.of(NAME).chain is not None:
+        if checkpoint is not None or resume is not None:
+            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")
+        return chain_vi.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = analyse(model, args, kwargs, plan.facts, plan.graph)
     fits = []
@@ -271,15 +297,18 @@ def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, n
 
 def _conjugate_local(f: Facts) -> bool:
     """One discrete local whose continuous globals (at least one: without any, the exact backend's log evidence is
-    the same number, labelled exact) are each conjugate to what they feed."""
+    the same number, labelled exact) are each conjugate to what they feed; or one gaussian_chain whose (A, Q) and
+    (C, R) are conjugate MNIW globals (``gaussian_chain.analyse_chain``)."""
     v = f.of(NAME)
-    return v.probed and not v.problem and v.local is not None and bool(f.continuous)
+    return v.probed and not v.problem and (v.local is not None or v.chain is not None) and bool(f.continuous)
 
 
 RULES = (
     Rule("conjugate-exponential", _conjugate_local, NAME,
-         "one discrete latent (a mixture assignment or a markov_chain) whose globals are each conjugate to what they "
-         "feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages, the "
+         "one discrete latent (a mixture assignment or a markov_chain), or a gaussian_chain with matrix-normal-"
+         "inverse-Wishart priors on its dynamics and emission, whose globals are each conjugate to what they "
+         "feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages "
+         "(forward-backward; Kalman smoothing on the expected dynamics for a gaussian_chain), the "
          "full posterior over the globals (not MAP) and the ELBO in closed form", order=22),
 )
 
