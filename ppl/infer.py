@@ -123,6 +123,10 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint=None       a file written every checkpoint_every sweeps, at the end and on Ctrl-C
             checkpoint_every=100  sweeps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
+            batch_size=None       LDA-style admixtures: documents per minibatch of stochastic natural-gradient
+                                  VI (Hoffman et al. 2013; num_steps = passes); None: coordinate ascent
+            tau0=10.0             step size rho_t = (tau0 + t)^-kappa of the stochastic steps (tau0 >= 0)
+            kappa=0.7             its decay, in (0.5, 1]
         adversarial (a simulator with no density, ppl.Implicit, fitted against a discriminator):
             num_steps=2000        rounds
             lr=0.001              Adam's learning rate, both players

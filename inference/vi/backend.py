@@ -29,7 +29,7 @@ from ppl.posterior import LogEvidence, Posterior
 from .. import initialization, training
 from ..checkpoints import Checkpoints
 from ..results import make_posterior
-from . import cavi
+from . import cavi, lda, stochastic
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
 from .families import FAMILIES
 from . import gaussian_chain as chain_vi
@@ -48,12 +48,16 @@ class VIFacts:
     probed: bool = False
     updates: dict = field(default_factory=dict)
     chain: str | None = None   # the gaussian_chain of a conjugate LDS (``gaussian_chain``), else None
+    admixture: tuple | None = None   # (theta, z, w, topics) when the model is an LDA-style admixture (``lda``)
 
 
 def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
     """Structural checks from the graph; with ``probe = (model, args, kwargs)`` the full conjugacy probe."""
     if facts.gaussian_chains:
         return _chain_facts(graph, facts, probe)
+    names = lda.admixture_sites(facts)
+    if names is not None:
+        return _admixture_facts(facts, names, probe)
     try:
         local = local_site(facts)
     except NotConjugate as exc:
@@ -72,6 +76,19 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
         return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for conjugate pairs failed ({type(exc).__name__}: {exc})", probed=True)
     return VIFacts(local, "", True, describe(structure))
+
+
+def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
+    """The facts of an LDA-style admixture (``lda.analyse`` probes it when the compiler passes the model)."""
+    if probe is None:
+        return VIFacts(names[1], admixture=names)
+    try:
+        lda.analyse(*probe, facts)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
+        return VIFacts(names[1], str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for an admixture failed ({type(exc).__name__}: {exc})", True,
+                       admixture=names)
+    return VIFacts(names[1], "", True, lda.describe(names), admixture=names)
 
 
 def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
@@ -140,6 +157,8 @@ def supports(facts: Facts) -> Verdict:
 def treatments(graph, facts: Facts) -> list[SiteTreatment]:
     """Local: responsibilities (mixture) or VB-HMM forward-backward (chain); globals: closed-form conjugate updates."""
     v = facts.of(NAME)
+    if v.admixture is not None:
+        return lda.treatment_rows(graph, v.admixture)
     rows = []
     for s in graph.sites():
         if s.observed:
@@ -233,17 +252,32 @@ def _chain_table(structure: Structure, fit: cavi.Fit) -> dict:
 
 def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, restarts: int = 3, seed: int = 0,
         num_samples: int = 1000, progress: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
-        resume: str | None = None, **unused) -> Posterior:
+        resume: str | None = None, batch_size: int | None = None, tau0: float = stochastic.DEFAULT_TAU0,
+        kappa: float = stochastic.DEFAULT_KAPPA, **unused) -> Posterior:
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
     below ``tol``. Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
     ``log_evidence``, ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never
     increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``). checkpoint /
     checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``); Ctrl-C keeps the
-    best of the runs so far, marked ``post.interrupted``."""
+    best of the runs so far, marked ``post.interrupted``.
+
+    batch_size / tau0 / kappa (an LDA-style admixture only, ``lda``): ``batch_size=None`` fits by coordinate
+    ascent; an integer B runs stochastic natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents,
+    ``num_steps`` passes, step sizes rho_t = (tau0 + t)^-kappa (``stochastic``)."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
+    if plan.facts.of(NAME).admixture is not None:
+        if checkpoint is not None or resume is not None:
+            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for an LDA-style admixture")
+        return lda.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress, batch_size,
+                       tau0, kappa)
+    if batch_size is not None:
+        raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is implemented "
+                         "for LDA-style admixtures only; this model is fitted by full-batch coordinate ascent "
+                         "(leave batch_size=None)")
+    stochastic.check_schedule(None, tau0, kappa, 1, "data units")
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")

@@ -1,0 +1,565 @@
+r"""Latent Dirichlet allocation (an admixture) in the vi backend: mean-field VB on a sparse corpus.
+
+Recognized structure (by probing the model, as ``conjugacy`` does for one-local models): a Dirichlet latent
+:math:`\theta_d` in a document plate (``doc_topics``, value ``(*docs, K)``), a Categorical latent
+:math:`z_{dn} \sim \mathrm{Cat}(\theta_d)` per token (its plates: the tokens' dims, then the documents'), and an
+observed Categorical :math:`w_{dn} \sim \mathrm{Cat}(\beta_{z_{dn}})` whose probabilities *are* the rows of a
+Dirichlet global :math:`\beta` ``(K, V)`` indexed by :math:`z` (``topics[z]``). Masked or scaled tokens count
+with their weight.
+
+Variational family :math:`q(\beta)\,\prod_d q(\theta_d)\prod_n q(z_{dn})` with :math:`q(\beta_k)=\mathrm{Dir}(
+\lambda_k)`, :math:`q(\theta_d) = \mathrm{Dir}(\gamma_d)`, :math:`q(z_{dn}) = \mathrm{Cat}(\phi_{dn})`; the
+updates of Blei, Ng & Jordan (2003) and Hoffman, Bach & Blei (2010), on the corpus as (document, word, count)
+triples, so memory is linear in the number of distinct (document, word) pairs:
+
+.. math::
+    \phi_{dwk} \propto \exp(E[\log\theta_{dk}] + E[\log\beta_{kw}]), \quad
+    \gamma_{dk} = \alpha_{dk} + \textstyle\sum_w c_{dw}\phi_{dwk}, \quad
+    \lambda_{kw} = \eta_{kw} + \textstyle\sum_d c_{dw}\phi_{dwk}
+
+(the E-step iterates :math:`\phi, \gamma` per document until the mean change of :math:`\gamma_d` is below
+``E_TOL``; the M-step sets :math:`\lambda`). Stochastic mode (``batch_size``): :math:`\lambda` takes the step
+``stochastic.blend`` towards :math:`\eta + \frac{D}{|B|}\sum_{d \in B}` (statistics of the minibatch).
+
+The ELBO, in closed form term by term, at :math:`(\phi, \gamma, \lambda)` after each sweep:
+``E log p(w)`` :math:`= \sum_{kw} s_{kw} E[\log\beta_{kw}]` (:math:`s` the expected topic-word counts),
+``E log p(z)`` :math:`= \sum_{dk} n_{dk} E[\log\theta_{dk}]`, ``entropy(z)`` :math:`= -\sum c\,\phi\log\phi`,
+``-KL(doc_topics)``, ``-KL(topics)`` (Dirichlet KLs). Every step maximizes it over one factor, so in batch mode
+it never decreases.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Dirichlet, kl_divergence
+
+from . import stochastic
+from .conjugacy import NotConjugate
+from .families import dirichlet_expected_log
+from .probe import PROBE_SEEDS, close, num_states, peel
+
+E_TOL = 1e-3        # E-step: stop a document when the mean absolute change of gamma_d is below this (sklearn's)
+E_MAX_ITER = 100    # E-step: at most this many phi/gamma iterations per document and sweep (sklearn's)
+INIT_SHAPE = 100.0  # q(beta) starts at Gamma(100, 1/100) draws per entry (Hoffman et al. 2010; scikit-learn)
+
+
+# ---------------------------------------------------------------------------------------------- the corpus
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus as sorted (document, word, count) triples: ``doc, word (nnz,)`` long, ``count (nnz,)`` float,
+    sorted by document; ``ptr (D + 1,)`` where document d's triples are ``ptr[d]:ptr[d + 1]``; ``D`` documents,
+    ``V`` words."""
+
+    doc: torch.Tensor
+    word: torch.Tensor
+    count: torch.Tensor
+    ptr: torch.Tensor
+    D: int
+    V: int
+
+    @staticmethod
+    def from_tokens(doc: torch.Tensor, word: torch.Tensor, weight: torch.Tensor, D: int, V: int) -> "Corpus":
+        """Aggregate tokens (any shape, broadcast together; weight 0 drops a token) into sorted unique
+        (document, word) pairs with summed weights. Memory: O(number of tokens)."""
+        doc, word, weight = (t.reshape(-1) for t in torch.broadcast_tensors(doc, word, weight))
+        keep = weight != 0
+        doc, word, weight = doc[keep], word[keep], weight[keep]
+        key, inverse = torch.unique(doc * V + word, return_inverse=True)   # sorted: by document, then word
+        count = weight.new_zeros(key.shape[0]).index_add_(0, inverse, weight)
+        d = torch.div(key, V, rounding_mode="floor")
+        ptr = torch.zeros(D + 1, dtype=torch.long, device=d.device)
+        ptr[1:] = torch.bincount(d, minlength=D).cumsum(0)
+        return Corpus(d, key - d * V, count, ptr, D, V)
+
+    def subset(self, docs: torch.Tensor) -> "Corpus":
+        """The documents ``docs (B,)`` renumbered 0..B-1 (their triples gathered, no scan of the corpus)."""
+        idx, local, ptr = self.gather(docs)
+        return Corpus(local, self.word[idx], self.count[idx], ptr, int(docs.shape[0]), self.V)
+
+    def gather(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices of the triples of ``docs (B,)``, their renumbered document 0..B-1, the new ``ptr (B + 1,)``)."""
+        start = self.ptr[docs]
+        length = self.ptr[docs + 1] - start
+        ptr = torch.zeros(docs.shape[0] + 1, dtype=torch.long, device=docs.device)
+        ptr[1:] = length.cumsum(0)
+        idx = torch.arange(int(ptr[-1]), device=docs.device) + torch.repeat_interleave(start - ptr[:-1], length)
+        local = torch.repeat_interleave(torch.arange(docs.shape[0], device=docs.device), length)
+        return idx, local, ptr
+
+    def doc_lengths(self) -> torch.Tensor:
+        """Total count per document ``(D,)``."""
+        return self.count.new_zeros(self.D).index_add_(0, self.doc, self.count)
+
+
+# ------------------------------------------------------------------------------------------ the structure
+
+
+@dataclass(frozen=True)
+class LDAStructure:
+    """An admixture found in a model: site names, ``alpha (D, K)`` and ``eta (K, V)`` prior concentrations,
+    the corpus, ``theta_shape`` the document-proportion site's value shape ``(*docs, K)``, and ``dtype``."""
+
+    theta: str
+    z: str
+    w: str
+    topics: str
+    alpha: torch.Tensor
+    eta: torch.Tensor
+    corpus: Corpus
+    theta_shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def K(self) -> int:
+        return self.eta.shape[0]
+
+
+def admixture_sites(facts) -> tuple[str, str, str, str] | None:
+    """(theta, z, w, topics) when the facts have the admixture's layout (one finite discrete latent, one
+    continuous latent sharing its plate, one other continuous latent, one observed site, nothing else); None
+    otherwise (the one-local analysis then applies)."""
+    if facts.markov_chains or facts.gaussian_chains or facts.neural or facts.unenumerable:
+        return None
+    if len(facts.enumerable) != 1 or len(facts.continuous_local) != 1 or len(facts.observed) != 1:
+        return None
+    theta = facts.continuous_local[0]
+    others = [g for g in facts.continuous if g != theta]
+    if len(others) != 1:
+        return None
+    return theta, facts.enumerable[0], facts.observed[0], others[0]
+
+
+class _Probe(Messenger):
+    """Record every sample site with ``local`` set to ``arange(K)`` in a new leftmost dim, *not* expanded over
+    the data (``topics[z]`` is then ``(K, 1, ..., V)``, not documents x words x topics x vocabulary)."""
+
+    def __init__(self, local: str):
+        super().__init__()
+        self.local = local
+        self.sites: dict[str, dict] = {}
+        self.params: list[str] = []
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.local or msg["is_observed"]:
+            return
+        fn = msg["fn"]
+        K = num_states(fn)
+        ndim = len(fn.batch_shape + fn.event_shape)
+        msg.update(value=torch.arange(K, device=fn.logits.device).reshape((K,) + (1,) * ndim), done=True)
+
+    def _pyro_post_sample(self, msg):
+        if not site_is_subsample(msg):
+            self.sites[msg["name"]] = dict(fn=msg["fn"], value=msg["value"], mask=msg.get("mask"),
+                                           scale=msg.get("scale", 1.0), observed=msg["is_observed"])
+
+    def _pyro_param(self, msg):
+        self.params.append(msg["name"])
+
+
+def _runs(model, args, kwargs, z: str) -> list[_Probe]:
+    runs = []
+    for seed in PROBE_SEEDS:
+        handler = _Probe(z)
+        with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
+            torch.manual_seed(seed)
+            model(*args, **kwargs)
+        runs.append(handler)
+    return runs
+
+
+def _compact(p: torch.Tensor, dims: range) -> torch.Tensor:
+    """``p`` with every dim in ``dims`` that is a broadcast (stride 0) view cut to size 1 (no copy)."""
+    index = tuple(slice(0, 1) if i in dims and p.stride(i) == 0 else slice(None) for i in range(p.dim()))
+    return p[index]
+
+
+def _dirichlet(name: str, site_a: dict, site_b: dict) -> torch.Tensor:
+    """The Dirichlet prior's concentration of ``name`` expanded to its value's shape, checked known."""
+    base, _, _ = peel(site_a["fn"])
+    other, _, _ = peel(site_b["fn"])
+    if type(base).__name__ != "Dirichlet":
+        raise NotConjugate(f"site '{name}': an admixture needs a Dirichlet prior here, got {type(base).__name__}")
+    if not close(base.concentration, other.concentration):
+        raise NotConjugate(f"site '{name}': its Dirichlet concentration depends on a latent variable")
+    return base.concentration.expand(site_a["value"].shape)
+
+
+def analyse(model, args, kwargs, facts) -> LDAStructure:
+    """Probe ``model`` for the admixture (module docstring) and return its ``LDAStructure`` with the corpus as
+    sparse counts; ``NotConjugate`` names the site that does not fit."""
+    names = admixture_sites(facts)
+    if names is None:
+        raise NotConjugate("the model does not have the admixture layout (document proportions, a per-token "
+                           "topic, observed words, topic-word rows)")
+    theta, z, w, topics = names
+    try:
+        a, b = _runs(model, args, kwargs, z)
+    except (RuntimeError, IndexError, TypeError) as exc:
+        raise NotConjugate(f"the model fails when run with '{z}' set to all its states at once (it must use it "
+                           f"elementwise, e.g. topics[z]): {type(exc).__name__}: {exc}") from exc
+    if a.params:
+        raise NotConjugate(f"'{a.params[0]}' is a learnable parameter: backend 'vi' fits no parameters")
+    alpha = _dirichlet(theta, a.sites[theta], b.sites[theta])
+    eta = _dirichlet(topics, a.sites[topics], b.sites[topics])
+    zfn_a, zfn_b = a.sites[z]["fn"], b.sites[z]["fn"]
+    if type(zfn_a).__name__ != "Categorical":
+        raise NotConjugate(f"site '{z}': an admixture's topic must be a Categorical, got {type(zfn_a).__name__}")
+    if a.sites[z]["mask"] is not None or not (isinstance(a.sites[z]["scale"], float) and a.sites[z]["scale"] == 1):
+        raise NotConjugate(f"site '{z}': a masked or scaled topic latent is not supported by backend 'vi'")
+    zshape = tuple(zfn_a.batch_shape)
+    tv_a, tv_b = a.sites[theta]["value"], b.sites[theta]["value"]
+    docs = tuple(tv_a.shape[:-1])
+    K = tv_a.shape[-1]
+    if num_states(zfn_a) != K or tuple(zshape[len(zshape) - len(docs):]) != docs:
+        raise NotConjugate(f"site '{z}': its plates {zshape} must end with the document plate(s) {docs} of "
+                           f"'{theta}' and it must have {K} states like '{theta}', got {num_states(zfn_a)}")
+    if not (_is(zfn_a.probs, tv_a) and _is(zfn_b.probs, tv_b)):
+        raise NotConjugate(f"site '{z}': its probabilities must be the document's proportions '{theta}' "
+                           "(Categorical(theta))")
+    site = a.sites[w]
+    base, extra, inner_mask = peel(site["fn"])
+    if type(base).__name__ != "Categorical" or extra:
+        raise NotConjugate(f"site '{w}': an admixture's words must be Categorical, got {type(base).__name__}")
+    topics_a, topics_b = a.sites[topics]["value"], b.sites[topics]["value"]
+    if topics_a.dim() != 2 or topics_a.shape[0] != K:
+        raise NotConjugate(f"site '{topics}': the topic-word rows must be ({K}, V), got {tuple(topics_a.shape)}")
+    V = topics_a.shape[1]
+    for run, tv in ((a, topics_a), (b, topics_b)):
+        pb, _, _ = peel(run.sites[w]["fn"])
+        if not _is_indexed(pb.probs, tv, len(zshape)):
+            raise NotConjugate(f"site '{w}': its probabilities must be the rows of '{topics}' picked by '{z}' "
+                               f"(Categorical(topics[z]))")
+    dtype = torch.promote_types(alpha.dtype, eta.dtype)
+    words = site["value"].long()
+    weight = torch.ones((), dtype=dtype, device=words.device)
+    for m in (site["mask"], inner_mask):
+        if isinstance(m, torch.Tensor):
+            weight = weight * m.to(dtype)
+        elif m is False:
+            weight = weight * 0
+    scale = site["scale"]
+    weight = weight * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+    if weight.dim() > len(zshape) and weight.shape[0] == K:   # a mask laid out with the probed state dim
+        weight = weight[0]
+    try:
+        words, weight = torch.broadcast_tensors(words.expand(zshape) if words.shape != zshape else words,
+                                                weight.expand(zshape) if weight.shape != zshape else weight)
+    except RuntimeError as exc:
+        raise NotConjugate(f"site '{w}': its values {tuple(words.shape)} do not lie on the plates {zshape} of "
+                           f"'{z}'") from exc
+    bad = (weight != 0) & ((words < 0) | (words >= V))
+    if bool(bad.any()):
+        raise ValueError(f"site '{w}': word ids must be in [0, V={V}) where observed, got "
+                         f"{int(words[bad][0])}")
+    D = int(torch.Size(docs).numel())
+    doc = torch.arange(D, device=words.device).reshape(docs)
+    corpus = Corpus.from_tokens(doc, words, weight, D, V)
+    return LDAStructure(theta, z, w, topics, alpha.reshape(D, K).to(dtype), eta.to(dtype), corpus,
+                        tuple(tv_a.shape), dtype)
+
+
+def _is(p: torch.Tensor, value: torch.Tensor) -> bool:
+    """``p`` broadcast from ``value`` over leading dims (compared on the broadcast view's distinct entries)."""
+    lead = p.dim() - value.dim()
+    return lead >= 0 and tuple(p.shape[lead:]) == tuple(value.shape) and close(_compact(p, range(lead)), value)
+
+
+def _is_indexed(p: torch.Tensor, value: torch.Tensor, nz: int) -> bool:
+    """``p (K, *zshape, V)`` is ``value (K, V)`` indexed by the probed state dim, broadcast over the data."""
+    if p.dim() != nz + 2 or p.shape[0] != value.shape[0] or p.shape[-1] != value.shape[-1]:
+        return False
+    small = _compact(p, range(1, nz + 1))
+    target = value.reshape((value.shape[0],) + (1,) * nz + (value.shape[1],))
+    return close(small, target)
+
+
+# ----------------------------------------------------------------------------------------------- the fit
+
+
+def expected_log_theta(gamma: torch.Tensor) -> torch.Tensor:
+    r""":math:`E_q[\log\theta_d] = \psi(\gamma_d) - \psi(\sum_k \gamma_{dk})`: ``(D, K)``."""
+    return dirichlet_expected_log((gamma,))
+
+
+@dataclass
+class EStep:
+    """One E-step's result on a set of documents: ``gamma (B, K)``, ``sstats (K, V)`` the expected topic-word
+    counts :math:`\sum_d c_{dw}\phi_{dwk}`, ``ndk (B, K)`` the expected topic counts per document, ``loglik``
+    :math:`\sum c \log \sum_k \exp(E\log\theta + E\log\beta)` (so that the entropy of q(z) is
+    ``loglik - <ndk, Elog theta> - <sstats, Elog beta>``), ``iterations`` the largest count any document ran."""
+
+    gamma: torch.Tensor
+    sstats: torch.Tensor
+    ndk: torch.Tensor
+    loglik: torch.Tensor
+    iterations: int
+
+
+def e_step(corpus: Corpus, alpha: torch.Tensor, elog_beta: torch.Tensor, gamma: torch.Tensor) -> EStep:
+    r"""Iterate :math:`\phi_{dw} \propto \exp(E\log\theta_d + E\log\beta_{\cdot w})`, :math:`\gamma_d = \alpha_d +
+    \sum_w c_{dw}\phi_{dw}` from ``gamma (B, K)`` for every document of ``corpus`` (vectorized; a document stops
+    when its mean change is below ``E_TOL``, each one independently of the others), then the statistics at
+    :math:`\phi(\gamma)`. ``alpha (B, K)``, ``elog_beta (K, V)``. Memory O(nnz K).
+
+    Exponentials are taken after subtracting each word's largest :math:`E\log\beta` and each document's largest
+    :math:`E\log\theta` (added back in ``loglik``), so float32 neither underflows nor overflows."""
+    shift_w = elog_beta.max(0).values                                   # (V,)
+    eb = (elog_beta - shift_w).exp().T[corpus.word]                     # (nnz, K), constant in the loop
+    gamma = gamma.clone()
+    active = torch.arange(corpus.D, device=gamma.device)
+    doc, count = corpus.doc, corpus.count
+    tiny = torch.finfo(gamma.dtype).tiny
+    it = 0
+    for it in range(1, E_MAX_ITER + 1):
+        if active.shape[0] < corpus.D:
+            tok, d_loc, _ = corpus.gather(active)
+            eb_a, c_a = eb[tok], count[tok]
+        else:
+            d_loc, eb_a, c_a = doc, eb, count
+        g = gamma[active]
+        elog = expected_log_theta(g)
+        et = (elog - elog.max(-1, keepdim=True).values).exp()           # (B_a, K)
+        norm = (et[d_loc] * eb_a).sum(-1).clamp_min(tiny)               # (nnz_a,)
+        ndk = et * g.new_zeros(g.shape).index_add_(0, d_loc, eb_a * (c_a / norm)[:, None])
+        new = alpha[active] + ndk
+        change = (new - g).abs().mean(-1)
+        gamma[active] = new
+        active = active[change >= E_TOL]
+        if active.shape[0] == 0:
+            break
+    elog = expected_log_theta(gamma)
+    shift_d = elog.max(-1, keepdim=True).values
+    et = (elog - shift_d).exp()
+    norm = (et[doc] * eb).sum(-1).clamp_min(tiny)
+    weight = (count / norm)[:, None]
+    ndk = et * gamma.new_zeros(gamma.shape).index_add_(0, doc, eb * weight)
+    wk = et[doc] * weight                                               # (nnz, K)
+    sstats = gamma.new_zeros(elog_beta.shape[::-1]).index_add_(0, corpus.word, wk).T * (elog_beta - shift_w).exp()
+    loglik = (count.double() * (norm.log() + shift_d[doc, 0] + shift_w[corpus.word]).double()).sum()
+    return EStep(gamma, sstats, ndk, loglik, it)
+
+
+def initial_gamma(corpus: Corpus, alpha: torch.Tensor) -> torch.Tensor:
+    r"""The E-step's start :math:`\gamma_d = \alpha_d + N_d / K` (q(z) uniform over topics): deterministic."""
+    return alpha + (corpus.doc_lengths() / alpha.shape[-1])[:, None].to(alpha.dtype)
+
+
+def initial_lambda(eta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """q(beta)'s start: Gamma(``INIT_SHAPE``, 1/``INIT_SHAPE``) draws ``(K, V)`` (mean 1; breaks the topic
+    symmetry), from ``gen``."""
+    draw = torch._standard_gamma(torch.full(tuple(eta.shape), INIT_SHAPE, dtype=torch.float64), generator=gen)
+    return (draw / INIT_SHAPE).to(device=eta.device, dtype=eta.dtype)
+
+
+def elbo_terms(structure: LDAStructure, est: EStep, elog_beta_old: torch.Tensor, lam: torch.Tensor
+               ) -> dict[str, float]:
+    r"""The ELBO term by term at :math:`(\phi(\gamma, \lambda_{old}), \gamma, \lambda)` (module docstring); sums
+    accumulated in float64."""
+    elog_theta = expected_log_theta(est.gamma).double()
+    elog_beta = dirichlet_expected_log((lam,)).double()
+    sstats, ndk = est.sstats.double(), est.ndk.double()
+    log_z = (ndk * elog_theta).sum()
+    log_w = (sstats * elog_beta).sum()
+    entropy = est.loglik - log_z - (sstats * elog_beta_old.double()).sum()
+    kl_theta = kl_divergence(Dirichlet(est.gamma.double()), Dirichlet(structure.alpha.double())).sum()
+    kl_beta = kl_divergence(Dirichlet(lam.double()), Dirichlet(structure.eta.double())).sum()
+    return {f"E log p({structure.w})": float(log_w), f"E log p({structure.z})": float(log_z),
+            f"entropy({structure.z})": float(entropy), f"-KL({structure.theta})": -float(kl_theta),
+            f"-KL({structure.topics})": -float(kl_beta)}
+
+
+@dataclass
+class LDAFit:
+    """A fit: ``lam (K, V)``, ``gamma (D, K)``, ``history`` the ELBO per sweep (batch) or per pass (stochastic:
+    the ELBO of the full corpus computed at the end only, the passes' minibatch estimates before it),
+    ``terms`` name -> value per sweep, ``converged``, ``interrupted``."""
+
+    lam: torch.Tensor
+    gamma: torch.Tensor
+    history: list
+    terms: dict
+    converged: bool
+    interrupted: bool = False
+
+    @property
+    def elbo(self) -> float:
+        return self.history[-1]
+
+
+def sweep(structure: LDAStructure, corpus: Corpus, alpha: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
+          scale: float, rho: float) -> tuple[torch.Tensor, EStep, torch.Tensor]:
+    r"""One update on the documents of ``corpus``: E-step from ``gamma`` under ``lam``, then
+    :math:`\lambda \leftarrow` ``stochastic.blend(lam, eta + scale * sstats, rho)``. Full corpus, ``scale=1``,
+    ``rho=1``: one coordinate-ascent sweep; a minibatch of B of D documents, ``scale = D/B``: one stochastic
+    natural-gradient step. Returns (new lambda, the E-step, E log beta under the old lambda)."""
+    elog_beta = dirichlet_expected_log((lam,))
+    est = e_step(corpus, alpha, elog_beta, gamma)
+    target = structure.eta + scale * est.sstats
+    return stochastic.blend(lam, target, rho), est, elog_beta
+
+
+def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int, tol: float, on_step=None
+                      ) -> LDAFit:
+    """Batch VB (Blei et al. 2003): sweeps until the relative ELBO change is below ``tol`` or ``num_steps``
+    sweeps ran; gamma is warm-started from the previous sweep so that the ELBO never decreases (warns
+    ``cavi.ELBODecreased`` otherwise)."""
+    from .cavi import ELBODecreased, round_off
+    corpus = structure.corpus
+    gamma = initial_gamma(corpus, structure.alpha)
+    history, terms_history, converged, interrupted = [], {}, False, False
+    try:
+        for _ in range(num_steps):
+            new_lam, est, elog_old = sweep(structure, corpus, structure.alpha, lam, gamma, 1.0, 1.0)
+            terms = elbo_terms(structure, est, elog_old, new_lam)
+            lam, gamma = new_lam, est.gamma
+            value = sum(terms.values())
+            for k, v in terms.items():
+                terms_history.setdefault(k, []).append(v)
+            if history and value < history[-1] - round_off(history[-1], structure.dtype):
+                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
+                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
+            history.append(value)
+            if on_step is not None:
+                on_step(value)
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        if not history:
+            raise
+        interrupted = True
+    return LDAFit(lam, gamma, history, terms_history, converged, interrupted)
+
+
+def stochastic_fit(structure: LDAStructure, lam: torch.Tensor, num_steps: int, tol: float, batch_size: int,
+                   tau0: float, kappa: float, gen: torch.Generator, on_step=None) -> LDAFit:
+    r"""Online VB (Hoffman et al. 2010, 2013): ``num_steps`` passes over the documents in random minibatches of
+    ``batch_size``; step t blends :math:`\lambda` towards :math:`\eta + \frac{D}{|B|} s_B` with
+    :math:`\rho_t = (\tau_0 + t)^{-\kappa}`. Each pass records the sum of its minibatches' scaled ELBO estimates
+    (noisy, for progress); it stops early when that estimate moves by less than ``tol`` (relative). At the end one
+    full E-step gives every document's gamma and the exact ELBO (the last entry of ``history``)."""
+    corpus, D = structure.corpus, structure.corpus.D
+    history, terms_history, converged, interrupted = [], {}, False, False
+    t = 0
+    try:
+        for _ in range(num_steps):
+            estimate = 0.0
+            for docs in stochastic.batches(D, batch_size, gen):
+                t += 1
+                sub = corpus.subset(docs.to(corpus.ptr.device))
+                alpha = structure.alpha[docs]
+                scale = D / docs.shape[0]
+                new_lam, est, elog_old = sweep(structure, sub, alpha, lam, initial_gamma(sub, alpha), scale,
+                                               stochastic.step_size(t, tau0, kappa))
+                local = (est.loglik - kl_divergence(Dirichlet(est.gamma.double()), Dirichlet(alpha.double())).sum())
+                estimate += float(local) * 1.0
+                lam = new_lam
+            estimate -= float(kl_divergence(Dirichlet(lam.double()), Dirichlet(structure.eta.double())).sum())
+            history.append(estimate)
+            if on_step is not None:
+                on_step(estimate)
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        if t == 0:
+            raise
+        interrupted = True
+    est = e_step(corpus, structure.alpha, dirichlet_expected_log((lam,)), initial_gamma(corpus, structure.alpha))
+    terms = elbo_terms(structure, est, dirichlet_expected_log((lam,)), lam)
+    for k, v in terms.items():
+        terms_history[k] = [v]
+    history.append(sum(terms.values()))
+    return LDAFit(lam, est.gamma, history, terms_history, converged, interrupted)
+
+
+# ------------------------------------------------------------------------------------- backend plumbing
+
+
+def describe(names: tuple[str, str, str, str]) -> dict[str, str]:
+    """site -> the closed-form update ``plan.explain()`` prints."""
+    theta, z, w, topics = names
+    return {theta: f"q({theta}) = Dirichlet per document: closed form from the expected topic counts of '{z}' "
+                   "(E-step, iterated with q(z))",
+            topics: f"q({topics}) = Dirichlet per topic: closed form from the expected topic-word counts of '{w}' "
+                    "(sparse document-word counts; a natural-gradient step with batch_size=)"}
+
+
+def treatment_rows(graph, names: tuple[str, str, str, str]) -> list:
+    """The plan's rows for an admixture."""
+    from ppl.plan import SiteTreatment
+    theta, z, w, topics = names
+    updates = describe(names)
+    rows = []
+    for s in graph.sites():
+        if s.observed:
+            rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape} (as sparse "
+                                      "document-word counts)"))
+        elif s.name == z:
+            rows.append(SiteTreatment(s.name, "enumerate", f"q({z}) = Categorical per distinct (document, word): "
+                                      f"phi proportional to exp(E log {theta} + E log {topics})"))
+        else:
+            rows.append(SiteTreatment(s.name, "natural gradient", updates.get(s.name, "")))
+    return rows
+
+
+def fit(structure: LDAStructure, num_steps: int, tol: float, restarts: int, seed: int, batch_size, tau0, kappa,
+        progress: bool) -> list[LDAFit]:
+    """``restarts`` fits from random q(topics) starts (seeded by ``seed``), batch or stochastic."""
+    from .. import training
+    gen = torch.Generator().manual_seed(seed)
+    fits = []
+    for i in range(restarts):
+        desc = "vi (lda)" if restarts == 1 else f"vi (lda) start {i + 1}/{restarts}"
+        bar = training.progress_bar(desc, num_steps, progress)
+        tick = lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))  # noqa: E731
+        lam = initial_lambda(structure.eta, gen)
+        with torch.no_grad():
+            if batch_size is None:
+                fits.append(coordinate_ascent(structure, lam, num_steps, tol, tick))
+            else:
+                fits.append(stochastic_fit(structure, lam, num_steps, tol, batch_size, tau0, kappa, gen, tick))
+        bar.close()
+        if fits[-1].interrupted:
+            warnings.warn(f"vi: interrupted by the user in {desc}; the result is the best run so far "
+                          "(post.interrupted is True)", training.Interrupted, stacklevel=3)
+            break
+    return fits
+
+
+def posterior(model, args, kwargs, plan, structure: LDAStructure, best: LDAFit, num_samples: int,
+              interrupted: bool):
+    """The typed Posterior: draws of topics and document proportions from q, their means as the point."""
+    from .. import training
+    from ..results import make_posterior
+    from ppl.posterior import LogEvidence
+    gamma = best.gamma.reshape(structure.theta_shape)
+    draws = {structure.topics: Dirichlet(best.lam).sample((num_samples,)).unsqueeze(0),
+             structure.theta: Dirichlet(gamma).sample((num_samples,)).unsqueeze(0)}
+    point = {structure.topics: best.lam / best.lam.sum(-1, keepdim=True),
+             structure.theta: gamma / gamma.sum(-1, keepdim=True)}
+    history = training.History(-v for v in best.history)
+    history.interrupted = interrupted
+    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=history,
+                          log_evidence=LogEvidence(best.elbo, "ELBO (lower bound)"), elbo_terms=best.terms)
+
+
+def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, seed: int, num_samples: int,
+        progress: bool, batch_size, tau0, kappa):
+    """The vi backend's run for an admixture (``backend.run`` dispatches here); returns the best fit's Posterior."""
+    from .. import training
+    structure = analyse(model, args, kwargs, plan.facts)
+    stochastic.check_schedule(batch_size, tau0, kappa, structure.corpus.D, "documents")
+    fits = fit(structure, num_steps, tol, restarts, seed, batch_size, tau0, kappa, progress)
+    best = max(fits, key=lambda f: f.elbo)
+    if batch_size is None and not best.converged and not fits[-1].interrupted:
+        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
+                      "raise num_steps", training.NotConverged, stacklevel=3)
+    return posterior(model, args, kwargs, plan, structure, best, num_samples, fits[-1].interrupted)
