@@ -44,6 +44,7 @@ import torch
 from ppl.conjugate_dists import MatrixNormalInverseWishart, NormalInverseWishart
 from ppl.expfam import dirichlet, mniw, natural_step, niw
 from ppl.expfam.gaussian import GaussianStats
+from ..vi import gaussian_chain as chain_vi
 from .facts import Kind
 from .local import gaussian_posterior
 
@@ -280,17 +281,13 @@ class MNIWConjugate:
 def transition_stats(local) -> mniw.MNIWNatural:
     r"""Expected transition statistics of a chain's q(x) (a ``Local`` with ``moments``; ``mean (..., T, D)``),
     summed over the batch, in float64: :math:`\sum (E[x_tx_t^\top]_{t\ge1}, E[x_tx_{t-1}^\top],
-    E[x_{t-1}x_{t-1}^\top]_{t\le T-2}, T - 1)`, with :math:`E[x_tx_s^\top] = \Sigma_{ts} + m_tm_s^\top`."""
+    E[x_{t-1}x_{t-1}^\top]_{t\le T-2}, T - 1)`, with :math:`E[x_tx_s^\top] = \Sigma_{ts} + m_tm_s^\top`: the vi
+    backend's statistics (``ppl.inference.vi.gaussian_chain.transition_stats``) of the same q(x)."""
     if local.moments is None:
         raise ValueError("transition_stats: the chain's local posterior was solved without moments")
     mean = local.mean.detach().to(torch.float64)
     cov, cross = (m.detach().to(torch.float64) for m in local.moments)
-    T, D = mean.shape[-2:]
-    second = (cov + mean[..., :, None] * mean[..., None, :]).reshape(-1, T, D, D)
-    second = 0.5 * (second + second.mT)                                    # exact up to rounding
-    lagged = (cross + mean[..., 1:, :, None] * mean[..., :-1, None, :]).reshape(-1, T - 1, D, D)
-    per_seq = mniw.expected_transition_stats(second, lagged)
-    return mniw.MNIWNatural(*(f.sum(0) for f in per_seq))
+    return chain_vi.transition_stats(chain_vi.ChainLocal(mean, cov, cross, mean.new_zeros(())))
 
 
 def expected_log_density_offset(natparam: niw.NIWNatural) -> torch.Tensor:
