@@ -85,6 +85,7 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
             checkpoint_every=100  steps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
+            batch_size=None       data points (sequences) per step, all processes together, scaled N/B; None: all
         svi (SVI on the compiled log density; chains collapsed, finite discrete latents enumerated):
             num_steps=2000        Adam steps
             lr=0.02               Adam's learning rate
@@ -95,6 +96,8 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint=None       a file written every checkpoint_every steps, at the end and on Ctrl-C
             checkpoint_every=100  steps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
+            batch_size=None       data-plate rows per step, all processes together, scaled N/B (global latents
+                                  only); None: all
         mcmc (NUTS on the continuous latents; chains collapsed, finite discrete latents enumerated):
             num_samples=500       draws kept per chain
             warmup_steps=None     adaptation steps per chain; None: num_samples

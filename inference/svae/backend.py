@@ -10,13 +10,14 @@ with reparameterized gradients through the message passing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoDelta
+from torch.overrides import TorchFunctionMode
 
 from ppl.analysis import Facts
 from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
@@ -24,8 +25,12 @@ from ppl.compiler import compile as compile_model
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
 
+from ppl.expfam import natural_step
+
+from .. import distributed
 from ..results import make_posterior
 from ..checkpoints import Checkpoints
+from ..minibatch import batch_rows, check_batch_size, minibatch
 from ..training import LoopState, init_fn, optimize, traced_loss
 from .conjugate import DirichletConjugate, MNIWConjugate, NIWConjugate, describe, natural_gradient_sites
 from .conjugate import build as build_conjugates
@@ -195,10 +200,135 @@ class _Step:
         return -(h.recon - h.local_kl + h.global_term - h.global_kl)
 
 
+def _fieldwise(f: Callable, *natparams):
+    """``f`` applied to a natural parameter (a tensor) or field by field to a named tuple of them."""
+    if isinstance(natparams[0], torch.Tensor):
+        return f(*natparams)
+    return type(natparams[0])(*(f(*fields) for fields in zip(*natparams)))
+
+
+class _ShardedNoise(TorchFunctionMode):
+    """Inside this mode, process r of W answers ``torch.randn(shape, generator=g)`` (g the step's generator) with
+    rows ``[r s_0, (r + 1) s_0)`` of ``torch.randn((W s_0, *shape[1:]), generator=g)``: every process draws the
+    whole batch's noise from the same stream and keeps its rows. When the local solver draws its noise rows-first
+    (Gaussian nodes, mixtures, the banded LDS smoother), each data point gets the noise it gets in one process on
+    the whole batch, so W processes reproduce that run; any other layout (the scan smoother's column layout) still
+    gets independent standard normals, only not the same ones."""
+
+    def __init__(self, generator: torch.Generator, rank: int, world: int):
+        super().__init__()
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is not self.generator:
+            return func(*args, **kwargs)
+        if func is not torch.randn:
+            raise NotImplementedError(f"svae data parallel: the local step drew noise with {func.__name__}; only "
+                                      "torch.randn is split between the processes")
+        size = kwargs.pop("size", None)
+        if size is None:
+            size = args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+        shape = tuple(size)
+        rows = shape or (1,)
+        full = torch.randn((self.world * rows[0],) + rows[1:], **kwargs)
+        return full[self.rank * rows[0]:(self.rank + 1) * rows[0]].reshape(shape)
+
+
+def data_rows(targets: dict, trace, global_sites) -> int:
+    """N, the data points (or sequences) a minibatch draws from: the leading node dim every SVAE target shares.
+
+    ValueError naming the site when a target has no such dim (a single chain: its time steps are not
+    exchangeable), when the targets disagree, or when an observed site does not have the N rows first (its
+    log-density would be scaled by N / B without being a sum over the data points)."""
+    sizes = {}
+    for name, t in targets.items():
+        chain = t.kind in (Kind.LDS, Kind.SLDS)
+        if len(t.node_shape) < (2 if chain else 1):
+            what = "sequences (a chain's nodes (N, T))" if chain else "data points (nodes (N, ...))"
+            raise ValueError(f"site '{name}': batch_size= and data parallel training split a batch of {what}; its "
+                             f"nodes have shape {tuple(t.node_shape)}")
+        sizes[name] = t.node_shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch_size= needs the SVAE targets to share their leading data dim, got {sizes}")
+    size = next(iter(sizes.values()))
+    for name, node in trace.nodes.items():
+        if node["type"] == "sample" and node["is_observed"] and name not in global_sites:
+            shape = tuple(node["value"].shape)
+            if not shape or shape[0] != size:
+                raise ValueError(f"site '{name}': batch_size= scales the likelihood by N / B, so every observed site "
+                                 f"needs the N = {size} data points first; its value has shape {shape}")
+    return size
+
+
+class _Minibatches:
+    r"""The SVAE's negative ELBO on a minibatch of B of the N data points (sequences), data parallel.
+
+    Each step draws B distinct rows uniformly (``minibatch.batch_rows``: the same rows on every process, same
+    seed); process r of W keeps its B/W (``distributed.shard``), runs the model on those rows (the model's
+    arguments, recognition inputs and masks sliced) and returns
+
+    .. math:: -\Big[	frac{N}{B/W}ig(	ext{recon} - 	ext{local KL}ig) + \log p(	heta) - \mathrm{KL}(q(\phi)\|p(\phi))\Big]
+
+    unbiased for the full-data objective (a row is in the batch with probability B/N). The network and MAP
+    gradients are averaged over the processes (``distributed.average_gradients``). A conjugate global's
+    natural-gradient step uses the expected statistics of the whole batch, scaled to the data set:
+    :math:`\eta \leftarrow (1-
+ho)\eta + 
+ho(\eta_0 + rac{N}{B}\sum_{n\in B} s_n)` with
+    :math:`\sum_{n\in B} = W\cdot\mathrm{mean}_r\sum_{n\in B_r}` (all-reduced), so every process holds the same
+    q. The local noise is drawn for the whole batch from a generator seeded each step (``_ShardedNoise``).
+    Recorded terms (``post.elbo_terms``) and the loss are this process's estimates.
+    """
+
+    def __init__(self, step: _Step, size: int, batch_size: int | None):
+        self.step, self.size = step, size
+        self.batch_size = size if batch_size is None else min(batch_size, size)
+        self.mine = distributed.shard(self.batch_size)
+        self.rank, self.world = distributed.world()
+        self.full = (step.args, step.kwargs, step.inputs, step.masks, step.targets)
+
+    def restore(self) -> None:
+        """Put the whole data set back into the step (for the final full-data pass)."""
+        self.step.args, self.step.kwargs, self.step.inputs, self.step.masks, self.step.targets = self.full
+
+    def _select(self, rows: torch.Tensor) -> None:
+        args, kwargs, inputs, masks, targets = self.full
+        step = self.step
+        step.args, step.kwargs = minibatch(args, kwargs, self.size, rows)
+        step.inputs = {n: v[rows.to(v.device)] for n, v in inputs.items()}
+        step.masks = {n: None if m is None else m[rows.to(m.device)] for n, m in masks.items()}
+        step.targets = {n: replace(t, node_shape=(len(rows),) + tuple(t.node_shape[1:])) for n, t in targets.items()}
+
+    def __call__(self) -> torch.Tensor:
+        step = self.step
+        rows = batch_rows(self.size, self.batch_size, None)[self.mine]
+        seed = int(torch.randint(2 ** 62, (1,)))
+        generator = torch.Generator(device=_device(step)).manual_seed(seed)
+        self._select(rows)
+        if self.world > 1:
+            with _ShardedNoise(generator, self.rank, self.world):
+                h = step.run(generator)
+        else:
+            h = step.run(generator)
+        scale = self.size / len(rows)
+        recon, local_kl = scale * h.recon, scale * h.local_kl
+        for key, value in (("recon", recon), ("local_kl", local_kl), ("global_term", h.global_term),
+                           ("global_kl", h.global_kl)):
+            step.terms[key].append(float(torch.as_tensor(value).detach()))
+        for c in step.conjugates.values():
+            current = c.natparam
+            c.update_from(h, 1.0)    # natparam = prior + s_r: the shard's statistics, exactly the conjugate's own
+            stats = _fieldwise(lambda new, prior: distributed.average(scale * (new - prior)), c.natparam, c.prior)
+            c.natparam = natural_step(current, _fieldwise(torch.add, c.prior, stats), step.natgrad_step)
+        return -(recon - local_kl + h.global_term - h.global_kl)
+
+
 def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
         recognition: dict | None = None, num_iters: int = 3, init: dict | None = None,
         natgrad_step: float = 0.5, progress: bool = True, checkpoint: str | None = None,
-        checkpoint_every: int = 100, resume: str | None = None, **unused) -> Posterior:
+        checkpoint_every: int = 100, resume: str | None = None, batch_size: int | None = None,
+        **unused) -> Posterior:
     """Train decoder, recognition networks and globals on the SVAE ELBO.
 
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
@@ -208,10 +338,14 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     LDS chain's dynamics and noise; ``init`` may give the starting value of the latter two, packed
     ``(K, D, D + 1)`` and ``(D, 2 D)``), checkpoint (a file written every ``checkpoint_every`` steps, at the end
     and on Ctrl-C: parameters, Adam moments, RNG and the conjugate q's), resume (a checkpoint file of the same fit:
-    continues it bit-identically, ``inference/checkpoints.py``).
+    continues it bit-identically, ``inference/checkpoints.py``), batch_size (data points or sequences per
+    step, all processes together: the leading node dim of the targets, the likelihood and local KL scaled by
+    N / B, the conjugate statistics too; ``_Minibatches``). Data parallel under an initialized
+    ``torch.distributed`` process group: each process fits its share of every batch (``inference/distributed.py``).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
+    check_batch_size(batch_size, NAME)
     facts = plan.facts
     targets = facts.of(NAME).targets
     inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
@@ -223,8 +357,16 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
     step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
-    history = optimize(traced_loss(step), num_steps, lr, progress, NAME, checkpoints,
-                       LoopState(step.state, step.load_state))
+    progress, checkpoints = distributed.main_only(progress, checkpoints)
+    batches = None
+    if batch_size is not None or distributed.world()[1] > 1:
+        batches = _Minibatches(step, data_rows(targets, trace, global_sites), batch_size)
+        if guide is not None:   # its set-up traces the model: on all the data, the same draws in every process
+            guide(*args, **kwargs)
+    history = optimize(traced_loss(batches or step), num_steps, lr, progress, NAME, checkpoints,
+                       LoopState(step.state, step.load_state), after_backward=distributed.average_gradients)
+    if batches is not None:
+        batches.restore()
     return _collect(plan, step, history, num_samples, model, args, kwargs)
 
 

@@ -10,13 +10,15 @@ from typing import Callable
 
 import torch
 from pyro.infer import Predictive
+from pyro.poutine.messenger import Messenger
 
 from ppl.analysis import Facts
 from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.posterior import LogEvidence, Posterior
 
-from .. import chains, training
+from .. import chains, distributed, training
 from ..checkpoints import Checkpoints
+from ..minibatch import batch_rows, check_batch_size, data_plate, minibatch
 from ..results import make_posterior
 
 NAME = "svi"
@@ -68,22 +70,105 @@ def treatments(graph, facts: Facts):
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_samples: int = 1000,
         guide: str | Callable = "normal", init: dict | None = None, progress: bool = True,
         checkpoint: str | None = None,
-        checkpoint_every: int = 100, resume: str | None = None, **unused) -> Posterior:
+        checkpoint_every: int = 100, resume: str | None = None, batch_size: int | None = None,
+        **unused) -> Posterior:
     """Fit and collect the posterior: guide draws, plug-in discrete/chain posteriors at the guide median.
 
     Options: num_steps, lr (Adam), num_samples (guide draws kept), guide ("normal", "delta", or a guide factory
     ``(model, init_loc_fn=...) -> autoguide`` such as ``ppl.flow_guide("iaf")``: a normalizing-flow guide),
     init (site -> initial value, e.g. data points for mixture locations), checkpoint (a file written every
     ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
-    bit-identically, ``inference/checkpoints.py``).
+    bit-identically, ``inference/checkpoints.py``), batch_size (rows of the data plate per step, all processes
+    together, the plate's sites scaled by N / B: ``Minibatches``; global latents only). Data parallel under an
+    initialized ``torch.distributed`` process group: each process fits its share of every batch, gradients
+    averaged (``inference/distributed.py``).
     """
     if unused:
         raise TypeError(f"backend 'svi' got unexpected options: {', '.join(unused)}")
+    check_batch_size(batch_size, NAME)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     fmodel = chains.fit_model(model, plan.facts)
-    fitted, elbo, history = training.fit_guide(fmodel, args, kwargs, plan, guide, num_steps, lr, progress, init,
-                                               desc=NAME, checkpoints=checkpoints)
+    fit_model, after_backward = fmodel, None
+    if batch_size is not None or distributed.world()[1] > 1:
+        fit_model = Minibatches(fmodel, args, kwargs, plan, batch_size)
+        progress, checkpoints = distributed.main_only(progress, checkpoints)
+        after_backward = distributed.average_gradients
+    fitted, elbo, history = training.fit_guide(fit_model, args, kwargs, plan, guide, num_steps, lr, progress, init,
+                                               desc=NAME, checkpoints=checkpoints, after_backward=after_backward)
     return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
+
+
+class _ScalePlate(Messenger):
+    """Multiplies the scale of every sample site inside plate ``plate`` by ``factor`` (the compiled log density
+    and Pyro's ELBOs both read a site's scale)."""
+
+    def __init__(self, plate: str, factor: float):
+        super().__init__()
+        self.plate, self.factor = plate, factor
+
+    def _pyro_sample(self, msg):
+        if any(frame.name == self.plate for frame in msg["cond_indep_stack"]):
+            msg["scale"] = msg["scale"] * self.factor
+
+
+class Minibatches:
+    r"""The model on a minibatch of its data plate, for a guide whose latents are all global.
+
+    Called like the model (its own arguments are ignored), it draws B distinct rows of the N in the data plate
+    (``minibatch.batch_rows``, the same rows on every process: same seed), keeps this process's B/W
+    (``distributed.shard``) and runs the model on them with the plate's sites scaled by :math:`N/(B/W)`:
+
+    .. math:: \log p(\theta) + \frac{N}{B/W}\sum_{n \in B_r} \log p(x_n \mid \theta),
+
+    unbiased for the full log joint; with the gradients averaged over the W processes the step equals one process
+    on the whole batch. Finite discrete latents of the plate (enumerated, no guide parameters) are allowed; a
+    continuous local latent (its guide parameters live on every row) or a chain is refused with a ValueError
+    naming the site (``backend='amortized'`` fits local latents on minibatches with an encoder).
+    """
+
+    def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, plan, batch_size: int | None):
+        self.fmodel, self.args, self.kwargs = fmodel, args, kwargs
+        self.plate, self.size = _data_plate(plan)
+        self.batch_size = self.size if batch_size is None else min(batch_size, self.size)
+        self.mine = distributed.shard(self.batch_size)
+
+    def model_on(self, rows: torch.Tensor) -> Callable:
+        """The model on ``rows`` of the data plate, its sites scaled by N / len(rows): ``f(*_, **_)``."""
+        args, kwargs = minibatch(self.args, self.kwargs, self.size, rows)
+        scale = self.size / len(rows)
+
+        def on_rows(*_, **__):
+            with _ScalePlate(self.plate, scale):
+                return self.fmodel(*args, **kwargs)
+
+        return on_rows
+
+    def __call__(self, *_, **__):
+        return self.model_on(batch_rows(self.size, self.batch_size, None)[self.mine])()
+
+
+def _data_plate(plan) -> tuple[str, int]:
+    """(name, N) of the plate every observed site sits in first; ValueError naming the site for a continuous
+    latent or chain inside it, an observed site outside it or whose value does not have the N rows first."""
+    graph, facts = plan.graph, plan.facts
+    chain = (facts.markov_chains + facts.gaussian_chains)[:1]
+    if chain:
+        raise ValueError(f"backend '{NAME}': batch_size= and data-parallel training do not split chains; site "
+                         f"'{chain[0]}' is one (fit it on all the data, one process)")
+    observed = [s for s in graph.sites() if s.observed]
+    plates = {s.name: data_plate(graph, s.name) for s in observed}
+    if len(set(plates.values())) != 1:
+        raise ValueError(f"backend '{NAME}': batch_size= needs every observed site in one data plate, got {plates}")
+    plate, size = next(iter(plates.values()))
+    for s in graph.sites():
+        if s.observed and (not s.value_shape or s.value_shape[0] != size):
+            raise ValueError(f"site '{s.name}' has shape {s.value_shape}: plate '{plate}' must index its first dim "
+                             f"(size {size}) to be fitted on minibatches")
+        if not s.observed and any(p == plate for p, _ in s.plates) and s.name not in facts.enumerable:
+            raise ValueError(f"site '{s.name}' is a latent local to plate '{plate}': backend '{NAME}' with "
+                             "batch_size= or data-parallel training fits global latents only (a per-row guide "
+                             "would not follow the batch); use backend='amortized' (an encoder network)")
+    return plate, size
 
 
 def _collect(model, args, kwargs, plan, fmodel, guide, elbo, history, num_samples) -> Posterior:

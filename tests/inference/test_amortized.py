@@ -1,11 +1,6 @@
 """Backend "amortized": minibatch ELBO unbiased (exact average over every batch), the fit against the closed-form
-posterior of a linear-Gaussian model, data-parallel training on 2 processes equal to one process with the same
-total batch, routing and clear errors."""
+posterior of a linear-Gaussian model, routing and clear errors (data-parallel training: test_distributed.py)."""
 import itertools
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pyro
 import pytest
@@ -15,9 +10,6 @@ import ppl
 from ppl import dist
 from ppl.inference.amortized import backend as amortized
 from tests.ppl import models_for_tests as M
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 shift = M.local_shift  # b ~ N(0, 10^2); z_n ~ N(0, 1); x_n ~ N(z_n + b, 1): q(z_n | x_n) = N((x_n - b)/2, 1/2)
 
@@ -72,45 +64,6 @@ def test_the_compiler_routes_many_local_points_here_and_says_so():
     plan = ppl.compile(shift, torch.randn(amortized.MIN_POINTS))
     assert plan.backend == "amortized" and "encoder" in plan.explain()
     assert ppl.compile(shift, torch.randn(50)).backend != "amortized"   # few points: per-point guides are cheap
-
-
-DDP = """
-import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-import ppl
-sys.path.insert(0, {root!r})
-from tests.inference.test_amortized import shift
-
-def fit():
-    x = 2.0 + torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    post = ppl.infer(shift, x, backend="amortized", num_steps=15, batch_size=16, num_samples=2, progress=False)
-    return {{k: v.detach() for k, v in post.params.items()}}
-
-def worker(rank, path):
-    dist.init_process_group("gloo", init_method="file://" + path + ".rendezvous", rank=rank, world_size=2)
-    params = fit()
-    if rank == 0:
-        torch.save(params, path + ".ddp")
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    path = sys.argv[1]
-    torch.save(fit(), path + ".single")
-    mp.spawn(worker, args=(path,), nprocs=2)
-"""
-
-
-def test_two_processes_equal_one_process_with_the_same_total_batch(tmp_path):
-    """gloo on localhost: each process fits half of every batch, gradients averaged; parameters equal one process
-    on the whole batch (float64, to summation-order round-off)."""
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(DDP.format(root=str(ROOT))))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "fit")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    single, ddp = torch.load(tmp_path / "fit.single"), torch.load(tmp_path / "fit.ddp")
-    assert set(single) == set(ddp) and len(single) > 2
-    for name in single:
-        assert torch.allclose(single[name], ddp[name], rtol=1e-9, atol=1e-11), name
 
 
 def test_bad_options_and_models_are_named():
