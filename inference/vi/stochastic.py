@@ -54,6 +54,7 @@ def blend(old: torch.Tensor, target: torch.Tensor, rho: float) -> torch.Tensor:
 
 def batches(num_units: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """One pass over ``num_units`` units in minibatches of ``batch_size`` (the last may be smaller): a random
-    permutation from ``gen`` cut in order, so every unit is visited once a pass."""
+    permutation from ``gen`` cut in order, so every unit is visited once a pass; each minibatch sorted (the
+    statistics do not depend on the order, and a full batch is then ``arange(num_units)`` itself)."""
     order = torch.randperm(num_units, generator=gen)
-    return list(order.split(batch_size))
+    return [b.sort().values for b in order.split(batch_size)]
