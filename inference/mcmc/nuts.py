@@ -141,7 +141,9 @@ def _evaluate(potential_and_grad: PotentialAndGrad, z: torch.Tensor, rows: torch
     ``AllChains`` potential, its values at ``current`` ``(C, D)``)."""
     if isinstance(potential_and_grad, AllChains):
         u, grad = potential_and_grad(torch.where(rows.unsqueeze(-1), z, current))
-        return u.to(z.dtype), grad.to(z.dtype)
+        if u.dtype != z.dtype or grad.dtype != z.dtype:
+            u, grad = u.to(z.dtype), grad.to(z.dtype)
+        return u, grad
     if bool(rows.all()):
         u, grad = potential_and_grad(z)
         return u.to(z.dtype), grad.to(z.dtype)

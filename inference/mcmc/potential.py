@@ -1,9 +1,17 @@
 """The potential NUTS runs on: ``U(z) = -log p(z, data)`` over the flat unconstrained latents of a model.
 
-``make_potential`` is the one place the mcmc backend gets its density. Today it wraps Pyro's
-``initialize_model`` (the model run through Pyro's effect handlers, with finite discrete sites enumerated
-and chains collapsed by ``chains.fit_model``) and evaluates the C chains one after another; a compiled,
-batched log density can replace it here without touching the sampler.
+``make_potential`` is the one place the mcmc backend gets its density: the compiled log joint
+(``compiled.potential_fn``, finite discrete sites enumerated and chains collapsed by ``chains.fit_model``) with
+Pyro's ``initialize_model`` transforms and starting points. In order of preference, the C chains' potential and
+gradient come from
+
+1. one traced graph (``_traced``): ``torch.func.vmap(torch.func.grad_and_value(U))`` recorded once by
+   ``make_fx`` as a straight-line program of aten ops (the handler stack, the model's Python and autograd's
+   bookkeeping run once, at build time), constants folded, then ``torch.jit.trace``-d; kept only when no
+   value read in Python depends on z and it equals the eager values at the starting points;
+2. the same ``vmap`` run eagerly at every call (``_vectorized``), when the trace is refused;
+3. one autograd pass per chain (``pyro_potential_and_grad``), when the model's code cannot be vmapped;
+4. Pyro's own ``potential_fn``, when the model cannot be compiled (a ``PyroObjective`` warning names the site).
 """
 from __future__ import annotations
 
@@ -94,9 +102,10 @@ def make_potential(model: Callable, args: tuple, kwargs: dict, plan, num_chains:
     unconstrained scale (Pyro's ``init_to_uniform``, from the global torch RNG).
 
     The density is the compiled log joint (``compiled.potential_fn``: no trace, the enumerated sites contracted
-    in place), evaluated on all chains at once by ``torch.func.vmap`` when that gives the same values as one
-    chain at a time at the starting points (else chain by chain); Pyro's ``potential_fn`` if the model cannot be
-    compiled (a ``PyroObjective`` warning names the site)."""
+    in place), evaluated on all chains at once by a traced graph of ``torch.func.vmap`` (``_traced``, wrapped
+    in ``nuts.AllChains``: its shapes are those of C chains) or by ``vmap`` itself, each only when it gives
+    the same values as one chain at a time at the starting points (else chain by chain); Pyro's
+    ``potential_fn`` if the model cannot be compiled (a ``PyroObjective`` warning names the site)."""
     fmodel = chains.fit_model(model, plan.facts)
     init, pyro_potential, transforms, _ = initialize_model(
         fmodel, model_args=args, model_kwargs=kwargs, max_plate_nesting=training.max_plate_nesting(plan.graph),
@@ -114,7 +123,10 @@ def make_potential(model: Callable, args: tuple, kwargs: dict, plan, num_chains:
                       "potential instead (same density, slower)", training.PyroObjective, stacklevel=3)
         return Potential(pyro_potential_and_grad(pyro_potential, layout), layout, dict(transforms), flat)
     batched = _vectorized(ours, layout, flat, reference)
-    return Potential(batched or one_by_one, layout, dict(transforms), flat)
+    if batched is None:
+        return Potential(one_by_one, layout, dict(transforms), flat)
+    traced = _traced(ours, layout, flat, reference)
+    return Potential(batched if traced is None else traced, layout, dict(transforms), flat)
 
 
 def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
@@ -143,3 +155,119 @@ def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z:
     ok = (torch.allclose(u, reference[0], rtol=1e-6, atol=1e-6)
           and torch.allclose(g, reference[1], rtol=1e-5, atol=1e-6, equal_nan=True))
     return potential_and_grad if ok else None
+
+
+VALUE_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
+                         "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
+                         "allclose"})
+"""aten ops whose result (a Python number, or a shape) depends on a tensor's values: a trace that reads one off a
+tensor depending on z has baked in a branch taken at the starting points, and is refused."""
+
+
+def _depends_on_input(graph: torch.fx.Graph) -> set:
+    """The nodes of ``graph`` computed from its placeholders (in topological order, one pass)."""
+    dependent: set = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
+    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. The graph is
+    functional (``functionalize``), so a folded tensor is never written to."""
+    graph = module.graph
+    dependent = _depends_on_input(graph)
+    values: dict = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            values[node] = out
+            return out
+
+    Recorder(module).run(example)
+    folded = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or node in dependent or not isinstance(values.get(node), torch.Tensor)
+                or not any(user in dependent for user in node.users)):
+            continue
+        name = f"_folded_{folded}"
+        folded += 1
+        module.register_buffer(name, values[node].detach().clone())
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
+            reference: tuple[torch.Tensor, torch.Tensor]):
+    """``potential_and_grad`` over exactly ``z.shape[0]`` chains as one traced graph, or None when it cannot be
+    trusted.
+
+    ``functionalize(vmap(grad_and_value(U)))`` is recorded by ``make_fx`` at ``z`` ``(C, D)``: a straight-line
+    program of aten ops computing (grad ``(C, D)``, U ``(C,)``); Python reads of tensor values are evaluated
+    there and baked in. The trace is refused (None) when such a read (``VALUE_READS``) depends on z (a branch of
+    the model on a latent value), when tracing fails, or when its values at ``z`` differ from ``reference``
+    (chain by chain, 1e-6 relative). Constants are folded (``_fold_constants``) and the graph is run by
+    ``torch.jit.trace`` (fewer interpreter calls per op), checked against the graph at ``z``. The result is
+    ``nuts.AllChains``: the sampler calls it on all C chains (another number of rows is run C at a time,
+    padded). Where U is not finite the gradient is whatever the
+    graph gives (the sampler stops such a trajectory as divergent on U alone)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from .nuts import AllChains
+
+    def value(row: torch.Tensor) -> torch.Tensor:
+        return potential_fn(layout.unravel(row))
+
+    z = z.detach()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = make_fx(torch.func.functionalize(torch.func.vmap(torch.func.grad_and_value(value))),
+                             _error_on_data_dependent_ops=False)(z)
+            dependent = _depends_on_input(module.graph)
+            if any(node.op == "call_function" and node in dependent
+                   and getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in VALUE_READS
+                   for node in module.graph.nodes):
+                return None
+            module = _fold_constants(module, z)
+            graph_out = module(z)
+            try:
+                run = torch.jit.trace(module, (z,), check_trace=False)
+                jit_out = run(z)
+                if not all(torch.equal(a, b) for a, b in zip(jit_out, graph_out)):
+                    run = module
+            except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
+                run = module
+    except Exception:  # noqa: BLE001 - a model make_fx cannot record keeps the eager vmap
+        return None
+
+    C = z.shape[0]
+
+    def potential_and_grad(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A = rows.shape[0]
+        if A == C:
+            grads, us = run(rows)
+            return us, grads
+        # another number of rows (a caller that does not honour AllChains): C at a time, the last block
+        # padded with copies of its first row
+        us, grads = [], []
+        for block in rows.split(C):
+            n = block.shape[0]
+            g, u = run(torch.cat([block, block[:1].expand(C - n, -1)]) if n < C else block)
+            us.append(u[:n])
+            grads.append(g[:n])
+        return torch.cat(us), torch.cat(grads)
+
+    u, g = potential_and_grad(z)
+    finite = torch.isfinite(reference[0])
+    ok = (u.dtype == z.dtype and bool((torch.isfinite(u) == finite).all())
+          and torch.allclose(u[finite], reference[0][finite], rtol=1e-6, atol=1e-6)
+          and torch.allclose(g[finite], reference[1][finite], rtol=1e-5, atol=1e-6))
+    return AllChains(potential_and_grad) if ok else None
