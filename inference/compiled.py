@@ -21,15 +21,17 @@ a Pyro autoguide on it (MAP for ``AutoDelta``, the reparametrized ELBO for ``Aut
 """
 from __future__ import annotations
 
+import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
+from torch.distributions import transform_to
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -132,9 +134,10 @@ class _DensityRun(Messenger):
         self.factors.append(_Factor(msg["name"], log_prob, plates, scale))
 
 
-def _run(fmodel: Callable, args: tuple, kwargs: dict, values: dict, site_plan: SitePlan) -> _DensityRun:
+def _run(fmodel: Callable, args: tuple, kwargs: dict, values: dict, site_plan: SitePlan,
+         validate: bool = False) -> _DensityRun:
     run = _DensityRun(values, site_plan)
-    with pyro.validation_enabled(False), run:
+    with pyro.validation_enabled(validate), run:
         fmodel(*args, **kwargs)
     return run
 
@@ -182,15 +185,16 @@ def _contract_enumerated(factors: list[_Factor], enum_dims: dict[int, str]) -> t
 
 
 def log_joint(fmodel: Callable, args: tuple, kwargs: dict, values: dict[str, torch.Tensor],
-              site_plan: SitePlan) -> torch.Tensor:
+              site_plan: SitePlan, validate: bool = False) -> torch.Tensor:
     r"""log p(data, values) of ``fmodel`` with its finite discrete sites (``site_plan.enumerate``) summed out
     exactly: a differentiable scalar.
 
     ``fmodel`` is the model inference runs on (``chains.fit_model``: chains collapsed into factors); ``values``
     sets every other latent site (constrained space, the site's shape). Raises ``NotCompilable`` naming a latent
-    site that has neither.
+    site that has neither. ``validate``: run Pyro's argument and support checks (off by default: the compiler
+    checked the model once, ``TracedDensity`` checks the user's data once more).
     """
-    return _contract(_run(fmodel, args, kwargs, values, site_plan))
+    return _contract(_run(fmodel, args, kwargs, values, site_plan, validate))
 
 
 def _model_params(fmodel: Callable, args: tuple, kwargs: dict, values: dict, site_plan: SitePlan) -> list:
@@ -200,6 +204,135 @@ def _model_params(fmodel: Callable, args: tuple, kwargs: dict, values: dict, sit
         run = _run(fmodel, args, kwargs, values, site_plan)
     _contract(run)
     return [site["value"].unconstrained() for site in tracer.trace.nodes.values()]
+
+
+class TracedDensity:
+    r"""The log joint as a tensor function of the latent sites' unconstrained values, traced once per input
+    layout: ``density(u_1, ..., u_n) -> scalar``
+
+    .. math::
+        D(u) = \log p(x, T(u)) + [\text{jacobian}] \sum_i \log |\det \partial T_i / \partial u_i|
+
+    ``names`` orders the sites (``u_i`` has the unconstrained shape of site ``names[i]``); ``transforms[name]``
+    maps it into the site's support (None: identity). The interpreter (``log_joint``: the model's Python code
+    under one handler) evaluates D; for each new layout of the inputs (shapes, dtypes, device: the cache key) it
+    is recorded once by ``torch.jit.trace`` into a graph of tensor operations, so later calls run no Python of
+    the model, the distributions or the contraction. Python branches that read tensor values are frozen by
+    the recording, so a recording is kept only if it gives the interpreter's value and gradient (relative
+    ``sqrt(eps)`` of the dtype) at the point it was recorded at and at ``checks`` random points around it
+    (a fixed-seed generator: the global RNG is not touched); otherwise, or when recording fails or the model
+    has its own ``ppl.param``/``ppl.module`` parameters (they are read from the parameter store at every
+    call), the interpreter runs and ``fallback_reason[key]`` says why (``reason`` the latest). A non-finite
+    recorded value is evaluated again by the interpreter (a branch the recording froze, e.g. an underflow
+    retry). Pyro's argument validation runs once, on the first call's interpreter run (the user's data).
+    """
+
+    def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, site_plan: SitePlan, names: list[str],
+                 transforms: dict, jacobian: bool, trace: bool = True, checks: int = 3):
+        self.fmodel, self.args, self.kwargs, self.site_plan = fmodel, args, kwargs, site_plan
+        self.names, self.transforms, self.jacobian = list(names), dict(transforms), jacobian
+        self.trace, self.checks = trace, checks
+        self.recorded: dict[tuple, Callable | None] = {}
+        self.fallback_reason: dict[tuple, str] = {}
+        self.reason: str | None = None
+        self._validated = False
+
+    def interpreted(self, *us: torch.Tensor, validate: bool = False) -> torch.Tensor:
+        """D(u) by the interpreter (the reference every recording is checked against); ``validate``: with Pyro's
+        argument checks."""
+        values, log_det = {}, 0.0
+        for name, u in zip(self.names, us):
+            transform = self.transforms.get(name)
+            value = u if transform is None else transform(u)
+            values[name] = value
+            if self.jacobian and transform is not None:
+                log_det = log_det + _log_det(transform, u, value)
+        return log_joint(self.fmodel, self.args, self.kwargs, values, self.site_plan, validate) + log_det
+
+    def __call__(self, *us: torch.Tensor) -> torch.Tensor:
+        if len(us) != len(self.names):
+            raise ValueError(f"the density takes {len(self.names)} tensors (sites {self.names}), got {len(us)}")
+        key = tuple((tuple(u.shape), u.dtype, u.device) for u in us)
+        if key not in self.recorded:
+            self.recorded[key] = self._record(key, us)
+        fn = self.recorded[key]
+        if fn is None:
+            return self.interpreted(*us)
+        out = fn(*us)
+        if not bool(torch.isfinite(out)):
+            return self.interpreted(*us)
+        return out
+
+    def _refuse(self, key: tuple, why: str) -> None:
+        self.fallback_reason[key] = self.reason = why
+        return None
+
+    def _record(self, key: tuple, us: tuple) -> Callable | None:
+        """A recording of D for this input layout checked against the interpreter, or None (reason kept)."""
+        point = tuple(u.detach() for u in us)
+        if not self._validated:  # Pyro's argument checks, once, on the user's data
+            with torch.no_grad(), poutine.trace(param_only=True) as tracer:
+                self.interpreted(*point, validate=True)
+            self._validated = True
+            self._params = [name for name in tracer.trace.nodes]
+        if not self.trace:
+            return self._refuse(key, "tracing turned off (trace=False)")
+        if self._params:
+            return self._refuse(key, f"the model has its own parameters ({', '.join(self._params[:3])}); the "
+                                     "interpreter reads them from the parameter store at every call")
+        example = tuple(u.clone().requires_grad_(u.is_floating_point()) for u in point)
+        try:
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                fn = torch.jit.trace(self.interpreted, example, check_trace=False)
+        except Exception as error:  # noqa: BLE001 - any failure to record leaves the interpreter in charge
+            return self._refuse(key, f"torch.jit.trace failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+        generator = torch.Generator(device=point[0].device if point else "cpu").manual_seed(0)
+        points = [point] + [tuple(u + torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
+                                  if u.is_floating_point() else u for u in point) for _ in range(self.checks)]
+        for i, at in enumerate(points):
+            mismatch = self._mismatch(fn, at)
+            if mismatch:
+                where = "the recording point" if i == 0 else f"random point {i}"
+                return self._refuse(key, f"the traced density differs from the interpreter at {where} ({mismatch}): "
+                                         "the model's Python code branches on tensor values")
+        return fn
+
+    def _mismatch(self, fn: Callable, point: tuple) -> str | None:
+        """None if ``fn`` and the interpreter agree at ``point`` (value and gradient), else what differs."""
+        results = []
+        for f in (fn, self.interpreted):
+            inputs = tuple(u.clone().requires_grad_(u.is_floating_point()) for u in point)
+            try:
+                with torch.enable_grad(), pyro.validation_enabled(False):
+                    value = f(*inputs)
+                    floats = [u for u in inputs if u.requires_grad]
+                    grads = torch.autograd.grad(value, floats, allow_unused=True) if value.requires_grad else ()
+            except Exception as error:  # noqa: BLE001 - compared below: one raising and not the other differs
+                results.append(("error", type(error).__name__))
+                continue
+            grads = [torch.zeros_like(u) if g is None else g for u, g in zip(floats, grads)]
+            results.append((value.detach(), [g.detach() for g in grads]))
+        (v1, g1), (v2, g2) = results
+        if isinstance(v1, str) or isinstance(v2, str):
+            return None if v1 == v2 and g1 == g2 else f"one raised {g1 if isinstance(v1, str) else g2}"
+        tol = torch.finfo(v2.dtype).eps ** 0.5
+        if not _close(v1, v2, tol):
+            return f"value {float(v1):.10g} vs {float(v2):.10g}"
+        if len(g1) != len(g2) or any(not _close(a, b, tol) for a, b in zip(g1, g2)):
+            return "gradient"
+        return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Equal non-finite entries, and finite ones within ``tol * (1 + max |b|)``."""
+    if a.shape != b.shape or not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return False
+    finite = torch.isfinite(b)
+    if not bool(finite.any()):
+        return torch.equal(a[~finite], b[~finite])
+    scale = 1.0 + float(b[finite].abs().max())
+    return float((a[finite] - b[finite]).abs().max()) <= tol * scale and torch.equal(a[~finite], b[~finite])
 
 
 def _guide_sites(guide) -> list[tuple[str, dict]]:
@@ -212,39 +345,48 @@ def _initialize(guide, args: tuple, kwargs: dict) -> None:
         guide(*args, **kwargs)
 
 
-def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_plan: SitePlan
+def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_plan: SitePlan, trace: bool = True
                     ) -> Callable[[], tuple[torch.Tensor, list]] | None:
     r"""``step() -> (loss, params)`` for fitting ``guide`` to ``fmodel`` on the compiled log joint, or None when
     the guide is not one this module knows (then Pyro's ELBO is used).
 
-    - ``AutoDelta``: loss = -log p(data, theta) at the guide's values (MAP in constrained space, as Pyro's ELBO
-      with a delta guide);
+    With u the guide's sites in unconstrained space and D the ``TracedDensity`` (recorded once, ``trace=False``
+    keeps the interpreter):
+
+    - ``AutoDelta``: u = the guide's unconstrained parameters, loss = -log p(data, T(u)) with T the parameter
+      store's transform (MAP in constrained space, no Jacobian: as Pyro's ELBO with a delta guide);
     - ``AutoNormal``: one reparametrized draw u = loc + scale * eps per site, theta = T(u) (``biject_to`` of the
-      support), loss = -[log p(data, theta) + log|dT/du| - log N(u; loc, scale)];
+      support), loss = log N(u; loc, scale) - [log p(data, theta) + log|dT/du|];
     - ``AutoContinuous`` (AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoDiagonalNormal, IAF):
       the same with u drawn from the guide's joint posterior over all sites.
 
     ``params`` are the unconstrained leaves of the guide's and the model's parameters (the optimizers read them
     on the first call). The guide is initialized and the objective evaluated once here: ``NotCompilable`` (naming
-    the site) if the model cannot be run so.
+    the site) if the model cannot be run so. ``step.density`` is the ``TracedDensity`` (``.reason``: why it
+    runs the interpreter, None when recorded).
     """
     if not isinstance(guide, (AutoDelta, AutoNormal, AutoContinuous)):
         return None
     _initialize(guide, args, kwargs)
-    draw = _draw_function(guide)
+    names, transforms, draw, jacobian = _draw_function(guide)
+    density = TracedDensity(fmodel, args, kwargs, site_plan, names, transforms, jacobian, trace=trace)
     with torch.no_grad():
-        values, _ = draw()
+        us, _ = draw()
+        values = {name: (u if transforms[name] is None else transforms[name](u)) for name, u in zip(names, us)}
         params = _param_leaves(guide) + _model_params(fmodel, args, kwargs, values, site_plan)
 
     def step() -> tuple[torch.Tensor, list]:
-        values, log_q = draw()
-        return log_q - log_joint(fmodel, args, kwargs, values, site_plan), params
+        us, log_q = draw()
+        return log_q - density(*us), params
 
+    step.density = density
     return step
 
 
-def _draw_function(guide) -> Callable[[], tuple[dict, torch.Tensor | float]]:
-    """``draw() -> (values, log q(values))``: constrained values of the guide's sites (log q = 0 for a delta)."""
+def _draw_function(guide):
+    """``(names, transforms, draw, jacobian)``: ``draw() -> ([u per site], log q(u))`` draws the guide's sites in
+    unconstrained space (log q = 0 for a delta), ``transforms`` maps each into its support, ``jacobian``: whether
+    the objective includes log|dT/du| (not for a delta: MAP in constrained space)."""
     if isinstance(guide, AutoDelta):
         return _delta_draw(guide)
     if isinstance(guide, AutoNormal):
@@ -259,43 +401,54 @@ def _param_leaves(guide) -> list[torch.Tensor]:
     return [store.get_param(name).unconstrained() for name in store.keys() if name.startswith(prefix)]
 
 
+def _leaf(guide, attribute: str) -> torch.Tensor:
+    """The unconstrained leaf of the guide's parameter ``attribute`` (e.g. "locs.loc")."""
+    return pyro.get_param_store().get_param(f"{guide._pyro_name}.{attribute}").unconstrained()
+
+
 def _delta_draw(guide: AutoDelta):
-    getters = {name: attrgetter(name) for name, _ in _guide_sites(guide)}
+    sites = _guide_sites(guide)
+    names = [name for name, _ in sites]
+    leaves = [_leaf(guide, name) for name in names]
+    transforms = {name: transform_to(site["fn"].support) for name, site in sites}  # the store's transform
 
     def draw():
-        return {name: get(guide) for name, get in getters.items()}, 0.0
+        return leaves, 0.0
 
-    return draw
+    return names, transforms, draw, False
 
 
 def _normal_draw(guide: AutoNormal):
     sites = _guide_sites(guide)
-    transforms = {name: biject_to(site["fn"].support) for name, site in sites}
+    names = [name for name, _ in sites]
+    locs = [_leaf(guide, f"locs.{name}") for name in names]
+    raw_scales = [_leaf(guide, f"scales.{name}") for name in names]
+    to_scale = transform_to(guide.scale_constraint)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
 
     def draw():
-        values, log_q = {}, 0.0
-        for name, _ in sites:
-            values[name], site_log_q = gaussian_draw(*guide._get_loc_and_scale(name), transforms[name])
-            log_q = log_q + site_log_q
-        return values, log_q
+        us, log_q = [], 0.0
+        for loc, raw in zip(locs, raw_scales):
+            scale = to_scale(raw)
+            eps = torch.randn_like(loc)
+            us.append(loc + scale * eps)
+            log_q = log_q - (0.5 * eps.square() + scale.log()).sum() - half_log_2pi * eps.numel()
+        return us, log_q
 
-    return draw
+    return names, {name: biject_to(site["fn"].support) for name, site in sites}, draw, True
 
 
 def _continuous_draw(guide: AutoContinuous):
+    sites = _guide_sites(guide)
+    names = [name for name, _ in sites]
+
     def draw():
         posterior = guide.get_posterior()
         latent = posterior.rsample()
-        log_q = posterior.log_prob(latent)
-        values = {}
-        for site, u in guide._unpack_latent(latent):
-            transform = biject_to(site["fn"].support)
-            value = transform(u)
-            log_q = log_q - _log_det(transform, u, value)
-            values[site["name"]] = value
-        return values, log_q
+        unpacked = {site["name"]: u for site, u in guide._unpack_latent(latent)}
+        return [unpacked[name] for name in names], posterior.log_prob(latent)
 
-    return draw
+    return names, {name: biject_to(site["fn"].support) for name, site in sites}, draw, True
 
 
 def gaussian_draw(loc: torch.Tensor, scale: torch.Tensor, transform, eps: torch.Tensor | None = None

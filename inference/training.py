@@ -341,15 +341,17 @@ def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan) ->
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
               progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
               warn: bool = True, checkpoints: Checkpoints | None = None,
-              after_backward: Callable[[list], None] | None = None):
+              after_backward: Callable[[list], None] | None = None,
+              schedule: Callable[[int, int], float] | None = None):
     """Fit an autoguide (``guide_kind`` "normal", "delta", or a factory ``(model, init_loc_fn=...) -> autoguide``
     such as ``ppl.flow_guide("iaf")``) to ``fmodel``, the model with chains collapsed and
     discrete sites marked for enumeration (``chains.fit_model``), by Adam on the ELBO (``num_steps`` steps of
     rate ``lr``) or, for a deterministic objective (AutoDelta: MAP), by L-BFGS (at most ``num_steps``
     evaluations).
 
-    ``checkpoints``: written/resumed by the loop (``optimize``); ``after_backward``: as ``optimize`` (Adam only;
-    data parallel: ``distributed.average_gradients``). Returns ``(guide, elbo, history)``.
+    ``checkpoints``: written/resumed by the loop (``optimize``); ``after_backward`` and ``schedule``: as
+    ``optimize`` (Adam only; data parallel: ``distributed.average_gradients``; minibatches: ``cosine_tail``).
+    Returns ``(guide, elbo, history)``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -372,5 +374,5 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints)
     history = optimize(step, num_steps, lr, progress, f"{desc} ({label})", checkpoints=checkpoints,
-                       after_backward=after_backward)
+                       after_backward=after_backward, schedule=schedule)
     return guide, elbo, history
