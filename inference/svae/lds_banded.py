@@ -123,17 +123,23 @@ def _prior_blocks(prior: LDSPrior, T: int, D: int, expected=None) -> tuple[torch
     ``lower (..., T-1, D, D)`` :math:`\Lambda_p[t+1,t]`, ``hp (..., T, D)``, and the constant
     :math:`\tfrac12(\log|\Lambda_p| - c)` ``(...)`` of :math:`\log Z` (module docstring).
 
-    ``expected`` (``ppl.expfam.mniw.MNIWExpectations``, fields ``(D, D)``, time-homogeneous, no
-    offsets): the transition factors are :math:`\exp E_{q(A,Q)}\log N(x_t \mid Ax_{t-1}, Q)`, i.e.
+    ``expected`` (``ppl.expfam.mniw.MNIWExpectations``, no offsets; fields ``(..., D, D)`` and ``(...)`` for a
+    homogeneous chain, ``(..., T-1, D, D)`` and ``(..., T-1)`` per step when ``prior.time_varying``, e.g. the
+    :math:`q(z)`-weighted blocks of a switching chain): the transition factors are
+    :math:`\exp E_q\log N(x_t \mid A_tx_{t-1}, Q_t)`, i.e.
     :math:`Q^{-1} \to E[Q^{-1}]`, :math:`Q^{-1}A \to E[Q^{-1}A]`, :math:`A^\top Q^{-1}A \to E[A^\top Q^{-1}A]`,
     :math:`\log|Q| \to E\log|Q|` (``prior.dynamics``/``noise_cov`` are then not read)."""
     if expected is not None:
-        if prior.time_varying or prior.offsets is not None:
-            raise ValueError("expected MNIW dynamics need a time-homogeneous chain without inputs")
-        Qi = expected.Qinv.unsqueeze(-3).expand(expected.Qinv.shape[:-2] + (T - 1, D, D))
-        QiA = expected.Qinv_A.unsqueeze(-3).expand(Qi.shape)
-        AQA = expected.At_Qinv_A.unsqueeze(-3).expand(Qi.shape)
-        logdet_Q = (T - 1) * expected.logdet_Q
+        if prior.offsets is not None:
+            raise ValueError("expected MNIW dynamics need a chain without inputs")
+        if prior.time_varying:
+            Qi, QiA, AQA = expected.Qinv, expected.Qinv_A, expected.At_Qinv_A
+            logdet_Q = expected.logdet_Q.sum(-1)
+        else:
+            Qi = expected.Qinv.unsqueeze(-3).expand(expected.Qinv.shape[:-2] + (T - 1, D, D))
+            QiA = expected.Qinv_A.unsqueeze(-3).expand(Qi.shape)
+            AQA = expected.At_Qinv_A.unsqueeze(-3).expand(Qi.shape)
+            logdet_Q = (T - 1) * expected.logdet_Q
     else:
         Qi, logdet_Q = _inverse_and_logdet(prior.noise_cov)                    # inverted before the expand
         Qi = _steps(Qi, prior, T)

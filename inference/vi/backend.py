@@ -92,19 +92,20 @@ def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts
 
 
 def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
-    """The facts of a model with a gaussian_chain: a conjugate LDS (``gaussian_chain.analyse_chain`` probes it
-    when the compiler passes the model), or the reason it is not one."""
+    """The facts of a model with a gaussian_chain: a conjugate LDS or switching LDS (``gaussian_chain.analyse_chain``
+    probes it when the compiler passes the model), or the reason it is not one."""
     chain = facts.gaussian_chains[0]
+    local = facts.switching[0][0] if facts.switching else None   # a switching LDS's markov_chain
     problem = chain_vi.structural_problem(graph, facts)
     if problem or probe is None:
-        return VIFacts(None, problem, chain=chain)
+        return VIFacts(local, problem, chain=chain)
     try:
         structure = chain_vi.analyse_chain(*probe, facts, graph)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
-        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
+        return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for a conjugate LDS failed ({type(exc).__name__}: {exc})", True,
                        chain=chain)
-    return VIFacts(None, "", True, chain_vi.describe(structure), chain=chain)
+    return VIFacts(local, "", True, chain_vi.describe(structure), chain=chain)
 
 
 STATS = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
@@ -164,7 +165,7 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
         if s.observed:
             rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape}"))
         elif s.name == v.chain:
-            rows.append(SiteTreatment(s.name, "message passing", chain_vi.LOCAL_TREATMENT))
+            rows.append(SiteTreatment(s.name, "message passing", chain_vi.local_treatment(facts)))
         elif s.name == v.local and s.block == "markov_chain":
             rows.append(SiteTreatment(s.name, "message passing", "q(z): forward-backward on E_q[log initial], "
                                       "E_q[log transition] and expected log-likelihoods (VB-HMM)"))

@@ -87,9 +87,9 @@ class ChainStructure:
         return {self.dynamics: (self.chain,), self.emission: (self.child,)}
 
 
-def _mniw_prior(name: str, site_a: dict, site_b: dict) -> mniw.MNIWNatural:
-    """The prior natural parameters (float64) of MNIW global ``name``; NotConjugate for another family, a batch,
-    or parameters that depend on a latent."""
+def _mniw_prior(name: str, site_a: dict, site_b: dict, batch: tuple = ()) -> mniw.MNIWNatural:
+    """The prior natural parameters (float64) of MNIW global ``name``; NotConjugate for another family, a batch
+    shape other than ``batch``, or parameters that depend on a latent."""
     base, other = peel(site_a["fn"])[0], peel(site_b["fn"])[0]
     family = type(base).__name__
     if family != PRIOR:
@@ -99,9 +99,10 @@ def _mniw_prior(name: str, site_a: dict, site_b: dict) -> mniw.MNIWNatural:
     for fa, fb in zip(nat_a, nat_b):
         if not close(fa, fb):
             raise NotConjugate(f"site '{name}': its prior's parameters depend on a latent variable")
-    if nat_a.count.dim() != 0:
-        raise NotConjugate(f"site '{name}': a batched MatrixNormalInverseWishart (batch shape "
-                           f"{tuple(nat_a.count.shape)}); backend 'vi' takes one (A, Q) and one (C, R)")
+    if tuple(nat_a.count.shape) != tuple(batch):
+        raise NotConjugate(f"site '{name}': a MatrixNormalInverseWishart of batch shape {tuple(nat_a.count.shape)}; "
+                           f"backend 'vi' needs batch shape {tuple(batch)} here (one (A, Q) per regime of a "
+                           "switching chain, else one (A, Q) and one (C, R))")
     return mniw.MNIWNatural(*(f.detach().to(torch.float64) for f in nat_a))
 
 
@@ -117,12 +118,16 @@ def _check_plain(name: str, site: dict, what: str) -> None:
                            "gaussian_chain")
 
 
-def analyse_chain(model, args, kwargs, facts, graph) -> ChainStructure:
+def analyse_chain(model, args, kwargs, facts, graph):
     """Probe ``model(*args, **kwargs)`` (two runs with different prior draws, ``probe.probe_runs``) for a conjugate
     LDS: one ``gaussian_chain`` x whose ``dynamics`` / ``noise_cov`` are the unpacked value of one
     ``ppl.MatrixNormalInverseWishart`` global, and one observed ``MultivariateNormal`` child whose loc is
     ``x @ C.T`` (or ``x @ C[:, :D].T + C[:, D]``) and whose covariance is R, (C, R) the unpacked value of another.
-    NotConjugate names the site otherwise."""
+    NotConjugate names the site otherwise. A switching chain (``facts.switching``) is handed to
+    ``slds.analyse_slds``, which returns its ``SLDSStructure``."""
+    if facts.switching:
+        from . import slds   # noqa: PLC0415 - slds builds on this module
+        return slds.analyse_slds(model, args, kwargs, facts, graph)
     if len(facts.gaussian_chains) != 1:
         raise NotConjugate(f"sites {', '.join(map(repr, facts.gaussian_chains))}: backend 'vi' takes one "
                            "gaussian_chain")
@@ -429,12 +434,28 @@ def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol:
     return ChainFit(q_dyn, q_em, local, history, terms_history, converged, interrupted)
 
 
-def describe(s: ChainStructure) -> dict[str, str]:
-    """site -> the closed-form update ``plan.explain()`` prints."""
+def describe(s) -> dict[str, str]:
+    """site -> the closed-form update ``plan.explain()`` prints (of an LDS or, via ``slds.describe``, an SLDS)."""
+    if not isinstance(s, ChainStructure):
+        from . import slds   # noqa: PLC0415 - slds builds on this module
+        return slds.describe(s)
     return {s.dynamics: f"q({s.dynamics}) = MNIW over (A, Q): closed form from expected state statistics of "
                         f"{s.chain} (sum_t E[x_t x_t^T], E[x_t x_t-1^T], E[x_t-1 x_t-1^T], T - 1)",
-            s.emission: f"q({s.emission}) = MNIW over (C, R): closed form from expected regression statistics of "
-                        f"{s.child} on {s.chain} (sum_t y_t y_t^T, y_t E[x_t]^T, E[x_t x_t^T], T)"}
+            s.emission: describe_emission(s.emission, s.child, s.chain)}
+
+
+def describe_emission(emission: str, child: str, chain: str) -> str:
+    """The explain() line of the emission's q(C, R)."""
+    return (f"q({emission}) = MNIW over (C, R): closed form from expected regression statistics of {child} on "
+            f"{chain} (sum_t y_t y_t^T, y_t E[x_t]^T, E[x_t x_t^T], T)")
+
+
+def local_treatment(facts) -> str:
+    """The explain() row of the gaussian_chain: VB-LDS Kalman smoothing, or the SLDS's structured mean field."""
+    if facts.switching:
+        from . import slds   # noqa: PLC0415 - slds builds on this module
+        return slds.LOCAL_TREATMENT
+    return LOCAL_TREATMENT
 
 
 LOCAL_TREATMENT = ("q(x): Kalman smoothing (information form, exact) on the expected dynamics E_q[Q^-1], "
@@ -443,22 +464,25 @@ LOCAL_TREATMENT = ("q(x): Kalman smoothing (information form, exact) on the expe
 
 
 def mniw_mean(q: mniw.MNIWNatural) -> torch.Tensor:
-    r"""``[E W | E S]`` packed ``(n, m + n)``: :math:`(M, \Psi / (\nu - n - 1))`; where that mean does not exist
+    r"""``[E W | E S]`` packed ``(*batch, n, m + n)``: :math:`(M, \Psi / (\nu - n - 1))`; where that mean does not exist
     (:math:`\nu \le n + 1`) the inverse-Wishart mode :math:`\Psi / (\nu + n + 1)`."""
     p = mniw.standard_from_natural(q)
     n = p.scale.shape[-1]
-    denom = p.df - n - 1 if float(p.df) > n + 1 else p.df + n + 1
-    return MatrixNormalInverseWishart.pack(p.loc, p.scale / denom)
+    denom = torch.where(p.df > n + 1, p.df - n - 1, p.df + n + 1)
+    return MatrixNormalInverseWishart.pack(p.loc, p.scale / denom[..., None, None])
 
 
 def mniw_draws(q: mniw.MNIWNatural, num_samples: int) -> torch.Tensor:
-    """``num_samples`` draws from q, packed ``(num_samples, n, m + n)``."""
+    """``num_samples`` draws from q, packed ``(num_samples, *batch, n, m + n)``."""
     draw = mniw.sample(q, (num_samples,))
     return MatrixNormalInverseWishart.pack(draw.A, draw.Q)
 
 
 def structural_problem(graph, facts) -> str:
-    """Why the graph alone rules a gaussian_chain model out for backend 'vi' ("" if it does not)."""
+    """Why the graph alone rules a gaussian_chain model out for backend 'vi' ("" if it does not; a switching chain
+    is checked by probing, ``slds.analyse_slds``)."""
+    if facts.switching:
+        return ""
     if len(facts.gaussian_chains) != 1:
         return (f"sites {', '.join(map(repr, facts.gaussian_chains))}: backend 'vi' takes one gaussian_chain")
     for what, sites in (("depends on a network: no conjugate update exists", facts.neural),
@@ -480,7 +504,10 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     (``projection_starts``, seeded by ``seed``), each at most ``num_steps`` sweeps of ``coordinate_ascent``, the
     best ELBO kept. Returns the Posterior: draws of (A, Q) and (C, R) from q packed as the sites' values,
     ``point`` their q means, ``smoothed_means[chain]`` = E_q[x], the ELBO as ``log_evidence``, ``history`` (the
-    negative ELBO per sweep) and ``elbo_terms``."""
+    negative ELBO per sweep) and ``elbo_terms``. A switching chain is fitted by ``slds.run``."""
+    if plan.facts.switching:
+        from . import slds   # noqa: PLC0415 - slds builds on this module
+        return slds.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
     s = analyse_chain(model, args, kwargs, plan.facts, plan.graph)
     fits = []
     with torch.no_grad():

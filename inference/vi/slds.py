@@ -1,0 +1,415 @@
+r"""Variational Bayes for a switching linear dynamical system by structured mean field (Ghahramani & Hinton 2000).
+
+The model (``ppl.switching_chain``: a ``markov_chain`` z selecting the dynamics of a ``gaussian_chain`` x):
+
+.. math::
+    \pi_{k,:} \sim \mathrm{Dir}(\alpha_k)\ (\text{or fixed}), \quad (A_k, Q_k) \sim MNIW_k, \quad (C, R) \sim MNIW, \\
+    z_0 \sim \mathrm{Cat}(p_0), \quad z_t \mid z_{t-1} \sim \mathrm{Cat}(\pi_{z_{t-1},:}), \quad
+    x_0 \sim N(m_0, P_0), \quad x_t \mid x_{t-1}, z_t \sim N(A_{z_t}x_{t-1}, Q_{z_t}), \quad
+    y_t \mid x_t \sim N(Cu_t, R),
+
+with :math:`u_t = x_t` or :math:`(x_t, 1)`. The posterior is approximated by
+:math:`q(z_{0:T-1})\,q(x_{0:T-1})\,q(\pi)\prod_k q(A_k, Q_k)\,q(C, R)`; every factor is updated in closed form:
+
+- q(x) given :math:`r_{tk} = q(z_t = k)`: a Gaussian chain whose step-t transition factor is
+  :math:`\exp\sum_k r_{tk}E_q\log N(x_t \mid A_kx_{t-1}, Q_k)` (blocks :math:`\sum_k r_{tk}E[Q_k^{-1}]`,
+  :math:`\sum_k r_{tk}E[Q_k^{-1}A_k]`, :math:`\sum_k r_{tk}E[A_k^\top Q_k^{-1}A_k]`,
+  :math:`\sum_k r_{tk}E\log|Q_k|`) with the conjugate emission potentials of the LDS (``gaussian_chain``): the
+  same exact solver (``ppl.inference.svae.local.lds_local``, time-varying expected blocks);
+- q(z) given q(x): forward-backward with :math:`E_q\log p_0`, :math:`E_q\log\pi` and the expected
+  log-likelihoods :math:`L_{tk} = E_q\log N(x_t \mid A_kx_{t-1}, Q_k)` (t >= 1; :math:`L_{0k} = 0`);
+- globals: :math:`q(A_k, Q_k) = MNIW(\eta_k + \sum_t r_{tk}(E[x_tx_t^\top], E[x_tx_{t-1}^\top],
+  E[x_{t-1}x_{t-1}^\top], 1))`, :math:`q(\pi_{j,:}) = \mathrm{Dir}(\alpha_j + \sum_t \xi_t(j, :))`, q(C, R) as
+  for the LDS.
+
+ELBO, term by term: :math:`E\log p(y) + E\log p(x \mid z) + E\log p(z) + H[q(x)] + H[q(z)] - \sum KL`, with
+:math:`H[q(z)] = \log Z_z - E_{q(z)}[\log p_0 + E\log\pi + L]` and :math:`H[q(x)] = -KL_{local} -
+E_q\log\tilde p(x)` from the solver (``gaussian_chain``). Every update is an exact coordinate maximum, so it
+never decreases.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ppl.expfam import mniw
+from ppl.handlers import DiscreteTable
+from ppl.posterior import LogEvidence
+
+from .. import training
+from ..exact import hmm
+from ..exact.kalman_info import LDSPrior
+from ..results import make_posterior
+from ..svae.local import expected_gaussian_log_density, lds_local
+from . import gaussian_chain as lds
+from .cavi import ELBODecreased, round_off
+from .conjugacy import NotConjugate
+from .families import FAMILIES, dirichlet_expected_log
+from .probe import close, is_global, peel, probe_runs
+
+
+@dataclass(frozen=True)
+class SLDSStructure:
+    """A conjugate switching LDS found by probing (``analyse_slds``): ``z`` the markov_chain, ``chain`` the
+    gaussian_chain, ``child`` the observed y ``(*batch, T, P)``; ``dynamics``: the MNIW site of the K regimes'
+    (A_k, Q_k) (prior ``QState`` of batch (K,)); ``trans``: the Dirichlet site of the transition rows (prior
+    concentration ``(K, K)``) or None with ``log_trans`` fixed ``(K, K)``; ``log_init (K,)`` fixed; ``emission``,
+    ``offset``, ``initial_loc``, ``initial_cov``, ``constant``, ``dtype`` as ``gaussian_chain.ChainStructure``."""
+
+    z: str
+    chain: str
+    child: str
+    dynamics: str
+    emission: str
+    trans: str | None
+    prior_dynamics: lds.QState
+    prior_emission: lds.QState
+    prior_trans: torch.Tensor | None
+    log_trans: torch.Tensor | None
+    log_init: torch.Tensor
+    offset: bool
+    initial_loc: torch.Tensor
+    initial_cov: torch.Tensor
+    y: torch.Tensor
+    constant: float = 0.0
+    dtype: torch.dtype = torch.float64
+
+    @property
+    def D(self) -> int:
+        return self.initial_cov.shape[-1]
+
+    @property
+    def K(self) -> int:
+        return self.log_init.shape[-1]
+
+
+def analyse_slds(model, args, kwargs, facts, graph) -> SLDSStructure:
+    """Probe ``model(*args, **kwargs)`` for a conjugate switching LDS: a ``markov_chain`` z whose transition matrix is
+    a Dirichlet global's value (or fixed) and initial distribution fixed, a ``gaussian_chain`` x switched by z whose
+    per-step (A_t, Q_t) are ``(A[z_t], Q[z_t])`` for (A, Q) the unpacked value of one
+    ``ppl.MatrixNormalInverseWishart`` of batch (K,), and one MultivariateNormal child as for the LDS
+    (``gaussian_chain.analyse_chain``). NotConjugate names the site otherwise."""
+    if len(facts.switching) != 1 or facts.enumerable or facts.unenumerable or facts.neural or \
+            len(facts.markov_chains) != 1 or len(facts.gaussian_chains) != 1:
+        raise NotConjugate("backend 'vi' fits one switching chain (a markov_chain selecting the dynamics of one "
+                           "gaussian_chain) with no other discrete latent and no network")
+    z, chain = facts.switching[0]
+    try:
+        a, b = probe_runs(model, args, kwargs, None)
+    except (RuntimeError, IndexError, TypeError, ValueError) as exc:
+        raise NotConjugate(f"the model fails when run with fresh prior draws: {type(exc).__name__}: {exc}") from exc
+    if a.params:
+        raise NotConjugate(f"'{a.params[0]}' is a learnable parameter (ppl.param / ppl.module): backend 'vi' fits "
+                           "no parameters")
+    zfn_a, zfn_b = peel(a.sites[z]["fn"])[0], peel(b.sites[z]["fn"])[0]
+    lds._check_plain(z, a.sites[z], "markov_chain")
+    if zfn_a.time_varying:
+        raise NotConjugate(f"markov_chain '{z}': time-varying transitions have no conjugate Dirichlet update")
+    K = int(zfn_a.num_states)
+    if not close(zfn_a.log_init, zfn_b.log_init) or zfn_a.log_init.dim() != 1:
+        raise NotConjugate(f"markov_chain '{z}': backend 'vi' needs a fixed, unbatched initial distribution")
+    trans, prior_trans, log_trans = None, None, None
+    for g in facts.continuous:
+        base = peel(a.sites[g]["fn"])[0]
+        if type(base).__name__ == "Dirichlet" and is_global(zfn_a.log_trans.exp(), a.sites[g]["value"]) and \
+                is_global(zfn_b.log_trans.exp(), b.sites[g]["value"]) and a.sites[g]["value"].shape == (K, K):
+            if not close(base.concentration, peel(b.sites[g]["fn"])[0].concentration):
+                raise NotConjugate(f"site '{g}': its prior's concentration depends on a latent variable")
+            trans, prior_trans = g, base.concentration.detach().to(torch.float64).expand(K, K)
+            break
+    if trans is None:
+        if not close(zfn_a.log_trans, zfn_b.log_trans) or zfn_a.log_trans.shape != (K, K):
+            raise NotConjugate(f"markov_chain '{z}': its transition matrix is neither a Dirichlet global's value "
+                               "(K, K) nor fixed")
+        log_trans = zfn_a.log_trans.detach().to(torch.float64)
+    fn_a, fn_b = peel(a.sites[chain]["fn"])[0], peel(b.sites[chain]["fn"])[0]
+    lds._check_plain(chain, a.sites[chain], "gaussian_chain")
+    if fn_a.offsets is not None:
+        raise NotConjugate(f"gaussian_chain '{chain}': control inputs have no conjugate MNIW update in backend 'vi'")
+    D = fn_a.dim
+    others = [g for g in facts.continuous if g != trans]
+    dyn = None
+    for g in others:
+        if peel(a.sites[g]["fn"])[0].__class__.__name__ != lds.PRIOR or a.sites[g]["value"].shape != (K, D, 2 * D):
+            continue
+        ok = True
+        for fn, run in ((fn_a, a), (fn_b, b)):
+            A, Q = lds._unpack(run.sites[g]["value"], D)
+            steps = run.sites[z]["value"][..., 1:].long()
+            ok = ok and fn.time_varying and close(fn.dynamics, A[steps]) and close(fn.noise_cov, Q[steps])
+        if ok:
+            dyn = g
+            break
+    if dyn is None:
+        raise NotConjugate(f"gaussian_chain '{chain}': its per-regime dynamics and noise_cov are not the unpacked "
+                           f"value (A, Q) of a ppl.MatrixNormalInverseWishart of batch ({K},) (one per regime)")
+    prior_dyn = lds._mniw_prior(dyn, a.sites[dyn], b.sites[dyn], (K,))
+    priors = {g: lds._mniw_prior(g, a.sites[g], b.sites[g]) for g in others if g != dyn}
+    init = {k: getattr(fn_a, k) for k in ("initial_loc", "initial_cov")}
+    for k, v in init.items():
+        if not close(v, getattr(fn_b, k)):
+            raise NotConjugate(f"gaussian_chain '{chain}': its {k} depends on a latent variable")
+    children = [n for n, s in a.sites.items() if s["observed"] and n in graph.children_of(chain)]
+    if len(children) != 1:
+        raise NotConjugate(f"gaussian_chain '{chain}': backend 'vi' needs exactly one observed child, got "
+                           f"{children or 'none'}")
+    child = children[0]
+    emission, offset, y = lds._match_emission(child, a, b, chain, D, priors, dyn)
+    unused = sorted(set(priors) - {emission})
+    if unused:
+        raise NotConjugate(f"site '{unused[0]}': a global that is neither the regimes' (A, Q), the transition "
+                           "matrix nor the emission's (C, R)")
+    constant = 0.0
+    for name, site in a.sites.items():
+        if site["observed"] and name != child:
+            lp_a, lp_b = site["fn"].log_prob(site["value"]), b.sites[name]["fn"].log_prob(b.sites[name]["value"])
+            if not close(lp_a, lp_b):
+                raise NotConjugate(f"site '{name}': an observed site that depends on a latent other than through "
+                                   f"'{child}' is not supported by backend 'vi' for a switching chain")
+            constant += float(lp_a.sum())
+    return SLDSStructure(z, chain, child, dyn, emission, trans, lds.q_state(prior_dyn), lds.q_state(priors[emission]),
+                         prior_trans, log_trans, zfn_a.log_init.detach().to(torch.float64), offset,
+                         init["initial_loc"].detach().to(torch.float64), init["initial_cov"].detach().to(torch.float64),
+                         y.to(torch.float64), constant, y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# closed-form pieces
+
+
+@dataclass
+class Regimes:
+    """q(z): ``r (*b, T, K)`` marginals, ``pairwise (K, K)`` expected transition counts summed over the batch and
+    time, ``entropy`` H[q(z)] (a scalar)."""
+
+    r: torch.Tensor
+    pairwise: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _lagged(local: lds.ChainLocal) -> torch.Tensor:
+    m = local.mean
+    return local.cross + m[..., 1:, :, None] * m[..., :-1, None, :]          # E[x_t x_{t-1}^T], t >= 1
+
+
+def transition_table(e: mniw.MNIWExpectations, local: lds.ChainLocal) -> torch.Tensor:
+    r""":math:`L_{tk} = E_q\log N(x_t \mid A_kx_{t-1}, Q_k)` for t = 1..T-1 under q(x) and q(A_k, Q_k) (expectations
+    ``e`` of batch (K,)): ``(*b, T-1, K)``."""
+    second = lds._second(local)
+    S_next, S_prev, X = second[..., 1:, None, :, :], second[..., :-1, None, :, :], _lagged(local)[..., None, :, :]
+    D = second.shape[-1]
+    return (-0.5 * D * math.log(2 * math.pi) - 0.5 * e.logdet_Q - 0.5 * (e.Qinv * S_next).sum((-1, -2))
+            + (e.Qinv_A * X).sum((-1, -2)) - 0.5 * (e.At_Qinv_A * S_prev).sum((-1, -2)))
+
+
+def log_trans(s: SLDSStructure, q_trans: torch.Tensor | None) -> torch.Tensor:
+    r""":math:`E_q\log\pi` ``(K, K)`` (the fixed log-probabilities when the transition matrix is not a global)."""
+    return s.log_trans if q_trans is None else dirichlet_expected_log((q_trans,))
+
+
+def _expected_log_x(s: SLDSStructure, e: mniw.MNIWExpectations, local: lds.ChainLocal, r: torch.Tensor):
+    r""":math:`E_q\log p(x \mid z) = \sum E\log N(x_0 \mid m_0, P_0) + \sum_{t\ge1,k} r_{tk}L_{tk}`: a scalar."""
+    first = expected_gaussian_log_density(s.initial_loc, torch.linalg.inv(s.initial_cov), local.mean[..., 0, :],
+                                          local.cov[..., 0, :, :])
+    return first.expand(local.mean.shape[:-2]).sum() + (r[..., 1:, :] * transition_table(e, local)).sum()
+
+
+def x_step(s: SLDSStructure, q_dyn: lds.QState, q_em: lds.QState, r: torch.Tensor) -> lds.ChainLocal:
+    """The optimal q(x) given q(z) marginals ``r (*b, T, K)`` and the globals, with its entropy."""
+    J, h = lds.emission_potentials(s, q_em)
+    e, w = q_dyn.expected, r[..., 1:, :]
+    blocks = mniw.MNIWExpectations(*(torch.einsum("...tk,kij->...tij", w, f) for f in e[:3]), w @ e.logdet_Q)
+    D = s.D
+    unused = torch.eye(D, dtype=h.dtype, device=h.device)     # the per-step expected blocks replace (A_t, Q_t)
+    sol = lds_local(LDSPrior(s.initial_loc, s.initial_cov, unused, unused, time_varying=True), J, h,
+                    expected=blocks, moments=True)
+    cov, cross = sol.moments
+    local = lds.ChainLocal(sol.mean, cov, cross, torch.zeros((), dtype=h.dtype, device=h.device))
+    local.entropy = -sol.kl - _expected_log_x(s, e, local, r)
+    return local
+
+
+def z_step(s: SLDSStructure, q_dyn: lds.QState, q_trans, local: lds.ChainLocal) -> Regimes:
+    """The optimal q(z) given q(x) and the globals: forward-backward on ``E_q log pi`` and ``L`` (``hmm.posterior``)."""
+    L = transition_table(q_dyn.expected, local)
+    log_lik = torch.cat([torch.zeros_like(L[..., :1, :]), L], -2)
+    batch = log_lik.shape[:-2]
+    init, trans = s.log_init.expand(batch + (s.K,)), log_trans(s, q_trans).expand(batch + (s.K, s.K))
+    post = hmm.posterior(init, trans, log_lik, time_varying=False)
+    expected = (post.marginals[..., 0, :] * init).sum() + (post.pairwise * trans).sum() + (post.marginals * log_lik).sum()
+    pairwise = post.pairwise.reshape(-1, s.K, s.K).sum(0)
+    return Regimes(post.marginals, pairwise, post.log_normalizer.sum() - expected)
+
+
+def global_step(s: SLDSStructure, local: lds.ChainLocal, regimes: Regimes):
+    """(q(A_k, Q_k) of batch (K,), q(pi) concentration or None, q(C, R)) from the expected statistics."""
+    second, w = lds._second(local), regimes.r[..., 1:, :]
+    K, D = s.K, s.D
+    flat = lambda x: x.reshape((-1,) + x.shape[-2:])  # noqa: E731 - (*b, T-1, D, D) -> (b (T-1), D, D)
+    wf = w.reshape(-1, K)
+    stats = mniw.MNIWNatural(torch.einsum("nk,nij->kij", wf, flat(second[..., 1:, :, :])),
+                             torch.einsum("nk,nij->kij", wf, flat(_lagged(local))),
+                             torch.einsum("nk,nij->kij", wf, flat(second[..., :-1, :, :])), wf.sum(0))
+    q_dyn = lds.q_state(mniw.conjugate_update(s.prior_dynamics.natural, stats))
+    q_trans = None if s.prior_trans is None else s.prior_trans + regimes.pairwise
+    q_em = lds.q_state(mniw.conjugate_update(s.prior_emission.natural, lds.emission_stats(s, local)))
+    return q_dyn, q_trans, q_em
+
+
+def elbo_terms(s: SLDSStructure, q_dyn, q_trans, q_em, local: lds.ChainLocal, regimes: Regimes) -> dict:
+    """The ELBO term by term (module docstring); they sum to the ELBO."""
+    r = regimes.r
+    batch = r.shape[:-2]
+    first = (r[..., 0, :] * s.log_init.expand(batch + (s.K,))).sum()
+    terms = {f"E log p({s.child})": lds.expected_regression_log_lik(q_em.expected, lds.emission_stats(s, local)),
+             f"E log p({s.chain})": _expected_log_x(s, q_dyn.expected, local, r),
+             f"E log p({s.z})": first + (regimes.pairwise * log_trans(s, q_trans)).sum(),
+             f"entropy({s.chain})": local.entropy,
+             f"entropy({s.z})": regimes.entropy,
+             f"-KL({s.dynamics})": -lds.mniw_kl(q_dyn, s.prior_dynamics).sum(),
+             f"-KL({s.emission})": -lds.mniw_kl(q_em, s.prior_emission)}
+    if q_trans is not None:
+        terms[f"-KL({s.trans})"] = -FAMILIES["Dirichlet"].kl((q_trans,), (s.prior_trans,))
+    if s.constant:
+        terms["log p(sites with no latent parent)"] = torch.tensor(s.constant, dtype=torch.float64)
+    return terms
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fitting
+
+
+PERTURBATION = 0.3
+"""Sd of the seeded perturbation of each regime's starting dynamics (the label symmetry must be broken)."""
+
+
+def start(s: SLDSStructure, x: lds.ChainLocal, seed: int):
+    """A start (q(A_k, Q_k), q(pi), q(C, R), uniform q(z) marginals) from the hard path ``x``: the globals' update
+    with q(z) uniform, then each regime's mean dynamics M_k moved by a seeded N(0, PERTURBATION^2) draw."""
+    r = x.mean.new_full(x.mean.shape[:-1] + (s.K,), 1.0 / s.K)
+    counts = x.mean.new_full((s.K, s.K), float(r[..., 1:, :].sum()) / s.K)
+    q_dyn, q_trans, q_em = global_step(s, x, Regimes(r, counts, x.mean.new_zeros(())))
+    std = mniw.standard_from_natural(q_dyn.natural)
+    gen = torch.Generator().manual_seed(seed)
+    loc = std.loc + PERTURBATION * torch.randn(std.loc.shape, generator=gen, dtype=std.loc.dtype).to(std.loc.device)
+    q_dyn = lds.q_state(mniw.natural_from_standard(loc, std.col_precision, std.scale, std.df))
+    return q_dyn, q_trans, q_em, r
+
+
+@dataclass
+class SLDSFit:
+    """One coordinate-ascent run: the q's, q(x), q(z), ELBO and terms per sweep."""
+
+    q_dyn: lds.QState
+    q_trans: torch.Tensor | None
+    q_em: lds.QState
+    local: lds.ChainLocal
+    regimes: Regimes
+    history: list
+    terms: dict
+    converged: bool
+    interrupted: bool = False
+
+    @property
+    def elbo(self) -> float:
+        return self.history[-1]
+
+
+def coordinate_ascent(s: SLDSStructure, first, num_steps: int, tol: float, on_step=None) -> SLDSFit:
+    """From ``first = start(...)``: sweeps (q(x), q(z), globals, ELBO) until the relative ELBO change is below
+    ``tol`` or ``num_steps`` sweeps ran; ``cavi.ELBODecreased`` warns if a sweep lowers it beyond round-off."""
+    q_dyn, q_trans, q_em, r = first
+    local = regimes = None
+    history, terms_history, converged, interrupted = [], {}, False, False
+    try:
+        for _ in range(num_steps):
+            new_local = x_step(s, q_dyn, q_em, r)
+            new_regimes = z_step(s, q_dyn, q_trans, new_local)
+            new_dyn, new_trans, new_em = global_step(s, new_local, new_regimes)
+            terms = {k: float(v) for k, v in elbo_terms(s, new_dyn, new_trans, new_em, new_local,
+                                                         new_regimes).items()}
+            local, regimes, q_dyn, q_trans, q_em, r = (new_local, new_regimes, new_dyn, new_trans, new_em,
+                                                       new_regimes.r)
+            value = sum(terms.values())
+            for k, v in terms.items():
+                terms_history.setdefault(k, []).append(v)
+            scale = sum(abs(v) for v in terms.values()) + float(s.prior_dynamics.log_partition.abs().sum()) + \
+                abs(float(s.prior_emission.log_partition))
+            if history and value < history[-1] - round_off(scale, torch.float64):
+                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
+                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
+            history.append(value)
+            if on_step is not None:
+                on_step(value)
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        if not history:
+            raise
+        interrupted = True
+    return SLDSFit(q_dyn, q_trans, q_em, local, regimes, history, terms_history, converged, interrupted)
+
+
+def describe(s: SLDSStructure) -> dict[str, str]:
+    """site -> the closed-form update ``plan.explain()`` prints."""
+    out = {s.dynamics: f"q({s.dynamics}) = MNIW over (A_k, Q_k) per regime: closed form from expected state "
+                       f"statistics of {s.chain} weighted by q({s.z}_t = k)",
+           s.emission: lds.describe_emission(s.emission, s.child, s.chain)}
+    if s.trans is not None:
+        out[s.trans] = f"q({s.trans}) = Dirichlet: closed form from expected transition counts of {s.z}"
+    return out
+
+
+LOCAL_TREATMENT = ("structured mean field q(z) q(x): Kalman smoothing (information form, exact) on the q(z)-weighted "
+                   "expected dynamics and the expected emission potentials, alternating with forward-backward on "
+                   "E_q[log transition] and the expected transition log-likelihoods (Ghahramani & Hinton 2000)")
+
+
+def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, seed: int, num_samples: int,
+        progress: bool):
+    """The vi backend's fit of a conjugate switching LDS: ``restarts`` starts (the data's top principal directions
+    as the hard path, each regime's dynamics perturbed with seed ``seed + i``), each at most ``num_steps`` sweeps,
+    the best ELBO kept. The Posterior holds draws of every global from q, q(z) marginals (``post.discrete``),
+    Viterbi paths of the final q(z) HMM, ``smoothed_means[chain]``, the ELBO and its terms."""
+    s = analyse_slds(model, args, kwargs, plan.facts, plan.graph)
+    hard = lds.projection_starts(s, 1, seed)[0]
+    fits = []
+    with torch.no_grad():
+        for i in range(restarts):
+            desc = "vi" if restarts == 1 else f"vi start {i + 1}/{restarts}"
+            bar = training.progress_bar(desc, num_steps, progress)
+            fits.append(coordinate_ascent(s, start(s, hard, seed + i), num_steps, tol,
+                                          lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
+            bar.close()
+            if fits[-1].interrupted:
+                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
+                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
+                              stacklevel=3)
+                break
+    best = max(fits, key=lambda f: f.elbo)
+    if not best.converged and not fits[-1].interrupted:
+        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
+                      "raise num_steps", training.NotConverged, stacklevel=3)
+    draws, point = {}, {}
+    for site, q in ((s.dynamics, best.q_dyn), (s.emission, best.q_em)):
+        draws[site] = lds.mniw_draws(q.natural, num_samples).to(s.dtype).unsqueeze(0)
+        point[site] = lds.mniw_mean(q.natural).to(s.dtype)
+    if s.trans is not None:
+        fam = FAMILIES["Dirichlet"]
+        draws[s.trans] = fam.sample((best.q_trans,), num_samples).to(s.dtype).unsqueeze(0)
+        point[s.trans] = fam.mean((best.q_trans,)).to(s.dtype)
+    L = transition_table(best.q_dyn.expected, best.local)
+    log_lik = torch.cat([torch.zeros_like(L[..., :1, :]), L], -2)
+    batch = log_lik.shape[:-2]
+    table = DiscreteTable(s.log_init.expand(batch + (s.K,)), log_trans(s, best.q_trans).expand(batch + (s.K, s.K)),
+                          log_lik, False)
+    history = training.History(-v for v in best.history)
+    history.interrupted = fits[-1].interrupted
+    return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=history,
+                          log_evidence=LogEvidence(best.elbo, "ELBO (lower bound)"), elbo_terms=best.terms,
+                          tables={s.z: table}, discrete={s.z: best.regimes.r.to(s.dtype)},
+                          smoothed_means={s.chain: best.local.mean.to(s.dtype)})
