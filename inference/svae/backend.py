@@ -301,10 +301,14 @@ ho(\eta_0 + rac{N}{B}\sum_{n\in B} s_n)` with
         step.targets = {n: replace(t, node_shape=(len(rows),) + tuple(t.node_shape[1:])) for n, t in targets.items()}
 
     def __call__(self) -> torch.Tensor:
-        step = self.step
         rows = batch_rows(self.size, self.batch_size, None)[self.mine]
         seed = int(torch.randint(2 ** 62, (1,)))
-        generator = torch.Generator(device=_device(step)).manual_seed(seed)
+        return self.loss_on(rows, torch.Generator(device=_device(self.step)).manual_seed(seed))
+
+    def loss_on(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The negative ELBO estimate on this process's ``rows`` (its local terms scaled by N / len(rows)), the
+        noise from ``generator``; moves the conjugate q's by their natural-gradient step and records the terms."""
+        step = self.step
         self._select(rows)
         if self.world > 1:
             with _ShardedNoise(generator, self.rank, self.world):
@@ -322,6 +326,22 @@ ho(\eta_0 + rac{N}{B}\sum_{n\in B} s_n)` with
             stats = _fieldwise(lambda new, prior: distributed.average(scale * (new - prior)), c.natparam, c.prior)
             c.natparam = natural_step(current, _fieldwise(torch.add, c.prior, stats), step.natgrad_step)
         return -(recon - local_kl + h.global_term - h.global_kl)
+
+
+def build_step(model, args, kwargs, plan, recognition: dict | None = None, num_iters: int = 3,
+               init: dict | None = None, natgrad_step: float = 0.5) -> tuple[_Step, Any]:
+    """The SVAE's objective on ``model(*args, **kwargs)`` before training: recognition inputs and networks, the
+    conjugate q's, an AutoDelta guide of the other globals; returns ``(_Step, trace of the model on the data)``."""
+    facts = plan.facts
+    targets = facts.of(NAME).targets
+    inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
+    nets = _networks(targets, inputs, recognition)
+    conjugates = build_conjugates(trace, facts.of(NAME), init)
+    global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
+    guide = None
+    if global_sites:
+        guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
+    return _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step), trace
 
 
 def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
@@ -346,21 +366,13 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
     check_batch_size(batch_size, NAME)
-    facts = plan.facts
-    targets = facts.of(NAME).targets
-    inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
-    nets = _networks(targets, inputs, recognition)
-    conjugates = build_conjugates(trace, facts.of(NAME), init)
-    global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
-    guide = None
-    if global_sites:
-        guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
-    step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step)
+    step, trace = build_step(model, args, kwargs, plan, recognition, num_iters, init, natgrad_step)
+    targets, guide = plan.facts.of(NAME).targets, step.guide
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     progress, checkpoints = distributed.main_only(progress, checkpoints)
     batches = None
     if batch_size is not None or distributed.world()[1] > 1:
-        batches = _Minibatches(step, data_rows(targets, trace, global_sites), batch_size)
+        batches = _Minibatches(step, data_rows(targets, trace, step.globals), batch_size)
         if guide is not None:   # its set-up traces the model: on all the data, the same draws in every process
             guide(*args, **kwargs)
     history = optimize(traced_loss(batches or step), num_steps, lr, progress, NAME, checkpoints,

@@ -79,7 +79,8 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_
     init (site -> initial value, e.g. data points for mixture locations), checkpoint (a file written every
     ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
     bit-identically, ``inference/checkpoints.py``), batch_size (rows of the data plate per step, all processes
-    together, the plate's sites scaled by N / B: ``Minibatches``; global latents only). Data parallel under an
+    together, the plate's sites scaled by N / B: ``Minibatches``; global latents only; lr then follows
+    ``training.cosine_tail``: noisy gradients settle at the end). Data parallel under an
     initialized ``torch.distributed`` process group: each process fits its share of every batch, gradients
     averaged (``inference/distributed.py``).
     """
@@ -88,13 +89,15 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_
     check_batch_size(batch_size, NAME)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     fmodel = chains.fit_model(model, plan.facts)
-    fit_model, after_backward = fmodel, None
+    fit_model, after_backward, schedule = fmodel, None, None
     if batch_size is not None or distributed.world()[1] > 1:
         fit_model = Minibatches(fmodel, args, kwargs, plan, batch_size)
         progress, checkpoints = distributed.main_only(progress, checkpoints)
         after_backward = distributed.average_gradients
+        schedule = training.cosine_tail if fit_model.batch_size < fit_model.size else None
     fitted, elbo, history = training.fit_guide(fit_model, args, kwargs, plan, guide, num_steps, lr, progress, init,
-                                               desc=NAME, checkpoints=checkpoints, after_backward=after_backward)
+                                               desc=NAME, checkpoints=checkpoints, after_backward=after_backward,
+                                               schedule=schedule)
     return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
 
 

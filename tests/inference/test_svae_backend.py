@@ -1,5 +1,8 @@
-"""The svae backend end to end: training improves the ELBO, the three terms are reported,
+"""The svae backend end to end: training improves the ELBO, the three terms are reported, minibatches (unbiased),
 amortized encoding of new data, user recognition networks, clear errors."""
+import itertools
+
+import pyro
 import pytest
 import torch
 
@@ -170,3 +173,56 @@ def test_networks_passed_in_are_fitted_as_copies():
     assert torch.isfinite(pred.frames).all()
     for k, v in decoder.state_dict().items():
         assert torch.equal(v, before[k]), f"encode() loaded the fitted weights into the caller's decoder ({k})"
+
+
+def test_the_minibatch_objective_and_conjugate_statistics_are_unbiased():
+    """N = 5, B = 2: the average over all 10 batches of the scaled objective (likelihood and local KL times N/B,
+    the global KL once) equals the full-data objective, and the average natural-gradient step (size 1: the
+    coordinate optimum prior + N/B * batch counts) equals the full-data step. The decoder's scale is 0, so the
+    likelihood does not depend on the draw of x and both sides are deterministic."""
+    from tests.inference.test_distributed import dirichlet_mixture, mixture_data
+    from ppl.inference.svae import backend as svae
+
+    y = mixture_data(5)
+    decoder = ScaledIdentity()
+    with torch.no_grad():
+        decoder.scale.zero_()
+    model = dirichlet_mixture(decoder)
+    plan = ppl.compile(model, y, backend="svae")
+    with pyro.get_param_store().scope():
+        step, _ = svae.build_step(model, (y,), {}, plan, natgrad_step=1.0)
+        batches = svae._Minibatches(step, 5, 2)
+        start = step.conjugates["weights"].natparam
+
+        def evaluate(rows):
+            step.conjugates["weights"].natparam = start
+            loss = batches.loss_on(torch.tensor(rows), torch.Generator().manual_seed(0))
+            return float(loss.detach()), step.conjugates["weights"].natparam
+
+        full_loss, full_natparam = evaluate(list(range(5)))
+        results = [evaluate(list(rows)) for rows in itertools.combinations(range(5), 2)]
+    assert sum(r[0] for r in results) / len(results) == pytest.approx(full_loss, rel=1e-12)
+    assert torch.allclose(torch.stack([r[1] for r in results]).mean(0), full_natparam, rtol=1e-12)
+    assert not torch.allclose(results[0][1], full_natparam)   # one batch alone is not the full-data step
+
+
+def test_minibatches_need_a_batch_of_sequences():
+    from tests.ppl.models_for_tests import neural_lds
+
+    with pytest.raises(ValueError, match=r"site 'x': batch_size= and data parallel training split a batch of "
+                                         r"sequences \(a chain's nodes \(N, T\)\); its nodes have shape \(6,\)"):
+        ppl.infer(neural_lds, torch.randn(6, 3), backend="svae", batch_size=2, num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="backend 'svae': batch_size must be None or an integer >= 1, got 0"):
+        ppl.infer(neural_lds, torch.randn(6, 3), backend="svae", batch_size=0, num_steps=1, progress=False)
+
+
+def test_minibatches_of_sequences_fit_the_lds_svae():
+    """batch_size=2 of 8 sequences: the ELBO on all the data improves, the final pass covers every sequence."""
+    from ppl.models import svae_lds
+
+    sim = svae_lds.simulate(seed=0, N=8, T=6, P=4, num_test=1)
+    post = ppl.infer(svae_lds.model, *sim.args, model_kwargs=sim.kwargs, backend="svae", num_steps=40,
+                     batch_size=2, num_samples=2, progress=False)
+    assert post.smoothed_means["x"].shape == (8, 6, 2)
+    first, last = sum(post.history[:5]) / 5, sum(post.history[-5:]) / 5
+    assert last < first
