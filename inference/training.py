@@ -325,12 +325,14 @@ class PyroObjective(UserWarning):
     """The model could not be run as a compiled log density; the fit uses Pyro's ELBO (slower, same objective)."""
 
 
-def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan) -> Callable[[], tuple]:
+def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan, trace: bool = True
+              ) -> Callable[[], tuple]:
     """``step() -> (loss, params)`` fitting ``guide`` to ``fmodel``: the compiled log density (``compiled.py``:
     one pass of the model, enumerated sites contracted in place) for Pyro's autoguides, Pyro's ``elbo`` for any
-    other guide or a model the compiled run refuses (then a ``PyroObjective`` warning names the site)."""
+    other guide or a model the compiled run refuses (then a ``PyroObjective`` warning names the site).
+    ``trace=False``: never record the density (a model whose data changes between calls, e.g. minibatches)."""
     try:
-        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan))
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), trace=trace)
     except compiled.NotCompilable as why:
         warnings.warn(f"model '{plan.model_name}': the compiled log density stopped ({why}); fitting with Pyro's "
                       f"{type(elbo).__name__} instead (same objective, slower)", PyroObjective, stacklevel=3)
@@ -342,7 +344,7 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
               progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
               warn: bool = True, checkpoints: Checkpoints | None = None,
               after_backward: Callable[[list], None] | None = None,
-              schedule: Callable[[int, int], float] | None = None):
+              schedule: Callable[[int, int], float] | None = None, trace: bool = True):
     """Fit an autoguide (``guide_kind`` "normal", "delta", or a factory ``(model, init_loc_fn=...) -> autoguide``
     such as ``ppl.flow_guide("iaf")``) to ``fmodel``, the model with chains collapsed and
     discrete sites marked for enumeration (``chains.fit_model``), by Adam on the ELBO (``num_steps`` steps of
@@ -350,7 +352,8 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     evaluations).
 
     ``checkpoints``: written/resumed by the loop (``optimize``); ``after_backward`` and ``schedule``: as
-    ``optimize`` (Adam only; data parallel: ``distributed.average_gradients``; minibatches: ``cosine_tail``).
+    ``optimize`` (Adam only; data parallel: ``distributed.average_gradients``; minibatches: ``cosine_tail``);
+    ``trace``: as ``objective``.
     Returns ``(guide, elbo, history)``.
     """
     if optimizer not in OPTIMIZERS:
@@ -369,7 +372,7 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     guide = factory(hidden, init_loc_fn=init_fn(init))
     label = getattr(guide_kind, "kind", type(guide).__name__) if callable(guide_kind) else guide_kind
     elbo = make_elbo(graph, facts)
-    step = objective(fmodel, guide, elbo, args, kwargs, plan)
+    step = objective(fmodel, guide, elbo, args, kwargs, plan, trace=trace)
     if optimizer == "lbfgs":
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints)

@@ -97,7 +97,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_
         schedule = training.cosine_tail if fit_model.batch_size < fit_model.size else None
     fitted, elbo, history = training.fit_guide(fit_model, args, kwargs, plan, guide, num_steps, lr, progress, init,
                                                desc=NAME, checkpoints=checkpoints, after_backward=after_backward,
-                                               schedule=schedule)
+                                               schedule=schedule, trace=fit_model is fmodel)
     return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
 
 
@@ -124,9 +124,10 @@ class Minibatches:
     .. math:: \log p(\theta) + \frac{N}{B/W}\sum_{n \in B_r} \log p(x_n \mid \theta),
 
     unbiased for the full log joint; with the gradients averaged over the W processes the step equals one process
-    on the whole batch. Finite discrete latents of the plate (enumerated, no guide parameters) are allowed; a
-    continuous local latent (its guide parameters live on every row) or a chain is refused with a ValueError
-    naming the site (``backend='amortized'`` fits local latents on minibatches with an encoder).
+    on the whole batch. Its data change from call to call, so the fit runs it in the interpreter (a recorded
+    density, ``compiled.TracedDensity``, would keep the first batch). Finite discrete latents of the plate
+    (enumerated, no guide parameters) are allowed; a continuous local latent (its guide parameters live on every
+    row) or a chain is refused with a ValueError naming the site (``backend='amortized'`` fits local latents on minibatches with an encoder).
     """
 
     def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, plan, batch_size: int | None):

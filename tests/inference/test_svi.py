@@ -228,6 +228,25 @@ def test_minibatch_svi_matches_the_conjugate_posterior_mean():
     assert float(post.params["AutoNormal.locs.mu"]) == pytest.approx(mean, abs=0.25 * sd)
 
 
+def test_minibatches_are_never_recorded_as_one_traced_density(monkeypatch):
+    """A recorded density (compiled.TracedDensity) bakes in the data it was recorded on: the minibatch model
+    draws new rows at every call, so its fit must run the interpreter."""
+    from ppl.inference import compiled
+
+    seen = []
+    original = compiled.guide_objective
+
+    def spy(*args, trace=True, **kwargs):
+        seen.append(trace)
+        return original(*args, trace=trace, **kwargs)
+
+    monkeypatch.setattr(compiled, "guide_objective", spy)
+    y = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ppl.infer(normal_mean, y, backend="svi", batch_size=10, num_steps=2, num_samples=2, progress=False)
+    ppl.infer(normal_mean, y, backend="svi", num_steps=2, num_samples=2, progress=False)
+    assert seen == [False, True]
+
+
 def test_minibatch_svi_refuses_local_latents():
     @ppl.model
     def local(y):
