@@ -96,12 +96,9 @@ FITS = {"amortized": fit_amortized, "svae mixture": fit_svae_mixture, "svae lds"
 SCRIPT = """
 import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 sys.path.insert(0, {root!r})
-from tests.inference.test_distributed import FITS
-
-def fits():
-    return {{name: fit() for name, fit in FITS.items()}}
 
 def uneven():
+    from tests.inference.test_distributed import FITS
     try:
         FITS["svi"](batch_size=7)
     except ValueError as error:
@@ -109,28 +106,34 @@ def uneven():
     return "no error"
 
 def worker(rank, path):
+    from tests.inference.test_distributed import FITS
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + path + ".rendezvous", rank=rank, world_size=2)
-    torch.save(dict(fits(), uneven=uneven()), path + f".rank{{rank}}")
+    fits = {{name: fit() for name, fit in FITS.items()}}
+    torch.save(dict(fits, uneven=uneven()), path + f".rank{{rank}}")
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    path = sys.argv[1]
-    torch.save(fits(), path + ".single")
-    mp.spawn(worker, args=(path,), nprocs=2)
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
 """
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """The fits of one process and of rank 0 and 1 of two gloo processes: backend -> parameter name -> value."""
+    """The fits of one process (this one, while the two gloo processes run) and of rank 0 and 1 of the two:
+    part -> backend -> parameter name -> value."""
     tmp = tmp_path_factory.mktemp("ddp")
     script = tmp / "ddp.py"
     script.write_text(textwrap.dedent(SCRIPT.format(root=str(ROOT))))
-    done = subprocess.run([sys.executable, str(script), str(tmp / "fit")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {part: torch.load(tmp / f"fit.{part}") for part in ("single", "rank0", "rank1")}
+    ddp = subprocess.Popen([sys.executable, str(script), str(tmp / "fit")], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        single = {name: fit() for name, fit in FITS.items()}
+        _, stderr = ddp.communicate(timeout=600)
+    finally:
+        ddp.kill()
+    assert ddp.returncode == 0, stderr[-3000:]
+    return {"single": single, **{part: torch.load(tmp / f"fit.{part}") for part in ("rank0", "rank1")}}
 
 
 @pytest.mark.parametrize("backend", list(FITS))
