@@ -230,3 +230,28 @@ def test_float32_large_vocabulary_sparse():
     h = torch.tensor(fit.history, dtype=D64)
     assert bool(torch.isfinite(h).all()) and float(h[-1] - h[0]) > 0
     assert fit.lam.dtype == torch.float32 and bool(torch.isfinite(fit.lam).all())
+
+
+def test_e_step_stops_each_document_like_a_per_document_loop():
+    """With the real stopping rule (documents stop at different iterations, the working set shrinks): every
+    gamma equals a plain per-document loop's."""
+    sim = lda.simulate(seed=3, D=80, L=25, V=30, K=3)
+    s = structure_of(lda.model, sim.args, {**sim.kwargs, "dtype": D64})
+    lam = L.initial_lambda(s.eta, torch.Generator().manual_seed(0))
+    elog_beta = dirichlet_expected_log((lam,))
+    est = L.e_step(s.corpus, s.alpha, elog_beta, L.initial_gamma(s.corpus, s.alpha))
+    E = elog_beta.exp()
+    iterations = []
+    for d in range(s.corpus.D):
+        part = slice(int(s.corpus.ptr[d]), int(s.corpus.ptr[d + 1]))
+        w, c = s.corpus.word[part], s.corpus.count[part]
+        g = s.alpha[d] + c.sum() / s.K
+        for it in range(1, L.E_MAX_ITER + 1):
+            et = torch.exp(torch.digamma(g) - torch.digamma(g.sum()))
+            new = s.alpha[d] + et * (E[:, w] @ (c / (et @ E[:, w])))
+            change, g = float((new - g).abs().mean()), new
+            if change < L.E_TOL:
+                break
+        iterations.append(it)
+        torch.testing.assert_close(est.gamma[d], g, rtol=1e-12, atol=1e-12)
+    assert min(iterations) < max(iterations) and est.iterations == max(iterations)
