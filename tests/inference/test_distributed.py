@@ -160,3 +160,15 @@ def test_without_a_process_group_the_helpers_are_the_identity():
     distributed.average_gradients([p])
     assert torch.equal(p.grad, torch.ones(2))
     assert distributed.device() == torch.device("cpu")
+
+
+def test_only_rank_0_reports_progress_and_writes_checkpoints(monkeypatch, tmp_path):
+    from ppl.inference.checkpoints import Checkpoints
+
+    assert distributed.main_only(True, Checkpoints(tmp_path / "fit.ckpt"))[0] is True
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    progress, checkpoints = distributed.main_only(True, Checkpoints(tmp_path / "fit.ckpt"))
+    assert progress is False and checkpoints.path is None
+    checkpoints.write("svi#1", {"step": 1})   # recorded (a resumed fit reads it), no file written
+    assert checkpoints.resumed("svi#1") == {"step": 1} and not (tmp_path / "fit.ckpt").exists()
+    assert distributed.main_only(False, None) == (False, None)
