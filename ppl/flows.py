@@ -32,7 +32,8 @@ import pyro
 import torch
 from pyro.distributions import Normal, TransformedDistribution, constraints
 from pyro.distributions.torch_transform import TransformModule
-from pyro.distributions.transforms import AffineAutoregressive, Planar, affine_autoregressive, affine_coupling
+from pyro.distributions.transforms import (AffineAutoregressive, AffineCoupling, Planar, affine_autoregressive,
+                                          affine_coupling)
 from pyro.infer.autoguide import AutoContinuous, init_to_median
 from torch import nn
 from torch.distributions.transforms import ComposeTransform
@@ -248,6 +249,33 @@ class Flow(TransformModule):
         return TransformedDistribution(base, [self])
 
 
+@torch.no_grad()
+def start_at_identity(flow: Flow) -> Flow:
+    r"""Set ``flow``'s parameters so that each of its layers is the identity map, so that :math:`f(z) = z_{[\pi]}`
+    (only the fixed permutations between layers remain), :math:`\log|\det| = 0`, and :math:`N(0, I)` is pushed to
+    itself, from which training can move it; returns ``flow``. ``FlowGuide`` starts so: it begins as AutoNormal.
+
+    Coupling / autoregressive layers: the last linear layer of the conditioner network is zeroed (shift 0,
+    log-scale 0; the hidden layers keep their random weights, so the zeroed layer's gradient is not 0 and the
+    hidden layers receive one once it has moved, as in Glow's zero initialization). Planar
+    (Pyro's invertible form :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \lVert w\rVert^2`,
+    :math:`m(a) = \mathrm{softplus}(a) - 1`): :math:`u = \log(e - 1)\, w / \lVert w\rVert^2`, so that
+    :math:`w^\top u = \log(e - 1)`, :math:`m = 0` and :math:`\hat u = 0`. Continuous: the velocity field's last layer
+    is zeroed (:math:`g \equiv 0`).
+    """
+    for layer in flow.layers:
+        if isinstance(layer, (AffineAutoregressive, AffineCoupling)):
+            last = (layer.arn if isinstance(layer, AffineAutoregressive) else layer.nn).layers[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+        elif isinstance(layer, Planar):
+            layer.u.copy_(math.log(math.e - 1) * layer.w / layer.w.pow(2).sum())
+        elif isinstance(layer, ContinuousFlow):
+            layer.field.net[-1].weight.zero_()
+            layer.field.net[-1].bias.zero_()
+    return flow
+
+
 def check_flow_args(kind, dim, num_layers, hidden) -> None:
     """ValueError naming the argument, the expected and the actual value."""
     if kind not in KINDS:
@@ -256,6 +284,9 @@ def check_flow_args(kind, dim, num_layers, hidden) -> None:
     for name, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"flow '{kind}': {name} must be a positive int, got {value!r}")
+    if kind in ("maf", "iaf") and hidden is not None and hidden < dim:
+        raise ValueError(f"flow '{kind}': hidden must be >= dim={dim} (each hidden layer of the masked "
+                         f"autoregressive network needs a unit per input degree), got hidden={hidden}")
     if kind == "realnvp" and dim < 2:
         raise ValueError(f"flow 'realnvp': dim must be >= 2 (a coupling layer splits the vector), got {dim}")
 
@@ -280,6 +311,8 @@ class FlowGuide(AutoContinuous):
     r"""A normalizing-flow guide over all continuous latents (in the unconstrained space, packed in one vector):
     :math:`u = \mu + \sigma \odot f(\epsilon)`, :math:`\epsilon \sim N(0, I)`, ``f = Flow(kind, latent_dim)`` and
     a learned elementwise affine started at the ``init_loc_fn`` point with scale ``init_scale`` (as AutoNormal).
+    ``f``'s layers start as the identity (``start_at_identity``), so the guide's first density is AutoNormal's,
+    :math:`N(\mu_0, \sigma_0^2 I)`, and the flow moves away from it only where the ELBO's gradient asks.
 
     ``median()`` and ``quantiles()`` read the coordinatewise median and sd of 1000 draws (seeded) in the
     unconstrained space (the quantiles as a normal with those).
@@ -303,7 +336,8 @@ class FlowGuide(AutoContinuous):
     def get_posterior(self, *args, **kwargs):
         if self.transform is None:
             loc = self._init_loc()
-            body = Flow(dim=self.latent_dim, **self._flow_args).to(device=loc.device, dtype=loc.dtype)
+            body = start_at_identity(Flow(dim=self.latent_dim, **self._flow_args)).to(device=loc.device,
+                                                                                      dtype=loc.dtype)
             self.transform = ComposeFlow([body, LearnedAffine(loc, self._init_scale)])
         return super().get_posterior(*args, **kwargs)
 
@@ -365,4 +399,5 @@ def flow_guide(kind: str = "iaf", num_layers: int = 2, hidden: int | None = None
     return FlowGuideSpec(kind, num_layers, hidden, init_scale, seed)
 
 
-__all__ = ["KINDS", "DENSITY_KINDS", "Flow", "ContinuousFlow", "FlowGuide", "flow", "flow_guide", "divergence"]
+__all__ = ["KINDS", "DENSITY_KINDS", "Flow", "ContinuousFlow", "FlowGuide", "flow", "flow_guide", "divergence",
+           "start_at_identity"]

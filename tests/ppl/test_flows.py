@@ -251,3 +251,42 @@ def test_the_svi_backend_fits_a_flow_guide_on_the_compiled_objective():
     post = ppl.infer(banana, y, backend="svi", guide=ppl.flow_guide("iaf", num_layers=2, hidden=8), num_steps=50,
                      num_samples=10, progress=False)
     assert post.draws["a"].shape == (1, 10) and post.history[-1] < post.history[0] + 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_at_identity_gives_the_identity_map_and_a_gradient_to_move_away(kind, float64):
+    """Oracle: every layer the identity, so f(z) is z under the fixed permutations between the layers alone, with
+    log|det| = 0 exactly; the zeroed (or planar) parameters get a nonzero gradient of a loss that wants the flow
+    elsewhere, so training can leave the start."""
+    flow = ppl.flows.start_at_identity(Flow(kind, D, num_layers=2, hidden=8, seed=1).double())
+    z = torch.randn(5, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    permuted = z
+    for layer in flow.layers:
+        permuted = permuted[..., layer.perm] if isinstance(layer, ppl.flows.Permutation) else permuted
+    x = flow(z)
+    assert torch.allclose(x, permuted, atol=1e-12) and torch.allclose(flow.log_abs_det_jacobian(z, x), torch.zeros(5))
+    (flow(z + 0.0) ** 3).sum().backward()
+    grads = [p.grad for p in flow.parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["iaf", "realnvp", "planar", "maf"])
+def test_a_flow_guide_starts_at_autonormals_density(kind):
+    """Before any step the guide's density of its draws is N(u; loc0, 0.1^2 I) (AutoNormal's start), with loc0
+    the init_loc_fn point."""
+    y = torch.full((4,), 0.5)
+    with pyro.get_param_store().scope():
+        guide = FlowGuide(banana, kind, num_layers=2, hidden=8)
+        guide(y)
+        q = guide.get_posterior()
+        torch.manual_seed(0)
+        u = q.sample((6,))
+        loc0 = guide._init_loc()
+        expected = dist.Normal(loc0, 0.1).log_prob(u).sum(-1)
+        assert torch.allclose(q.log_prob(u), expected, atol=1e-5), (q.log_prob(u), expected)
+
+
+@pytest.mark.parametrize("kind", ["maf", "iaf"])
+def test_an_autoregressive_flow_narrower_than_its_input_is_refused_naming_the_sizes(kind):
+    with pytest.raises(ValueError, match=f"flow '{kind}': hidden must be >= dim=64 .* got hidden=16"):
+        Flow(kind, 64, hidden=16)
