@@ -5,10 +5,12 @@
 Pyro's ``initialize_model`` transforms and starting points. In order of preference, the C chains' potential and
 gradient come from
 
-1. one traced graph (``_traced``): ``torch.func.vmap(torch.func.grad_and_value(U))`` recorded once by
-   ``make_fx`` as a straight-line program of aten ops (the handler stack, the model's Python and autograd's
-   bookkeeping run once, at build time), constants folded, then ``torch.jit.trace``-d; kept only when no
-   value read in Python depends on z and it equals the eager values at the starting points;
+1. one traced graph (``_traced``): ``torch.func.vmap(torch.func.grad_and_value(U))`` (or, when the model's
+   code cannot be vmapped, the chains' autograd passes unrolled) recorded once by ``make_fx`` as a
+   straight-line program of aten ops (the handler stack, the model's Python and autograd's bookkeeping run
+   once, at build time), constants folded, then ``torch.jit.trace``-d; the values the model's Python read off
+   z-dependent tensors are guarded (a call where one differs is evaluated eagerly); kept only when it equals
+   the eager values at the starting points;
 2. the same ``vmap`` run eagerly at every call (``_vectorized``), when the trace is refused;
 3. one autograd pass per chain (``pyro_potential_and_grad``), when the model's code cannot be vmapped;
 4. Pyro's own ``potential_fn``, when the model cannot be compiled (a ``PyroObjective`` warning names the site).
@@ -102,10 +104,11 @@ def make_potential(model: Callable, args: tuple, kwargs: dict, plan, num_chains:
     unconstrained scale (Pyro's ``init_to_uniform``, from the global torch RNG).
 
     The density is the compiled log joint (``compiled.potential_fn``: no trace, the enumerated sites contracted
-    in place), evaluated on all chains at once by a traced graph of ``torch.func.vmap`` (``_traced``, wrapped
-    in ``nuts.AllChains``: its shapes are those of C chains) or by ``vmap`` itself, each only when it gives
-    the same values as one chain at a time at the starting points (else chain by chain); Pyro's
-    ``potential_fn`` if the model cannot be compiled (a ``PyroObjective`` warning names the site)."""
+    in place), evaluated on all chains at once by a traced graph (``_traced``, wrapped in ``nuts.AllChains``:
+    its shapes are those of C chains) of ``vmap`` (or of the chains one after another, when the model's code
+    cannot be vmapped), else by ``vmap`` itself, else chain by chain, each only when it gives the same values as
+    one chain at a time at the starting points; Pyro's ``potential_fn`` if the model cannot be compiled (a
+    ``PyroObjective`` warning names the site)."""
     fmodel = chains.fit_model(model, plan.facts)
     init, pyro_potential, transforms, _ = initialize_model(
         fmodel, model_args=args, model_kwargs=kwargs, max_plate_nesting=training.max_plate_nesting(plan.graph),
@@ -123,10 +126,9 @@ def make_potential(model: Callable, args: tuple, kwargs: dict, plan, num_chains:
                       "potential instead (same density, slower)", training.PyroObjective, stacklevel=3)
         return Potential(pyro_potential_and_grad(pyro_potential, layout), layout, dict(transforms), flat)
     batched = _vectorized(ours, layout, flat, reference)
-    if batched is None:
-        return Potential(one_by_one, layout, dict(transforms), flat)
-    traced = _traced(ours, layout, flat, reference)
-    return Potential(batched if traced is None else traced, layout, dict(transforms), flat)
+    eager = batched or one_by_one
+    traced = _traced(ours, layout, flat, reference, eager, vmapped=batched is not None)
+    return Potential(eager if traced is None else traced, layout, dict(transforms), flat)
 
 
 def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
@@ -160,8 +162,12 @@ def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z:
 VALUE_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
                          "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
                          "allclose"})
-"""aten ops whose result (a Python number, or a shape) depends on a tensor's values: a trace that reads one off a
-tensor depending on z has baked in a branch taken at the starting points, and is refused."""
+"""aten ops whose result (a Python number, or a shape) depends on a tensor's values: a trace that does one on a
+tensor depending on z has baked in the branch taken at the starting points. A Python number
+(``_local_scalar_dense``) is guarded at every call; a value-dependent shape refuses the trace."""
+
+GUARDABLE = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose"})
+"""The reads of ``VALUE_READS`` that give a Python number or bool, which a guard can recompute as a tensor."""
 
 
 def _depends_on_input(graph: torch.fx.Graph) -> set:
@@ -175,8 +181,8 @@ def _depends_on_input(graph: torch.fx.Graph) -> set:
 
 def _fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
     """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
-    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. The graph is
-    functional (``functionalize``), so a folded tensor is never written to."""
+    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. Only for a
+    graph without in-place ops (``_mutates``), where a folded tensor is never written to."""
     graph = module.graph
     dependent = _depends_on_input(graph)
     values: dict = {}
@@ -204,20 +210,86 @@ def _fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torc
     return module
 
 
-def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
-            reference: tuple[torch.Tensor, torch.Tensor]):
-    """``potential_and_grad`` over exactly ``z.shape[0]`` chains as one traced graph, or None when it cannot be
-    trusted.
+def _row_by_row(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``Z (C, D) -> (grad (C, D), U (C,))`` by one autograd pass per row (what ``make_fx`` unrolls when the
+    model's code cannot be vmapped; plain autograd, as the exact kernels' ``autograd.Function``s are not
+    functorch-ready)."""
 
-    ``functionalize(vmap(grad_and_value(U)))`` is recorded by ``make_fx`` at ``z`` ``(C, D)``: a straight-line
-    program of aten ops computing (grad ``(C, D)``, U ``(C,)``); Python reads of tensor values are evaluated
-    there and baked in. The trace is refused (None) when such a read (``VALUE_READS``) depends on z (a branch of
-    the model on a latent value), when tracing fails, or when its values at ``z`` differ from ``reference``
-    (chain by chain, 1e-6 relative). Constants are folded (``_fold_constants``) and the graph is run by
-    ``torch.jit.trace`` (fewer interpreter calls per op), checked against the graph at ``z``. The result is
+    def grads_and_values(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        us, grads = [], []
+        for c in range(rows.shape[0]):
+            with torch.enable_grad():
+                row = rows[c].detach().requires_grad_(True)
+                u = value(row)
+                (g,) = torch.autograd.grad(u, row)
+            us.append(u.detach())
+            grads.append(g)
+        return torch.stack(grads), torch.stack(us)
+
+    return grads_and_values
+
+
+def _mutates(graph: torch.fx.Graph) -> bool:
+    """Whether an op of ``graph`` writes into one of its arguments (in-place or ``out=``)."""
+    return any(node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False)
+               for node in graph.nodes)
+
+
+def _add_guards(module: torch.fx.GraphModule) -> bool:
+    """Make the values the traced Python read off tensors that depend on z (``GUARDABLE``: ``bool(t)``,
+    ``float(t)``, ``t.item()``, ``torch.allclose``, ``torch.equal``) a third output of ``module``, as tensors,
+    one float64 vector (empty when there are none). False when a read of another kind depends on z (a shape
+    that depends on values: ``nonzero``, ``unique``, ...), which no guard can check."""
+    graph = module.graph
+    dependent = _depends_on_input(graph)
+    reads = []
+    for node in graph.nodes:
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        if node.op != "call_function" or node not in dependent or name not in VALUE_READS:
+            continue
+        if name not in GUARDABLE:
+            return False
+        reads.append((name, node))
+    output = next(n for n in graph.nodes if n.op == "output")
+    aten = torch.ops.aten
+    with graph.inserting_before(output):
+        guarded = []
+        for name, node in reads:   # the tensor the Python value was read from (jit.trace bakes Python values)
+            if name == "allclose":
+                x = graph.call_function(aten.all.default, (graph.call_function(aten.isclose.default, node.args,
+                                                                               node.kwargs),))
+            elif name == "equal":
+                x = graph.call_function(aten.all.default, (graph.call_function(aten.eq.Tensor, node.args[:2]),))
+            else:
+                x = node.args[0]
+            guarded.append(x)
+        flat = [graph.call_function(aten._to_copy.default, (graph.call_function(aten.reshape.default, (x, [-1])),),
+                                    {"dtype": torch.float64}) for x in guarded]
+        guards = (graph.call_function(aten.cat.default, (flat,)) if flat else
+                  graph.call_function(aten.zeros.default, ([0],), {"dtype": torch.float64}))
+    grads, us = output.args[0]
+    output.args = ((grads, us, guards),)
+    module.recompile()
+    return True
+
+
+def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
+            reference: tuple[torch.Tensor, torch.Tensor], fallback: Callable, vmapped: bool):
+    """``potential_and_grad`` of the chains by one traced graph, or None when it cannot be trusted.
+
+    ``functionalize(vmap(grad_and_value(U)))`` at ``z`` ``(C, D)`` (``vmapped``) or, for a model whose code
+    cannot be vmapped, one row's autograd pass (``_row_by_row`` at ``z[:1]``; constants folded only when it has
+    no in-place op) is recorded by ``make_fx``: a straight-line program of aten ops computing (grad, U). Python
+    reads of tensor values are evaluated there and baked in; those that depend on z (a check or a branch of the
+    model on a latent value, e.g. ``markov_chain`` validating its transition matrix) become guards
+    (``_add_guards``): every call compares them with their values at ``z`` and evaluates the call by
+    ``fallback`` (the eager potential) when one differs. The trace is refused (None) when a shape depends on z's
+    values, when tracing fails, or when its values at ``z`` differ from ``reference`` (chain by chain, 1e-6
+    relative). Constants are folded (``_fold_constants``) and the graph is run by ``torch.jit.trace`` (fewer
+    interpreter calls per op), checked against the graph at ``z``. The vmapped graph is returned as
     ``nuts.AllChains``: the sampler calls it on all C chains (another number of rows is run C at a time,
-    padded). Where U is not finite the gradient is whatever the
-    graph gives (the sampler stops such a trajectory as divergent on U alone)."""
+    padded); the one-row graph is run once per row asked for. Where U is not finite the
+    gradient is whatever the graph gives (the sampler stops such a trajectory as divergent on U alone)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from .nuts import AllChains
@@ -226,48 +298,53 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
         return potential_fn(layout.unravel(row))
 
     z = z.detach()
+    traced_fn = (torch.func.functionalize(torch.func.vmap(torch.func.grad_and_value(value))) if vmapped
+                 else _row_by_row(value))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = make_fx(torch.func.functionalize(torch.func.vmap(torch.func.grad_and_value(value))),
-                             _error_on_data_dependent_ops=False)(z)
-            dependent = _depends_on_input(module.graph)
-            if any(node.op == "call_function" and node in dependent
-                   and getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in VALUE_READS
-                   for node in module.graph.nodes):
+            example = z if vmapped else z[:1]
+            module = make_fx(traced_fn, _error_on_data_dependent_ops=False)(example)
+            if not _add_guards(module):
                 return None
-            module = _fold_constants(module, z)
-            graph_out = module(z)
+            if not _mutates(module.graph):
+                module = _fold_constants(module, example)
+            graph_out = module(example)
             try:
-                run = torch.jit.trace(module, (z,), check_trace=False)
-                jit_out = run(z)
+                run = torch.jit.trace(module, (example,), check_trace=False)
+                jit_out = run(example)
                 if not all(torch.equal(a, b) for a, b in zip(jit_out, graph_out)):
                     run = module
             except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
                 run = module
-    except Exception:  # noqa: BLE001 - a model make_fx cannot record keeps the eager vmap
+    except Exception:  # noqa: BLE001 - a model make_fx cannot record keeps the eager potential
         return None
+    C, expected = example.shape[0], graph_out[2]
 
-    C = z.shape[0]
+    def block_potential(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grads, us, guards = run(block)
+        if not torch.equal(guards, expected):
+            return fallback(block)
+        return us.to(block.dtype), grads.to(block.dtype)
 
     def potential_and_grad(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        A = rows.shape[0]
-        if A == C:
-            grads, us = run(rows)
-            return us, grads
-        # another number of rows (a caller that does not honour AllChains): C at a time, the last block
-        # padded with copies of its first row
+        if rows.shape[0] == C:
+            return block_potential(rows)
+        # another number of rows (one row at a time for a row-by-row graph; a caller that does not honour
+        # AllChains): C at a time, the last block padded with copies of its first row
         us, grads = [], []
         for block in rows.split(C):
             n = block.shape[0]
-            g, u = run(torch.cat([block, block[:1].expand(C - n, -1)]) if n < C else block)
+            u, g = block_potential(torch.cat([block, block[:1].expand(C - n, -1)]) if n < C else block)
             us.append(u[:n])
             grads.append(g[:n])
         return torch.cat(us), torch.cat(grads)
 
     u, g = potential_and_grad(z)
     finite = torch.isfinite(reference[0])
-    ok = (u.dtype == z.dtype and bool((torch.isfinite(u) == finite).all())
+    ok = (bool((torch.isfinite(u) == finite).all())
           and torch.allclose(u[finite], reference[0][finite], rtol=1e-6, atol=1e-6)
           and torch.allclose(g[finite], reference[1][finite], rtol=1e-5, atol=1e-6))
-    return AllChains(potential_and_grad) if ok else None
+    if not ok:
+        return None
+    return AllChains(potential_and_grad) if vmapped else potential_and_grad

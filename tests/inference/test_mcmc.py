@@ -243,6 +243,92 @@ def test_nuts_over_hmm_transitions_with_the_chain_collapsed():
 
 
 @ppl.model
+def branching(y):
+    mu = ppl.sample("mu", ppl.dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+    noise = 1.0 if float(mu.detach()) > 0 else 3.0                      # a branch of the model on a latent value
+    with ppl.plate("data", y.shape[0]):
+        ppl.sample("y", ppl.dist.Normal(mu, noise), obs=y)
+
+
+def _normal_potential(mu: torch.Tensor, y: torch.Tensor, noise) -> torch.Tensor:
+    """-log N(mu; 0, 1) - sum log N(y; mu, noise) for mu ``(C,)``."""
+    normal = torch.distributions.Normal
+    return -(normal(0.0, 1.0).log_prob(mu) + normal(mu[:, None], noise[:, None]).log_prob(y).sum(-1))
+
+
+def test_traced_potential_equals_the_model_everywhere_and_guards_its_branches():
+    """The backend's potential is one traced graph of all chains (nuts.AllChains) and equals the closed form away
+    from the starting points, on all chains at once and on a subset of rows; a model that branches on a latent
+    value (float(mu) > 0, which vmap refuses) is traced one row at a time with a guard on that value: on the other branch the call is evaluated eagerly and
+    still equals the closed form (a trace that baked the branch in would be silently wrong there)."""
+    from ppl.compiler import compile as compile_model
+    from ppl.inference.mcmc.nuts import AllChains
+
+    y = torch.tensor([0.5, 1.5, -0.3], dtype=torch.float64)
+    torch.manual_seed(0)
+    plain = make_potential(normal_normal, (y,), {}, compile_model(normal_normal, y, backend="mcmc"), 4)
+    assert isinstance(plain.potential_and_grad, AllChains)
+    z = torch.tensor([[-2.0], [0.1], [0.7], [3.0]], dtype=torch.float64).requires_grad_(True)
+    normal = torch.distributions.Normal
+    want = -(normal(1.0, 2.0).log_prob(z[:, 0]) + normal(z, 1.5).log_prob(y).sum(-1))
+    (want_grad,) = torch.autograd.grad(want.sum(), z)
+    u, g = plain.potential_and_grad(z.detach())
+    assert torch.allclose(u, want.detach(), atol=1e-10) and torch.allclose(g, want_grad, atol=1e-10)
+    u3, g3 = plain.potential_and_grad(z.detach()[:3])
+    assert torch.allclose(u3, want.detach()[:3], atol=1e-10) and torch.allclose(g3, want_grad[:3], atol=1e-10)
+
+    torch.manual_seed(1)
+    guarded = make_potential(branching, (y,), {}, compile_model(branching, y, backend="mcmc"), 2)
+    assert guarded.potential_and_grad.__qualname__.startswith("_traced.")   # vmap refuses float(mu): one row traced
+    for mu in ([0.5, 1.0], [-0.5, -1.0], [0.5, -1.0]):
+        z = torch.tensor(mu, dtype=torch.float64)[:, None].requires_grad_(True)
+        noise = torch.where(z[:, 0] > 0, 1.0, 3.0).to(z.dtype)
+        want = _normal_potential(z[:, 0], y, noise)
+        (want_grad,) = torch.autograd.grad(want.sum(), z)
+        u, g = guarded.potential_and_grad(z.detach())
+        assert torch.allclose(u, want.detach(), atol=1e-10), (mu, u, want)
+        assert torch.allclose(g, want_grad, atol=1e-10), (mu, g, want_grad)
+
+
+SEPARATED = torch.tensor([-10.0, 0.0, 10.0], dtype=torch.float64)
+
+
+@ppl.model
+def separated_hmm(y):
+    trans = ppl.sample("trans", ppl.dist.Dirichlet(torch.ones(3, 3, dtype=y.dtype)).to_event(1))
+    z = ppl.markov_chain("z", num_states=3, transition=trans, length=y.shape[-1])
+    ppl.sample("y", ppl.dist.Normal(SEPARATED[z], 1.0), obs=y)
+
+
+def test_nuts_over_3_state_hmm_rows_matches_the_dirichlet_posterior_of_a_known_path():
+    """K = 3 HMM through the backend (path collapsed by the forward algorithm, the potential traced with its
+    transition-matrix checks guarded), NUTS over the Dirichlet(1) transition rows. The emission means are 10 noise
+    sds apart, so the path is known up to ~T * 3e-7 of posterior mass and the rows' posterior is the conjugate
+    Dirichlet(1 + transition counts of the true path), rows independent: the NUTS means of the 9 probabilities
+    are within 4.5 Monte Carlo standard errors (posterior sd / sqrt(ESS)) of (1 + n_kj) / (3 + n_k) and the sds
+    within 40% of the Dirichlet's."""
+    g = torch.Generator().manual_seed(4)
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]], dtype=torch.float64)
+    states = [0]
+    for _ in range(29):
+        states.append(int(torch.multinomial(probs[states[-1]], 1, generator=g)))
+    states = torch.tensor(states)
+    y = SEPARATED[states] + torch.randn(30, generator=g, dtype=torch.float64)
+    counts = torch.zeros(3, 3, dtype=torch.float64).index_put_((states[:-1], states[1:]),
+                                                               torch.ones(29, dtype=torch.float64), accumulate=True)
+    alpha = 1 + counts
+    mean = alpha / alpha.sum(-1, keepdim=True)
+    sd = (mean * (1 - mean) / (alpha.sum(-1, keepdim=True) + 1)).sqrt()
+    post = ppl.infer(separated_hmm, y, backend="mcmc", num_chains=2, num_samples=120, warmup_steps=120, seed=0,
+                     progress=False)
+    draws = post.draws["trans"]                                                          # (2, 120, 3, 3)
+    ess = effective_sample_size(draws, chain_dim=0, sample_dim=1)
+    flat = draws.reshape(-1, 3, 3)
+    assert bool(((flat.mean(0) - mean).abs() < 4.5 * sd / ess.sqrt()).all()), (flat.mean(0), mean, ess)
+    assert bool(((flat.std(0) / sd - 1).abs() < 0.4).all()), (flat.std(0), sd)
+
+
+@ppl.model
 def gamma_precision(y):
     tau = ppl.sample("tau", ppl.dist.Gamma(torch.tensor(2.0, dtype=y.dtype), 1.0))
     with ppl.plate("data", y.shape[0]):
