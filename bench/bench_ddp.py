@@ -3,9 +3,9 @@ same total batch, for the amortized, svae and svi backends. ``python -m bench.be
 
 Each workload is fitted in float64 by one process and by two processes (one torch thread each, rendezvous through
 a file). The time per step is the difference of a fit of 2 S steps and one of S steps, over S (the set-up and the
-final full-data pass cancel; after a warm-up fit), on rank 0; "max |diff|" is the largest absolute difference between the parameters of
-the one-process and the two-process fits after 2 S steps (0 up to summation-order round-off when the fits are the
-same). With ``python -m bench.run --only ddp`` the row's time is the whole measurement (process starts included)
+final full-data pass cancel; after a warm-up fit), on rank 0; "max |diff|" is the largest absolute difference
+between the parameters of the one-process and the two-process fits after 2 S steps (0 up to summation-order
+round-off when the fits are the same). With ``python -m bench.run --only ddp`` the row's time is the whole measurement (process starts included)
 and the note carries the numbers.
 """
 from __future__ import annotations

@@ -268,14 +268,14 @@ class _Minibatches:
     seed); process r of W keeps its B/W (``distributed.shard``), runs the model on those rows (the model's
     arguments, recognition inputs and masks sliced) and returns
 
-    .. math:: -\Big[	frac{N}{B/W}ig(	ext{recon} - 	ext{local KL}ig) + \log p(	heta) - \mathrm{KL}(q(\phi)\|p(\phi))\Big]
+    .. math::
+        -\Big[\tfrac{N}{B/W}\big(\text{recon} - \text{local KL}\big) + \log p(\theta)
+              - \mathrm{KL}(q(\phi)\|p(\phi))\Big]
 
     unbiased for the full-data objective (a row is in the batch with probability B/N). The network and MAP
     gradients are averaged over the processes (``distributed.average_gradients``). A conjugate global's
     natural-gradient step uses the expected statistics of the whole batch, scaled to the data set:
-    :math:`\eta \leftarrow (1-
-ho)\eta + 
-ho(\eta_0 + rac{N}{B}\sum_{n\in B} s_n)` with
+    :math:`\eta \leftarrow (1-\rho)\eta + \rho(\eta_0 + \frac{N}{B}\sum_{n\in B} s_n)` with
     :math:`\sum_{n\in B} = W\cdot\mathrm{mean}_r\sum_{n\in B_r}` (all-reduced), so every process holds the same
     q. The local noise is drawn for the whole batch from a generator seeded each step (``_ShardedNoise``).
     Recorded terms (``post.elbo_terms``) and the loss are this process's estimates.

@@ -127,7 +127,8 @@ class Minibatches:
     on the whole batch. Its data change from call to call, so the fit runs it in the interpreter (a recorded
     density, ``compiled.TracedDensity``, would keep the first batch). Finite discrete latents of the plate
     (enumerated, no guide parameters) are allowed; a continuous local latent (its guide parameters live on every
-    row) or a chain is refused with a ValueError naming the site (``backend='amortized'`` fits local latents on minibatches with an encoder).
+    row) or a chain is refused with a ValueError naming the site (``backend='amortized'`` fits local latents
+    on minibatches with an encoder).
     """
 
     def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, plan, batch_size: int | None):
