@@ -28,6 +28,10 @@ the chain ``x: (..., T, D)``.
 Backend the compiler chooses: ``exact`` (rule ``exact-chains``: y is linear-Gaussian in x, so x
 is marginalized by the Kalman filter and the globals are MAP estimates on the exact marginal
 likelihood; ``post.smoothed_means["x"]`` holds the RTS-smoothed path).
+
+Conjugate variant ``lds_conjugate`` (no inputs or mask): matrix-normal-inverse-Wishart priors on (A, Q) and on
+([C d], R) with full covariances; the compiler routes it to ``vi`` (VB-EM: the full posterior over the globals,
+the ELBO in closed form; ``conjugate_recovery_errors`` compares in the basis where C's top block is I).
 """
 from __future__ import annotations
 
@@ -120,6 +124,58 @@ def lds(y: torch.Tensor, D: int = 2, inputs: torch.Tensor | None = None, prior_s
         loc = x @ g["emission"].transpose(-1, -2) + g["obs_offset"]
         noise = dist.Normal(loc, g["obs_noise"])
         ppl.sample("y", (noise if mask is None else noise.mask(mask)).to_event(2), obs=y)
+
+
+def conjugate_priors(y: torch.Tensor, D: int, prior_scale: float = 10.0) -> dict:
+    """The priors of ``lds_conjugate`` (weak; the state's scale is set by x_0 ~ N(0, I)): (A, Q) ~ MNIW(M = 0,
+    column precision I_D, Psi = 0.1 I_D, nu = D + 2); (C | d, R) ~ MNIW(0, diag(1, .., 1, prior_scale^-2),
+    0.1 I_P, P + 2) on ``[C | d]`` ``(P, D + 1)``, so the offset d | R ~ N(0, prior_scale^2 R)."""
+    P = y.shape[-1]
+    eye = lambda n: torch.eye(n, dtype=y.dtype, device=y.device)  # noqa: E731
+    col = torch.cat([y.new_ones(D), y.new_full((1,), prior_scale ** -2)])
+    return {"dynamics": ppl.MatrixNormalInverseWishart(y.new_zeros(D, D), eye(D), 0.1 * eye(D), D + 2.0),
+            "emission": ppl.MatrixNormalInverseWishart(y.new_zeros(P, D + 1), torch.diag(col), 0.1 * eye(P), P + 2.0)}
+
+
+@ppl.model
+def lds_conjugate(y: torch.Tensor, D: int = 2, prior_scale: float = 10.0):
+    r"""LDS with conjugate priors (``conjugate_priors``), routed to backend ``vi``:
+
+    .. math::
+        (A, Q) \sim MNIW, \quad ([C\ d], R) \sim MNIW, \quad x_0 \sim N(0, I_D), \quad
+        x_t = A x_{t-1} + w_t,\ w_t \sim N(0, Q), \quad y_t \sim N(C x_t + d, R),
+
+    with full Q ``(D, D)``, C ``(P, D)``, R ``(P, P)``, on ``y: (T, P)`` or ``(N, T, P)`` (a plate
+    ``"sequences"``); no inputs or mask. ``ppl.compile`` picks ``vi`` (rule ``conjugate-exponential``): VB-EM
+    (Kalman smoothing on the expected parameters, closed-form MNIW updates; ``ppl.inference.vi.gaussian_chain``),
+    the full posterior over (A, Q) and (C, d, R) and the ELBO. C is not pinned to [I; C~] (that would not be
+    conjugate), so the latent basis is free: ``conjugate_recovery_errors`` compares in the basis where C's top
+    block is the identity. Values: ``dynamics`` packs ``[A | Q]`` ``(D, 2 D)``, ``emission`` ``[C d | R]``
+    ``(P, D + 1 + P)``."""
+    _check_inputs(y, D, None)
+    prior = conjugate_priors(y, D, prior_scale)
+    A, Q = ppl.MatrixNormalInverseWishart.unpack(ppl.sample("dynamics", prior["dynamics"]))
+    C, R = ppl.MatrixNormalInverseWishart.unpack(ppl.sample("emission", prior["emission"]), D + 1)
+    plate = ppl.plate("sequences", y.shape[0]) if y.dim() == 3 else contextlib.nullcontext()
+    with plate:
+        x = ppl.gaussian_chain("x", D, A, Q, length=y.shape[-2])
+        ppl.sample("y", dist.MultivariateNormal(x @ C[:, :D].transpose(-1, -2) + C[:, D], R).to_event(1), obs=y)
+
+
+def conjugate_recovery_errors(post, sim: Simulated) -> dict[str, float]:
+    """``recovery_errors`` of a ``lds_conjugate`` fit, in the latent basis where C's top D x D block is the identity
+    (x -> C_top x: A -> C_top A C_top^-1, C -> C C_top^-1), the basis ``simulate``'s truth is written in: largest
+    absolute errors of ``dynamics`` (A), ``emission_free``, ``obs_offset`` and of A's ``eigenvalues``."""
+    D = sim.kwargs["D"]
+    A = ppl.MatrixNormalInverseWishart.unpack(post.point["dynamics"], D)[0]
+    Cd = ppl.MatrixNormalInverseWishart.unpack(post.point["emission"], D + 1)[0]
+    top = Cd[:D, :D]
+    inv = torch.linalg.inv(top)
+    est = {"dynamics": top @ A @ inv, "emission_free": Cd[D:, :D] @ inv, "obs_offset": Cd[:, D]}
+    errors = {k: float((v - sim.truth[k].to(v)).abs().max()) for k, v in est.items() if k in sim.truth}
+    ev, truth = eigenvalues(est["dynamics"]), eigenvalues(sim.truth["dynamics"].to(A))
+    errors["eigenvalues"] = float((ev[best_permutation(ev, truth)] - truth).abs().max())
+    return errors
 
 
 def rotation(theta: float, radius: float) -> torch.Tensor:

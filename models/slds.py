@@ -25,6 +25,10 @@ LDS is a mixture of K^T Gaussians, so no exact rule applies. The discrete chain 
 collapsed exactly by the forward algorithm given the path, the path s_x and the globals get an
 AutoNormal guide; ``post.viterbi("s_z")`` is the most probable regime sequence given the guide's
 median path).
+
+Conjugate variant ``slds_conjugate``: Dir(1_K) rows, a matrix-normal-inverse-Wishart (A_k, Q_k) per regime and
+(C, R) ~ MNIW with full covariances; the compiler routes it to ``vi`` (structured mean field q(z) q(x), HMM <->
+Kalman, closed-form updates, the full posterior over the globals; ``conjugate_recovery_errors``).
 """
 from __future__ import annotations
 
@@ -68,6 +72,57 @@ def slds(y: torch.Tensor, K: int = 2, D: int = 2):
     _, x = ppl.switching_chain("s", K, D, trans, dynamics, torch.diag_embed(state_noise ** 2), length=T)
     C = emission_matrix(free, D, y)
     ppl.sample("y", dist.Normal(x @ C.T, obs_noise).to_event(2), obs=y)
+
+
+def conjugate_priors(y: torch.Tensor, K: int, D: int) -> dict:
+    """The priors of ``slds_conjugate`` (weak; the state's scale is set by x_0 ~ N(0, I)): transition rows
+    Dir(1_K); per regime (A_k, Q_k) ~ MNIW(M = 0, column precision I_D, Psi = 0.1 I_D, nu = D + 2), so
+    E[Q_k] = 0.1 I and A_k | Q_k has entries of sd ~ sqrt(Q); (C, R) ~ MNIW(0, I_D, 0.1 I_P, P + 2)."""
+    P = y.shape[-1]
+    eye = lambda n: torch.eye(n, dtype=y.dtype, device=y.device)  # noqa: E731
+    return {"trans": dist.Dirichlet(y.new_ones(K, K)).to_event(1),
+            "dynamics": ppl.MatrixNormalInverseWishart(y.new_zeros(K, D, D), eye(D).expand(K, D, D),
+                                                       0.1 * eye(D).expand(K, D, D), y.new_full((K,), D + 2.0)),
+            "emission": ppl.MatrixNormalInverseWishart(y.new_zeros(P, D), eye(D), 0.1 * eye(P), P + 2.0)}
+
+
+@ppl.model
+def slds_conjugate(y: torch.Tensor, K: int = 2, D: int = 2):
+    r"""Switching LDS with conjugate priors (``conjugate_priors``), routed to backend ``vi``:
+
+    .. math::
+        P_{k,:} \sim \mathrm{Dir}(1_K), \quad (A_k, Q_k) \sim MNIW, \quad (C, R) \sim MNIW, \quad
+        x_t = A_{z_t} x_{t-1} + w_t,\ w_t \sim N(0, Q_{z_t}), \quad y_t \sim N(C x_t, R),
+
+    with one noise covariance Q_k per regime, a full C ``(P, D)`` and a full R ``(P, P)``. ``ppl.compile`` picks
+    ``vi`` (rule ``conjugate-exponential``): variational Bayes by structured mean field (q(z) by forward-backward,
+    q(x) by Kalman smoothing, closed-form Dirichlet / MNIW updates; ``ppl.inference.vi.slds``), the full posterior
+    over the globals. C is not pinned to [I; C~] (that would not be conjugate), so the latent basis is free:
+    ``conjugate_recovery_errors`` compares the dynamics in the basis where C's top block is the identity.
+    Values: ``dynamics`` packs ``[A_k | Q_k]`` ``(K, D, 2 D)``, ``emission`` ``[C | R]`` ``(P, D + P)``."""
+    _check_inputs(y, K, D)
+    T, P = y.shape
+    prior = conjugate_priors(y, K, D)
+    trans = ppl.sample("trans", prior["trans"])
+    A, Q = ppl.MatrixNormalInverseWishart.unpack(ppl.sample("dynamics", prior["dynamics"]))
+    C, R = ppl.MatrixNormalInverseWishart.unpack(ppl.sample("emission", prior["emission"]), D)
+    _, x = ppl.switching_chain("s", K, D, trans, A, Q, length=T)
+    ppl.sample("y", dist.MultivariateNormal(x @ C.T, R).to_event(1), obs=y)
+
+
+def conjugate_recovery_errors(post, sim: Simulated) -> dict[str, float]:
+    """``recovery_errors`` of a ``slds_conjugate`` fit: ``segmentation`` (1 - accuracy of the Viterbi regimes up to
+    relabelling) and ``dynamics``, the largest entry error of the A_k (best relabelling) after moving the fit to
+    the latent basis where C's top D x D block is the identity (x -> C_top x, A_k -> C_top A_k C_top^-1), the basis
+    ``simulate``'s truth is written in."""
+    K, D = sim.kwargs["K"], sim.kwargs["D"]
+    seg = 1.0 - segmentation_accuracy(post.viterbi("s_z"), sim.truth["s_z"], K)
+    A = ppl.MatrixNormalInverseWishart.unpack(post.point["dynamics"], D)[0]
+    top = ppl.MatrixNormalInverseWishart.unpack(post.point["emission"], D)[0][:D]
+    est = top @ A @ torch.linalg.inv(top)
+    truth = sim.truth["dynamics"].to(est)
+    perm = best_permutation(est, truth)
+    return {"segmentation": seg, "dynamics": float((est[perm] - truth).abs().max())}
 
 
 def true_parameters(P: int = 3, angle: float = 0.5, radius: float = 0.99,

@@ -285,3 +285,20 @@ def test_non_conjugate_lds_models_get_a_reason_naming_the_site():
         assert ppl.compile(model, y).backend != "vi"
         with pytest.raises(UnsupportedModelError, match=f"site '{site}'"):
             ppl.compile(model, y, backend="vi")
+
+
+def test_library_conjugate_lds_routes_to_vi_and_recovers_the_system():
+    """``ppl.models.lds.lds_conjugate`` on ``lds.simulate`` data (no inputs): routed to vi; after 60 sweeps from
+    one start the system in the canonical basis is within the library's LDS tolerances."""
+    from ppl.models import lds  # noqa: PLC0415 - the library model, imported where it is used
+    sim = lds.simulate(0, U=None, T=100)
+    assert ppl.compile(lds.lds_conjugate, *sim.args, **sim.kwargs).backend == "vi"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ELBODecreased)
+        warnings.simplefilter("ignore", ppl.inference.training.NotConverged)
+        post = ppl.infer(lds.lds_conjugate, *sim.args, model_kwargs=sim.kwargs, progress=False, num_steps=60,
+                         restarts=1)
+    errors = lds.conjugate_recovery_errors(post, sim)
+    assert set(errors) == {"dynamics", "emission_free", "obs_offset", "eigenvalues"}
+    for name, value in errors.items():
+        assert value < lds.TOLERANCES[name], (name, value)

@@ -216,3 +216,20 @@ def test_non_conjugate_switching_lds_is_refused_naming_the_site():
     assert ppl.compile(normal_dynamics, y).backend != "vi"
     with pytest.raises(UnsupportedModelError, match="s_x"):
         ppl.compile(normal_dynamics, y, backend="vi")
+
+
+def test_library_conjugate_slds_routes_to_vi_and_segments():
+    """``ppl.models.slds.slds_conjugate`` on ``slds.simulate`` data (T = 100): routed to vi; 40 sweeps from one
+    start segment >= 95% of the steps and recover the A_k within the library's tolerance (canonical basis)."""
+    from ppl.models import slds  # noqa: PLC0415 - the library model, imported where it is used
+    sim = slds.simulate(0, T=100)
+    plan = ppl.compile(slds.slds_conjugate, *sim.args, **sim.kwargs)
+    assert plan.backend == "vi", plan.explain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ELBODecreased)
+        warnings.simplefilter("ignore", ppl.inference.training.NotConverged)
+        post = ppl.infer(slds.slds_conjugate, *sim.args, model_kwargs=sim.kwargs, progress=False, num_steps=40,
+                         restarts=1)
+    errors = slds.conjugate_recovery_errors(post, sim)
+    assert errors["segmentation"] <= 0.05, errors
+    assert errors["dynamics"] < slds.TOLERANCES["dynamics"], errors
