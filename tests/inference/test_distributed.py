@@ -1,7 +1,8 @@
 """Data-parallel training (``inference/distributed.py``) for the amortized, svae and svi backends: two gloo
 processes on localhost, each fitting half of every batch, end with the parameters of one process on the whole
-batch (float64, to summation-order round-off). One spawn runs every backend's fit (a process start costs seconds);
-the helpers themselves are checked without a process group."""
+batch (float64, to summation-order round-off), the svae's conjugate globals (Dirichlet, MNIW) included. One
+spawn runs every backend's fit (a process start costs seconds); the helpers themselves are checked without a
+process group."""
 import subprocess
 import sys
 import textwrap
@@ -85,13 +86,29 @@ def fit_svae_lds():
     return _params(post)
 
 
+def fit_svae_mniw():
+    """The LDS-SVAE with a conjugate matrix-normal-inverse-Wishart on (A, Q): its q's natural-gradient step is
+    taken from the all-reduced transition statistics (a named tuple of natural parameters)."""
+    from ppl import MatrixNormalInverseWishart
+    from ppl.models import svae_lds
+    from tests.inference.test_svae_mniw import lds_mniw
+
+    sim = svae_lds.simulate(seed=0, N=8, T=5, P=4, num_test=1, dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    init = {"dynamics": MatrixNormalInverseWishart.pack(svae_lds.slow_rotation(2, dtype=torch.float64), 0.01 * eye)}
+    post = ppl.infer(lds_mniw, sim.args[0], model_kwargs=sim.kwargs, backend="svae", num_steps=3, batch_size=4,
+                     init=init, num_samples=2, progress=False)
+    return _params(post, "dynamics")
+
+
 def fit_svi(batch_size=8):
     post = ppl.infer(regression, *regression_data(), backend="svi", num_steps=20, batch_size=batch_size,
                      num_samples=2, progress=False)
     return _params(post)
 
 
-FITS = {"amortized": fit_amortized, "svae mixture": fit_svae_mixture, "svae lds": fit_svae_lds, "svi": fit_svi}
+FITS = {"amortized": fit_amortized, "svae mixture": fit_svae_mixture, "svae lds": fit_svae_lds,
+        "svae mniw": fit_svae_mniw, "svi": fit_svi}
 
 SCRIPT = """
 import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
