@@ -213,7 +213,9 @@ class _ShardedNoise(TorchFunctionMode):
     whole batch's noise from the same stream and keeps its rows. When the local solver draws its noise rows-first
     (Gaussian nodes, mixtures, the banded LDS smoother), each data point gets the noise it gets in one process on
     the whole batch, so W processes reproduce that run; any other layout (the scan smoother's column layout) still
-    gets independent standard normals, only not the same ones."""
+    gets independent standard normals, only not the same ones. Cost: every torch call of the model run passes
+    through the mode (measured 20-30 % of an LDS-SVAE step's forward and backward on CPU, 16 sequences); used only
+    when W > 1."""
 
     def __init__(self, generator: torch.Generator, rank: int, world: int):
         super().__init__()
