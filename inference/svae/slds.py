@@ -22,10 +22,13 @@ import math
 
 import torch
 
+from ppl.expfam.mniw import MNIWExpectations
 from ppl.handlers import DiscreteTable
 
 from ..exact import tables as kernels
 from ..exact.kalman_info import LDSPrior, filter_result, prepare, run_filter, sample, smooth
+from ..vi.gaussian_chain import ChainLocal
+from ..vi.slds import transition_table
 from .local import Local, expected_log_potential
 
 
@@ -47,13 +50,12 @@ def _expected_dynamics(r: torch.Tensor, A: torch.Tensor, Q_inv: torch.Tensor, lo
 
 
 def _expected_log_lik(A, Q_inv, log_det_2piQ, mean, cov, cross):
-    """L ``(..., T-1, K)``: E_q log N(x_t | A_k x_{t-1}, Q_k) from smoothed moments (cross = Cov(x_{t-1}, x_t))."""
-    second = cov + mean.unsqueeze(-1) * mean.unsqueeze(-2)                      # E[x_t x_t^T]
-    prev_next = cross + mean[..., :-1, :, None] * mean[..., 1:, None, :]      # E[x_{t-1} x_t^T]
-    S_next, S_prev = second[..., 1:, None, :, :], second[..., :-1, None, :, :]
-    PN = prev_next[..., None, :, :]
-    resid = S_next - A @ PN - (A @ PN).mT + A @ S_prev @ A.mT                 # (..., T-1, K, D, D)
-    return -0.5 * log_det_2piQ - 0.5 * (Q_inv * resid).sum((-1, -2))
+    """L ``(..., T-1, K)``: E_q log N(x_t | A_k x_{t-1}, Q_k) from smoothed moments (cross = Cov(x_{t-1}, x_t)): the vi
+    backend's ``slds.transition_table`` at the point values (E[Q^-1] = Q^-1, E[Q^-1 A] = Q^-1 A, ...)."""
+    D = A.shape[-1]
+    QiA = Q_inv @ A
+    point = MNIWExpectations(Q_inv, QiA, A.mT @ QiA, log_det_2piQ - D * math.log(2 * math.pi))
+    return transition_table(point, ChainLocal(mean, cov, cross.mT, None))
 
 
 def slds_local(log_init: torch.Tensor, log_trans: torch.Tensor, A: torch.Tensor, Q: torch.Tensor,
