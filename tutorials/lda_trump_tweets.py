@@ -157,11 +157,13 @@ structure = vi_lda.analyse(lda.model, (words,), kw, plan.facts)
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "structure.pt"
     torch.save(structure, path)
-    code = (f"import resource, time, torch; torch.set_num_threads({args.threads}); "
+    # its own high-water mark (VmHWM; ru_maxrss would carry this process's peak over the exec)
+    code = (f"import time, torch; torch.set_num_threads({args.threads}); "
             "from ppl.inference.vi import lda; "
             f"s = torch.load({str(path)!r}, weights_only=False); t = time.perf_counter(); "
             f"lda.fit(s, {PASSES}, 1e-6, 1, {args.seed}, {BATCH}, 10.0, 0.7, False); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(time.perf_counter() - t, int(hwm) / 2**20)")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=str(Path(__file__).resolve().parent.parent))
     fit_seconds, fit_peak = (float(v) for v in child.stdout.split())
