@@ -259,8 +259,9 @@ def _normal_potential(mu: torch.Tensor, y: torch.Tensor, noise) -> torch.Tensor:
 def test_traced_potential_equals_the_model_everywhere_and_guards_its_branches():
     """The backend's potential is one traced graph of all chains (nuts.AllChains) and equals the closed form away
     from the starting points, on all chains at once and on a subset of rows; a model that branches on a latent
-    value (float(mu) > 0, which vmap refuses) is traced one row at a time with a guard on that value: on the other branch the call is evaluated eagerly and
-    still equals the closed form (a trace that baked the branch in would be silently wrong there)."""
+    value (float(mu) > 0, which vmap refuses) is traced one row at a time with a guard on that value: on the other
+    branch the call is evaluated eagerly and still equals the closed form (a trace that baked the branch in would
+    be silently wrong there)."""
     from ppl.compiler import compile as compile_model
     from ppl.inference.mcmc.nuts import AllChains
 
@@ -279,7 +280,7 @@ def test_traced_potential_equals_the_model_everywhere_and_guards_its_branches():
 
     torch.manual_seed(1)
     guarded = make_potential(branching, (y,), {}, compile_model(branching, y, backend="mcmc"), 2)
-    assert guarded.potential_and_grad.__qualname__.startswith("_traced.")   # vmap refuses float(mu): one row traced
+    assert guarded.potential_and_grad.__qualname__.startswith("_traced.")   # vmap refuses float(mu): rows traced
     for mu in ([0.5, 1.0], [-0.5, -1.0], [0.5, -1.0]):
         z = torch.tensor(mu, dtype=torch.float64)[:, None].requires_grad_(True)
         noise = torch.where(z[:, 0] > 0, 1.0, 3.0).to(z.dtype)
