@@ -86,6 +86,7 @@ def test_digits_density_smoke(tmp_path):
     proc = run_smoke("digits_density.py", tmp_path)
     assert "| model | validation bits/dim | test bits/dim |" in proc.stdout
     assert "Real NVP: test" in proc.stdout and "VAE: test" in proc.stdout and "Gaussian mixture: best" in proc.stdout
+    assert "MAF: test" in proc.stdout and "MAF beats the mixture:" in proc.stdout
     assert_figures(tmp_path, ("digits_samples.png", "digits_interpolations.png"))
 
 

@@ -1,6 +1,7 @@
 """Normalizing flows (ppl/flows.py): densities against change of variables with a brute-force Jacobian, the
 FFJORD trace estimators against the exact trace, a flow on a DSL site fitted to a Gaussian (closed-form
-entropy), flow guides against AutoNormal on a banana posterior whose exact density a fine grid gives, bad input.
+entropy), flow guides against AutoNormal on a banana posterior whose exact density a fine grid gives and on a
+funnel whose evidence quadrature gives, the identity start, bad input.
 """
 import math
 
@@ -156,25 +157,29 @@ def _exact_log_evidence(y) -> float:
     return float(torch.logsumexp(_grid_log_joint(y, a, b).flatten(), 0) + math.log((16 / 800) * (8 / 800)))
 
 
-def _fit_by_reparameterized_elbo(guide, y, steps: int, lr: float, particles: int = 16) -> None:
-    """Adam on the ELBO E_q[log p(a, b, y) - log q(a, b)] with q the guide's joint over the packed (b, a) vector
-    (the unconstrained space is the real plane: no Jacobian), computed without Pyro's handlers (fast)."""
+def _fit_by_reparameterized_elbo(guide, y, steps: int, lr: float, particles: int = 16, log_joint=None) -> None:
+    """Adam on the ELBO E_q[log p(u, y) - log q(u)] with q the guide's joint over the packed latent vector (both
+    models' unconstrained space is the real plane: no Jacobian), computed without Pyro's handlers (fast), the
+    gradient's norm clipped at 10 as ``training.optimize`` does.
+    ``log_joint(y, u0, u1)``: the model's log joint at the packed coordinates (default the banana's, (b, a))."""
+    log_joint = log_joint or (lambda y, b, a: _grid_log_joint(y, a, b))
     guide(y)
     optim = torch.optim.Adam(guide.parameters(), lr=lr)
     for _ in range(steps):
         q = guide.get_posterior()
         u = q.rsample((particles,))
-        loss = -(_grid_log_joint(y, u[..., 1], u[..., 0]) - q.log_prob(u)).mean()
+        loss = -(log_joint(y, u[..., 0], u[..., 1]) - q.log_prob(u)).mean()
         optim.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(guide.parameters()), 10.0)
         optim.step()
 
 
-def _elbo(guide, y) -> float:
+def _elbo(guide, y, model=banana) -> float:
     """Pyro's Trace_ELBO of the fitted guide on the model (20000 vectorized particles, seeded)."""
     pyro.set_rng_seed(1)
     with torch.no_grad():
-        return -Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1).loss(banana, guide, y)
+        return -Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, y)
 
 
 def _fit_autonormal(y, steps: int):
@@ -187,29 +192,75 @@ def _fit_autonormal(y, steps: int):
     return guide
 
 
-def test_an_iaf_guide_beats_the_mean_field_gaussian_on_a_banana_in_elbo_and_in_kl_to_the_exact_grid_posterior():
-    """KL(q || p) = log p(y) - ELBO, log p(y) exact by the grid, each ELBO by Pyro's Trace_ELBO on the model.
-    Both guides are fitted by the same fast loop; the mean-field Gaussian in the unconstrained space is
-    AutoNormal's family (fitted here as AutoDiagonalNormal; the slow test below fits AutoNormal itself by SVI).
-    Measured (float32, 600 steps): mean-field KL 0.64-0.66 at seeds 0-2; IAF (3 layers) 0.35, 0.34, 0.09 (a
-    fit can stop at a partial bend). Bounds: the IAF's KL under 0.6 of the mean-field one, Monte-Carlo error ~0.01."""
-    y = torch.full((4,), 0.5)
-    log_z = _exact_log_evidence(y)
-    with pyro.get_param_store().scope():
-        torch.manual_seed(0)
-        normal = AutoDiagonalNormal(banana)
-        _fit_by_reparameterized_elbo(normal, y, steps=600, lr=0.02)
-        normal_elbo = _elbo(normal, y)
-    with pyro.get_param_store().scope():
-        torch.manual_seed(0)
-        iaf = FlowGuide(banana, "iaf", num_layers=3, hidden=16)
-        _fit_by_reparameterized_elbo(iaf, y, steps=600, lr=0.02)
-        iaf_elbo = _elbo(iaf, y)
-        median = iaf.median(y)
-    normal_kl, iaf_kl = log_z - normal_elbo, log_z - iaf_elbo
-    assert iaf_elbo > normal_elbo + 0.2 and normal_kl > 0.5, (normal_kl, iaf_kl)
-    assert -0.02 < iaf_kl < 0.6 * normal_kl, (normal_kl, iaf_kl)
-    assert abs(float(median["b"])) < 0.3 and abs(float(median["a"]) - 0.6) < 0.4     # the ridge a ~ b^2 + 0.5
+def funnel(y):
+    """v ~ N(0, 1.5^2), x ~ N(0, e^{2v}), y_i ~ N(x, 1): Neal's funnel (x's scale set by v) seen through data."""
+    v = ppl.sample("v", dist.Normal(torch.tensor(0.0), 1.5))
+    x = ppl.sample("x", dist.Normal(torch.tensor(0.0), torch.exp(v)))
+    with ppl.plate("data", y.shape[-1]):
+        ppl.sample("y", dist.Normal(x, 1.0), obs=y)
+
+
+def _funnel_log_joint(y, v, x):
+    return (dist.Normal(0.0, 1.5).log_prob(v) + dist.Normal(0.0, torch.exp(v)).log_prob(x)
+            + dist.Normal(x.unsqueeze(-1), 1.0).log_prob(y).sum(-1))
+
+
+def _funnel_log_evidence(y) -> float:
+    r"""log p(y) by quadrature over v alone: x integrates in closed form, :math:`y \mid v \sim N(0, I + e^{2v} 11^\top)`
+    (n points), so :math:`\log p(y \mid v) = -\tfrac n2 \log 2\pi - \tfrac12 \log(1 + n s) - \tfrac12 (\lVert y
+    \rVert^2 - s (\textstyle\sum y)^2 / (1 + n s))`, :math:`s = e^{2v}`; 24001 points on [-12, 12] (float64)."""
+    v = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    y, n, s = y.double(), y.shape[-1], torch.exp(2 * v)
+    log_lik = (-n / 2 * math.log(2 * math.pi) - 0.5 * torch.log1p(n * s)
+               - 0.5 * ((y ** 2).sum() - s * y.sum() ** 2 / (1 + n * s)))
+    log_joint = dist.Normal(0.0, 1.5).log_prob(v) + log_lik
+    return float(torch.logsumexp(log_joint, 0) + math.log(24 / 24000))
+
+
+def test_the_funnel_evidence_by_quadrature_equals_a_dense_grid_over_both_latents():
+    """The oracle's check: the closed-form inner integral against a 2-D grid over (v, w = x e^{-v}) (the funnel's
+    neck resolved: dx = e^v dw), v in [-10, 5], w in [-6, 6]; the mass outside is < 1e-4."""
+    y = torch.tensor([0.3, -0.2])
+    v, w = torch.meshgrid(torch.linspace(-10, 5, 301, dtype=torch.float64),
+                          torch.linspace(-6, 6, 1201, dtype=torch.float64), indexing="ij")
+    log_joint = _funnel_log_joint(y.double(), v, w * torch.exp(v)) + v
+    grid = float(torch.logsumexp(log_joint.flatten(), 0) + math.log((15 / 300) * (12 / 1200)))
+    assert abs(grid - _funnel_log_evidence(y)) < 2e-3, (grid, _funnel_log_evidence(y))
+
+
+POSTERIORS = {"banana": (banana, (4,), 0.5), "funnel": (funnel, (2,), None)}
+
+
+@pytest.mark.parametrize("name", sorted(POSTERIORS))
+def test_a_default_flow_guide_beats_the_mean_field_gaussian_in_elbo_and_in_kl_to_the_exact_posterior(name):
+    """KL(q || p) = log p(y) - ELBO, log p(y) exact (banana: the 2-D grid; funnel: quadrature checked above), each
+    ELBO by Pyro's Trace_ELBO on the model. Both guides are fitted by the same fast loop (16 particles, Adam
+    0.02, the gradient clipped at 10, 600 steps); the mean-field Gaussian in the unconstrained space is
+    AutoNormal's family (fitted here as AutoDiagonalNormal). The flow guide has its defaults (IAF, 2 layers,
+    hidden 16, layers started at the identity). Measured (float32) at seeds 0, 1, 2: banana mean-field KL 0.661,
+    0.646, 0.643, flow 0.137, 0.181, 0.136; funnel mean-field 0.465, 0.478, 0.459, flow 0.046, 0.286, 0.081.
+    Bounds: the flow's KL under 0.7 of the mean-field one and its ELBO higher by 0.15, Monte-Carlo error ~0.01.
+    Not covered here: the svi backend's own loop (one draw per step, constant lr 0.02, 2000 steps), where the
+    default flow guide measured (seed 0, through ppl.infer) KL 1.55 (banana) and 1.45 (funnel) against
+    AutoNormal's 0.71 and 0.56: it does not win there without more draws per step."""
+    model, shape, value = POSTERIORS[name]
+    y = torch.full(shape, value) if value is not None else torch.tensor([0.3, -0.2])
+    log_z, log_joint = ((_exact_log_evidence(y), None) if name == "banana"
+                        else (_funnel_log_evidence(y), _funnel_log_joint))
+    fitted = {}
+    for kind, make in (("normal", AutoDiagonalNormal), ("flow", FlowGuide)):
+        with pyro.get_param_store().scope():
+            torch.manual_seed(0)
+            guide = make(model)
+            _fit_by_reparameterized_elbo(guide, y, steps=600, lr=0.02, log_joint=log_joint)
+            fitted[kind] = _elbo(guide, y, model)
+            if kind == "flow" and name == "banana":
+                median = guide.median(y)
+    normal_kl, flow_kl = log_z - fitted["normal"], log_z - fitted["flow"]
+    assert fitted["flow"] > fitted["normal"] + 0.15 and normal_kl > 0.4, (normal_kl, flow_kl)
+    assert -0.02 < flow_kl < 0.7 * normal_kl, (normal_kl, flow_kl)
+    if name == "banana":
+        assert abs(float(median["b"])) < 0.3 and abs(float(median["a"]) - 0.6) < 0.4  # the ridge a ~ b^2 + 0.5
 
 
 @pytest.mark.slow
