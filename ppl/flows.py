@@ -277,13 +277,17 @@ def start_at_identity(flow: Flow) -> Flow:
 
 
 def check_flow_args(kind, dim, num_layers, hidden) -> None:
-    """ValueError naming the argument, the expected and the actual value."""
+    """ValueError naming the argument, the expected and the actual value; ``dim=None``: not known yet (a guide's
+    latent size, known at its first call), the checks that need it are left to ``Flow``."""
     if kind not in KINDS:
         raise ValueError(f"flow kind must be one of {KINDS}, got {kind!r}")
-    sizes = (("dim", dim), ("num_layers", num_layers)) + ((("hidden", hidden),) if hidden is not None else ())
+    sizes = ((("dim", dim),) if dim is not None else ()) + (("num_layers", num_layers),) + (
+        (("hidden", hidden),) if hidden is not None else ())
     for name, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"flow '{kind}': {name} must be a positive int, got {value!r}")
+    if dim is None:
+        return
     if kind in ("maf", "iaf") and hidden is not None and hidden < dim:
         raise ValueError(f"flow '{kind}': hidden must be >= dim={dim} (each hidden layer of the masked "
                          f"autoregressive network needs a unit per input degree), got hidden={hidden}")
@@ -320,7 +324,7 @@ class FlowGuide(AutoContinuous):
 
     def __init__(self, model, kind: str = "iaf", num_layers: int = 2, hidden: int | None = None,
                  init_loc_fn=init_to_median, init_scale: float = 0.1, seed: int = 0, **cnf):
-        check_flow_args(kind, 2, num_layers, hidden)  # dim: the latent size, known at the first call
+        check_flow_args(kind, None, num_layers, hidden)  # dim: the latent size, known at the first call
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._flow_args = dict(kind=kind, num_layers=num_layers, hidden=hidden, seed=seed, **cnf)
         self._init_scale = init_scale
@@ -395,7 +399,7 @@ def flow_guide(kind: str = "iaf", num_layers: int = 2, hidden: int | None = None
 
     Any kind of ``KINDS`` (a guide scores its own draws, so "planar" works too); see ``FlowGuide``.
     """
-    check_flow_args(kind, 2, num_layers, hidden)
+    check_flow_args(kind, None, num_layers, hidden)
     return FlowGuideSpec(kind, num_layers, hidden, init_scale, seed)
 
 

@@ -341,3 +341,17 @@ def test_a_flow_guide_starts_at_autonormals_density(kind):
 def test_an_autoregressive_flow_narrower_than_its_input_is_refused_naming_the_sizes(kind):
     with pytest.raises(ValueError, match=f"flow '{kind}': hidden must be >= dim=64 .* got hidden=16"):
         Flow(kind, 64, hidden=16)
+
+
+def test_bad_flow_arguments_are_refused_naming_the_argument_and_the_value():
+    with pytest.raises(ValueError, match=r"flow kind must be one of .*'maf'.*got 'spline'"):
+        Flow("spline", 3)
+    with pytest.raises(ValueError, match=r"flow 'maf': dim must be a positive int, got 0"):
+        Flow("maf", 0)
+    with pytest.raises(ValueError, match=r"flow 'iaf': num_layers must be a positive int, got 0"):
+        ppl.flow_guide("iaf", num_layers=0)
+    with pytest.raises(ValueError, match=r"flow 'realnvp': dim must be >= 2 .* got 1"):
+        Flow("realnvp", 1)
+    guide = FlowGuide(banana, "iaf", hidden=1)          # the latent size (2) is known at the first call only
+    with pyro.get_param_store().scope(), pytest.raises(ValueError, match=r"hidden must be >= dim=2 .* got hidden=1"):
+        guide(torch.full((4,), 0.5))
