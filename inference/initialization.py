@@ -13,7 +13,11 @@ model itself:
    complete-data model, a cheap and well-posed problem;
 3. those MAP values are the starting point of the real fit (``init``).
 
-Each restart uses another k-means++ seed; the backend keeps the fit with the best objective.
+Each restart uses another k-means++ seed; the backend keeps the fit with the best objective. Restarts are made
+cheap: each new labelling is relabelled to agree best with the first one (``align_labels``), a labelling equal
+to an earlier one is dropped (its start would be the same), and its complete-data MAP starts from the first
+start's values (the same components in the same order), so it converges in a few dozen evaluations instead of
+the first fit's ~150 from the prior.
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ from . import chains, training
 LLOYD_ITERATIONS = 10
 
 
+def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    r"""``(n, K)``: :math:`\|x_i - c_k\|^2` for rows ``x: (n, F)`` and ``centers: (K, F)``, by broadcasting
+    (exact, no cancellation; ``torch.cdist`` was far slower on the small inputs k-means sees here: 309 x 1 rows,
+    3 centers, 44 ms vs 18 us, on the shared 2-core machine)."""
+    return ((x[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+
+
 def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding then ``LLOYD_ITERATIONS`` Lloyd steps on the rows of ``x: (n, F)`` (features
     standardized, non-finite entries set to the column mean): labels ``(n,)`` in ``[0, K)``."""
@@ -41,16 +52,19 @@ def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12) if x.shape[0] > 1 else x
     centers = x[torch.randint(x.shape[0], (1,), generator=generator)]
     for _ in range(1, K):
-        d2 = torch.cdist(x, centers).min(-1).values ** 2
+        d2 = squared_distances(x, centers).min(-1).values
         pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator) if float(d2.sum()) > 0 else \
             torch.randint(x.shape[0], (1,), generator=generator)
         centers = torch.cat([centers, x[pick]])
-    labels = torch.cdist(x, centers).argmin(-1)
+    labels = squared_distances(x, centers).argmin(-1)
     for _ in range(LLOYD_ITERATIONS):
-        for k in range(K):
-            if bool((labels == k).any()):
-                centers[k] = x[labels == k].mean(0)
-        labels = torch.cdist(x, centers).argmin(-1)
+        onehot = torch.nn.functional.one_hot(labels, K).to(x.dtype)
+        counts = onehot.sum(0)
+        centers = torch.where(counts[:, None] > 0, onehot.T @ x / counts.clamp_min(1)[:, None], centers)
+        new = squared_distances(x, centers).argmin(-1)
+        if torch.equal(new, labels):
+            break
+        labels = new
     return labels
 
 
@@ -102,37 +116,71 @@ def complete_data_plan(model: Callable, args: tuple, kwargs: dict, labels: dict)
     return plan if plan.facts.continuous else None
 
 
-def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, plan, num_steps: int) -> dict:
+def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, plan, num_steps: int,
+                      init: dict | None = None, rounds: int = 3) -> dict:
     """MAP of the globals with the discrete latents fixed at ``labels`` (chains still collapsed where exact;
-    ``plan`` from ``complete_data_plan``): site -> value, detached. Fails soft: {} if the fit fails."""
+    ``plan`` from ``complete_data_plan``), started at ``init`` (site -> value; None: the prior median): site ->
+    value, detached. L-BFGS runs at most ``num_steps`` evaluations; a fit that used them all without converging
+    (e.g. stalled at a start far from the data's scale, its line searches leaving the domain) is resumed from its
+    best point with fresh curvature memory, at most ``rounds`` rounds in all. Fails soft: {} if the fit fails."""
     fixed = condition(model, labels)
+    point = init
     try:
-        with pyro.get_param_store().scope():
-            guide, _, history = training.fit_guide(chains.fit_model(fixed, plan.facts), args, kwargs, plan,
-                                                   "delta", num_steps, 0.0, False, desc="init", optimizer="lbfgs",
-                                                   warn=False)
-            if history.interrupted:  # Ctrl-C while finding starts: nothing fitted yet, stop here
-                raise KeyboardInterrupt("interrupted while computing data-driven starts")
-            with torch.no_grad():
-                return {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
+        for _ in range(rounds):
+            with pyro.get_param_store().scope():
+                guide, _, history = training.fit_guide(chains.fit_model(fixed, plan.facts), args, kwargs, plan,
+                                                       "delta", num_steps, 0.0, False, init=point, desc="init",
+                                                       optimizer="lbfgs", warn=False)
+                if history.interrupted:  # Ctrl-C while finding starts: nothing fitted yet, stop here
+                    raise KeyboardInterrupt("interrupted while computing data-driven starts")
+                with torch.no_grad():
+                    point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
+            if len(history) < num_steps:
+                break
+        return point or {}
     except (ValueError, RuntimeError, FloatingPointError):
         return {}
 
 
+def align_labels(labels: torch.Tensor, reference: torch.Tensor, K: int) -> torch.Tensor:
+    """``labels`` relabelled by the permutation of ``[0, K)`` that maximizes the number of entries equal to
+    ``reference`` (same shape; Hungarian assignment on the ``(K, K)`` contingency table)."""
+    from scipy.optimize import linear_sum_assignment
+
+    table = torch.zeros(K, K, dtype=torch.float64)
+    table.index_put_((labels.reshape(-1).cpu(), reference.reshape(-1).cpu()),
+                     torch.ones(labels.numel(), dtype=torch.float64), accumulate=True)
+    rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
+    mapping = torch.empty(K, dtype=torch.long)
+    mapping[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return mapping.to(labels.device)[labels]
+
+
 def data_driven_starts(model: Callable, args: tuple, kwargs: dict, plan, restarts: int, seed: int,
                        num_steps: int = 150) -> list[dict]:
-    """Up to ``restarts`` starting points (site -> value) from k-means hard assignments (module docstring);
-    fewer (possibly none) when the model has no finite discrete latent with a usable observed child."""
-    starts, fixed_plan = [], None
+    """Up to ``restarts`` distinct starting points (site -> value) from k-means hard assignments (module
+    docstring): labellings equal to an earlier one after relabelling are dropped; fewer (possibly none) when the
+    model has no finite discrete latent with a usable observed child. The first complete-data MAP runs rounds of
+    at most ``num_steps`` evaluations from the prior median (``complete_data_map``), the later ones rounds of at
+    most ``num_steps // 3`` from the first start."""
+    starts, fixed_plan, seen = [], None, []
     for r in range(restarts):
         generator = torch.Generator().manual_seed(seed * 1009 + r)
         labels = hard_assignments(model, args, kwargs, plan, generator)
         if not labels:
             break
+        if seen:
+            labels = {site: align_labels(z, seen[0][site], plan.graph.site(site).discrete_size)
+                      for site, z in labels.items()}
+            if any(all(torch.equal(z, old[site]) for site, z in labels.items()) for old in seen):
+                continue
+        seen.append(labels)
         fixed_plan = fixed_plan or complete_data_plan(model, args, kwargs, labels)
         if fixed_plan is None:
             break
-        start = complete_data_map(model, args, kwargs, labels, fixed_plan, num_steps)
+        warm = starts[0] if starts else None
+        start = complete_data_map(model, args, kwargs, labels, fixed_plan,
+                                  num_steps if warm is None else max(num_steps // 3, 1), warm)
         if start:
             starts.append(start)
     return starts

@@ -6,7 +6,7 @@ Generative process, for K hidden states, n = 1..N sequences of t = 0..T-1 steps:
     P_{k,:} \sim \mathrm{Dir}(1_K), \quad
     z_{n,0} \sim \mathrm{Cat}(\tfrac1K 1_K), \quad
     z_{n,t} \mid z_{n,t-1} \sim \mathrm{Cat}(P_{z_{n,t-1},:}) \\
-    \text{gaussian:}\ \mu_k \sim N(0, s_0^2),\ \sigma_k \sim \mathrm{HalfNormal}(s_0),\
+    \text{gaussian:}\ \mu_k \sim N(m_0, s_0^2),\ \sigma_k \sim \mathrm{HalfNormal}(s_0),\
         y_{n,t} \mid z_{n,t} \sim N(\mu_{z_{n,t}}, \sigma_{z_{n,t}}^2) \\
     \text{poisson:}\ \lambda_k \sim \mathrm{Gamma}(1, 1/s_0),\
         y_{n,t} \mid z_{n,t} \sim \mathrm{Poisson}(\lambda_{z_{n,t}}) \\
@@ -14,7 +14,11 @@ Generative process, for K hidden states, n = 1..N sequences of t = 0..T-1 steps:
         y_{n,t} \mid z_{n,t} \sim \mathrm{Cat}(\phi_{z_{n,t}})
 
 The initial state distribution is fixed to uniform (one sequence carries almost no
-information about it). Shapes: ``y: (T,)`` one sequence or ``(N, T)`` a batch (a plate
+information about it). Prior scale (``prior_scale=None``, the default): the priors follow the data's own scale,
+so that raw-scale data (a series of values ~50-110, or river flows ~1000) are not pulled towards 0 — gaussian:
+:math:`m_0` = the mean of the observed y, :math:`s_0` = 10 x their standard deviation; poisson: :math:`s_0` =
+10 x their mean (a prior mean rate ten times the data's); both weakly informative. A number ``prior_scale=s``
+gives :math:`m_0 = 0, s_0 = s` (fixed priors, independent of the data). Shapes: ``y: (T,)`` one sequence or ``(N, T)`` a batch (a plate
 ``"sequences"`` over N with the chain inside); ``trans: (K, K)``; ``loc, scale, rate: (K,)``;
 ``emission_probs: (K, C)``; the chain ``z: (..., T)``.
 
@@ -84,10 +88,31 @@ def _float_ref(y: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=y.device)
 
 
-def _emission_params(ref: torch.Tensor, K: int, emission: str, C: int | None, prior_scale: float) -> dict:
+PRIOR_WIDTH = 10.0  # prior_scale=None: s_0 = PRIOR_WIDTH x the data's sd (gaussian) or mean (poisson)
+
+
+def prior_location_scale(y: torch.Tensor, mask: torch.Tensor | None, emission: str,
+                         prior_scale: float | None) -> tuple[float, float]:
+    r"""``(m_0, s_0)`` of the emission priors (module docstring). ``prior_scale`` None: from the observed entries
+    of ``y`` (``mask`` True; all when None) — gaussian ``(mean, PRIOR_WIDTH * sd)``, poisson
+    ``(0, PRIOR_WIDTH * mean)`` — with ``s_0 = PRIOR_WIDTH`` where that is 0 or undefined (fewer than two observed
+    entries, a constant series); else ``(0, prior_scale)``."""
+    if prior_scale is not None:
+        if isinstance(prior_scale, bool) or not isinstance(prior_scale, (int, float)) or not prior_scale > 0:
+            raise ValueError(f"prior_scale must be a number > 0 or None (from the data), got {prior_scale!r}")
+        return 0.0, float(prior_scale)
+    seen = y[_check_mask(y, mask)].double() if emission != "categorical" else y.new_zeros(0).double()
+    if seen.numel() < 2:
+        return 0.0, PRIOR_WIDTH
+    center, spread = (float(seen.mean()), float(seen.std())) if emission == "gaussian" else (0.0, float(seen.mean()))
+    return center, PRIOR_WIDTH * spread if spread > 0 else PRIOR_WIDTH
+
+
+def _emission_params(ref: torch.Tensor, K: int, emission: str, C: int | None, center: float,
+                     prior_scale: float) -> dict:
     """Sample the emission parameters: ``loc, scale: (K,)`` | ``rate: (K,)`` | ``emission_probs: (K, C)``."""
     if emission == "gaussian":
-        return {"loc": ppl.sample("loc", dist.Normal(ref.new_zeros(K), prior_scale).to_event(1)),
+        return {"loc": ppl.sample("loc", dist.Normal(ref.new_full((K,), center), prior_scale).to_event(1)),
                 "scale": ppl.sample("scale", dist.HalfNormal(ref.new_full((K,), prior_scale)).to_event(1))}
     if emission == "poisson":
         return {"rate": ppl.sample("rate", dist.Gamma(ref.new_ones(K), 1.0 / prior_scale).to_event(1))}
@@ -113,14 +138,16 @@ def _emission_dist(params: dict, z: torch.Tensor, y: torch.Tensor, emission: str
 
 @ppl.model
 def hmm(y: torch.Tensor, K: int = 3, emission: str = "gaussian", num_categories: int | None = None,
-        prior_scale: float = 10.0, mask: torch.Tensor | None = None):
+        prior_scale: float | None = None, mask: torch.Tensor | None = None):
     """HMM with ``K`` states on ``y: (T,)`` or ``(N, T)``; ``emission`` is "gaussian", "poisson" or
     "categorical" (then ``num_categories`` C is required and y holds integers in [0, C)).
-    ``mask``: bool, y's shape, False marks a missing observation (marginalized; y may be NaN there)."""
+    ``mask``: bool, y's shape, False marks a missing observation (marginalized; y may be NaN there).
+    ``prior_scale``: None follows the data's scale (``prior_location_scale``), a number fixes it."""
     _check_inputs(y, K, emission, num_categories, mask)
     ref = _float_ref(y)
+    center, s0 = prior_location_scale(y, mask, emission, prior_scale)
     trans = ppl.sample("trans", dist.Dirichlet(ref.new_ones(K, K)).to_event(1))
-    params = _emission_params(ref, K, emission, num_categories, prior_scale)
+    params = _emission_params(ref, K, emission, num_categories, center, s0)
     if mask is not None:  # a finite placeholder where y is missing (left out of the density)
         y = torch.where(mask, y, torch.zeros_like(y))
     obs = y.long() if emission == "categorical" else y.to(ref.dtype)

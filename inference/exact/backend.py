@@ -4,11 +4,14 @@ Every latent chain is collapsed (forward algorithm for a ``markov_chain`` whose 
 tabulated state by state; Kalman filter for a ``gaussian_chain`` with linear-Gaussian
 children), finite discrete latents are enumerated, and the remaining continuous latents and
 parameters are fitted by maximizing the exact log joint ``log p(data, globals)`` (MAP, by
-Adam on the collapsed model). The chains' posteriors (marginals, Viterbi, smoothed means,
+L-BFGS on the collapsed model, from data-driven restarts: ``fit_settings``). The chains' posteriors (marginals, Viterbi, smoothed means,
 exact samples) are then computed at the MAP globals, and ``log_evidence`` is the exact
 ``log p(data | globals_MAP)``.
 """
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import pyro
 import torch
@@ -19,7 +22,7 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, initialization, training
 from ..checkpoints import Checkpoints
-from ..results import make_posterior
+from ..results import DegenerateFit, make_posterior
 
 NAME = "exact"
 
@@ -45,6 +48,20 @@ def supports(facts: Facts) -> Verdict:
     return Verdict(True)
 
 
+def fit_settings() -> str:
+    """The global fit's effective default settings in words, for the rules' reasons in ``plan.explain()`` (read
+    from ``run``'s and the initializer's signatures, so that they cannot drift from what runs; the plan's
+    ``options`` line shows the values a call overrides)."""
+    run_defaults = {k: p.default for k, p in inspect.signature(run).parameters.items()}
+    start_steps = inspect.signature(initialization.data_driven_starts).parameters["num_steps"].default
+    rel_tol = inspect.signature(training.optimize_lbfgs).parameters["rel_tol"].default
+    return (f"L-BFGS, no closed-form M-step (conjugate models route to 'vi'): <= num_steps={run_defaults['num_steps']} "
+            f"evaluations, stop at a change < {rel_tol:g} x (1 + |objective|); restarts={run_defaults['restarts']}: "
+            f"init=, then distinct k-means++ labellings -> complete-data MAP (rounds of <= {start_steps} evaluations "
+            f"until converged; <= {start_steps // 3} a round warm-started), {SCREEN_EVALS} screening evaluations "
+            "each, the best fitted on")
+
+
 def treatments(graph, facts: Facts):
     """Chains: message passing; finite discrete sites: enumerated; other latents: MAP point estimates."""
     return chains.site_treatments(graph, facts, "point estimate",
@@ -59,12 +76,14 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
 
     Options: optimizer ("lbfgs": L-BFGS on the exact log joint, at most ``num_steps`` evaluations, stopping at
     convergence; "adam": ``num_steps`` Adam steps of rate ``lr``), init (site -> initial value: the first
-    start), restarts (how many starts in all; beyond ``init``, data-driven ones from k-means hard assignments
-    of the finite discrete latents, ``inference/initialization.py``; the fit with the best objective is kept;
+    start), restarts (how many starts at most; beyond ``init``, data-driven ones from k-means hard assignments
+    of the finite discrete latents, distinct labellings only, ``inference/initialization.py``; the fit with the
+    best objective is kept;
     with L-BFGS and ``num_steps <= 60`` only the first start runs, as screening needs 30 evaluations a start),
     seed (of the k-means++ seeding), num_samples (exact chain draws kept), checkpoint (a file written every
     ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
-    bit-identically, ``inference/checkpoints.py``).
+    bit-identically, ``inference/checkpoints.py``). Warns ``DegenerateFit`` when a state of a discrete latent ends
+    empty or nearly so, or two states coincide (``warn_if_nearly_empty``) and ``training.NotConverged`` when the objective still moved.
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
@@ -86,11 +105,48 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     tables = chains.chain_tables(model, args, kwargs, point, spec)
     with torch.no_grad():
         evidence = _log_likelihood(model, fmodel, args, kwargs, point, plan)
-    return make_posterior(
+    post = make_posterior(
         plan, model, args, kwargs, draws={k: v[None, None] for k, v in point.items()},
         log_evidence=LogEvidence(evidence, "exact log p(data | MAP globals)" if point else "exact log p(data)"),
         point=point, tables=tables, history=history,
         discrete=chains.discrete_marginals(model, args, kwargs, point, graph, facts))
+    if point:
+        warn_if_nearly_empty(post.discrete)
+    return post
+
+
+FEW_ENTRIES = 2.0  # a state holding fewer expected entries than this (but at least 0.5) is nearly empty
+SAME_STATE = 1e-3  # two states whose q(z = k) differ by less than this at every entry coincide
+
+
+def warn_if_nearly_empty(discrete: dict[str, torch.Tensor]) -> None:
+    """Warn ``DegenerateFit`` for each discrete latent (site -> probabilities ``(..., K)``, ``n`` entries) with
+
+    - a state whose expected count :math:`\sum_n q(z_n = k)` lies in ``[0.5, FEW_ENTRIES)`` when ``n >= 4 K`` (below
+      0.5 ``results.warn_if_degenerate`` already warns an empty state): a component fitted to one or two points,
+      whose scale can collapse onto them (the likelihood is unbounded there; only the prior holds it);
+    - two states whose probabilities differ by less than ``SAME_STATE`` at every entry (``n >= 2``): coinciding
+      components (e.g. a fit stuck at the symmetric point where every state has the same parameters), so the fit
+      uses fewer distinct states than it has.
+    """
+    for site, probs in discrete.items():
+        K = probs.shape[-1]
+        flat = probs.detach().reshape(-1, K)
+        counts, n = flat.sum(0), flat.shape[0]
+        low = (counts >= 0.5) & (counts < FEW_ENTRIES)
+        if K > 1 and n >= 4 * K and bool(low.any()):
+            k = int(torch.nonzero(low)[0])
+            warnings.warn(f"{NAME}: state {k} of '{site}' holds an expected {float(counts[k]):.3g} of {n} entries: a "
+                          "component fitted to one or two points, whose scale can collapse onto them (a degenerate "
+                          "fit). Try fewer states, more restarts= or another init=", DegenerateFit, stacklevel=4)
+        if K > 1 and n >= 2:
+            gap = (flat[:, :, None] - flat[:, None, :]).abs().amax(0)
+            same = torch.nonzero(torch.triu(gap < SAME_STATE, diagonal=1) & (counts >= 0.5)[:, None])
+            if same.numel():
+                i, j = (int(v) for v in same[0])
+                warnings.warn(f"{NAME}: states {i} and {j} of '{site}' have the same probabilities at all {n} entries "
+                              "(coinciding components: a degenerate fit using fewer distinct states than it has). "
+                              "Try more restarts= or another init=", DegenerateFit, stacklevel=4)
 
 
 SCREEN_EVALS = 30  # evaluations each start gets before the best one is fitted to convergence
@@ -179,11 +235,12 @@ RULES = (
          "out by enumeration, so the log-likelihood and their posteriors are exact", order=20),
     Rule("discrete-with-globals", _discrete_with_globals, NAME,
          "finite discrete latents (e.g. mixture assignments) are summed out exactly and the global parameters "
-         "fitted by MAP on the exact marginal likelihood (L-BFGS): EM-quality fits at a fraction of SVI's cost; "
-         "backend='svi' or 'mcmc' gives uncertainty over the globals", order=25),
+         "fitted by MAP on the exact marginal likelihood: EM-quality fits at a fraction of SVI's cost; "
+         "backend='svi' or 'mcmc' gives uncertainty over the globals. Fit: " + fit_settings(), order=25),
     Rule("exact-chains", _exact_chains, NAME,
          "every latent chain is marginalized exactly by message passing (forward-backward / Kalman); "
-         "global parameters (and any network weights) by MAP on the exact marginal likelihood", order=30),
+         "global parameters (and any network weights) by MAP on the exact marginal likelihood. Fit: " + fit_settings(),
+         order=30),
 )
 
 BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES)

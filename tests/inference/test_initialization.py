@@ -1,5 +1,7 @@
 """Data-driven starts and restarts of the exact backend's MAP fit (inference/initialization.py): k-means hard
 assignments of the finite discrete latents, a complete-data MAP, the best of several starts kept."""
+import warnings
+
 import pytest
 import torch
 
@@ -34,16 +36,17 @@ def test_hard_assignments_follow_the_latents_shapes():
 
 
 def test_restarts_find_the_optimum_on_raw_scale_data():
-    """A Gaussian HMM on data of scale ~300 +- 30: started from the prior (means at 0) a single fit stalls far
-    below the optimum (93 nats measured); the default data-driven restarts reach the fit started at the true
-    parameters."""
+    """A Gaussian HMM on data of scale ~300 +- 30: started with every mean at the prior's 0 and every sd at 1, a
+    single fit stalls at the symmetric point (all three states the same, 276 nats below the optimum measured) and
+    says so; the default data-driven restarts reach the fit started at the true parameters."""
     sim = hmm_lib.simulate(seed=1, N=1, T=300)
     y = sim.args[0] * 10 + 300
     kwargs = dict(sim.kwargs, prior_scale=1000.0)
     truth = {"trans": sim.truth["trans"], "loc": sim.truth["loc"] * 10 + 300, "scale": sim.truth["scale"] * 10}
     reference = ppl.infer(hmm_lib.hmm, y, model_kwargs=kwargs, init=truth, restarts=1, progress=False)
-    with pytest.warns(DegenerateFit, match="of 'z'"):                             # no longer silent
-        single = ppl.infer(hmm_lib.hmm, y, model_kwargs=kwargs, restarts=1, progress=False)
+    with pytest.warns(DegenerateFit, match="of 'z' have the same probabilities"):  # no longer silent
+        single = ppl.infer(hmm_lib.hmm, y, model_kwargs=kwargs, init={"loc": torch.zeros(3), "scale": torch.ones(3)},
+                           restarts=1, progress=False)
     default = ppl.infer(hmm_lib.hmm, y, model_kwargs=kwargs, progress=False)
     assert single.log_evidence.value < reference.log_evidence.value - 20          # the failure restarts fix
     assert default.log_evidence.value > reference.log_evidence.value - 0.5
@@ -71,3 +74,32 @@ def test_an_empty_component_is_reported():
     fixed = ppl.condition(gmm_lib.gmm, {"loc": torch.tensor([[-4.0, -4.0], [4.0, 4.0], [100.0, 100.0]])})
     with pytest.warns(DegenerateFit, match="state 2 of 'z'"):
         ppl.infer(fixed, x, model_kwargs={"K": 3, "covariance": "diag"}, restarts=1, progress=False)
+
+
+def test_nearly_empty_and_coinciding_states_are_reported():
+    """The exact backend's checks on q(z) itself: a state holding ~1 of 40 entries, two identical columns; a clean
+    q(z) passes silently."""
+    from ppl.inference.exact.backend import warn_if_nearly_empty
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.softmax(5 * torch.randn(40, 3, generator=gen), -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateFit)
+        warn_if_nearly_empty({"z": clean})
+    lonely = torch.zeros(40, 3)
+    lonely[:20, 0], lonely[20:, 1] = 1.0, 1.0
+    lonely[7] = torch.tensor([0.0, 0.0, 1.0])                                   # state 2 holds one entry
+    with pytest.warns(DegenerateFit, match="state 2 of 'z' holds an expected 1 of 40"):
+        warn_if_nearly_empty({"z": lonely})
+    same = torch.cat([clean[:, :1], 0.5 * (1 - clean[:, :1]).expand(40, 2)], -1)   # states 1 and 2 coincide
+    with pytest.warns(DegenerateFit, match="states 1 and 2 of 'z' have the same probabilities at all 40"):
+        warn_if_nearly_empty({"z": same})
+
+
+def test_a_component_on_one_outlier_is_reported():
+    """Two clusters and one far outlier with K = 3: the third component fits the outlier alone (its scale collapses
+    onto it, held only by the prior); the fit says so."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 2, generator=gen) - 4, torch.randn(40, 2, generator=gen) + 4,
+                   torch.tensor([[25.0, 25.0]])])
+    with pytest.warns(DegenerateFit, match="holds an expected 1"):
+        ppl.infer(gmm_lib.gmm, x, model_kwargs={"K": 3, "covariance": "diag"}, progress=False)
