@@ -227,9 +227,10 @@ def grid_posterior_means(y: torch.Tensor, n: int = 200) -> torch.Tensor:
 def test_nuts_over_hmm_transitions_with_the_chain_collapsed():
     """NUTS over the transition matrix of a 2-state HMM whose path is marginalized by the forward algorithm
     (the potential of chains.fit_model): the posterior means of the stay probabilities match quadrature on a grid
-    within 4.5 Monte Carlo standard errors (ESS-based). Slow (~40 s: Pyro's collapsed potential, one chain at a
-    time); the fast variants: the collapse by test_exact_backend / test_hmm, constrained sites by
-    test_nuts_constrains_a_positive_site, the sampler by test_nuts.py and test_sbc.py."""
+    within 4.5 Monte Carlo standard errors (ESS-based). Slow (the quadrature and 2 x 250 transitions); the fast
+    variants: the 3-state rows against the Dirichlet posterior of a known path (below), the collapse by
+    test_exact_backend / test_hmm, constrained sites by test_nuts_constrains_a_positive_site, the sampler by
+    test_nuts.py and test_sbc.py."""
     g = torch.Generator().manual_seed(0)
     states = (torch.arange(40) // 10) % 2
     y = LOCS[states] + torch.randn(40, generator=g, dtype=torch.float64)
