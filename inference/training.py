@@ -372,7 +372,7 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     guide = factory(hidden, init_loc_fn=init_fn(init))
     label = getattr(guide_kind, "kind", type(guide).__name__) if callable(guide_kind) else guide_kind
     elbo = make_elbo(graph, facts)
-    step = objective(fmodel, guide, elbo, args, kwargs, plan, trace=trace)
+    step = objective(fmodel, guide, elbo, args, kwargs, plan, trace)
     if optimizer == "lbfgs":
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints)
