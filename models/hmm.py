@@ -16,9 +16,10 @@ Generative process, for K hidden states, n = 1..N sequences of t = 0..T-1 steps:
 The initial state distribution is fixed to uniform (one sequence carries almost no
 information about it). Prior scale (``prior_scale=None``, the default): the priors follow the data's own scale,
 so that raw-scale data (a series of values ~50-110, or river flows ~1000) are not pulled towards 0 — gaussian:
-:math:`m_0` = the mean of the observed y, :math:`s_0` = 10 x their standard deviation; poisson: :math:`s_0` =
-10 x their mean (a prior mean rate ten times the data's); both weakly informative. A number ``prior_scale=s``
-gives :math:`m_0 = 0, s_0 = s` (fixed priors, independent of the data). Shapes: ``y: (T,)`` one sequence or ``(N, T)`` a batch (a plate
+:math:`m_0` = the mean of the observed y, :math:`s_0` = 10 x their standard deviation (weakly informative);
+poisson: :math:`s_0 = 10` (the Gamma(1, 1/10) prior adds 1/10 to each state's expected count, whatever the
+counts' scale: negligible). A number ``prior_scale=s`` gives :math:`m_0 = 0, s_0 = s` (fixed priors,
+independent of the data). Shapes: ``y: (T,)`` one sequence or ``(N, T)`` a batch (a plate
 ``"sequences"`` over N with the chain inside); ``trans: (K, K)``; ``loc, scale, rate: (K,)``;
 ``emission_probs: (K, C)``; the chain ``z: (..., T)``.
 
@@ -88,24 +89,24 @@ def _float_ref(y: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=y.device)
 
 
-PRIOR_WIDTH = 10.0  # prior_scale=None: s_0 = PRIOR_WIDTH x the data's sd (gaussian) or mean (poisson)
+PRIOR_WIDTH = 10.0  # prior_scale=None: s_0 = PRIOR_WIDTH x the data's sd (gaussian), PRIOR_WIDTH (poisson)
 
 
 def prior_location_scale(y: torch.Tensor, mask: torch.Tensor | None, emission: str,
                          prior_scale: float | None) -> tuple[float, float]:
-    r"""``(m_0, s_0)`` of the emission priors (module docstring). ``prior_scale`` None: from the observed entries
-    of ``y`` (``mask`` True; all when None) — gaussian ``(mean, PRIOR_WIDTH * sd)``, poisson
-    ``(0, PRIOR_WIDTH * mean)`` — with ``s_0 = PRIOR_WIDTH`` where that is 0 or undefined (fewer than two observed
-    entries, a constant series); else ``(0, prior_scale)``."""
+    r"""``(m_0, s_0)`` of the emission priors (module docstring). ``prior_scale`` None: gaussian, from the
+    observed entries of ``y`` (``mask`` True; all when None), ``(mean, PRIOR_WIDTH * sd)``, with the mean and
+    ``s_0 = PRIOR_WIDTH`` where the sd is 0 or undefined (a constant series, fewer than two observed entries);
+    poisson and categorical ``(0, PRIOR_WIDTH)``. A number: ``(0, prior_scale)``."""
     if prior_scale is not None:
         if isinstance(prior_scale, bool) or not isinstance(prior_scale, (int, float)) or not prior_scale > 0:
             raise ValueError(f"prior_scale must be a number > 0 or None (from the data), got {prior_scale!r}")
         return 0.0, float(prior_scale)
-    seen = y[_check_mask(y, mask)].double() if emission != "categorical" else y.new_zeros(0).double()
-    if seen.numel() < 2:
+    seen = y[_check_mask(y, mask)].double()
+    if emission != "gaussian" or seen.numel() == 0:
         return 0.0, PRIOR_WIDTH
-    center, spread = (float(seen.mean()), float(seen.std())) if emission == "gaussian" else (0.0, float(seen.mean()))
-    return center, PRIOR_WIDTH * spread if spread > 0 else PRIOR_WIDTH
+    spread = float(seen.std()) if seen.numel() > 1 else 0.0
+    return float(seen.mean()), PRIOR_WIDTH * spread if spread > 0 else PRIOR_WIDTH
 
 
 def _emission_params(ref: torch.Tensor, K: int, emission: str, C: int | None, center: float,

@@ -112,7 +112,8 @@ def test_prior_location_scale_follows_the_observed_data():
     center, s0 = hmm.prior_location_scale(y, mask, "gaussian", None)
     assert center == pytest.approx(100.0) and s0 == pytest.approx(hmm.PRIOR_WIDTH * 2.0)
     assert hmm.prior_location_scale(y[:2] * 0 + 5, None, "gaussian", None) == (5.0, hmm.PRIOR_WIDTH)  # constant
-    assert hmm.prior_location_scale(torch.tensor([4.0, 8.0]), None, "poisson", None) == (0.0, hmm.PRIOR_WIDTH * 6)
+    assert hmm.prior_location_scale(torch.tensor([7.0]), None, "gaussian", None) == (7.0, hmm.PRIOR_WIDTH)
+    assert hmm.prior_location_scale(torch.tensor([40.0, 80.0]), None, "poisson", None) == (0.0, hmm.PRIOR_WIDTH)
     assert hmm.prior_location_scale(y, mask, "gaussian", 3.0) == (0.0, 3.0)
 
 
