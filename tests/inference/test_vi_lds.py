@@ -302,3 +302,9 @@ def test_library_conjugate_lds_routes_to_vi_and_recovers_the_system():
     assert set(errors) == {"dynamics", "emission_free", "obs_offset", "eigenvalues"}
     for name, value in errors.items():
         assert value < lds.TOLERANCES[name], (name, value)
+
+
+def test_checkpoint_options_are_refused_for_a_chain_model(tmp_path):
+    y, _ = simulate(8, seed=8)
+    with pytest.raises(ValueError, match="checkpoint=/resume= are not implemented for a gaussian_chain model"):
+        ppl.infer(conjugate_lds, y, 2, *weak(), backend="vi", progress=False, checkpoint=str(tmp_path / "c.pt"))
