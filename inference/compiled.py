@@ -15,8 +15,10 @@ with the sum over the enumerated sites' values contracted plate by plate by Pyro
 (``pyro.ops.contract``: variable elimination in the log ring). No trace object, no guide trace, no validation
 (the compiler validated the model once).
 
-``log_joint(fmodel, args, kwargs, values, site_plan)`` is that function; ``guide_objective`` builds the loss of
-a Pyro autoguide on it (MAP for ``AutoDelta``, the reparametrized ELBO for ``AutoNormal`` and the
+``log_joint(fmodel, args, kwargs, values, site_plan)`` is that function (the interpreter); ``TracedDensity``
+records it once per input shape, with its gradient, as one graph of tensor operations checked against the
+interpreter (the model's Python runs no more per step); ``guide_objective`` builds the loss of a Pyro autoguide
+on it (MAP for ``AutoDelta``, the reparametrized ELBO for ``AutoNormal`` and the
 ``AutoContinuous`` family) and returns None for a guide it does not know, where the backends keep Pyro's ELBO.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from torch.distributions import transform_to
+from torch.utils._python_dispatch import TorchDispatchMode
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -65,8 +68,12 @@ class SitePlan:
 
     @classmethod
     def of(cls, plan) -> "SitePlan":
-        nesting = max([len(s.plates) for s in plan.graph.sites()] + [0])
-        return cls(frozenset(plan.facts.enumerable), nesting)
+        return cls.from_graph(plan.graph, plan.facts)
+
+    @classmethod
+    def from_graph(cls, graph, facts) -> "SitePlan":
+        """The plan of a model with ``graph`` and ``facts`` (the compiler's)."""
+        return cls(frozenset(facts.enumerable), max([len(s.plates) for s in graph.sites()] + [0]))
 
 
 @dataclass
@@ -197,6 +204,25 @@ def log_joint(fmodel: Callable, args: tuple, kwargs: dict, values: dict[str, tor
     return _contract(_run(fmodel, args, kwargs, values, site_plan, validate))
 
 
+def refusal(model: Callable, args: tuple, kwargs: dict, graph, facts, trace) -> str | None:
+    """Why the compiled log density cannot run ``model`` (``NotCompilable``'s message, naming the site), or
+    None when it can: the model with its chains collapsed (``chains.fit_model``) is run once under the
+    compiled handler at the latent values of the compiler's ``trace``. What ``plan.explain()`` says before a
+    fit; a model that fails here for another reason is left to the fit (which reports it)."""
+    from . import chains
+
+    values = {name: site["value"] for name, site in trace.nodes.items()
+              if site["type"] == "sample" and not site["is_observed"] and name not in facts.enumerable}
+    try:
+        with torch.no_grad():
+            log_joint(chains.fit_model(model, facts), args, kwargs, values, SitePlan.from_graph(graph, facts))
+    except NotCompilable as why:
+        return str(why)
+    except Exception:  # noqa: BLE001 - not the compiled handler's refusal: the fit itself reports it
+        return None
+    return None
+
+
 def _model_params(fmodel: Callable, args: tuple, kwargs: dict, values: dict, site_plan: SitePlan) -> list:
     """The unconstrained leaves of the model's own ``ppl.param``/``ppl.module`` parameters (the model is run and
     its log joint contracted once: ``NotCompilable`` if it cannot be)."""
@@ -215,16 +241,17 @@ class TracedDensity:
 
     ``names`` orders the sites (``u_i`` has the unconstrained shape of site ``names[i]``); ``transforms[name]``
     maps it into the site's support (None: identity). The interpreter (``log_joint``: the model's Python code
-    under one handler) evaluates D; for each new layout of the inputs (shapes, dtypes, device: the cache key) it
-    is recorded once by ``torch.jit.trace`` into a graph of tensor operations, so later calls run no Python of
-    the model, the distributions or the contraction. Python branches that read tensor values are frozen by
-    the recording, so a recording is kept only if it gives the interpreter's value and gradient (relative
-    ``sqrt(eps)`` of the dtype) at the point it was recorded at and at ``checks`` random points around it
-    (a fixed-seed generator: the global RNG is not touched); otherwise, or when recording fails or the model
-    has its own ``ppl.param``/``ppl.module`` parameters (they are read from the parameter store at every
-    call), the interpreter runs and ``fallback_reason[key]`` says why (``reason`` the latest). A non-finite
-    recorded value is evaluated again by the interpreter (a branch the recording froze, e.g. an underflow
-    retry). Pyro's argument validation runs once, on the first call's interpreter run (the user's data).
+    under one handler) evaluates D; for each new layout of the inputs (shapes, dtypes, device: the cache key) D
+    and its gradient are recorded once as one graph of tensor operations (``_JointGraph``: ``make_fx`` of the
+    interpreter's forward and backward pass, run by ``torch.jit.trace``), so later calls run no Python of the
+    model, the distributions or the contraction, and no autograd. Python reads of tensor values that depend on
+    u become guards (a call whose reads differ is evaluated by the interpreter), and a recording is kept only if
+    it gives the interpreter's value and gradient (relative ``sqrt(eps)`` of the dtype) at the point it was
+    recorded at and at ``checks`` random points around it (a fixed-seed generator: the global RNG is not
+    touched); otherwise, or when recording fails or the model has its own ``ppl.param``/``ppl.module``
+    parameters (they are read from the parameter store at every
+    call), the interpreter runs and ``fallback_reason[key]`` says why (``reason`` the latest). Pyro's argument
+    validation runs once, on the first call's interpreter run (the user's data).
     """
 
     def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, site_plan: SitePlan, names: list[str],
@@ -258,10 +285,7 @@ class TracedDensity:
         fn = self.recorded[key]
         if fn is None:
             return self.interpreted(*us)
-        out = fn(*us)
-        if not bool(torch.isfinite(out)):
-            return self.interpreted(*us)
-        return out
+        return fn(*us)
 
     def _refuse(self, key: tuple, why: str) -> None:
         self.fallback_reason[key] = self.reason = why
@@ -271,25 +295,35 @@ class TracedDensity:
         """A recording of D for this input layout checked against the interpreter, or None (reason kept)."""
         point = tuple(u.detach() for u in us)
         if not self._validated:  # Pyro's argument checks, once, on the user's data
-            with torch.no_grad(), poutine.trace(param_only=True) as tracer:
+            with torch.no_grad(), poutine.trace() as tracer:
                 self.interpreted(*point, validate=True)
             self._validated = True
-            self._params = [name for name in tracer.trace.nodes]
+            nodes = tracer.trace.nodes.items()
+            self._params = [name for name, site in nodes if site["type"] == "param"]
+            self._chains = [name[: -len(".collapsed")] for name, site in nodes
+                            if site["type"] == "sample" and name.endswith(".collapsed")]
         if not self.trace:
             return self._refuse(key, "tracing turned off (trace=False)")
         if self._params:
             return self._refuse(key, f"the model has its own parameters ({', '.join(self._params[:3])}); the "
                                      "interpreter reads them from the parameter store at every call")
-        example = tuple(u.clone().requires_grad_(u.is_floating_point()) for u in point)
+        if self._chains:
+            return self._refuse(key, f"chain '{self._chains[0]}' is collapsed by the exact kernels, whose code takes "
+                                     "tens of seconds to record (more than a fit of ordinary length saves)")
+        ops = _count_ops(self.interpreted, point)
+        if ops > MAX_RECORDED_OPS:
+            return self._refuse(key, f"one evaluation runs {ops} tensor operations (more than MAX_RECORDED_OPS = "
+                                     f"{MAX_RECORDED_OPS}, e.g. a chain's step-by-step loop): recording it would "
+                                     "cost more than it saves")
+        if not point or len({u.dtype for u in point}) > 1 or not point[0].is_floating_point():
+            return self._refuse(key, f"the sites' values are not of one floating dtype ({[u.dtype for u in point]})")
         try:
-            with warnings.catch_warnings(), pyro.validation_enabled(False):
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                fn = torch.jit.trace(self.interpreted, example, check_trace=False)
-        except Exception as error:  # noqa: BLE001 - any failure to record leaves the interpreter in charge
-            return self._refuse(key, f"torch.jit.trace failed: {type(error).__name__}: {str(error).splitlines()[0]}")
-        generator = torch.Generator(device=point[0].device if point else "cpu").manual_seed(0)
+            fn = _JointGraph(self, point)
+        except _Refused as why:
+            return self._refuse(key, str(why))
+        generator = torch.Generator(device=point[0].device).manual_seed(0)
         points = [point] + [tuple(u + torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-                                  if u.is_floating_point() else u for u in point) for _ in range(self.checks)]
+                                  for u in point) for _ in range(self.checks)]
         for i, at in enumerate(points):
             mismatch = self._mismatch(fn, at)
             if mismatch:
@@ -322,6 +356,138 @@ class TracedDensity:
         if len(g1) != len(g2) or any(not _close(a, b, tol) for a, b in zip(g1, g2)):
             return "gradient"
         return None
+
+
+MAX_RECORDED_OPS = 500
+"""The most tensor operations one interpreted forward evaluation of D may run for it to be recorded. Recording
+the forward and backward pass costs tens of ms per operation on this 2-core machine (the library's HMM, 803
+operations with its chain collapsed: ~20 s to record), which a fit of ordinary length does not win back; the
+library's models without chains run 75-381 (recorded), those with chains 663-2152 (interpreter)."""
+
+
+MAX_FUNCTIONALIZED_NODES = 1000
+"""The largest recorded graph that is recorded a second time through functionalization so that its constants can
+be folded (a larger one runs unfolded)."""
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(fn: Callable, point: tuple) -> int:
+    """How many tensor operations (aten calls) ``fn(*point)`` runs, forward only."""
+    counter = _OpCounter()
+    with torch.no_grad(), counter:
+        fn(*point)
+    return counter.count
+
+
+class _Refused(Exception):
+    """The density cannot be recorded as one graph (the message says why)."""
+
+
+class _JointGraph:
+    r"""D and its gradient as one straight-line graph of tensor operations: ``make_fx`` records
+    ``z -> (dD/dz, D(z), guards)`` over the sites' values flattened into one vector z at the recording point
+    (the forward and the backward pass of the interpreter, no autograd at run time), with the NUTS potential's
+    tools (``mcmc/potential.py``): every Python read of a tensor value that depends on z becomes a guard
+    (``_add_guards``: a call whose guards differ from the recording's is evaluated by the interpreter), the
+    tensors computed from the data alone (the data checks, the priors' constants) are folded into constants
+    (``_fold_constants``), and the graph runs under ``torch.jit.trace`` when that gives the graph's values
+    exactly. ``_Refused`` when a shape depends on values or recording fails. Called as ``D(u_1, ..., u_n)``:
+    a scalar whose backward is the recorded gradient (first order)."""
+
+    def __init__(self, density: TracedDensity, point: tuple):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from .mcmc.potential import _add_guards, _fold_constants
+
+        self.density = density
+        self.shapes = [u.shape for u in point]
+        self.sizes = [u.numel() for u in point]
+        z = torch.cat([u.reshape(-1) for u in point])
+
+        def grad_and_value(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.grad_and_value(z)
+
+        try:
+            with warnings.catch_warnings(), pyro.validation_enabled(False):
+                warnings.simplefilter("ignore")
+                module = make_fx(grad_and_value, _error_on_data_dependent_ops=False)(z)
+                if _mutates(module.graph) and len(module.graph.nodes) <= MAX_FUNCTIONALIZED_NODES:
+                    # recorded again through functionalization (no op writes in place), which lets the constants
+                    # be folded; slow per node, so only for small graphs
+                    module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(z)
+                if not _add_guards(module):
+                    raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
+                if not _mutates(module.graph):  # folding assumes no op writes into a tensor
+                    module = _fold_constants(module, z)
+                graph_out = module(z)
+                run = module
+                try:
+                    jitted = torch.jit.trace(module, (z,), check_trace=False)
+                    if all(torch.equal(a, b) for a, b in zip(jitted(z), graph_out)):
+                        run = jitted
+                except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
+                    pass
+        except _Refused:
+            raise
+        except Exception as error:  # noqa: BLE001 - a model make_fx cannot record keeps the interpreter
+            raise _Refused(f"recording failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                           ) from None
+        self.run, self.guards = run, graph_out[2]
+
+    def unravel(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return [part.reshape(shape) for part, shape in zip(z.split(self.sizes), self.shapes)]
+
+    def grad_and_value(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dD/dz, D(z)) by the interpreter and autograd."""
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            value = self.density.interpreted(*self.unravel(leaf))
+            (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+        return (torch.zeros_like(leaf) if grad is None else grad), value.detach()
+
+    def evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dD/dz, D(z)) by the graph, or by the interpreter where a guard differs."""
+        try:
+            grad, value, guards = self.run(z)
+        except RuntimeError:  # a shape the recording fixed does not fit these values
+            return self.grad_and_value(z)
+        if not torch.equal(guards, self.guards):
+            return self.grad_and_value(z)
+        return grad, value
+
+    def __call__(self, *us: torch.Tensor) -> torch.Tensor:
+        return _RecordedDensity.apply(self, torch.cat([u.reshape(-1) for u in us]))
+
+
+def _mutates(graph: torch.fx.Graph) -> bool:
+    """Does any op of ``graph`` write into one of its arguments (an in-place or ``out=`` op)?"""
+    return any(node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False)
+               for node in graph.nodes)
+
+
+class _RecordedDensity(torch.autograd.Function):
+    """D(z) with the gradient the joint graph computed alongside it."""
+
+    @staticmethod
+    def forward(ctx, graph: _JointGraph, z: torch.Tensor) -> torch.Tensor:
+        grad, value = graph.evaluate(z.detach())
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, grad_output * grad
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

@@ -41,6 +41,9 @@ class Plan:
                 ``ppl.infer`` (what the backend ran with)
     facts:      the analysis facts the decision was based on
     rules_tried: every routing rule in the order tried, up to the one that chose (empty on override)
+    density:    for the backends that fit on the compiled log density (``inference/compiled.py``: svi, exact,
+                mcmc), the objective they will use: "" (the compiled density) or why it cannot run the model,
+                naming the site (then they fall back to Pyro's ELBO / potential); None for the other backends
     """
 
     model_name: str
@@ -52,6 +55,7 @@ class Plan:
     options: tuple[tuple[str, Any], ...] = ()
     rules_tried: tuple[RuleOutcome, ...] = ()
     graph: Any = field(default=None, compare=False, repr=False)
+    density: str | None = None
 
     def treatment(self, site: str) -> str:
         """The treatment of ``site``; KeyError naming the model if it has no such site."""
@@ -73,6 +77,12 @@ class Plan:
         lines = [f"Plan for model '{self.model_name}'",
                  f"  backend: {self.backend}   (rule: {self.rule})",
                  f"  why:     {self.reason}"]
+        density = getattr(self, "density", None)  # a plan saved before the field existed has none
+        if density is not None:
+            lines.append("  density: " + ("compiled log density (recorded once per input shape, checked against the "
+                                          "interpreter)" if not density else
+                                          f"Pyro's ELBO / potential (fallback): the compiled log density stops: "
+                                          f"{density}"))
         if self.rules_tried:
             lines += ["", "  rules, in order:"]
             lines += [f"    {i}. {t.rule} -> {t.backend}: {t.outcome}" for i, t in enumerate(self.rules_tried, 1)]

@@ -111,3 +111,31 @@ def test_an_interrupted_exact_fit_keeps_its_best_point(monkeypatch):
                          init=hmm_lib.init_values(sim.args[0], 3))
     assert post.backend == "exact" and post.interrupted and len(post.history) == 10
     assert post.viterbi("z").shape == (1, 50)
+
+
+def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
+    """optimize's Adam (fused where PyTorch has it) against the per-tensor torch.optim.Adam with the same
+    gradient-norm clipping, 50 steps on a float64 quadratic with two parameters: the same iterates to round-off
+    and the recorded losses are the objective's values before each step."""
+    target = torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64)
+
+    def make():
+        a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        b = torch.ones((), dtype=torch.float64, requires_grad=True)
+        return a, b, (lambda: (((a - target) ** 2).sum() * 4 + (b - 2) ** 4, [a, b]))
+
+    a, b, step = make()
+    history = optimize(step, 50, 0.1, False, "test")
+    ra, rb, reference = make()
+    optim = torch.optim.Adam([ra, rb], lr=0.1, foreach=False)
+    losses = []
+    for _ in range(50):
+        loss, _ = reference()
+        losses.append(float(loss))
+        optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([ra, rb], 10.0)
+        optim.step()
+    assert history == pytest.approx(losses, rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-10, atol=1e-12)
