@@ -33,6 +33,7 @@ from ppl.primitives import condition
 from . import chains, training
 
 LLOYD_ITERATIONS = 10
+START_STEPS = 150  # L-BFGS evaluations a round of the first complete-data MAP (the later ones: a third)
 
 
 def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ def align_labels(labels: torch.Tensor, reference: torch.Tensor, K: int) -> torch
 
 
 def data_driven_starts(model: Callable, args: tuple, kwargs: dict, plan, restarts: int, seed: int,
-                       num_steps: int = 150) -> list[dict]:
+                       num_steps: int = START_STEPS) -> list[dict]:
     """Up to ``restarts`` distinct starting points (site -> value) from k-means hard assignments (module
     docstring): labellings equal to an earlier one after relabelling are dropped; fewer (possibly none) when the
     model has no finite discrete latent with a usable observed child. The first complete-data MAP runs rounds of

@@ -50,10 +50,10 @@ def supports(facts: Facts) -> Verdict:
 
 def fit_settings() -> str:
     """The global fit's effective default settings in words, for the rules' reasons in ``plan.explain()`` (read
-    from ``run``'s and the initializer's signatures, so that they cannot drift from what runs; the plan's
+    from ``run``'s signature and the initializer's constants, so that they cannot drift from what runs; the plan's
     ``options`` line shows the values a call overrides)."""
     run_defaults = {k: p.default for k, p in inspect.signature(run).parameters.items()}
-    start_steps = inspect.signature(initialization.data_driven_starts).parameters["num_steps"].default
+    start_steps = initialization.START_STEPS
     rel_tol = inspect.signature(training.optimize_lbfgs).parameters["rel_tol"].default
     return (f"L-BFGS, no closed-form M-step (conjugate models route to 'vi'): <= num_steps={run_defaults['num_steps']} "
             f"evaluations, stop at a change < {rel_tol:g} x (1 + |objective|); restarts={run_defaults['restarts']}: "
