@@ -34,13 +34,26 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from torch.distributions import transform_to
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+
+RECORDING_TOOLS: dict[str, Callable] = {}
+"""The NUTS potential's graph tools (``mcmc/potential.py``: ``add_guards``, ``fold_constants``), which
+``_JointGraph`` reuses. ``mcmc/potential.py`` imports this module, so this one cannot import it back at load
+time (a cycle through ``training`` and ``chains``); the svi backend, loaded with every backend, registers them
+(``use_recording_tools``). Until then nothing is recorded (the reason says so)."""
+
+
+def use_recording_tools(add_guards: Callable, fold_constants: Callable) -> None:
+    """Register the graph tools ``_JointGraph`` records with (see ``RECORDING_TOOLS``)."""
+    RECORDING_TOOLS.update(add_guards=add_guards, fold_constants=fold_constants)
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -204,18 +217,19 @@ def log_joint(fmodel: Callable, args: tuple, kwargs: dict, values: dict[str, tor
     return _contract(_run(fmodel, args, kwargs, values, site_plan, validate))
 
 
-def refusal(model: Callable, args: tuple, kwargs: dict, graph, facts, trace) -> str | None:
+def refusal(model: Callable, fmodel: Callable, args: tuple, kwargs: dict, graph, facts) -> str | None:
     """Why the compiled log density cannot run ``model`` (``NotCompilable``'s message, naming the site), or
-    None when it can: the model with its chains collapsed (``chains.fit_model``) is run once under the
-    compiled handler at the latent values of the compiler's ``trace``. What ``plan.explain()`` says before a
-    fit; a model that fails here for another reason is left to the fit (which reports it)."""
-    from . import chains
-
-    values = {name: site["value"] for name, site in trace.nodes.items()
-              if site["type"] == "sample" and not site["is_observed"] and name not in facts.enumerable}
+    None when it can: ``fmodel``, the model with its chains collapsed (``chains.fit_model``), is run once under
+    the compiled handler at latent values drawn from the prior (a seeded draw; the global RNG is restored). What
+    ``plan.explain()`` says before a fit; a model that fails here for another reason is left to the fit
+    (which reports it)."""
     try:
-        with torch.no_grad():
-            log_joint(chains.fit_model(model, facts), args, kwargs, values, SitePlan.from_graph(graph, facts))
+        with torch.no_grad(), torch.random.fork_rng(), pyro.get_param_store().scope():
+            torch.manual_seed(0)
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+            values = {name: site["value"] for name, site in trace.nodes.items()
+                      if site["type"] == "sample" and not site["is_observed"] and name not in facts.enumerable}
+            log_joint(fmodel, args, kwargs, values, SitePlan.from_graph(graph, facts))
     except NotCompilable as why:
         return str(why)
     except Exception:  # noqa: BLE001 - not the compiled handler's refusal: the fit itself reports it
@@ -317,6 +331,8 @@ class TracedDensity:
                                      "cost more than it saves")
         if not point or len({u.dtype for u in point}) > 1 or not point[0].is_floating_point():
             return self._refuse(key, f"the sites' values are not of one floating dtype ({[u.dtype for u in point]})")
+        if not RECORDING_TOOLS:
+            return self._refuse(key, "the graph tools are not registered (compiled.use_recording_tools)")
         try:
             fn = _JointGraph(self, point)
         except _Refused as why:
@@ -404,10 +420,6 @@ class _JointGraph:
     a scalar whose backward is the recorded gradient (first order)."""
 
     def __init__(self, density: TracedDensity, point: tuple):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        from .mcmc.potential import _add_guards, _fold_constants
-
         self.density = density
         self.shapes = [u.shape for u in point]
         self.sizes = [u.numel() for u in point]
@@ -424,10 +436,10 @@ class _JointGraph:
                     # recorded again through functionalization (no op writes in place), which lets the constants
                     # be folded; slow per node, so only for small graphs
                     module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(z)
-                if not _add_guards(module):
+                if not RECORDING_TOOLS["add_guards"](module):
                     raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
                 if not _mutates(module.graph):  # folding assumes no op writes into a tensor
-                    module = _fold_constants(module, z)
+                    module = RECORDING_TOOLS["fold_constants"](module, z)
                 graph_out = module(z)
                 run = module
                 try:

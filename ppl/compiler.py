@@ -104,15 +104,13 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
         rule, reason, tried = "user override", f"backend='{backend}' requested", ()
     treatments = tuple(chosen.treatments(graph, facts))
     density = None
-    if chosen.name in COMPILED_DENSITY_BACKENDS:
-        from ppl.inference import compiled  # noqa: PLC0415 - inference imports the compiler's modules
-
-        with pyro.get_param_store().scope():
-            density = compiled.refusal(model, args, kwargs, graph, facts, trace) or ""
+    if chosen.name in COMPILED_DENSITY_BACKENDS and "svi" in facts.backend_facts:
+        density = facts.of("svi").get("density_refusal") or ""
     return Plan(model_name(model), chosen.name, rule, reason, treatments, facts, options=default_options(chosen),
                 rules_tried=tried, graph=graph, density=density)
 
 
 COMPILED_DENSITY_BACKENDS = ("svi", "exact", "mcmc")
 """Backends whose objective is the compiled log density, with Pyro's ELBO / potential as the fallback
-(``plan.density`` says which one a model gets)."""
+(``plan.density`` says which one a model gets: the svi backend's facts hook runs the check,
+``compiled.refusal``)."""

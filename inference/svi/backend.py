@@ -16,8 +16,9 @@ from ppl.analysis import Facts
 from ppl.backends import Backend, Rule, Verdict, needs_normalized_density
 from ppl.posterior import LogEvidence, Posterior
 
-from .. import chains, distributed, training
+from .. import chains, compiled, distributed, training
 from ..checkpoints import Checkpoints
+from ..mcmc.potential import _add_guards, _fold_constants
 from ..minibatch import batch_rows, check_batch_size, data_plate, minibatch
 from ..results import make_posterior
 
@@ -198,4 +199,14 @@ RULES = (
          "continuous latents fitted by an AutoNormal guide", order=1000),
 )
 
-BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES)
+compiled.use_recording_tools(_add_guards, _fold_constants)  # the NUTS potential's graph tools, for the recording
+
+
+def density_facts(graph, facts: Facts, model, args, kwargs) -> dict:
+    """The svi backend's facts: ``density_refusal``, why the compiled log density cannot run the model (naming
+    the site; None when it can: ``compiled.refusal``). The compiler puts it in ``plan.density`` for the backends
+    that fit on the compiled density, so ``plan.explain()`` names the fallback before the fit."""
+    return {"density_refusal": compiled.refusal(model, chains.fit_model(model, facts), args, kwargs, graph, facts)}
+
+
+BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=density_facts)
