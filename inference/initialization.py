@@ -144,16 +144,20 @@ def complete_data_map(model: Callable, args: tuple, kwargs: dict, labels: dict, 
 
 
 def align_labels(labels: torch.Tensor, reference: torch.Tensor, K: int) -> torch.Tensor:
-    """``labels`` relabelled by the permutation of ``[0, K)`` that maximizes the number of entries equal to
-    ``reference`` (same shape; Hungarian assignment on the ``(K, K)`` contingency table)."""
-    from scipy.optimize import linear_sum_assignment
-
+    """``labels`` relabelled by a permutation of ``[0, K)`` that matches them with ``reference`` (same shape):
+    on the ``(K, K)`` contingency table, the pair (label, reference label) sharing the most entries is matched
+    first, then the largest among the remaining rows and columns, and so on (greedy assignment: exact when
+    each label has one clear counterpart, which is what deduplicating k-means restarts needs)."""
     table = torch.zeros(K, K, dtype=torch.float64)
     table.index_put_((labels.reshape(-1).cpu(), reference.reshape(-1).cpu()),
                      torch.ones(labels.numel(), dtype=torch.float64), accumulate=True)
-    rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
     mapping = torch.empty(K, dtype=torch.long)
-    mapping[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    for _ in range(K):
+        flat = int(table.argmax())
+        row, col = divmod(flat, K)
+        mapping[row] = col
+        table[row, :] = -1.0
+        table[:, col] = -1.0
     return mapping.to(labels.device)[labels]
 
 

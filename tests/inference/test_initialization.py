@@ -1,12 +1,13 @@
 """Data-driven starts and restarts of the exact backend's MAP fit (inference/initialization.py): k-means hard
 assignments of the finite discrete latents, a complete-data MAP, the best of several starts kept."""
+import itertools
 import warnings
 
 import pytest
 import torch
 
 import ppl
-from ppl.inference.initialization import hard_assignments, kmeans_labels
+from ppl.inference.initialization import align_labels, hard_assignments, kmeans_labels
 from ppl.inference.results import DegenerateFit
 from ppl.models import gmm as gmm_lib
 from ppl.models import hmm as hmm_lib
@@ -103,3 +104,19 @@ def test_a_component_on_one_outlier_is_reported():
                    torch.tensor([[25.0, 25.0]])])
     with pytest.warns(DegenerateFit, match="holds an expected 1"):
         ppl.infer(gmm_lib.gmm, x, model_kwargs={"K": 3, "covariance": "diag"}, progress=False)
+
+
+def test_align_labels_recovers_a_relabelling_and_matches_the_best_permutation_when_labels_agree_mostly():
+    """Oracle: brute force over all K! permutations of the agreement count. A permuted copy of the reference
+    with 10% of the entries changed is mapped back onto the reference's labels exactly."""
+    gen = torch.Generator().manual_seed(0)
+    K = 4
+    reference = torch.randint(K, (200,), generator=gen)
+    perm = torch.tensor([2, 0, 3, 1])
+    labels = perm[reference]
+    noisy = torch.rand(200, generator=gen) < 0.1
+    labels[noisy] = torch.randint(K, (int(noisy.sum()),), generator=gen)
+    aligned = align_labels(labels, reference, K)
+    best = max(int((torch.tensor(p)[labels] == reference).sum()) for p in itertools.permutations(range(K)))
+    assert int((aligned == reference).sum()) == best
+    assert sorted(aligned.unique().tolist()) == sorted(labels.unique().tolist())
