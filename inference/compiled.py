@@ -36,7 +36,6 @@ from pyro.distributions.transforms import biject_to
 from torch.distributions import transform_to
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
-
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -44,16 +43,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-RECORDING_TOOLS: dict[str, Callable] = {}
-"""The NUTS potential's graph tools (``mcmc/potential.py``: ``add_guards``, ``fold_constants``), which
-``_JointGraph`` reuses. ``mcmc/potential.py`` imports this module, so this one cannot import it back at load
-time (a cycle through ``training`` and ``chains``); the svi backend, loaded with every backend, registers them
-(``use_recording_tools``). Until then nothing is recorded (the reason says so)."""
-
-
-def use_recording_tools(add_guards: Callable, fold_constants: Callable) -> None:
-    """Register the graph tools ``_JointGraph`` records with (see ``RECORDING_TOOLS``)."""
-    RECORDING_TOOLS.update(add_guards=add_guards, fold_constants=fold_constants)
+from .graph_recording import add_guards, fold_constants, mutates
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -331,8 +321,6 @@ class TracedDensity:
                                      "cost more than it saves")
         if not point or len({u.dtype for u in point}) > 1 or not point[0].is_floating_point():
             return self._refuse(key, f"the sites' values are not of one floating dtype ({[u.dtype for u in point]})")
-        if not RECORDING_TOOLS:
-            return self._refuse(key, "the graph tools are not registered (compiled.use_recording_tools)")
         try:
             fn = _JointGraph(self, point)
         except _Refused as why:
@@ -412,10 +400,10 @@ class _JointGraph:
     r"""D and its gradient as one straight-line graph of tensor operations: ``make_fx`` records
     ``z -> (dD/dz, D(z), guards)`` over the sites' values flattened into one vector z at the recording point
     (the forward and the backward pass of the interpreter, no autograd at run time), with the NUTS potential's
-    tools (``mcmc/potential.py``): every Python read of a tensor value that depends on z becomes a guard
-    (``_add_guards``: a call whose guards differ from the recording's is evaluated by the interpreter), the
+    tools (``graph_recording``): every Python read of a tensor value that depends on z becomes a guard
+    (``add_guards``: a call whose guards differ from the recording's is evaluated by the interpreter), the
     tensors computed from the data alone (the data checks, the priors' constants) are folded into constants
-    (``_fold_constants``), and the graph runs under ``torch.jit.trace`` when that gives the graph's values
+    (``fold_constants``), and the graph runs under ``torch.jit.trace`` when that gives the graph's values
     exactly. ``_Refused`` when a shape depends on values or recording fails. Called as ``D(u_1, ..., u_n)``:
     a scalar whose backward is the recorded gradient (first order)."""
 
@@ -432,14 +420,14 @@ class _JointGraph:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
                 module = make_fx(grad_and_value, _error_on_data_dependent_ops=False)(z)
-                if _mutates(module.graph) and len(module.graph.nodes) <= MAX_FUNCTIONALIZED_NODES:
+                if mutates(module.graph) and len(module.graph.nodes) <= MAX_FUNCTIONALIZED_NODES:
                     # recorded again through functionalization (no op writes in place), which lets the constants
                     # be folded; slow per node, so only for small graphs
                     module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(z)
-                if not RECORDING_TOOLS["add_guards"](module):
+                if not add_guards(module):
                     raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
-                if not _mutates(module.graph):  # folding assumes no op writes into a tensor
-                    module = RECORDING_TOOLS["fold_constants"](module, z)
+                if not mutates(module.graph):  # folding assumes no op writes into a tensor
+                    module = fold_constants(module, z)
                 graph_out = module(z)
                 run = module
                 try:
@@ -478,12 +466,6 @@ class _JointGraph:
 
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
         return _RecordedDensity.apply(self, torch.cat([u.reshape(-1) for u in us]))
-
-
-def _mutates(graph: torch.fx.Graph) -> bool:
-    """Does any op of ``graph`` write into one of its arguments (an in-place or ``out=`` op)?"""
-    return any(node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False)
-               for node in graph.nodes)
 
 
 class _RecordedDensity(torch.autograd.Function):

@@ -24,8 +24,11 @@ from typing import Callable
 
 import torch
 from pyro.infer.mcmc.util import initialize_model
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import chains, compiled, training
+from ..graph_recording import add_guards, fold_constants, mutates
+from .nuts import AllChains
 
 
 @dataclass(frozen=True)
@@ -159,57 +162,6 @@ def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z:
     return potential_and_grad if ok else None
 
 
-VALUE_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
-                         "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
-                         "allclose"})
-"""aten ops whose result (a Python number, or a shape) depends on a tensor's values: a trace that does one on a
-tensor depending on z has baked in the branch taken at the starting points. A Python number
-(``_local_scalar_dense``) is guarded at every call; a value-dependent shape refuses the trace."""
-
-GUARDABLE = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose"})
-"""The reads of ``VALUE_READS`` that give a Python number or bool, which a guard can recompute as a tensor."""
-
-
-def _depends_on_input(graph: torch.fx.Graph) -> set:
-    """The nodes of ``graph`` computed from its placeholders (in topological order, one pass)."""
-    dependent: set = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
-
-
-def _fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
-    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. Only for a
-    graph without in-place ops (``_mutates``), where a folded tensor is never written to."""
-    graph = module.graph
-    dependent = _depends_on_input(graph)
-    values: dict = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            values[node] = out
-            return out
-
-    Recorder(module).run(example)
-    folded = 0
-    for node in list(graph.nodes):
-        if (node.op != "call_function" or node in dependent or not isinstance(values.get(node), torch.Tensor)
-                or not any(user in dependent for user in node.users)):
-            continue
-        name = f"_folded_{folded}"
-        folded += 1
-        module.register_buffer(name, values[node].detach().clone())
-        with graph.inserting_before(node):
-            constant = graph.get_attr(name)
-        node.replace_all_uses_with(constant)
-    graph.eliminate_dead_code()
-    module.recompile()
-    return module
-
-
 def _row_by_row(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     """``Z (C, D) -> (grad (C, D), U (C,))`` by one autograd pass per row (what ``make_fx`` unrolls when the
     model's code cannot be vmapped; plain autograd, as the exact kernels' ``autograd.Function``s are not
@@ -229,50 +181,6 @@ def _row_by_row(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     return grads_and_values
 
 
-def _mutates(graph: torch.fx.Graph) -> bool:
-    """Whether an op of ``graph`` writes into one of its arguments (in-place or ``out=``)."""
-    return any(node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False)
-               for node in graph.nodes)
-
-
-def _add_guards(module: torch.fx.GraphModule) -> bool:
-    """Make the values the traced Python read off tensors that depend on z (``GUARDABLE``: ``bool(t)``,
-    ``float(t)``, ``t.item()``, ``torch.allclose``, ``torch.equal``) a third output of ``module``, as tensors,
-    one float64 vector (empty when there are none). False when a read of another kind depends on z (a shape
-    that depends on values: ``nonzero``, ``unique``, ...), which no guard can check."""
-    graph = module.graph
-    dependent = _depends_on_input(graph)
-    reads = []
-    for node in graph.nodes:
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-        if node.op != "call_function" or node not in dependent or name not in VALUE_READS:
-            continue
-        if name not in GUARDABLE:
-            return False
-        reads.append((name, node))
-    output = next(n for n in graph.nodes if n.op == "output")
-    aten = torch.ops.aten
-    with graph.inserting_before(output):
-        guarded = []
-        for name, node in reads:   # the tensor the Python value was read from (jit.trace bakes Python values)
-            if name == "allclose":
-                x = graph.call_function(aten.all.default, (graph.call_function(aten.isclose.default, node.args,
-                                                                               node.kwargs),))
-            elif name == "equal":
-                x = graph.call_function(aten.all.default, (graph.call_function(aten.eq.Tensor, node.args[:2]),))
-            else:
-                x = node.args[0]
-            guarded.append(x)
-        flat = [graph.call_function(aten._to_copy.default, (graph.call_function(aten.reshape.default, (x, [-1])),),
-                                    {"dtype": torch.float64}) for x in guarded]
-        guards = (graph.call_function(aten.cat.default, (flat,)) if flat else
-                  graph.call_function(aten.zeros.default, ([0],), {"dtype": torch.float64}))
-    grads, us = output.args[0]
-    output.args = ((grads, us, guards),)
-    module.recompile()
-    return True
-
-
 def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: torch.Tensor,
             reference: tuple[torch.Tensor, torch.Tensor], fallback: Callable, vmapped: bool):
     """``potential_and_grad`` of the chains by one traced graph, or None when it cannot be trusted.
@@ -282,18 +190,14 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
     no in-place op) is recorded by ``make_fx``: a straight-line program of aten ops computing (grad, U). Python
     reads of tensor values are evaluated there and baked in; those that depend on z (a check or a branch of the
     model on a latent value, e.g. ``markov_chain`` validating its transition matrix) become guards
-    (``_add_guards``): every call compares them with their values at ``z`` and evaluates the call by
+    (``graph_recording.add_guards``): every call compares them with their values at ``z`` and evaluates the call by
     ``fallback`` (the eager potential) when one differs. The trace is refused (None) when a shape depends on z's
     values, when tracing fails, or when its values at ``z`` differ from ``reference`` (chain by chain, 1e-6
-    relative). Constants are folded (``_fold_constants``) and the graph is run by ``torch.jit.trace`` (fewer
+    relative). Constants are folded (``graph_recording.fold_constants``) and the graph is run by ``torch.jit.trace`` (fewer
     interpreter calls per op), checked against the graph at ``z``. The vmapped graph is returned as
     ``nuts.AllChains``: the sampler calls it on all C chains (another number of rows is run C at a time,
     padded); the one-row graph is run once per row asked for. Where U is not finite the
     gradient is whatever the graph gives (the sampler stops such a trajectory as divergent on U alone)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from .nuts import AllChains
-
     def value(row: torch.Tensor) -> torch.Tensor:
         return potential_fn(layout.unravel(row))
 
@@ -305,10 +209,10 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
             warnings.simplefilter("ignore")
             example = z if vmapped else z[:1]
             module = make_fx(traced_fn, _error_on_data_dependent_ops=False)(example)
-            if not _add_guards(module):
+            if not add_guards(module):
                 return None
-            if not _mutates(module.graph):
-                module = _fold_constants(module, example)
+            if not mutates(module.graph):
+                module = fold_constants(module, example)
             graph_out = module(example)
             try:
                 run = torch.jit.trace(module, (example,), check_trace=False)

@@ -18,7 +18,6 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, compiled, distributed, training
 from ..checkpoints import Checkpoints
-from ..mcmc.potential import _add_guards, _fold_constants
 from ..minibatch import batch_rows, check_batch_size, data_plate, minibatch
 from ..results import make_posterior
 
@@ -199,14 +198,16 @@ RULES = (
          "continuous latents fitted by an AutoNormal guide", order=1000),
 )
 
-compiled.use_recording_tools(_add_guards, _fold_constants)  # the NUTS potential's graph tools, for the recording
 
-
-def density_facts(graph, facts: Facts, model, args, kwargs) -> dict:
+def density_facts(graph, facts: Facts, model=None, args: tuple = (), kwargs: dict | None = None) -> dict:
     """The svi backend's facts: ``density_refusal``, why the compiled log density cannot run the model (naming
     the site; None when it can: ``compiled.refusal``). The compiler puts it in ``plan.density`` for the backends
-    that fit on the compiled density, so ``plan.explain()`` names the fallback before the fit."""
-    return {"density_refusal": compiled.refusal(model, chains.fit_model(model, facts), args, kwargs, graph, facts)}
+    that fit on the compiled density, so ``plan.explain()`` names the fallback before the fit. Without the model
+    (facts computed from the graph alone) nothing is known: ``{}``."""
+    if model is None:
+        return {}
+    return {"density_refusal": compiled.refusal(model, chains.fit_model(model, facts), args, kwargs or {}, graph,
+                                                facts)}
 
 
 BACKEND = Backend(NAME, run=run, supports=supports, treatments=treatments, rules=RULES, facts=density_facts)
