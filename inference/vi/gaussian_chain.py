@@ -123,11 +123,7 @@ def analyse_chain(model, args, kwargs, facts, graph):
     LDS: one ``gaussian_chain`` x whose ``dynamics`` / ``noise_cov`` are the unpacked value of one
     ``ppl.MatrixNormalInverseWishart`` global, and one observed ``MultivariateNormal`` child whose loc is
     ``x @ C.T`` (or ``x @ C[:, :D].T + C[:, D]``) and whose covariance is R, (C, R) the unpacked value of another.
-    NotConjugate names the site otherwise. A switching chain (``facts.switching``) is handed to
-    ``slds.analyse_slds``, which returns its ``SLDSStructure``."""
-    if facts.switching:
-        from . import slds   # noqa: PLC0415 - slds builds on this module
-        return slds.analyse_slds(model, args, kwargs, facts, graph)
+    NotConjugate names the site otherwise (a switching chain is ``slds.analyse_slds``'s)."""
     if len(facts.gaussian_chains) != 1:
         raise NotConjugate(f"sites {', '.join(map(repr, facts.gaussian_chains))}: backend 'vi' takes one "
                            "gaussian_chain")
@@ -435,10 +431,7 @@ def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol:
 
 
 def describe(s) -> dict[str, str]:
-    """site -> the closed-form update ``plan.explain()`` prints (of an LDS or, via ``slds.describe``, an SLDS)."""
-    if not isinstance(s, ChainStructure):
-        from . import slds   # noqa: PLC0415 - slds builds on this module
-        return slds.describe(s)
+    """site -> the closed-form update ``plan.explain()`` prints for an LDS (an SLDS: ``slds.describe``)."""
     return {s.dynamics: f"q({s.dynamics}) = MNIW over (A, Q): closed form from expected state statistics of "
                         f"{s.chain} (sum_t E[x_t x_t^T], E[x_t x_t-1^T], E[x_t-1 x_t-1^T], T - 1)",
             s.emission: describe_emission(s.emission, s.child, s.chain)}
@@ -448,14 +441,6 @@ def describe_emission(emission: str, child: str, chain: str) -> str:
     """The explain() line of the emission's q(C, R)."""
     return (f"q({emission}) = MNIW over (C, R): closed form from expected regression statistics of {child} on "
             f"{chain} (sum_t y_t y_t^T, y_t E[x_t]^T, E[x_t x_t^T], T)")
-
-
-def local_treatment(facts) -> str:
-    """The explain() row of the gaussian_chain: VB-LDS Kalman smoothing, or the SLDS's structured mean field."""
-    if facts.switching:
-        from . import slds   # noqa: PLC0415 - slds builds on this module
-        return slds.LOCAL_TREATMENT
-    return LOCAL_TREATMENT
 
 
 LOCAL_TREATMENT = ("q(x): Kalman smoothing (information form, exact) on the expected dynamics E_q[Q^-1], "
@@ -505,9 +490,6 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     best ELBO kept. Returns the Posterior: draws of (A, Q) and (C, R) from q packed as the sites' values,
     ``point`` their q means, ``smoothed_means[chain]`` = E_q[x], the ELBO as ``log_evidence``, ``history`` (the
     negative ELBO per sweep) and ``elbo_terms``. A switching chain is fitted by ``slds.run``."""
-    if plan.facts.switching:
-        from . import slds   # noqa: PLC0415 - slds builds on this module
-        return slds.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
     s = analyse_chain(model, args, kwargs, plan.facts, plan.graph)
     fits = []
     with torch.no_grad():

@@ -38,7 +38,13 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Dirichlet, kl_divergence
 
+from ppl.plan import SiteTreatment
+from ppl.posterior import LogEvidence
+
+from .. import training
+from ..results import make_posterior
 from . import stochastic
+from .cavi import ELBODecreased, round_off
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
 from .probe import PROBE_SEEDS, close, num_states, peel
@@ -415,7 +421,6 @@ def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int
     """Batch VB (Blei et al. 2003): sweeps until the relative ELBO change is below ``tol`` or ``num_steps``
     sweeps ran; gamma is warm-started from the previous sweep so that the ELBO never decreases (warns
     ``cavi.ELBODecreased`` otherwise)."""
-    from .cavi import ELBODecreased, round_off
     corpus = structure.corpus
     gamma = initial_gamma(corpus, structure.alpha)
     history, terms_history, converged, interrupted = [], {}, False, False
@@ -501,7 +506,6 @@ def describe(names: tuple[str, str, str, str]) -> dict[str, str]:
 
 def treatment_rows(graph, names: tuple[str, str, str, str]) -> list:
     """The plan's rows for an admixture."""
-    from ppl.plan import SiteTreatment
     theta, z, w, topics = names
     updates = describe(names)
     rows = []
@@ -520,7 +524,6 @@ def treatment_rows(graph, names: tuple[str, str, str, str]) -> list:
 def fit(structure: LDAStructure, num_steps: int, tol: float, restarts: int, seed: int, batch_size, tau0, kappa,
         progress: bool) -> list[LDAFit]:
     """``restarts`` fits from random q(topics) starts (seeded by ``seed``), batch or stochastic."""
-    from .. import training
     gen = torch.Generator().manual_seed(seed)
     fits = []
     for i in range(restarts):
@@ -544,9 +547,6 @@ def fit(structure: LDAStructure, num_steps: int, tol: float, restarts: int, seed
 def posterior(model, args, kwargs, plan, structure: LDAStructure, best: LDAFit, num_samples: int,
               interrupted: bool):
     """The typed Posterior: draws of topics and document proportions from q, their means as the point."""
-    from .. import training
-    from ..results import make_posterior
-    from ppl.posterior import LogEvidence
     gamma = best.gamma.reshape(structure.theta_shape)
     draws = {structure.topics: Dirichlet(best.lam).sample((num_samples,)).unsqueeze(0),
              structure.theta: Dirichlet(gamma).sample((num_samples,)).unsqueeze(0)}
@@ -561,7 +561,6 @@ def posterior(model, args, kwargs, plan, structure: LDAStructure, best: LDAFit, 
 def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, seed: int, num_samples: int,
         progress: bool, batch_size, tau0, kappa):
     """The vi backend's run for an admixture (``backend.run`` dispatches here); returns the best fit's Posterior."""
-    from .. import training
     structure = analyse(model, args, kwargs, plan.facts)
     stochastic.check_schedule(batch_size, tau0, kappa, structure.corpus.D, "documents")
     fits = fit(structure, num_steps, tol, restarts, seed, batch_size, tau0, kappa, progress)

@@ -87,7 +87,7 @@ def structure(y, priors):
     args = (y, 2, 2, *priors)
     graph, trace = trace_graph(conjugate_slds, args, {})
     facts = analyze(graph, conjugate_slds, args, {}, trace)
-    return G.analyse_chain(conjugate_slds, args, {}, facts, graph)
+    return S.analyse_slds(conjugate_slds, args, {}, facts, graph)
 
 
 def exact(y, noise):
