@@ -523,7 +523,9 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
     ``params`` are the unconstrained leaves of the guide's and the model's parameters (the optimizers read them
     on the first call). The guide is initialized and the objective evaluated once here: ``NotCompilable`` (naming
     the site) if the model cannot be run so. ``step.density`` is the ``TracedDensity`` (``.reason``: why it
-    runs the interpreter, None when recorded).
+    runs the interpreter, None when recorded). A guide with an attribute ``num_particles`` = K > 1 (e.g.
+    ``ppl.flow_guide``'s) gets the mean of K independent draws' losses per step (same expectation, 1/K of the
+    gradient's variance).
     """
     if not isinstance(guide, (AutoDelta, AutoNormal, AutoContinuous)):
         return None
@@ -535,9 +537,18 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
         values = {name: (u if transforms[name] is None else transforms[name](u)) for name, u in zip(names, us)}
         params = _param_leaves(guide) + _model_params(fmodel, args, kwargs, values, site_plan)
 
-    def step() -> tuple[torch.Tensor, list]:
+    num_particles = int(getattr(guide, "num_particles", 1))
+    if num_particles < 1:
+        raise ValueError(f"guide.num_particles must be an integer >= 1, got {num_particles}")
+
+    def one_draw() -> torch.Tensor:
         us, log_q = draw()
-        return log_q - density(*us), params
+        return log_q - density(*us)
+
+    def step() -> tuple[torch.Tensor, list]:
+        if num_particles == 1:
+            return one_draw(), params
+        return sum(one_draw() for _ in range(num_particles)) / num_particles, params
 
     step.density = density
     return step
