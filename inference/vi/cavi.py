@@ -178,6 +178,24 @@ def round_off(value: float, dtype: torch.dtype) -> float:
     return 1e3 * torch.finfo(dtype).eps * (abs(value) + 1.0)
 
 
+def record_sweep(terms: dict[str, float], history: list, terms_history: dict, tol: float, dtype: torch.dtype,
+                 on_step=None, scale: float | None = None) -> bool:
+    """Book one coordinate-ascent sweep: its ELBO (the sum of ``terms``) appended to ``history``, each term to
+    ``terms_history[name]``; ``ELBODecreased`` warned when it fell below the last one by more than the round-off
+    of ``scale`` (default: the last ELBO) in ``dtype``; ``on_step(elbo)`` called. Returns whether the fit has
+    converged: relative change of the ELBO <= ``tol``."""
+    value = sum(terms.values())
+    for k, v in terms.items():
+        terms_history.setdefault(k, []).append(v)
+    if history and value < history[-1] - round_off(history[-1] if scale is None else scale, dtype):
+        warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
+                      f"{len(history) + 1}", ELBODecreased, stacklevel=4)
+    history.append(value)
+    if on_step is not None:
+        on_step(value)
+    return len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])
+
+
 def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps: int, tol: float,
                       on_step=None, checkpoints: Checkpoints | None = None, desc: str = "vi") -> Fit:
     """Sweeps (local step, global step, ELBO) from the hard start ``start`` (None: no local) until the relative
@@ -216,16 +234,7 @@ def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps:
             new_tables = child_tables(structure, new_q)
             terms = {k: float(v) for k, v in elbo_terms(structure, new_q, new_tables, new_state).items()}
             state, q, tables = new_state, new_q, new_tables   # a sweep counts once it is whole (Ctrl-C)
-            value = sum(terms.values())
-            for k, v in terms.items():
-                terms_history.setdefault(k, []).append(v)
-            if history and value < history[-1] - round_off(history[-1], structure.dtype):
-                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
-                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
-            history.append(value)
-            if on_step is not None:
-                on_step(value)
-            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
                 converged = True
                 break
             if checkpoints and checkpoints.due(len(history), written):

@@ -50,7 +50,7 @@ from .. import training
 from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
-from .cavi import ELBODecreased, round_off
+from .cavi import record_sweep
 from .conjugacy import NotConjugate
 from .probe import close, is_global, peel, probe_runs
 
@@ -408,19 +408,10 @@ def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol:
             new_dyn, new_em = global_step(s, new_local)
             terms = {k: float(v) for k, v in elbo_terms(s, new_dyn, new_em, new_local).items()}
             local, q_dyn, q_em = new_local, new_dyn, new_em
-            value = sum(terms.values())
-            for k, v in terms.items():
-                terms_history.setdefault(k, []).append(v)
             # round-off of the terms' own parts: the KLs cancel log-partitions of the size of the priors'
             scale = sum(abs(v) for v in terms.values()) + sum(abs(float(p.log_partition)) for p in
                                                              (s.prior_dynamics, s.prior_emission))
-            if history and value < history[-1] - round_off(scale, torch.float64):
-                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
-                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
-            history.append(value)
-            if on_step is not None:
-                on_step(value)
-            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            if record_sweep(terms, history, terms_history, tol, torch.float64, on_step, scale):
                 converged = True
                 break
     except KeyboardInterrupt:

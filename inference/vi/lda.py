@@ -44,7 +44,7 @@ from ppl.posterior import LogEvidence
 from .. import training
 from ..results import make_posterior
 from . import stochastic
-from .cavi import ELBODecreased, round_off
+from .cavi import record_sweep
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
 from .probe import PROBE_SEEDS, close, num_states, peel
@@ -429,16 +429,7 @@ def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int
             new_lam, est, elog_old = sweep(structure, corpus, structure.alpha, lam, gamma, 1.0, 1.0)
             terms = elbo_terms(structure, est, elog_old, new_lam)
             lam, gamma = new_lam, est.gamma
-            value = sum(terms.values())
-            for k, v in terms.items():
-                terms_history.setdefault(k, []).append(v)
-            if history and value < history[-1] - round_off(history[-1], structure.dtype):
-                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
-                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
-            history.append(value)
-            if on_step is not None:
-                on_step(value)
-            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
                 converged = True
                 break
     except KeyboardInterrupt:

@@ -45,7 +45,7 @@ from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
 from . import gaussian_chain as lds
-from .cavi import ELBODecreased, round_off
+from .cavi import record_sweep
 from .conjugacy import NotConjugate
 from .families import FAMILIES, dirichlet_expected_log
 from .probe import close, is_global, peel, probe_runs
@@ -247,7 +247,7 @@ def z_step(s: SLDSStructure, q_dyn: lds.QState, q_trans, local: lds.ChainLocal) 
 def global_step(s: SLDSStructure, local: lds.ChainLocal, regimes: Regimes):
     """(q(A_k, Q_k) of batch (K,), q(pi) concentration or None, q(C, R)) from the expected statistics."""
     second, w = lds._second(local), regimes.r[..., 1:, :]
-    K, D = s.K, s.D
+    K = s.K
     flat = lambda x: x.reshape((-1,) + x.shape[-2:])  # noqa: E731 - (*b, T-1, D, D) -> (b (T-1), D, D)
     wf = w.reshape(-1, K)
     stats = mniw.MNIWNatural(torch.einsum("nk,nij->kij", wf, flat(second[..., 1:, :, :])),
@@ -333,18 +333,9 @@ def coordinate_ascent(s: SLDSStructure, first, num_steps: int, tol: float, on_st
                                                          new_regimes).items()}
             local, regimes, q_dyn, q_trans, q_em, r = (new_local, new_regimes, new_dyn, new_trans, new_em,
                                                        new_regimes.r)
-            value = sum(terms.values())
-            for k, v in terms.items():
-                terms_history.setdefault(k, []).append(v)
             scale = sum(abs(v) for v in terms.values()) + float(s.prior_dynamics.log_partition.abs().sum()) + \
                 abs(float(s.prior_emission.log_partition))
-            if history and value < history[-1] - round_off(scale, torch.float64):
-                warnings.warn(f"vi: the ELBO decreased from {history[-1]:.6g} to {value:.6g} in sweep "
-                              f"{len(history) + 1}", ELBODecreased, stacklevel=3)
-            history.append(value)
-            if on_step is not None:
-                on_step(value)
-            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+            if record_sweep(terms, history, terms_history, tol, torch.float64, on_step, scale):
                 converged = True
                 break
     except KeyboardInterrupt:
