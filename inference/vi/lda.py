@@ -32,10 +32,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import pyro
 import torch
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import Dirichlet, kl_divergence
 
 from ppl.plan import SiteTreatment
@@ -47,7 +44,7 @@ from . import stochastic
 from .cavi import record_sweep
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
-from .probe import PROBE_SEEDS, close, num_states, peel
+from .probe import close, num_states, peel, probe_runs
 
 E_TOL = 1e-3        # E-step: stop a document when the mean absolute change of gamma_d is below this (sklearn's)
 E_MAX_ITER = 100    # E-step: at most this many phi/gamma iterations per document and sweep (sklearn's)
@@ -142,44 +139,6 @@ def admixture_sites(facts) -> tuple[str, str, str, str] | None:
     return theta, facts.enumerable[0], facts.observed[0], others[0]
 
 
-class _Probe(Messenger):
-    """Record every sample site with ``local`` set to ``arange(K)`` in a new leftmost dim, *not* expanded over
-    the data (``topics[z]`` is then ``(K, 1, ..., V)``, not documents x words x topics x vocabulary)."""
-
-    def __init__(self, local: str):
-        super().__init__()
-        self.local = local
-        self.sites: dict[str, dict] = {}
-        self.params: list[str] = []
-
-    def _pyro_sample(self, msg):
-        if msg["name"] != self.local or msg["is_observed"]:
-            return
-        fn = msg["fn"]
-        K = num_states(fn)
-        ndim = len(fn.batch_shape + fn.event_shape)
-        msg.update(value=torch.arange(K, device=fn.logits.device).reshape((K,) + (1,) * ndim), done=True)
-
-    def _pyro_post_sample(self, msg):
-        if not site_is_subsample(msg):
-            self.sites[msg["name"]] = dict(fn=msg["fn"], value=msg["value"], mask=msg.get("mask"),
-                                           scale=msg.get("scale", 1.0), observed=msg["is_observed"])
-
-    def _pyro_param(self, msg):
-        self.params.append(msg["name"])
-
-
-def _runs(model, args, kwargs, z: str) -> list[_Probe]:
-    runs = []
-    for seed in PROBE_SEEDS:
-        handler = _Probe(z)
-        with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
-            torch.manual_seed(seed)
-            model(*args, **kwargs)
-        runs.append(handler)
-    return runs
-
-
 def _compact(p: torch.Tensor, dims: range) -> torch.Tensor:
     """``p`` with every dim in ``dims`` that is a broadcast (stride 0) view cut to size 1 (no copy)."""
     index = tuple(slice(0, 1) if i in dims and p.stride(i) == 0 else slice(None) for i in range(p.dim()))
@@ -206,7 +165,7 @@ def analyse(model, args, kwargs, facts) -> LDAStructure:
                            "topic, observed words, topic-word rows)")
     theta, z, w, topics = names
     try:
-        a, b = _runs(model, args, kwargs, z)
+        a, b = probe_runs(model, args, kwargs, z, expand=False)
     except (RuntimeError, IndexError, TypeError) as exc:
         raise NotConjugate(f"the model fails when run with '{z}' set to all its states at once (it must use it "
                            f"elementwise, e.g. topics[z]): {type(exc).__name__}: {exc}") from exc

@@ -18,11 +18,14 @@ PROBE_SEEDS = (101, 202)
 
 
 class Tabulate(Messenger):
-    """Record every sample site (fn, value, mask, scale) with ``local`` set to its enumerated support."""
+    """Record every sample site (fn, value, mask, scale) with ``local`` set to its enumerated support: ``arange(K)``
+    in a new leftmost dim, expanded over the site's shape (``expand=False``: not expanded, so that e.g. an LDA's
+    ``topics[z]`` is ``(K, 1, ..., V)``, not documents x words x topics x vocabulary)."""
 
-    def __init__(self, local: str | None):
+    def __init__(self, local: str | None, expand: bool = True):
         super().__init__()
         self.local = local
+        self.expand = expand
         self.sites: dict[str, dict] = {}
         self.params: list[str] = []
 
@@ -33,8 +36,8 @@ class Tabulate(Messenger):
         K = num_states(fn)
         shape = tuple(fn.batch_shape + fn.event_shape)
         ref = fn.log_init if hasattr(fn, "log_init") else fn.logits
-        support = torch.arange(K, device=ref.device).reshape((K,) + (1,) * len(shape)).expand((K,) + shape)
-        msg.update(value=support, done=True)
+        support = torch.arange(K, device=ref.device).reshape((K,) + (1,) * len(shape))
+        msg.update(value=support.expand((K,) + shape) if self.expand else support, done=True)
 
     def _pyro_post_sample(self, msg):
         if not site_is_subsample(msg):
@@ -49,11 +52,11 @@ def num_states(fn) -> int:
     return int(fn.num_states) if hasattr(fn, "num_states") else int(fn.logits.shape[-1])
 
 
-def probe_runs(model, args, kwargs, local: str | None) -> list[Tabulate]:
-    """The model run under ``Tabulate`` once per probe seed (globals drawn from their priors)."""
+def probe_runs(model, args, kwargs, local: str | None, expand: bool = True) -> list[Tabulate]:
+    """The model run under ``Tabulate(local, expand)`` once per probe seed (globals drawn from their priors)."""
     runs = []
     for seed in PROBE_SEEDS:
-        handler = Tabulate(local)
+        handler = Tabulate(local, expand)
         # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
         with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
             torch.manual_seed(seed)
