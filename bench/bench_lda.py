@@ -72,7 +72,7 @@ def structure(words, mask) -> vi_lda.LDAStructure:
 
 def fit_ours(s: vi_lda.LDAStructure, seed: int = 0) -> vi_lda.LDAFit:
     """What ``ppl.infer(..., **options(seed))`` runs after the compile."""
-    (fit,) = vi_lda.fit(s, PASSES, 1e-6, 1, seed, BATCH, 10.0, 0.7, False)
+    fit, _ = vi_lda.fit(s, PASSES, 1e-6, 1, seed, BATCH, 10.0, 0.7, False)
     return fit
 
 

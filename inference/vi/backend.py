@@ -15,7 +15,6 @@ naming the site. A model without a discrete latent (a conjugate prior on observe
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -289,26 +288,11 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
         return fit_chain(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress)
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = analyse(model, args, kwargs, plan.facts, plan.graph)
-    fits = []
     starts = _starts(structure, restarts, seed)
-    with torch.no_grad():
-        for i, start in enumerate(starts):
-            desc = NAME if len(starts) == 1 else f"{NAME} start {i + 1}/{len(starts)}"
-            bar = training.progress_bar(desc, num_steps, progress)
-            fits.append(cavi.coordinate_ascent(structure, start, num_steps, tol,
-                                               lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}")),
-                                               checkpoints, desc))
-            bar.close()
-            if fits[-1].interrupted:
-                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
-                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
-                              stacklevel=2)
-                break
-    best = max(fits, key=lambda f: f.elbo)
-    if not best.converged and not fits[-1].interrupted:
-        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
-                      "raise num_steps", training.NotConverged, stacklevel=2)
-    return _posterior(model, args, kwargs, plan, structure, best, num_samples, fits[-1].interrupted)
+    best, interrupted = cavi.best_of_restarts(
+        lambda i, desc, on_step: cavi.coordinate_ascent(structure, starts[i], num_steps, tol, on_step, checkpoints,
+                                                        desc), len(starts), num_steps, tol, progress, NAME)
+    return _posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted)
 
 
 def _history(fit: cavi.Fit, interrupted: bool) -> training.History:

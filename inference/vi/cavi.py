@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import training
 from ..checkpoints import Checkpoints
 from ..exact import hmm
 from . import links
@@ -176,6 +177,33 @@ class Fit:
 def round_off(value: float, dtype: torch.dtype) -> float:
     """How much a sum of ELBO terms of size ``value`` may move by rounding alone."""
     return 1e3 * torch.finfo(dtype).eps * (abs(value) + 1.0)
+
+
+def best_of_restarts(fit_one, restarts: int, num_steps: int, tol: float, progress: bool, name: str = "vi",
+                     check_convergence: bool = True):
+    """Run ``fit_one(i, desc, on_step) -> fit`` for the starts ``i < restarts`` (each under a progress bar of
+    ``num_steps`` sweeps that ``on_step(elbo)`` advances; gradients off) and keep the one with the best
+    ``fit.elbo``. A fit ended by Ctrl-C (``fit.interrupted``) stops the restarts with a ``training.Interrupted``
+    warning; ``training.NotConverged`` warns when the best fit did not converge (``check_convergence``).
+    Returns ``(best fit, interrupted)``."""
+    fits = []
+    with torch.no_grad():
+        for i in range(restarts):
+            desc = name if restarts == 1 else f"{name} start {i + 1}/{restarts}"
+            bar = training.progress_bar(desc, num_steps, progress)
+            fits.append(fit_one(i, desc, lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
+            bar.close()
+            if fits[-1].interrupted:
+                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
+                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
+                              stacklevel=3)
+                break
+    best = max(fits, key=lambda f: f.elbo)
+    interrupted = fits[-1].interrupted
+    if check_convergence and not best.converged and not interrupted:
+        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
+                      "raise num_steps", training.NotConverged, stacklevel=3)
+    return best, interrupted
 
 
 def record_sweep(terms: dict[str, float], history: list, terms_history: dict, tol: float, dtype: torch.dtype,

@@ -35,7 +35,6 @@ ELBO, term by term (each in closed form; it never decreases):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,7 +49,7 @@ from .. import training
 from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
-from .cavi import record_sweep
+from .cavi import best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .probe import close, is_global, peel, probe_runs
 
@@ -482,29 +481,16 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     ``point`` their q means, ``smoothed_means[chain]`` = E_q[x], the ELBO as ``log_evidence``, ``history`` (the
     negative ELBO per sweep) and ``elbo_terms``. A switching chain is fitted by ``slds.run``."""
     s = analyse_chain(model, args, kwargs, plan.facts, plan.graph)
-    fits = []
-    with torch.no_grad():
-        for i, start in enumerate(projection_starts(s, restarts, seed)):
-            desc = "vi" if restarts == 1 else f"vi start {i + 1}/{restarts}"
-            bar = training.progress_bar(desc, num_steps, progress)
-            fits.append(coordinate_ascent(s, start, num_steps, tol,
-                                          lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
-            bar.close()
-            if fits[-1].interrupted:
-                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
-                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
-                              stacklevel=3)
-                break
-    best = max(fits, key=lambda f: f.elbo)
-    if not best.converged and not fits[-1].interrupted:
-        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
-                      "raise num_steps", training.NotConverged, stacklevel=3)
+    starts = projection_starts(s, restarts, seed)
+    best, interrupted = best_of_restarts(lambda i, desc, on_step: coordinate_ascent(s, starts[i], num_steps, tol,
+                                                                                    on_step),
+                                         len(starts), num_steps, tol, progress)
     draws, point = {}, {}
     for site, q in ((s.dynamics, best.q_dyn), (s.emission, best.q_em)):
         draws[site] = mniw_draws(q.natural, num_samples).to(s.dtype).unsqueeze(0)
         point[site] = mniw_mean(q.natural).to(s.dtype)
     history = training.History(-v for v in best.history)
-    history.interrupted = fits[-1].interrupted
+    history.interrupted = interrupted
     return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=history,
                           log_evidence=LogEvidence(best.elbo, "ELBO (lower bound)"), elbo_terms=best.terms,
                           smoothed_means={s.chain: best.local.mean.to(s.dtype)})

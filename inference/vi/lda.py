@@ -29,7 +29,6 @@ it never decreases.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,7 @@ from ppl.posterior import LogEvidence
 from .. import training
 from ..results import make_posterior
 from . import stochastic
-from .cavi import record_sweep
+from .cavi import best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
 from .probe import close, num_states, peel, probe_runs
@@ -472,26 +471,18 @@ def treatment_rows(graph, names: tuple[str, str, str, str]) -> list:
 
 
 def fit(structure: LDAStructure, num_steps: int, tol: float, restarts: int, seed: int, batch_size, tau0, kappa,
-        progress: bool) -> list[LDAFit]:
-    """``restarts`` fits from random q(topics) starts (seeded by ``seed``), batch or stochastic."""
+        progress: bool) -> tuple[LDAFit, bool]:
+    """``restarts`` fits from random q(topics) starts (seeded by ``seed``), batch or stochastic: ``(the best fit,
+    interrupted by Ctrl-C)`` (``cavi.best_of_restarts``; the convergence warning only in batch mode)."""
     gen = torch.Generator().manual_seed(seed)
-    fits = []
-    for i in range(restarts):
-        desc = "vi (lda)" if restarts == 1 else f"vi (lda) start {i + 1}/{restarts}"
-        bar = training.progress_bar(desc, num_steps, progress)
-        tick = lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))  # noqa: E731
+
+    def fit_one(i: int, desc: str, on_step) -> LDAFit:
         lam = initial_lambda(structure.eta, gen)
-        with torch.no_grad():
-            if batch_size is None:
-                fits.append(coordinate_ascent(structure, lam, num_steps, tol, tick))
-            else:
-                fits.append(stochastic_fit(structure, lam, num_steps, tol, batch_size, tau0, kappa, gen, tick))
-        bar.close()
-        if fits[-1].interrupted:
-            warnings.warn(f"vi: interrupted by the user in {desc}; the result is the best run so far "
-                          "(post.interrupted is True)", training.Interrupted, stacklevel=3)
-            break
-    return fits
+        if batch_size is None:
+            return coordinate_ascent(structure, lam, num_steps, tol, on_step)
+        return stochastic_fit(structure, lam, num_steps, tol, batch_size, tau0, kappa, gen, on_step)
+
+    return best_of_restarts(fit_one, restarts, num_steps, tol, progress, "vi (lda)", batch_size is None)
 
 
 def posterior(model, args, kwargs, plan, structure: LDAStructure, best: LDAFit, num_samples: int,
@@ -513,9 +504,5 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     """The vi backend's run for an admixture (``backend.run`` dispatches here); returns the best fit's Posterior."""
     structure = analyse(model, args, kwargs, plan.facts)
     stochastic.check_schedule(batch_size, tau0, kappa, structure.corpus.D, "documents")
-    fits = fit(structure, num_steps, tol, restarts, seed, batch_size, tau0, kappa, progress)
-    best = max(fits, key=lambda f: f.elbo)
-    if batch_size is None and not best.converged and not fits[-1].interrupted:
-        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
-                      "raise num_steps", training.NotConverged, stacklevel=3)
-    return posterior(model, args, kwargs, plan, structure, best, num_samples, fits[-1].interrupted)
+    best, interrupted = fit(structure, num_steps, tol, restarts, seed, batch_size, tau0, kappa, progress)
+    return posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted)

@@ -30,7 +30,6 @@ never decreases.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
 from . import gaussian_chain as lds
-from .cavi import record_sweep
+from .cavi import best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import FAMILIES, dirichlet_expected_log
 from .probe import close, is_global, peel, probe_runs
@@ -368,23 +367,9 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     Viterbi paths of the final q(z) HMM, ``smoothed_means[chain]``, the ELBO and its terms."""
     s = analyse_slds(model, args, kwargs, plan.facts, plan.graph)
     hard = lds.projection_starts(s, 1, seed)[0]
-    fits = []
-    with torch.no_grad():
-        for i in range(restarts):
-            desc = "vi" if restarts == 1 else f"vi start {i + 1}/{restarts}"
-            bar = training.progress_bar(desc, num_steps, progress)
-            fits.append(coordinate_ascent(s, start(s, hard, seed + i), num_steps, tol,
-                                          lambda v: (bar.update(1), bar.set_postfix(elbo=f"{v:.6g}"))))
-            bar.close()
-            if fits[-1].interrupted:
-                warnings.warn(f"vi: interrupted by the user in {desc} after {len(fits[-1].history)} sweeps; the "
-                              "result is the best run so far (post.interrupted is True)", training.Interrupted,
-                              stacklevel=3)
-                break
-    best = max(fits, key=lambda f: f.elbo)
-    if not best.converged and not fits[-1].interrupted:
-        warnings.warn(f"vi: the ELBO still moved by more than tol={tol:g} (relative) after {num_steps} sweeps; "
-                      "raise num_steps", training.NotConverged, stacklevel=3)
+    best, interrupted = best_of_restarts(lambda i, desc, on_step: coordinate_ascent(s, start(s, hard, seed + i),
+                                                                                    num_steps, tol, on_step),
+                                         restarts, num_steps, tol, progress)
     draws, point = {}, {}
     for site, q in ((s.dynamics, best.q_dyn), (s.emission, best.q_em)):
         draws[site] = lds.mniw_draws(q.natural, num_samples).to(s.dtype).unsqueeze(0)
@@ -399,7 +384,7 @@ def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, se
     table = DiscreteTable(s.log_init.expand(batch + (s.K,)), log_trans(s, best.q_trans).expand(batch + (s.K, s.K)),
                           log_lik, False)
     history = training.History(-v for v in best.history)
-    history.interrupted = fits[-1].interrupted
+    history.interrupted = interrupted
     return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=history,
                           log_evidence=LogEvidence(best.elbo, "ELBO (lower bound)"), elbo_terms=best.terms,
                           tables={s.z: table}, discrete={s.z: best.regimes.r.to(s.dtype)},

@@ -134,7 +134,7 @@ def test_matches_sklearn_batch_lda():
                      restarts=1)
     assert post.plan.backend == "vi"
     s = structure_of(lda.model, sim.args, kw)
-    (best,) = L.fit(s, 500, 1e-8, 1, 0, None, 10.0, 0.7, False)      # what run() did: the same start
+    best, _ = L.fit(s, 500, 1e-8, 1, 0, None, 10.0, 0.7, False)      # what run() did: the same start
     assert best.elbo == post.log_evidence.value
     torch.testing.assert_close(best.lam / best.lam.sum(-1, keepdim=True), post.point["topics"])
     peer = decomposition.LatentDirichletAllocation(
