@@ -139,7 +139,7 @@ def _density(model, args, kwargs, guide_class=AutoNormal):
     fmodel = chains.fit_model(model, plan.facts)
     with pyro.get_param_store().scope():
         guide = guide_class(poutine.block(fmodel, hide=list(plan.facts.enumerable)))
-        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan))
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), record_after=1)
         pyro.set_rng_seed(0)
         step()
         density = step.density
@@ -302,7 +302,8 @@ def test_a_fit_on_the_recording_follows_the_interpreters_fit():
         with pyro.get_param_store().scope():
             guide = AutoNormal(poutine.block(fmodel, hide=list(plan.facts.enumerable)))
             pyro.set_rng_seed(0)
-            step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), trace=trace)
+            step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), trace=trace,
+                                            record_after=1)
             histories.append(training.optimize(step, 30, 0.02, False, "test"))
             assert (step.density.reason is None) == trace
     assert histories[0] == pytest.approx(histories[1], rel=1e-6)
@@ -325,3 +326,24 @@ def test_the_plan_names_the_fallback_before_the_fit():
     refused = ppl.compile(scaled_evidence, y, backend="svi")
     assert "'y1'" in refused.density and "'y2'" in refused.density
     assert "density: Pyro's ELBO / potential (fallback)" in refused.explain() and "'y1'" in refused.explain()
+
+
+def test_the_density_is_recorded_only_after_record_after_evaluations():
+    """A short fit (L-BFGS MAP: a few hundred evaluations) runs the interpreter throughout; the recording is made
+    at the ``record_after``-th evaluation of a layout, and the objective's values are the same either way."""
+    model, args, kwargs = _library_case("gmm")
+    plan = ppl.compile(model, *args, **kwargs)
+    fmodel = chains.fit_model(model, plan.facts)
+    with pyro.get_param_store().scope():
+        guide = AutoNormal(poutine.block(fmodel, hide=list(plan.facts.enumerable)))
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), record_after=3)
+        losses = []
+        for n in range(3):
+            pyro.set_rng_seed(n)
+            losses.append(float(step()[0]))
+            assert (len(step.density.recorded) == 1) == (n == 2)
+        assert step.density.reason is None
+        for n in range(3):
+            pyro.set_rng_seed(n)
+            assert float(step()[0]) == pytest.approx(losses[n], rel=1e-6)
+    assert compiled.RECORD_AFTER > 1   # guide_objective's default: short fits stay on the interpreter
