@@ -131,7 +131,7 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
     losses = []
     for _ in range(50):
         loss, _ = reference()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         optim.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([ra, rb], 10.0)
