@@ -79,8 +79,8 @@ class Plan:
                  f"  why:     {self.reason}"]
         density = getattr(self, "density", None)  # a plan saved before the field existed has none
         if density is not None:
-            lines.append("  density: " + ("compiled log density (recorded once per input shape, checked against the "
-                                          "interpreter)" if not density else
+            lines.append("  density: " + ("compiled log density (one handler run per evaluation; a long fit records "
+                                          "it as one graph, checked against that run)" if not density else
                                           f"Pyro's ELBO / potential (fallback): the compiled log density stops: "
                                           f"{density}"))
         if self.rules_tried:
