@@ -11,7 +11,6 @@ exact samples) are then computed at the MAP globals, and ``log_evidence`` is the
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import pyro
 import torch
@@ -22,7 +21,7 @@ from ppl.posterior import LogEvidence, Posterior
 
 from .. import chains, initialization, training
 from ..checkpoints import Checkpoints
-from ..results import DegenerateFit, make_posterior
+from ..results import make_posterior, warn_if_nearly_empty
 
 NAME = "exact"
 
@@ -111,42 +110,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
         point=point, tables=tables, history=history,
         discrete=chains.discrete_marginals(model, args, kwargs, point, graph, facts))
     if point:
-        warn_if_nearly_empty(post.discrete)
+        warn_if_nearly_empty(post.discrete, NAME)
     return post
-
-
-FEW_ENTRIES = 2.0  # a state holding fewer expected entries than this (but at least 0.5) is nearly empty
-SAME_STATE = 1e-3  # two states whose q(z = k) differ by less than this at every entry coincide
-
-
-def warn_if_nearly_empty(discrete: dict[str, torch.Tensor]) -> None:
-    """Warn ``DegenerateFit`` for each discrete latent (site -> probabilities ``(..., K)``, ``n`` entries) with
-
-    - a state whose expected count :math:`\sum_n q(z_n = k)` lies in ``[0.5, FEW_ENTRIES)`` when ``n >= 4 K`` (below
-      0.5 ``results.warn_if_degenerate`` already warns an empty state): a component fitted to one or two points,
-      whose scale can collapse onto them (the likelihood is unbounded there; only the prior holds it);
-    - two states whose probabilities differ by less than ``SAME_STATE`` at every entry (``n >= 2``): coinciding
-      components (e.g. a fit stuck at the symmetric point where every state has the same parameters), so the fit
-      uses fewer distinct states than it has.
-    """
-    for site, probs in discrete.items():
-        K = probs.shape[-1]
-        flat = probs.detach().reshape(-1, K)
-        counts, n = flat.sum(0), flat.shape[0]
-        low = (counts >= 0.5) & (counts < FEW_ENTRIES)
-        if K > 1 and n >= 4 * K and bool(low.any()):
-            k = int(torch.nonzero(low)[0])
-            warnings.warn(f"{NAME}: state {k} of '{site}' holds an expected {float(counts[k]):.3g} of {n} entries: a "
-                          "component fitted to one or two points, whose scale can collapse onto them (a degenerate "
-                          "fit). Try fewer states, more restarts= or another init=", DegenerateFit, stacklevel=4)
-        if K > 1 and n >= 2:
-            gap = (flat[:, :, None] - flat[:, None, :]).abs().amax(0)
-            same = torch.nonzero(torch.triu(gap < SAME_STATE, diagonal=1) & (counts >= 0.5)[:, None])
-            if same.numel():
-                i, j = (int(v) for v in same[0])
-                warnings.warn(f"{NAME}: states {i} and {j} of '{site}' have the same probabilities at all {n} entries "
-                              "(coinciding components: a degenerate fit using fewer distinct states than it has). "
-                              "Try more restarts= or another init=", DegenerateFit, stacklevel=4)
 
 
 SCREEN_EVALS = 30  # evaluations each start gets before the best one is fitted to convergence

@@ -8,7 +8,7 @@ import torch
 
 import ppl
 from ppl.inference.initialization import align_labels, hard_assignments, kmeans_labels
-from ppl.inference.results import DegenerateFit
+from ppl.inference.results import DegenerateFit, warn_if_nearly_empty
 from ppl.models import gmm as gmm_lib
 from ppl.models import hmm as hmm_lib
 from ppl.models._util import best_permutation
@@ -80,20 +80,19 @@ def test_an_empty_component_is_reported():
 def test_nearly_empty_and_coinciding_states_are_reported():
     """The exact backend's checks on q(z) itself: a state holding ~1 of 40 entries, two identical columns; a clean
     q(z) passes silently."""
-    from ppl.inference.exact.backend import warn_if_nearly_empty
     gen = torch.Generator().manual_seed(0)
     clean = torch.softmax(5 * torch.randn(40, 3, generator=gen), -1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateFit)
-        warn_if_nearly_empty({"z": clean})
+        warn_if_nearly_empty({"z": clean}, "exact")
     lonely = torch.zeros(40, 3)
     lonely[:20, 0], lonely[20:, 1] = 1.0, 1.0
     lonely[7] = torch.tensor([0.0, 0.0, 1.0])                                   # state 2 holds one entry
     with pytest.warns(DegenerateFit, match="state 2 of 'z' holds an expected 1 of 40"):
-        warn_if_nearly_empty({"z": lonely})
+        warn_if_nearly_empty({"z": lonely}, "exact")
     same = torch.cat([clean[:, :1], 0.5 * (1 - clean[:, :1]).expand(40, 2)], -1)   # states 1 and 2 coincide
     with pytest.warns(DegenerateFit, match="states 1 and 2 of 'z' have the same probabilities at all 40"):
-        warn_if_nearly_empty({"z": same})
+        warn_if_nearly_empty({"z": same}, "exact")
 
 
 def test_a_component_on_one_outlier_is_reported():
