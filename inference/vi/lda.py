@@ -19,7 +19,7 @@ triples, so memory is linear in the number of distinct (document, word) pairs:
 
 (the E-step iterates :math:`\phi, \gamma` per document until the mean change of :math:`\gamma_d` is below
 ``E_TOL``; the M-step sets :math:`\lambda`). Stochastic mode (``batch_size``): :math:`\lambda` takes the step
-``stochastic.blend`` towards :math:`\eta + \frac{D}{|B|}\sum_{d \in B}` (statistics of the minibatch).
+``ppl.expfam.natural_step`` towards :math:`\eta + \frac{D}{|B|}\sum_{d \in B}` (statistics of the minibatch).
 
 The ELBO, in closed form term by term, at :math:`(\phi, \gamma, \lambda)` after each sweep:
 ``E log p(w)`` :math:`= \sum_{kw} s_{kw} E[\log\beta_{kw}]` (:math:`s` the expected topic-word counts),
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Dirichlet, kl_divergence
 
+from ppl.expfam import natural_step
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence
 
@@ -365,13 +366,13 @@ class LDAFit:
 def sweep(structure: LDAStructure, corpus: Corpus, alpha: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
           scale: float, rho: float) -> tuple[torch.Tensor, EStep, torch.Tensor]:
     r"""One update on the documents of ``corpus``: E-step from ``gamma`` under ``lam``, then
-    :math:`\lambda \leftarrow` ``stochastic.blend(lam, eta + scale * sstats, rho)``. Full corpus, ``scale=1``,
+    :math:`\lambda \leftarrow` ``natural_step(lam, eta + scale * sstats, rho)``. Full corpus, ``scale=1``,
     ``rho=1``: one coordinate-ascent sweep; a minibatch of B of D documents, ``scale = D/B``: one stochastic
     natural-gradient step. Returns (new lambda, the E-step, E log beta under the old lambda)."""
     elog_beta = dirichlet_expected_log((lam,))
     est = e_step(corpus, alpha, elog_beta, gamma)
     target = structure.eta + scale * est.sstats
-    return stochastic.blend(lam, target, rho), est, elog_beta
+    return natural_step(lam, target, rho), est, elog_beta
 
 
 def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int, tol: float, on_step=None

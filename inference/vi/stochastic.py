@@ -11,7 +11,8 @@ gradient of the ELBO in :math:`\lambda` is :math:`\hat\lambda - \lambda`, and th
     \lambda_t = (1 - \rho_t)\,\lambda_{t-1} + \rho_t\,\hat\lambda_B, \qquad \rho_t = (\tau_0 + t)^{-\kappa}
 
 (t = 1, 2, ...) is a Robbins-Monro step: it converges for :math:`\kappa \in (0.5, 1]`, :math:`\tau_0 \ge 0`.
-With :math:`B` = all units and :math:`\rho = 1` it *is* the coordinate-ascent update.
+With :math:`B` = all units and :math:`\rho = 1` it *is* the coordinate-ascent update (the step itself is
+``ppl.expfam.natural_step``, shared with the SVAE).
 """
 from __future__ import annotations
 
@@ -41,15 +42,6 @@ def check_schedule(batch_size, tau0, kappa, num_units: int, unit: str) -> None:
 def step_size(t: int, tau0: float, kappa: float) -> float:
     r""":math:`\rho_t = (\tau_0 + t)^{-\kappa}` for step ``t >= 1`` (at most 1)."""
     return min(1.0, (tau0 + t) ** (-kappa))
-
-
-def blend(old: torch.Tensor, target: torch.Tensor, rho: float) -> torch.Tensor:
-    r"""The natural-gradient step :math:`(1-\rho)\lambda + \rho\hat\lambda` on a natural parameter (any shape;
-    for a Dirichlet its concentration, whose natural parameter :math:`\alpha - 1` is affine in it). ``rho == 1``
-    returns ``target`` itself (the coordinate-ascent update, bit for bit)."""
-    if rho == 1.0:
-        return target
-    return torch.lerp(old, target, rho)
 
 
 def batches(num_units: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:

@@ -57,9 +57,10 @@ def natural_step(current, target, step: float):
     r"""The natural-gradient step :math:`\eta \leftarrow (1-\rho)\eta + \rho\,\eta^*` of size ``step``
     (:math:`\rho`) from the natural parameter ``current`` towards the coordinate optimum ``target``: on one
     tensor, or field by field on a named tuple of natural parameters (``NIWNatural``, ``MNIWNatural``);
-    shapes must match exactly and the result has them."""
+    shapes must match exactly and the result has them. ``step == 1`` gives ``target`` itself (the
+    coordinate-ascent update, bit for bit)."""
     def blend(a: Tensor, b: Tensor) -> Tensor:
-        return (1 - step) * a + step * b
+        return b if step == 1 else (1 - step) * a + step * b
     if isinstance(current, Tensor):
         check_same_shape("natparam", current, "target", target)
         return blend(current, target)

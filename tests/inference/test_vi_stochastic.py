@@ -15,6 +15,7 @@ import torch
 import ppl
 from ppl import dist
 from ppl.inference.vi import lda as L
+from ppl.expfam import natural_step
 from ppl.inference.vi import stochastic
 from ppl.models import lda
 
@@ -35,9 +36,9 @@ def test_full_batch_with_step_one_is_one_coordinate_ascent_sweep():
     assert stochastic.step_size(1, 0.0, 0.7) == 1.0
     online = L.stochastic_fit(s, lam0, 1, 0.0, s.corpus.D, 0.0, 0.7, torch.Generator().manual_seed(5))
     assert torch.equal(online.lam, batch.lam)
-    # and the shared update itself: blend with rho = 1 returns the coordinate-ascent target unchanged
+    # and the shared update itself: natural_step with rho = 1 returns the coordinate-ascent target unchanged
     target = torch.rand(3, 4, dtype=D64)
-    assert stochastic.blend(torch.rand(3, 4, dtype=D64), target, 1.0) is target
+    assert natural_step(torch.rand(3, 4, dtype=D64), target, 1.0) is target
 
 
 def test_scaled_minibatch_statistics_are_unbiased():
