@@ -24,6 +24,7 @@ from ppl.backends import UnsupportedModelError, all_backends, routing_rules
 from ppl.compiler import with_backend_facts
 from ppl.expfam import niw
 from ppl.graph import trace_graph
+from ppl.inference.vi import backend as vi_backend
 from ppl.inference.vi import cavi, conjugacy
 from ppl.inference.vi.backend import RULES, vi_facts
 from tests.ppl import models_for_tests as M
@@ -400,3 +401,31 @@ def test_a_vi_posterior_round_trips_into_a_fresh_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for got in torch.load(paths[-1], weights_only=False):
         assert_identical(expected, got)
+
+
+def test_run_reuses_the_compile_time_probe_only_on_the_same_unmodified_data(monkeypatch):
+    """ppl.infer compiles and runs on the same objects: the probe runs once (at compile); a plan run on other
+    data, on data modified in place, or after pickling probes again, with the same result."""
+    backend = vi_backend
+    x = torch.cat([torch.randn(30, 2, dtype=D64) + 4, torch.randn(30, 2, dtype=D64) - 4])
+    calls = []
+    real = backend.analyse
+    monkeypatch.setattr(backend, "analyse", lambda *a: calls.append(1) or real(*a))
+    plan = ppl.compile(niw_gmm, x, K=2, backend="vi")
+    assert plan.facts.of("vi").probe_result is not None and len(calls) == 1      # the compile-time probe
+    post = ppl.infer(niw_gmm, x, model_kwargs={"K": 2}, progress=False, num_samples=5)
+    assert len(calls) == 2 and post.backend == "vi"                              # its compile only
+    assert post.plan.facts.of("vi").probe_result is None               # the Posterior does not keep the data twice
+    run = backend.BACKEND.run
+    same = run(niw_gmm, (x,), {"K": 2}, plan, progress=False, num_samples=5)
+    assert len(calls) == 2 and same.log_evidence.value == post.log_evidence.value
+    other = x.clone()
+    again = run(niw_gmm, (other,), {"K": 2}, plan, progress=False, num_samples=5)
+    assert len(calls) == 3 and again.log_evidence.value == pytest.approx(post.log_evidence.value, rel=1e-12)
+    moved = run(niw_gmm, (other.add_(1.0),), {"K": 2}, plan, progress=False, num_samples=5)   # in place
+    assert len(calls) == 4 and moved.point["theta"][:, :, -1].sum() == pytest.approx(
+        float(post.point["theta"][:, :, -1].sum()) + 4.0, rel=1e-6)   # 2 means x 2 coordinates
+    loaded = pickle.loads(pickle.dumps(plan))
+    assert loaded.facts.of("vi").probe_result is None and loaded.facts.of("vi").updates == plan.facts.of("vi").updates
+    run(niw_gmm, (x,), {"K": 2}, loaded, progress=False, num_samples=5)
+    assert len(calls) == 5
