@@ -35,10 +35,9 @@ import torch
 from torch import Tensor
 
 from .hmm_decode import ViterbiResult, sample, viterbi
-from .hmm_forward import Smoothed, forward_scaled, smooth_scaled
-from .hmm_inputs import ChainInputs, canonicalize
-from .hmm_logspace import forward_log, smooth_log
-from .hmm_scan import PAIR_GEMM_MAX_STATES, parallel_log_normalizer, parallel_log_z
+from . import ops
+from .hmm_inputs import ChainInputs, canonicalize, check_values_finite
+from .hmm_scan import PAIR_GEMM_MAX_STATES, parallel_log_normalizer
 
 __all__ = ["HMMPosterior", "ViterbiResult", "log_normalizer", "posterior", "viterbi", "sample",
            "parallel_log_normalizer", "use_parallel_scan"]
@@ -119,63 +118,6 @@ class HMMPosterior(NamedTuple):
     pairwise: Tensor
 
 
-def _smoothed(ch: ChainInputs, fw, weights, want_pairwise: bool, sum_batch: bool) -> Smoothed:
-    """Marginals / pairwise counts: scaled backward pass, or the log-space one on underflow."""
-    if fw is not None and not fw.underflow:
-        out = smooth_scaled(fw, ch, weights, want_pairwise, sum_batch)
-        if out is not None:
-            return out
-    return smooth_log(ch, forward_log(ch).log_alphas, weights, want_pairwise, sum_batch)
-
-
-def _log_z(ch: ChainInputs):
-    """(log Z (N,), the scaled forward pass or None when it underflowed)."""
-    fw = forward_scaled(ch)
-    if fw.underflow:
-        return forward_log(ch).log_normalizer, None
-    return fw.log_terms.sum(0), fw
-
-
-class _LogNormalizer(torch.autograd.Function):
-    """log Z with a backward pass that runs the backward recursion (gradient = posterior stats).
-
-    Double backward (``create_graph=True``): the backward then differentiates the log-space
-    forward loop by autograd instead (exact, slower), so Hessians are correct.
-    """
-
-    @staticmethod
-    def forward(ctx, log_init, log_trans, log_lik, lengths, time_varying):
-        ch = ChainInputs(log_init, log_trans, log_lik, lengths, time_varying, torch.Size())
-        log_z, fw = _log_z(ch)
-        ctx.save_for_backward(log_init, log_trans, log_lik)
-        ctx.fw, ctx.lengths, ctx.time_varying = fw, lengths, time_varying
-        return log_z
-
-    @staticmethod
-    def backward(ctx, grad):
-        log_init, log_trans, log_lik = ctx.saved_tensors
-        ch = ChainInputs(log_init, log_trans, log_lik, ctx.lengths, ctx.time_varying, torch.Size())
-        if torch.is_grad_enabled():
-            return _grads_by_autograd(ctx, ch, grad)
-        need_init, need_trans, need_lik = ctx.needs_input_grad[:3]
-        stats = _smoothed(ch, ctx.fw, grad, need_trans, sum_batch=log_trans.shape[0] == 1)
-        g_init = stats.marginals[:, 0] if need_init else None
-        g_lik = stats.marginals if need_lik else None
-        return g_init, stats.pairwise, g_lik, None, None
-
-
-def _grads_by_autograd(ctx, ch: ChainInputs, grad: Tensor):
-    """Gradients with a graph (for higher derivatives): autograd through ``forward_log``."""
-    inputs = [x for x, need in zip(ch[:3], ctx.needs_input_grad[:3]) if need]
-    with torch.enable_grad():
-        log_z = forward_log(ch).log_normalizer
-        grads = iter(torch.autograd.grad(log_z, inputs, grad, create_graph=True, allow_unused=True))
-    out = [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
-    out = [torch.zeros_like(x) if need and g is None else g
-           for x, g, need in zip(ch[:3], out, ctx.needs_input_grad[:3])]
-    return (*out, None, None)
-
-
 def log_normalizer(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=None,
                    time_varying: bool | None = None, method: str = "auto") -> Tensor:
     r"""log Z of a batch of discrete chains (forward algorithm), differentiable.
@@ -201,11 +143,8 @@ def log_normalizer(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths
     "sequential" / "parallel" force one. The tree product is differentiated by autograd
     (same gradients, higher derivatives included).
     """
-    ch = canonicalize(log_init, log_trans, log_lik, lengths, time_varying)
-    if _parallel(ch, method):
-        return parallel_log_z(ch).reshape(ch.batch_shape)
-    log_z = _LogNormalizer.apply(ch.log_init, ch.log_trans, ch.log_lik, ch.lengths, ch.time_varying)
-    return log_z.reshape(ch.batch_shape)
+    ch = canonicalize(log_init, log_trans, log_lik, lengths, time_varying, check_values=False)
+    return ops.log_normalizer(ch, _parallel(ch, method)).reshape(ch.batch_shape)
 
 
 def _restore_pairwise(pairwise: Tensor, ch: ChainInputs) -> Tensor:
@@ -217,36 +156,12 @@ def _restore_pairwise(pairwise: Tensor, ch: ChainInputs) -> Tensor:
     return pairwise.reshape(ch.batch_shape + pairwise.shape[1:])
 
 
-def _posterior_by_autograd(ch: ChainInputs, parallel: bool = False,
-                           create_graph: bool = True) -> HMMPosterior:
-    """Marginals as gradients of log Z: with a graph (differentiable, when inputs require grad)
-    through the custom Function, or through the tree product when ``parallel``."""
-    N = ch.log_lik.shape[0]
-    trans = ch.log_trans.expand((N,) + ch.log_trans.shape[1:])
-    init, lik = ch.log_init, ch.log_lik
-    if not create_graph:
-        init, trans, lik = init.detach(), trans.detach(), lik.detach()
-    if not init.requires_grad:
-        init = init.detach().requires_grad_()
-    if not trans.requires_grad:
-        trans = trans.detach().requires_grad_()
-    if not lik.requires_grad:
-        lik = lik.detach().requires_grad_()
-    if parallel:
-        with torch.enable_grad():
-            log_z = parallel_log_z(ChainInputs(init, trans, lik, ch.lengths, ch.time_varying,
-                                               ch.batch_shape))
-            _, pairwise, marginals = torch.autograd.grad(log_z.sum(), (init, trans, lik),
-                                                         create_graph=create_graph)
-        if not create_graph:
-            log_z = log_z.detach()
-    else:
-        log_z = _LogNormalizer.apply(init, trans, lik, ch.lengths, ch.time_varying)
-        _, pairwise, marginals = torch.autograd.grad(log_z.sum(), (init, trans, lik),
-                                                     create_graph=True)
-    marginals = marginals.reshape(ch.batch_shape + lik.shape[1:])
-    return HMMPosterior(log_z.reshape(ch.batch_shape), marginals,
-                        _restore_pairwise(pairwise, ch))
+def _posterior_by_op(ch: ChainInputs, parallel: bool) -> HMMPosterior:
+    """Posterior statistics as the Jacobian of log Z (``ops.hmm_log_z_jac``): differentiable when the
+    inputs require grad (second derivatives through ``ops.hmm_hvp``)."""
+    log_z, _, pairwise, marginals = ops.log_normalizer_and_jacobian(ch, parallel)
+    marginals = marginals.reshape(ch.batch_shape + ch.log_lik.shape[1:])
+    return HMMPosterior(log_z.reshape(ch.batch_shape), marginals, _restore_pairwise(pairwise, ch))
 
 
 def posterior(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=None,
@@ -266,16 +181,15 @@ def posterior(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=None
     when ``use_parallel_scan`` holds) the statistics are the gradients of its log Z by
     autograd (one backward pass through the tree; differentiable when inputs require grad).
     """
-    ch = canonicalize(log_init, log_trans, log_lik, lengths, time_varying)
+    ch = canonicalize(log_init, log_trans, log_lik, lengths, time_varying, check_values=False)
     parallel = _parallel(ch, method)
     tracked = torch.is_grad_enabled() and any(x.requires_grad for x in ch[:3])
-    if parallel:
-        return _posterior_by_autograd(ch, parallel=True, create_graph=tracked)
-    if tracked:
-        return _posterior_by_autograd(ch)
+    if parallel or tracked:
+        return _posterior_by_op(ch, parallel)
+    check_values_finite(ch)
     with torch.no_grad():
-        log_z, fw = _log_z(ch)
-        stats = _smoothed(ch, fw, None, True, sum_batch=False)
+        log_z, fw = ops.scaled_log_z(ch)
+        stats = ops.smoothed(ch, fw, None, True, sum_batch=False)
     marginals = stats.marginals.reshape(ch.batch_shape + ch.log_lik.shape[1:])
     pairwise = _restore_pairwise(stats.pairwise, ch)
     return HMMPosterior(log_z.reshape(ch.batch_shape), marginals, pairwise)

@@ -99,7 +99,7 @@ def _check_common(log_init: Tensor, log_trans: Tensor, log_lik: Tensor) -> None:
 
 
 def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=None,
-                 time_varying: bool | None = None) -> ChainInputs:
+                 time_varying: bool | None = None, check_values: bool = True) -> ChainInputs:
     """Check the potentials and bring them to the canonical form of ``ChainInputs``.
 
     log_init: (..., K); log_trans: (..., K, K) or (..., T-1, K, K); log_lik: (..., T, K);
@@ -108,6 +108,9 @@ def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=N
     Raises ValueError naming the argument on wrong types, shapes, K mismatch, batch dims
     that do not broadcast, lengths outside [1, T], or NaN / +inf potentials (log_lik is
     only checked at steps t < length; it is set to 0 beyond). The reshapes are differentiable.
+    check_values=False leaves the NaN / +inf check (host reads of the values) to the caller:
+    the kernel operators of ``ops`` run it inside their implementations, where ``vmap`` and
+    ``make_fx`` see one opaque call (``check_values`` below).
     """
     _check_common(log_init, log_trans, log_lik)
     T, K = log_lik.shape[-2:]
@@ -127,7 +130,15 @@ def canonicalize(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=N
         lengths = lengths.expand(batch).reshape(N)
         zero = torch.zeros((), dtype=lik.dtype, device=lik.device)
         lik = torch.where(valid_steps(lengths, T, N, lik.device)[..., None], lik, zero)
-    check_finite("log_init", log_init, allow_neg_inf=True)
-    check_finite("log_trans", log_trans, allow_neg_inf=True)
-    check_finite("log_lik", lik.reshape(batch + (T, K)), allow_neg_inf=True)
-    return ChainInputs(init, trans, lik, lengths, tv, batch)
+    ch = ChainInputs(init, trans, lik, lengths, tv, batch)
+    if check_values:
+        check_values_finite(ch)
+    return ch
+
+
+def check_values_finite(ch: ChainInputs) -> None:
+    """ValueError naming the potential (with the caller's batch shape) unless every entry is finite or -inf
+    (log_lik at steps t < length only: it is 0 beyond in canonical form)."""
+    check_finite("log_init", ch.log_init.reshape(ch.batch_shape + ch.log_init.shape[-1:]), allow_neg_inf=True)
+    check_finite("log_trans", ch.log_trans, allow_neg_inf=True)
+    check_finite("log_lik", ch.log_lik.reshape(ch.batch_shape + ch.log_lik.shape[-2:]), allow_neg_inf=True)
