@@ -25,17 +25,33 @@ def _require_int(name: str, arg: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _values(x: torch.Tensor) -> torch.Tensor:
+    """The values behind ``x`` for a check read on the host, detached: ``x`` itself, or under ``torch.func``
+    transforms (``vmap``, ``grad``: a NUTS potential evaluated on all chains at once) the physical tensor, its
+    vmapped dims moved to the front, so the check reads every chain's values at once instead of failing on a
+    host read of a batched tensor. Trailing dims are the logical ones (the checks reduce over dim -1)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        batched = torch._C._functorch.is_batchedtensor(x)
+        bdim = torch._C._functorch.maybe_get_bdim(x) if batched else None
+        x = torch._C._functorch.get_unwrapped(x)
+        if bdim is not None:
+            x = x.movedim(bdim, 0)
+    return x.detach()
+
+
 def _check_stochastic(name: str, arg: str, probs: torch.Tensor, K: int) -> None:
-    """Raise if ``probs`` is not ``(..., K)`` non-negative with rows summing to one."""
+    """Raise if ``probs`` is not ``(..., K)`` non-negative with rows summing to one (read through ``_values``:
+    the same check inside ``vmap`` / ``grad``)."""
     if probs.shape[-1:] != (K,):
         raise ModelInputError(f"site '{name}': {arg} must have trailing dim num_states={K}, got shape {tuple(probs.shape)}")
+    probs_shape, probs = probs.shape, _values(probs)
     if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
         raise ModelInputError(f"site '{name}': {arg} must be finite and non-negative")
     sums = probs.sum(-1)
     tol = 1e-4 if probs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
     if not bool(torch.allclose(sums, torch.ones_like(sums), atol=tol * K)):
         worst = float((sums - 1).abs().max())
-        raise ModelInputError(f"site '{name}': rows of {arg} (shape {tuple(probs.shape)}) must sum to one; "
+        raise ModelInputError(f"site '{name}': rows of {arg} (shape {tuple(probs_shape)}) must sum to one; "
                               f"largest deviation {worst:.3g}")
 
 
@@ -98,7 +114,7 @@ def _check_square(name: str, arg: str, value, D: int, switched: bool) -> None:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         want = f"({D}, {D})" + (f" or (num_states, {D}, {D})" if switched else "")
         raise ModelInputError(f"site '{name}': {arg} must have shape {want}, got {got}")
-    if not bool(torch.isfinite(value).all()):
+    if not bool(torch.isfinite(_values(value)).all()):
         raise ModelInputError(f"site '{name}': {arg} contains NaN or inf")
 
 
@@ -106,7 +122,7 @@ def _check_covariance(name: str, arg: str, value: torch.Tensor) -> None:
     """ModelInputError naming the site and the argument unless ``value (..., D, D)`` is symmetric positive
     definite (the Kalman kernels factorize it; the error would otherwise come from inside them)."""
     try:
-        check_positive_definite(arg, value.detach())
+        check_positive_definite(arg, _values(value))
     except ValueError as exc:
         raise ModelInputError(f"site '{name}': {exc}") from None
 
