@@ -51,7 +51,8 @@ def _peer(emission: str, K: int, seed: int, fit_initial: bool = False):
     params = "s" + params if fit_initial else params
     options = {"covariance_type": "diag"} if emission == "gaussian" else {}
     peer = cls(K, n_iter=200, tol=1e-6, random_state=seed, params=params, init_params=params, **options)
-    peer.startprob_ = np.full(K, 1.0 / K)
+    if not fit_initial:
+        peer.startprob_ = np.full(K, 1.0 / K)
     return peer
 
 
@@ -69,7 +70,7 @@ def peer_best(y: torch.Tensor, emission: str, K: int, restarts: int = PEER_RESTA
 def our_log_likelihood(post, y: torch.Tensor, emission: str, K: int, scale_site: str = "scale") -> float:
     """hmmlearn's log p(y | our point estimate); the initial distribution is ``post.point["p0"]`` when the model
     has that site (fitted), else uniform. ``scale_site``: the site of the Gaussian emission sds."""
-    peer = _peer(emission, K, 0)
+    peer = _peer(emission, K, 0)  # uniform startprob_ (kept: score does not initialize)
     if "p0" in post.point:
         peer.startprob_ = post.point["p0"].double().numpy()
     peer.transmat_ = post.point["trans"].double().numpy()
