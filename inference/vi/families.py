@@ -87,8 +87,10 @@ def _gaussian_update(prior: tuple, stats: tuple) -> tuple:
 
 
 def _niw_sample(params: tuple, n: int) -> torch.Tensor:
-    draw = niw.sample(niw.NIWNatural(*params), (n,))
-    return torch.cat([draw.covariance_matrix, draw.loc.unsqueeze(-1)], -1)
+    """``n`` draws ``(n, K, D, D + 1)`` of q; drawn in float64 (an empty component's q is the prior, whose
+    inverse-Wishart with few degrees of freedom gives draws too ill-conditioned for a float32 Cholesky)."""
+    draw = niw.sample(niw.NIWNatural(*(p.double() for p in params)), (n,))
+    return torch.cat([draw.covariance_matrix, draw.loc.unsqueeze(-1)], -1).to(params[0].dtype)
 
 
 def _niw_mean(params: tuple) -> torch.Tensor:
