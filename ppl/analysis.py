@@ -1,7 +1,9 @@
 """Generic facts about a ModelGraph, each a small pure function; ``analyze`` gathers them into ``Facts``.
 
 Facts that only one backend needs live with that backend (``Backend.facts``) and are attached by
-the compiler under ``Facts.backend_facts``.
+the compiler under ``Facts.backend_facts``: a ``BackendFacts`` mapping that runs a backend's hook when its
+facts are first read, so that only the backends the routing rules reach pay for theirs (a hook may run the
+model); the plan keeps the facts that were computed.
 
 Two facts need the model itself and are found by *probing* (running it under an interpreter):
 - a gaussian_chain's children are linear-Gaussian in it iff their log-density is exactly
@@ -11,8 +13,9 @@ Two facts need the model itself and are found by *probing* (running it under an 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyro.poutine as poutine
 import torch
@@ -42,7 +45,8 @@ class Facts:
     unplated: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # site -> ((dim, size), ...)
     plate_nesting: int = 0                       # deepest plate dim used by any site (as a positive count)
     continuous_local: tuple[str, ...] = ()       # continuous latents sharing a plate with a finite discrete one
-    backend_facts: dict[str, Any] = field(default_factory=dict)  # backend name -> its own facts (plug-ins)
+    backend_facts: Mapping[str, Any] = field(default_factory=dict)  # backend name -> its own facts (plug-ins;
+                                                                    # a BackendFacts while compiling)
     combinatorial: tuple[str, ...] = ()          # latent sites with finite support too large to enumerate as one
                                                  # variable: a finite discrete base over .to_event dims (2^20 states
                                                  # for Bernoulli(...).to_event(1) over 20 bits); not in unenumerable
@@ -53,7 +57,8 @@ class Facts:
     def of(self, backend: str) -> Any:
         """The facts backend ``backend`` computed about this model (``Backend.facts``)."""
         if backend not in self.backend_facts:
-            raise KeyError(f"no facts of backend '{backend}'; backends with facts: {sorted(self.backend_facts)}")
+            raise KeyError(f"no facts of backend '{backend}'; backends with facts: {sorted(self.backend_facts)} "
+                           "(a compiled plan keeps those of the backends its routing consulted)")
         return self.backend_facts[backend]
 
     @property
@@ -73,6 +78,33 @@ class Facts:
         return CollapseSpec(
             discrete={c: self.chain_children[c] for c in self.markov_chains if self.tabulable.get(c)},
             gaussian={c: self.chain_children[c] for c in self.gaussian_chains if self.linear_gaussian.get(c)})
+
+
+class BackendFacts(Mapping):
+    """backend name -> that backend's facts, each computed by calling its hook ``hooks[name]()`` when first read
+    (then kept); membership and iteration do not compute anything. ``computed()``: a plain dict of those read."""
+
+    def __init__(self, hooks: dict[str, Callable[[], Any]]):
+        self._hooks = dict(hooks)
+        self._computed: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._computed:
+            self._computed[name] = self._hooks[name]()
+        return self._computed[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._hooks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hooks)
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def computed(self) -> dict[str, Any]:
+        """The facts read so far, backend name -> facts."""
+        return dict(self._computed)
 
 
 def latent_chains(graph: ModelGraph, kind: str) -> tuple[str, ...]:

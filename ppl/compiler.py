@@ -1,7 +1,8 @@
 """``compile(model, *args, **kwargs) -> Plan``: trace, build the graph, gather facts, apply rules.
 
 No inference runs here. Every registered backend (``ppl.backends``) adds its own facts and
-rules; the rules are tried in order and the first whose backend supports the model wins. The
+rules; the rules are tried in order and the first whose backend supports the model wins (a backend's
+facts are computed when a rule first reads them, so the backends after the winner cost nothing). The
 plan names the backend, how each site is treated, and why; ``backend=`` overrides the rules,
 and a backend that cannot run the model raises an error naming the fact that stops it.
 """
@@ -13,7 +14,7 @@ from typing import Callable
 
 import pyro
 
-from .analysis import Facts, analyze
+from .analysis import BackendFacts, Facts, analyze
 from .backends import Backend, UnsupportedModelError, all_backends, get_backend, routing_rules
 from .graph import ModelGraph, trace_graph
 from .plan import Plan, RuleOutcome
@@ -31,15 +32,25 @@ def _check_structure(facts: Facts) -> None:
 
 def with_backend_facts(graph: ModelGraph, facts: Facts, backends: tuple[Backend, ...],
                        probe: tuple | None = None) -> Facts:
-    """``facts`` with each backend's own facts attached (``facts.of(name)``). A hook that takes more than
-    ``(graph, facts)`` also gets ``probe = (model, args, kwargs)``: it may run the model to look closer
-    (``Backend.facts``)."""
-    extra = {}
-    for b in backends:
-        if b.facts is None:
-            continue
-        extra[b.name] = b.facts(graph, facts, *probe) if probe and _takes_probe(b.facts) else b.facts(graph, facts)
-    return replace(facts, backend_facts=extra)
+    """``facts`` with each backend's own facts attached (``facts.of(name)``), each computed when first read
+    (``BackendFacts``). A hook that takes more than ``(graph, facts)`` also gets ``probe = (model, args,
+    kwargs)``: it may run the model to look closer (``Backend.facts``)."""
+    hooks = {b.name: _bound_hook(b.facts, graph, facts, probe) for b in backends if b.facts is not None}
+    return replace(facts, backend_facts=BackendFacts(hooks))
+
+
+def _bound_hook(hook, graph: ModelGraph, facts: Facts, probe: tuple | None) -> Callable[[], object]:
+    """``hook`` with its arguments bound: ``(graph, facts)``, plus the probe when it takes one."""
+    if probe and _takes_probe(hook):
+        return lambda: hook(graph, facts, *probe)
+    return lambda: hook(graph, facts)
+
+
+def consulted(facts: Facts) -> Facts:
+    """``facts`` keeping, as a plain dict, the backend facts that were read (what a ``Plan`` holds: no hook
+    keeps the model and its data alive, and the plan pickles)."""
+    lazy = facts.backend_facts
+    return replace(facts, backend_facts=lazy.computed()) if isinstance(lazy, BackendFacts) else facts
 
 
 def _takes_probe(hook) -> bool:
@@ -90,24 +101,27 @@ def compile(model: Callable, *args, backend: str = "auto", **kwargs) -> Plan:  #
     if backend != "auto":
         get_backend(backend)  # unknown names fail before tracing
     backends = all_backends()
-    with pyro.get_param_store().scope():  # tracing must not leave parameters behind
+    # tracing and the backends' facts (computed as the rules read them) must not leave parameters behind
+    with pyro.get_param_store().scope():
         graph, trace = trace_graph(model, args, kwargs)
         facts = with_backend_facts(graph, analyze(graph, model, args, kwargs, trace), backends, (model, args, kwargs))
-    _check_structure(facts)
-    if backend == "auto":
-        chosen, rule, reason, tried = route(facts, backends)
-    else:
-        chosen = get_backend(backend)
-        verdict = chosen.supports(facts)
-        if not verdict.ok:
-            raise UnsupportedModelError(f"backend '{backend}' cannot run model '{model_name(model)}': {verdict.reason}")
-        rule, reason, tried = "user override", f"backend='{backend}' requested", ()
-    treatments = tuple(chosen.treatments(graph, facts))
-    density = None
-    if chosen.name in COMPILED_DENSITY_BACKENDS and "svi" in facts.backend_facts:
-        density = facts.of("svi").get("density_refusal") or ""
-    return Plan(model_name(model), chosen.name, rule, reason, treatments, facts, options=default_options(chosen),
-                rules_tried=tried, graph=graph, density=density)
+        del trace
+        _check_structure(facts)
+        if backend == "auto":
+            chosen, rule, reason, tried = route(facts, backends)
+        else:
+            chosen = get_backend(backend)
+            verdict = chosen.supports(facts)
+            if not verdict.ok:
+                raise UnsupportedModelError(f"backend '{backend}' cannot run model '{model_name(model)}': "
+                                            f"{verdict.reason}")
+            rule, reason, tried = "user override", f"backend='{backend}' requested", ()
+        treatments = tuple(chosen.treatments(graph, facts))
+        density = None
+        if chosen.name in COMPILED_DENSITY_BACKENDS and "svi" in facts.backend_facts:
+            density = facts.of("svi").get("density_refusal") or ""
+    return Plan(model_name(model), chosen.name, rule, reason, treatments, consulted(facts),
+                options=default_options(chosen), rules_tried=tried, graph=graph, density=density)
 
 
 COMPILED_DENSITY_BACKENDS = ("svi", "exact", "mcmc")

@@ -4,9 +4,16 @@ Each sample site becomes a ``SiteInfo``: distribution family, support, discrete 
 size, batch/event shape, plates, observed or latent, block kind, and whether its
 distribution depends on the parameters of a registered ``nn.Module`` (neural).
 Dependencies between sites come from Pyro's provenance tracking.
+
+Both runs give a plain latent with finite support inside plates one draw shared along its plate dims
+(``CompactDiscrete``: the value has size 1 there, as Pyro's enumeration lays a value out), so that a child
+indexing a global with it (an LDA's ``topics[z]``) stays (1, ..., V) instead of tokens x V: the plates broadcast
+every distribution back to its full batch shape, and the site records are the same. Memory and time of a run
+are then linear in the data, not in data x the indexed global's size.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import traceback
@@ -16,7 +23,9 @@ from typing import Any, Callable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer.inspect import get_dependencies
+from pyro.infer.inspect import TrackProvenance, is_sample_site
+from pyro.ops.provenance import get_provenance
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .blocks import block_kind
@@ -89,6 +98,7 @@ class _SiteWatch(pyro.poutine.messenger.Messenger):
         self.name: str | None = None
         self.fixed = fixed
         self.dtypes: dict[torch.dtype, str] = {}  # dtype -> the first site (or module) seen with it
+        self.refused = False  # an observed value failed its check (a data error: no other run can fix it)
 
     def _postprocess_message(self, msg):
         if msg["type"] not in ("sample", "param") or msg["name"].startswith("_") or site_is_subsample(msg):
@@ -99,9 +109,64 @@ class _SiteWatch(pyro.poutine.messenger.Messenger):
                      else f"site '{msg['name']}'")
             self.dtypes.setdefault(value.dtype, where)
         if msg["type"] == "sample" and msg["is_observed"] and isinstance(value, torch.Tensor):
-            _check_observed_value(msg, "the value given by ppl.condition" if msg["name"] in self.fixed
-                                  else "the observed data")
+            try:
+                _check_observed_value(msg, "the value given by ppl.condition" if msg["name"] in self.fixed
+                                      else "the observed data")
+            except ModelInputError:
+                self.refused = True
+                raise
         self.name = msg["name"]  # a completed site
+
+
+def compact_dims(msg: dict) -> tuple[int, ...]:
+    """The batch dims (negative, counted from the right of the batch shape) along which a sample site may share
+    one value: every dim of size > 1 of a plain (no block) latent site with enumerable finite support when all of
+    them are plate dims (Pyro's enumeration contract: within plates a model broadcasts such a value); () otherwise
+    (observed, in a markov_chain/gaussian_chain block, continuous, combinatorial, or a batch dim outside plates)."""
+    fn = msg["fn"]
+    if (msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg) or block_kind(msg) is not None
+            or not getattr(fn, "has_enumerate_support", False) or not getattr(fn.support, "is_discrete", False)):
+        return ()
+    batch = tuple(fn.batch_shape)
+    plates = {f.dim for f in msg["cond_indep_stack"] if f.vectorized and f.dim is not None}
+    large = {d for d in range(-len(batch), 0) if batch[d] > 1}
+    return tuple(sorted(large)) if large and large <= plates else ()
+
+
+class CompactDiscrete(Messenger):
+    """Give each site with ``compact_dims`` one prior draw shared along those dims: the value of its first entry
+    there, of size 1 in them (a site's batch shape ``(L, D)`` with both dims plates gets a ``(1, 1)`` value). The
+    plates broadcast every distribution downstream back to its full batch shape, so the sites' families, shapes,
+    supports and dependencies are those of a run with one draw per entry, while ``table[z]`` costs the table's
+    size, not entries x its size. ``sites`` lists the sites given such a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def _pyro_sample(self, msg):
+        dims = compact_dims(msg)
+        if not dims:
+            return
+        draw = msg["fn"].sample()
+        event = len(msg["fn"].event_shape)
+        index = tuple(slice(0, 1) if d + event in dims else slice(None) for d in range(-draw.dim(), 0))
+        msg["value"] = draw[index].clone()
+        msg["done"] = True
+        self.sites.append(msg["name"])
+
+
+def _shrunk(trace: poutine.Trace) -> str | None:
+    """An observed site whose distribution has size 1 in a dim where its data have more (a shared value reached
+    it through something other than plate broadcasting, e.g. ``z.reshape(-1)``), or None."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or not isinstance(site["value"], torch.Tensor):
+            continue
+        shape = tuple(site["fn"].batch_shape + site["fn"].event_shape)
+        data = tuple(site["value"].shape)
+        if any(a == 1 and b > 1 for a, b in zip(shape[::-1], data[::-1])):
+            return name
+    return None
 
 
 def _check_observed_value(msg: dict, what: str) -> None:
@@ -186,12 +251,30 @@ def _explain(exc: Exception, model: Callable, args: tuple, kwargs: dict, watch: 
 def run_traced(model: Callable, args: tuple, kwargs: dict, seed: int = 0) -> poutine.Trace:
     """Run ``model(*args, **kwargs)`` once (seeded, prior draws for latents) and return its trace.
 
-    Observed values are checked at their sites (``_SiteWatch``). Errors raised by the model are re-raised
-    saying it happened while tracing, after which site, and at which line of the model (``_explain``).
+    Plain finite discrete latents in plates get one draw shared along their plate dims (``CompactDiscrete``);
+    when that run fails (not on a data check) or leaves an observed site smaller than its data (``_shrunk``), the
+    model runs again with one draw per entry and that trace (or error) is the answer. Observed values are checked
+    at their sites (``_SiteWatch``). Errors raised by the model are re-raised saying it happened while tracing,
+    after which site, and at which line of the model (``_explain``).
     """
+    compact = CompactDiscrete()
     watch = _SiteWatch(getattr(model, "fixed_sites", frozenset()))
     try:
-        with torch.random.fork_rng(), watch:
+        trace = _traced(model, args, kwargs, seed, watch, compact)
+    except (ModelInputError, ModelTraceError):
+        if watch.refused or not compact.sites:
+            raise
+        trace = None
+    if trace is not None and (not compact.sites or _shrunk(trace) is None):
+        return trace
+    return _traced(model, args, kwargs, seed, _SiteWatch(getattr(model, "fixed_sites", frozenset())), None)
+
+
+def _traced(model: Callable, args: tuple, kwargs: dict, seed: int, watch: _SiteWatch,
+            compact: CompactDiscrete | None) -> poutine.Trace:
+    """One seeded run of the model under ``watch`` (and ``compact`` unless None), errors explained."""
+    try:
+        with torch.random.fork_rng(), watch, (compact or contextlib.nullcontext()):
             torch.manual_seed(seed)
             return poutine.trace(model).get_trace(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
@@ -279,9 +362,68 @@ def site_infos(trace: poutine.Trace) -> list[SiteInfo]:
 
 
 def site_dependencies(model: Callable, args: tuple, kwargs: dict) -> dict[str, set[str]]:
-    """child site -> set of parent sites, from Pyro's provenance tracking."""
-    with torch.random.fork_rng():
+    """child site -> set of parent sites (earlier latent sites its log-density reads), from Pyro's provenance
+    tracking (``pyro.infer.inspect.TrackProvenance``, as ``get_dependencies`` reads prior dependencies) on a run
+    with ``CompactDiscrete`` values (again with one draw per entry if that run fails). A site's parents are the
+    provenance of its value and of its distribution's parameters (``_log_prob_provenance``)."""
+    try:
+        return _dependencies(model, args, kwargs, True)
+    except Exception:  # noqa: BLE001 - a model that does not broadcast a shared value: one draw per entry
+        return _dependencies(model, args, kwargs, False)
+
+
+def _dependencies(model: Callable, args: tuple, kwargs: dict, compact: bool) -> dict[str, set[str]]:
+    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False):
         torch.manual_seed(0)
-        # an Implicit (simulator) site has no log_prob: it depends on its simulator's inputs
-        deps = get_dependencies(ImplicitDependencies()(model), args, kwargs)["prior_dependencies"]
-    return {child: {p for p in parents if p != child} for child, parents in deps.items()}
+        with TrackProvenance(), (CompactDiscrete() if compact else contextlib.nullcontext()):
+            # an Implicit (simulator) site has no log_prob: it depends on its simulator's inputs
+            trace = poutine.trace(ImplicitDependencies()(model)).get_trace(*args, **kwargs)
+        sites = [msg for msg in trace.nodes.values() if is_sample_site(msg)]
+        out = {}
+        for i, site in enumerate(sites):
+            upstream = {u["name"] for u in sites[:i] if not u["is_observed"] and u["value"].numel()}
+            out[site["name"]] = upstream & _log_prob_provenance(site["fn"], site["value"]) if upstream else set()
+    return out
+
+
+TRUSTED_MODULES = ("torch.distributions", "pyro.distributions")
+"""Distributions (and constraints) defined here compute ``log_prob`` from their tensor attributes only."""
+_PLAIN = (int, float, bool, complex, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _log_prob_provenance(fn: Any, value: torch.Tensor) -> frozenset:
+    """The sites ``fn.log_prob(value)`` depends on: the provenance of ``value`` and of every tensor among the
+    attributes of ``fn`` when ``fn`` is built only of distributions from ``TRUSTED_MODULES`` (their log_prob
+    reads nothing else; not evaluating it keeps an expanded ``Categorical(table[z])`` a view), else the
+    provenance of ``fn.log_prob(value)`` itself."""
+    tensors = _attribute_tensors(fn)
+    if tensors is None:
+        return get_provenance(fn.log_prob(value))
+    return get_provenance([value] + tensors)
+
+
+def _attribute_tensors(obj: Any, depth: int = 0) -> list | None:
+    """Every tensor reachable through the attributes of a trusted distribution or constraint, and through lists,
+    tuples and dicts; None when something else is reached (an object this walk cannot vouch for)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, _PLAIN):
+        return []
+    if depth > 8:
+        return None
+    if isinstance(obj, (list, tuple)):
+        parts = list(obj)
+    elif isinstance(obj, dict):
+        parts = list(obj.values())
+    elif (isinstance(obj, (torch.distributions.Distribution, torch.distributions.constraints.Constraint))
+          and type(obj).__module__.startswith(TRUSTED_MODULES)):
+        parts = list(vars(obj).values())
+    else:
+        return None
+    out = []
+    for part in parts:
+        found = _attribute_tensors(part, depth + 1)
+        if found is None:
+            return None
+        out.extend(found)
+    return out

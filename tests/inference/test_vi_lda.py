@@ -7,7 +7,8 @@
   bound (``score``) at our q(topics) equals our ELBO, and the two fits reach the same bound, the same held-out
   perplexity and the same topics up to permutation;
 - the ELBO never decreases in batch mode (float64 and float32); routing of the library model and of a user's
-  own LDA written the same way; clear errors for bad options and for an admixture that is not conjugate.
+  own LDA written the same way; clear errors for bad options and for an admixture that is not conjugate;
+- memory linear in the tokens: no tensor of the whole ``ppl.infer`` call has tokens x vocabulary elements.
 """
 import copy
 import itertools
@@ -15,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ppl
 from ppl import dist
@@ -255,3 +257,35 @@ def test_e_step_stops_each_document_like_a_per_document_loop():
         iterations.append(it)
         torch.testing.assert_close(est.gamma[d], g, rtol=1e-12, atol=1e-12)
     assert min(iterations) < max(iterations) and est.iterations == max(iterations)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest storage (in elements) of any tensor an operation returns while active (a broadcast view
+    counts the storage it views, not its shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            size = t.untyped_storage().nbytes() // t.element_size() if isinstance(t, torch.Tensor) else 0
+            if size > self.largest:
+                self.largest, self.op = size, str(func)
+        return out
+
+
+def test_compile_and_infer_allocate_linearly_in_the_tokens():
+    """A vocabulary far larger than the corpus: no tensor of the whole ppl.infer call (tracing, dependencies,
+    routing, the probes, the stochastic fit, the draws) has tokens x V elements; the largest is of the size of
+    the topics (num_samples draws of K x V), not of the tokens x vocabulary the model's topics[z] would be."""
+    K, V, D, Lw = 3, 20000, 40, 25
+    sim = lda.simulate(seed=0, D=D, L=Lw, V=V, K=K)
+    kw = {**sim.kwargs, "dtype": torch.float32}
+    with LargestTensor() as mode:
+        plan = ppl.compile(lda.model, *sim.args, **kw)
+        post = ppl.infer(lda.model, *sim.args, model_kwargs=kw, batch_size=10, num_steps=1, restarts=1,
+                         num_samples=2, progress=False)
+    assert plan.backend == "vi" and bool(torch.isfinite(post.point["topics"]).all())
+    assert mode.largest <= 2 * K * V, (mode.largest, mode.op, f"tokens x V = {D * Lw * V}")
