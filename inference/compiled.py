@@ -36,6 +36,7 @@ from pyro.distributions.transforms import biject_to
 from torch.distributions import transform_to
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -265,6 +266,7 @@ class TracedDensity:
         self.fmodel, self.args, self.kwargs, self.site_plan = fmodel, args, kwargs, site_plan
         self.names, self.transforms, self.jacobian = list(names), dict(transforms), jacobian
         self.trace, self.checks, self.record_after = trace, checks, record_after
+        self.arity = self.wrt = len(self.names)
         self.calls: dict[tuple, int] = {}
         self.recorded: dict[tuple, Callable | None] = {}
         self.fallback_reason: dict[tuple, str] = {}
@@ -284,8 +286,8 @@ class TracedDensity:
         return log_joint(self.fmodel, self.args, self.kwargs, values, self.site_plan, validate) + log_det
 
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
-        if len(us) != len(self.names):
-            raise ValueError(f"the density takes {len(self.names)} tensors (sites {self.names}), got {len(us)}")
+        if len(us) != self.arity:
+            raise ValueError(f"the density takes {self.arity} tensors ({self._inputs()}), got {len(us)}")
         key = tuple((tuple(u.shape), u.dtype, u.device) for u in us)
         if key not in self.recorded:
             self._validate_once(us)
@@ -297,6 +299,10 @@ class TracedDensity:
         if fn is None:
             return self.interpreted(*us)
         return fn(*us)
+
+    def _inputs(self) -> str:
+        """What the inputs are, for error messages."""
+        return f"sites {self.names}"
 
     def _refuse(self, key: tuple, why: str) -> None:
         self.fallback_reason[key] = self.reason = why
@@ -353,7 +359,8 @@ class TracedDensity:
         """None if ``fn`` and the interpreter agree at ``point`` (value and gradient), else what differs."""
         results = []
         for f in (fn, self.interpreted):
-            inputs = tuple(u.clone().requires_grad_(u.is_floating_point()) for u in point)
+            inputs = tuple(u.clone().requires_grad_(i < self.wrt and u.is_floating_point())
+                           for i, u in enumerate(point))
             try:
                 with torch.enable_grad(), pyro.validation_enabled(False):
                     value = f(*inputs)
@@ -373,6 +380,50 @@ class TracedDensity:
         if len(g1) != len(g2) or any(not _close(a, b, tol) for a, b in zip(g1, g2)):
             return "gradient"
         return None
+
+
+class NormalObjective(TracedDensity):
+    r"""One draw's loss of an ``AutoNormal`` guide as a function of the guide's parameters and the noise, recorded
+    like the density (``TracedDensity``) but with the guide's draw, its log q and the gradient with respect to
+    its parameters inside the one graph, so that a step runs no Python of the guide either:
+
+    .. math::
+        L(m, \rho, \epsilon) = \sum_i \log N(u_i; m_i, s_i) - D(u), \quad u_i = m_i + s_i \epsilon_i,
+        \quad s_i = S(\rho_i)
+
+    with D the log joint plus the log-Jacobian of the sites' transforms (``TracedDensity`` with
+    ``jacobian=True``) and S the guide's scale transform (softplus for its default ``scale_constraint``).
+    Called as ``L(m_1, ..., m_n, rho_1, ..., rho_n, eps_1, ..., eps_n)``, each of site i's unconstrained shape,
+    ``n = len(names)``: a scalar with gradients for the m's and rho's (the eps are drawn, not fitted)."""
+
+    def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, site_plan: SitePlan, names: list[str],
+                 transforms: dict, to_scale: Callable, trace: bool = True, checks: int = 3, record_after: int = 1):
+        super().__init__(fmodel, args, kwargs, site_plan, names, transforms, True, trace=trace, checks=checks,
+                         record_after=record_after)
+        self.to_scale = to_scale
+        self.arity, self.wrt = 3 * len(self.names), 2 * len(self.names)
+
+    def _inputs(self) -> str:
+        return f"the locs, raw scales and noises of sites {self.names}"
+
+    def interpreted(self, *inputs: torch.Tensor, validate: bool = False) -> torch.Tensor:
+        """L by the interpreter: the draw and log q in torch, D by ``TracedDensity.interpreted``."""
+        n = len(self.names)
+        us, log_q = normal_sample(inputs[:n], inputs[n:2 * n], inputs[2 * n:], self.to_scale)
+        return log_q - super().interpreted(*us, validate=validate)
+
+
+def normal_sample(locs, raw_scales, eps, to_scale: Callable) -> tuple[list[torch.Tensor], torch.Tensor]:
+    r"""A reparametrized draw of a mean-field Gaussian, site by site: ``([u_i], log q(u))`` with
+    :math:`u_i = m_i + S(\rho_i) \epsilon_i` (each of site i's shape) and
+    :math:`\log q = -\sum_i \sum (\epsilon_i^2 / 2 + \log S(\rho_i) + \log(2\pi)/2)`."""
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    us, log_q = [], 0.0
+    for loc, raw, e in zip(locs, raw_scales, eps):
+        scale = to_scale(raw)
+        us.append(loc + scale * e)
+        log_q = log_q - (0.5 * e.square() + scale.log()).sum() - half_log_2pi * e.numel()
+    return us, log_q
 
 
 MAX_RECORDED_OPS = 500
@@ -411,41 +462,35 @@ class _Refused(Exception):
 
 class _JointGraph:
     r"""D and its gradient as one straight-line graph of tensor operations: ``make_fx`` records
-    ``z -> (dD/dz, D(z), guards)`` over the sites' values flattened into one vector z at the recording point
-    (the forward and the backward pass of the interpreter, no autograd at run time), with the NUTS potential's
-    tools (``graph_recording``): every Python read of a tensor value that depends on z becomes a guard
-    (``add_guards``: a call whose guards differ from the recording's is evaluated by the interpreter), the
-    tensors computed from the data alone (the data checks, the priors' constants) are folded into constants
-    (``fold_constants``), and the graph runs under ``torch.jit.trace`` when that gives the graph's values
-    exactly. ``_Refused`` when a shape depends on values or recording fails. Called as ``D(u_1, ..., u_n)``:
-    a scalar whose backward is the recorded gradient (first order)."""
+    ``(u_1, ..., u_n) -> ([dD/du_1, ..., dD/du_w], D(u), guards)`` at the recording point, the gradient with
+    respect to the first ``density.wrt`` inputs (the forward and the backward pass of the interpreter, no
+    autograd at run time), with the NUTS potential's tools (``graph_recording``): every Python read of a tensor
+    value that depends on the inputs becomes a guard (``add_guards``: a call whose guards differ from the
+    recording's is evaluated by the interpreter), the tensors computed from the data alone (the data checks, the
+    priors' constants) are folded into constants (``fold_constants``), and the graph runs under
+    ``torch.jit.trace`` when that gives the graph's values exactly. ``_Refused`` when a shape depends on values
+    or recording fails. Called as ``D(u_1, ..., u_n)``: a scalar whose backward is the recorded gradient (first
+    order; none for the inputs after the first ``wrt``)."""
 
     def __init__(self, density: TracedDensity, point: tuple):
         self.density = density
-        self.shapes = [u.shape for u in point]
-        self.sizes = [u.numel() for u in point]
-        z = torch.cat([u.reshape(-1) for u in point])
-
-        def grad_and_value(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.grad_and_value(z)
-
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
-                module = make_fx(grad_and_value, _error_on_data_dependent_ops=False)(z)
+                module = make_fx(self.grad_and_value, _error_on_data_dependent_ops=False)(*point)
                 if mutates(module.graph) and len(module.graph.nodes) <= MAX_FUNCTIONALIZED_NODES:
                     # recorded again through functionalization (no op writes in place), which lets the constants
                     # be folded; slow per node, so only for small graphs
-                    module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(z)
+                    module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(*point)
                 if not add_guards(module):
                     raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
                 if not mutates(module.graph):  # folding assumes no op writes into a tensor
-                    module = fold_constants(module, z)
-                graph_out = module(z)
+                    module = fold_constants(module, *point)
+                graph_out = module(*point)
                 run = module
                 try:
-                    jitted = torch.jit.trace(module, (z,), check_trace=False)
-                    if all(torch.equal(a, b) for a, b in zip(jitted(z), graph_out)):
+                    jitted = torch.jit.trace(module, tuple(point), check_trace=False)
+                    if all(torch.equal(a, b) for a, b in zip(tree_leaves(jitted(*point)), tree_leaves(graph_out))):
                         run = jitted
                 except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
                     pass
@@ -456,45 +501,43 @@ class _JointGraph:
                            ) from None
         self.run, self.guards = run, graph_out[2]
 
-    def unravel(self, z: torch.Tensor) -> list[torch.Tensor]:
-        return [part.reshape(shape) for part, shape in zip(z.split(self.sizes), self.shapes)]
-
-    def grad_and_value(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dD/dz, D(z)) by the interpreter and autograd."""
+    def grad_and_value(self, *us: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """([dD/du_i for the first ``wrt`` inputs], D(u)) by the interpreter and autograd."""
+        wrt = self.density.wrt
         with torch.enable_grad():
-            leaf = z.detach().requires_grad_(True)
-            value = self.density.interpreted(*self.unravel(leaf))
-            (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
-        return (torch.zeros_like(leaf) if grad is None else grad), value.detach()
+            leaves = [u.detach().requires_grad_(True) for u in us[:wrt]]
+            value = self.density.interpreted(*leaves, *us[wrt:])
+            grads = torch.autograd.grad(value, leaves, allow_unused=True) if leaves else ()
+        return [torch.zeros_like(u) if g is None else g for u, g in zip(leaves, grads)], value.detach()
 
-    def evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dD/dz, D(z)) by the graph, or by the interpreter where a guard differs."""
+    def evaluate(self, *us: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(gradients, D(u)) by the graph, or by the interpreter where a guard differs."""
         try:
-            grad, value, guards = self.run(z)
+            grads, value, guards = self.run(*us)
         except RuntimeError:  # a shape the recording fixed does not fit these values
-            return self.grad_and_value(z)
+            return self.grad_and_value(*us)
         if not torch.equal(guards, self.guards):
-            return self.grad_and_value(z)
-        return grad, value
+            return self.grad_and_value(*us)
+        return grads, value
 
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
-        return _RecordedDensity.apply(self, torch.cat([u.reshape(-1) for u in us]))
+        return _RecordedDensity.apply(self, *us)
 
 
 class _RecordedDensity(torch.autograd.Function):
-    """D(z) with the gradient the joint graph computed alongside it."""
+    """D(u) with the gradient the joint graph computed alongside it."""
 
     @staticmethod
-    def forward(ctx, graph: _JointGraph, z: torch.Tensor) -> torch.Tensor:
-        grad, value = graph.evaluate(z.detach())
-        ctx.save_for_backward(grad)
+    def forward(ctx, graph: _JointGraph, *us: torch.Tensor) -> torch.Tensor:
+        grads, value = graph.evaluate(*(u.detach() for u in us))
+        ctx.save_for_backward(*grads)
+        ctx.rest = len(us) - len(grads)
         return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return None, grad_output * grad
+        return (None, *(grad_output * g for g in ctx.saved_tensors), *(None,) * ctx.rest)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -550,8 +593,21 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
         return None
     _initialize(guide, args, kwargs)
     names, transforms, draw, jacobian = _draw_function(guide)
-    density = TracedDensity(fmodel, args, kwargs, site_plan, names, transforms, jacobian, trace=trace,
-                            record_after=record_after)
+    if isinstance(guide, AutoNormal):  # the draw and log q recorded with the density
+        _, locs, raw_scales, to_scale = _normal_parts(guide)
+        density = NormalObjective(fmodel, args, kwargs, site_plan, names, transforms, to_scale, trace=trace,
+                                  record_after=record_after)
+
+        def one_draw() -> torch.Tensor:
+            return density(*locs, *raw_scales, *[torch.randn_like(loc) for loc in locs])
+    else:
+        density = TracedDensity(fmodel, args, kwargs, site_plan, names, transforms, jacobian, trace=trace,
+                                record_after=record_after)
+
+        def one_draw() -> torch.Tensor:
+            us, log_q = draw()
+            return log_q - density(*us)
+
     with torch.no_grad():
         us, _ = draw()
         values = {name: (u if transforms[name] is None else transforms[name](u)) for name, u in zip(names, us)}
@@ -560,10 +616,6 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
     num_particles = int(getattr(guide, "num_particles", 1))
     if num_particles < 1:
         raise ValueError(f"guide.num_particles must be an integer >= 1, got {num_particles}")
-
-    def one_draw() -> torch.Tensor:
-        us, log_q = draw()
-        return log_q - density(*us)
 
     def step() -> tuple[torch.Tensor, list]:
         if num_particles == 1:
@@ -609,24 +661,21 @@ def _delta_draw(guide: AutoDelta):
     return names, transforms, draw, False
 
 
-def _normal_draw(guide: AutoNormal):
-    sites = _guide_sites(guide)
-    names = [name for name, _ in sites]
+def _normal_parts(guide: AutoNormal) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], Callable]:
+    """(site names, loc leaves, unconstrained scale leaves, the scale transform) of an AutoNormal guide."""
+    names = [name for name, _ in _guide_sites(guide)]
     locs = [_leaf(guide, f"locs.{name}") for name in names]
     raw_scales = [_leaf(guide, f"scales.{name}") for name in names]
-    to_scale = transform_to(guide.scale_constraint)
-    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    return names, locs, raw_scales, transform_to(guide.scale_constraint)
+
+
+def _normal_draw(guide: AutoNormal):
+    names, locs, raw_scales, to_scale = _normal_parts(guide)
 
     def draw():
-        us, log_q = [], 0.0
-        for loc, raw in zip(locs, raw_scales):
-            scale = to_scale(raw)
-            eps = torch.randn_like(loc)
-            us.append(loc + scale * eps)
-            log_q = log_q - (0.5 * eps.square() + scale.log()).sum() - half_log_2pi * eps.numel()
-        return us, log_q
+        return normal_sample(locs, raw_scales, [torch.randn_like(loc) for loc in locs], to_scale)
 
-    return names, {name: biject_to(site["fn"].support) for name, site in sites}, draw, True
+    return names, {name: biject_to(site["fn"].support) for name, site in _guide_sites(guide)}, draw, True
 
 
 def _continuous_draw(guide: AutoContinuous):

@@ -31,10 +31,11 @@ def depends_on_input(graph: torch.fx.Graph) -> set:
     return dependent
 
 
-def fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+def fold_constants(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
     """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
-    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. Only for a
-    graph without in-place ops (``mutates``), where a folded tensor is never written to."""
+    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. ``examples``:
+    inputs to run it at (one per placeholder). Only for a graph without in-place ops (``mutates``), where a
+    folded tensor is never written to."""
     graph = module.graph
     dependent = depends_on_input(graph)
     values: dict = {}
@@ -45,7 +46,7 @@ def fold_constants(module: torch.fx.GraphModule, example: torch.Tensor) -> torch
             values[node] = out
             return out
 
-    Recorder(module).run(example)
+    Recorder(module).run(*examples)
     folded = 0
     for node in list(graph.nodes):
         if (node.op != "call_function" or node in dependent or not isinstance(values.get(node), torch.Tensor)

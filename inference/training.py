@@ -325,19 +325,29 @@ class PyroObjective(UserWarning):
     """The model could not be run as a compiled log density; the fit uses Pyro's ELBO (slower, same objective)."""
 
 
-def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan, trace: bool = True
-              ) -> Callable[[], tuple]:
+def objective(fmodel: Callable, guide, elbo, args: tuple, kwargs: dict, plan, trace: bool = True,
+              record_after: int = compiled.RECORD_AFTER) -> Callable[[], tuple]:
     """``step() -> (loss, params)`` fitting ``guide`` to ``fmodel``: the compiled log density (``compiled.py``:
     one pass of the model, enumerated sites contracted in place) for Pyro's autoguides, Pyro's ``elbo`` for any
     other guide or a model the compiled run refuses (then a ``PyroObjective`` warning names the site).
-    ``trace=False``: never record the density (a model whose data changes between calls, e.g. minibatches)."""
+    ``trace=False``: never record the density (a model whose data changes between calls, e.g. minibatches);
+    ``record_after``: as ``compiled.guide_objective`` (the evaluation at which it is recorded)."""
     try:
-        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), trace=trace)
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), trace=trace,
+                                        record_after=record_after)
     except compiled.NotCompilable as why:
         warnings.warn(f"model '{plan.model_name}': the compiled log density stopped ({why}); fitting with Pyro's "
                       f"{type(elbo).__name__} instead (same objective, slower)", PyroObjective, stacklevel=3)
         step = None
     return step or traced_loss(_unvalidated(lambda: elbo.differentiable_loss(fmodel, guide, *args, **kwargs)))
+
+
+def record_after(optimizer: str, num_steps: int) -> int:
+    """The evaluation at which a fit's compiled density is recorded: the first one for Adam with at least
+    ``compiled.RECORD_AFTER`` steps (as many evaluations as steps: the recording is paid back over the fit, so
+    paying it late only adds interpreted steps), else ``compiled.RECORD_AFTER`` (L-BFGS stops when it converges,
+    often after 100-350 evaluations: a short fit never pays for a recording)."""
+    return 1 if optimizer == "adam" and num_steps >= compiled.RECORD_AFTER else compiled.RECORD_AFTER
 
 
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
@@ -353,7 +363,8 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
 
     ``checkpoints``: written/resumed by the loop (``optimize``); ``after_backward`` and ``schedule``: as
     ``optimize`` (Adam only; data parallel: ``distributed.average_gradients``; minibatches: ``cosine_tail``);
-    ``trace``: as ``objective``.
+    ``trace``: as ``objective``; the density is recorded at the first evaluation when the fit is known to be long
+    (``record_after``), else after ``compiled.RECORD_AFTER`` evaluations.
     Returns ``(guide, elbo, history)``.
     """
     if optimizer not in OPTIMIZERS:
@@ -372,7 +383,7 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     guide = factory(hidden, init_loc_fn=init_fn(init))
     label = getattr(guide_kind, "kind", type(guide).__name__) if callable(guide_kind) else guide_kind
     elbo = make_elbo(graph, facts)
-    step = objective(fmodel, guide, elbo, args, kwargs, plan, trace)
+    step = objective(fmodel, guide, elbo, args, kwargs, plan, trace, record_after(optimizer, num_steps))
     if optimizer == "lbfgs":
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints)

@@ -134,15 +134,18 @@ def test_the_fit_falls_back_to_pyros_elbo_with_a_warning_naming_the_site(monkeyp
 # ----------------------------------------------------------------------------- the recorded density (issue 13)
 
 def _density(model, args, kwargs, guide_class=AutoNormal):
-    """The TracedDensity a fit of ``guide_class`` runs on, with the first unconstrained point it is called at."""
+    """The TracedDensity (log joint + log-Jacobian of the sites' transforms) over the unconstrained sites of
+    ``guide_class``, recorded at a draw of the guide, with a zero point of its layout."""
     plan = ppl.compile(model, *args, **kwargs)
     fmodel = chains.fit_model(model, plan.facts)
     with pyro.get_param_store().scope():
         guide = guide_class(poutine.block(fmodel, hide=list(plan.facts.enumerable)))
-        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), record_after=1)
+        compiled._initialize(guide, args, kwargs)
+        names, transforms, draw, _ = compiled._draw_function(guide)
+        density = compiled.TracedDensity(fmodel, args, kwargs, compiled.SitePlan.of(plan), names, transforms, True)
         pyro.set_rng_seed(0)
-        step()
-        density = step.density
+        with torch.no_grad():
+            density(*draw()[0])
         (key,) = density.recorded
     point = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in key]
     return density, point
@@ -208,6 +211,36 @@ def test_the_recorded_density_equals_the_interpreters_log_joint(name):
         assert float(ours) == pytest.approx(float(theirs), rel=1e-6, abs=1e-6)
         for a, b in zip(ours_grad, theirs_grad):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_the_recorded_autonormal_step_equals_its_interpreter(name):
+    """The AutoNormal loss recorded as one graph with the guide's draw and log q (``NormalObjective``), float64:
+    at two random (locs, raw scales, noises) away from the recording point, its value and its gradients with
+    respect to the locs and raw scales equal the interpreter's (draw in torch, log joint by ``log_joint``) to
+    1e-6 relative; called with the wrong number of tensors, it says what it takes."""
+    model, args, kwargs = _library_case(name)
+    plan = ppl.compile(model, *args, **kwargs)
+    fmodel = chains.fit_model(model, plan.facts)
+    with pyro.get_param_store().scope():
+        guide = AutoNormal(poutine.block(fmodel, hide=list(plan.facts.enumerable)))
+        step = compiled.guide_objective(fmodel, guide, args, kwargs, compiled.SitePlan.of(plan), record_after=1)
+        pyro.set_rng_seed(0)
+        step()
+    objective = step.density
+    assert isinstance(objective, compiled.NormalObjective) and objective.reason is None
+    (key,) = objective.recorded
+    n = len(objective.names)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        at = [0.5 * torch.randn(shape, generator=gen, dtype=dtype) for shape, dtype, _ in key]
+        ours, theirs = (_value_and_grad(lambda *p, f=f: f(*p, *at[2 * n:]), at[:2 * n])
+                        for f in (objective, objective.interpreted))
+        assert float(ours[0]) == pytest.approx(float(theirs[0]), rel=1e-6, abs=1e-6)
+        for a, b in zip(ours[1], theirs[1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=f"takes {3 * n} tensors .*noises of sites.* got {2 * n}"):
+        objective(*at[:2 * n])
 
 
 @ppl.model

@@ -4,11 +4,12 @@ MAP), checked against closed-form minima, and its guards (budget, leaving the do
 import io
 import sys
 
+import pyro
 import pytest
 import torch
 
 import ppl
-from ppl.inference import training
+from ppl.inference import chains, compiled, training
 from ppl.inference.training import Interrupted, NotConverged, optimize, optimize_lbfgs, progress_bar
 from ppl.models import hmm as hmm_lib
 from tests.ppl.models_for_tests import normal_normal
@@ -139,3 +140,44 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
     assert history == pytest.approx(losses, rel=1e-10, abs=1e-12)
     torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("optimizer, guide, num_steps, recorded_at", [
+    ("adam", "normal", compiled.RECORD_AFTER, 1),          # a long Adam fit: recorded at its first step
+    ("adam", "normal", 20, None),                          # a short one: never
+    ("lbfgs", "delta", compiled.RECORD_AFTER, None)])      # L-BFGS converges early: never (a few evaluations)
+def test_a_fit_known_to_be_long_records_its_density_at_once(monkeypatch, optimizer, guide, num_steps, recorded_at):
+    """fit_guide passes ``record_after(optimizer, num_steps)``: an Adam fit of at least ``compiled.RECORD_AFTER``
+    steps records the density at its first evaluation (no interpreted steps first), a shorter fit or an L-BFGS
+    fit only after ``compiled.RECORD_AFTER`` evaluations. Float64 normal-normal: the fit's losses equal those of
+    the same fit on the interpreter (``trace=False``, same seed) to 1e-6 relative, step by step; the L-BFGS MAP
+    is the closed-form posterior mode."""
+    steps = []
+    original = compiled.guide_objective
+
+    def spy(*args, **kwargs):
+        steps.append(original(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(compiled, "guide_objective", spy)
+    y = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+    kwargs = {"prior_loc": torch.tensor(1.0, dtype=torch.float64)}
+    plan = ppl.compile(normal_normal, y, **kwargs, backend="svi")
+    fmodel = chains.fit_model(normal_normal, plan.facts)
+    histories = []
+    for trace in (True, False):
+        with pyro.get_param_store().scope():
+            pyro.set_rng_seed(0)
+            fitted, _, history = training.fit_guide(fmodel, (y,), kwargs, plan, guide, num_steps, 0.05, False,
+                                                    optimizer=optimizer, trace=trace)
+            histories.append(history)
+            if trace:
+                assert training.record_after(optimizer, num_steps) == (recorded_at or compiled.RECORD_AFTER)
+                assert bool(steps[0].density.recorded) == (recorded_at is not None)
+                if recorded_at is not None:
+                    assert steps[0].density.reason is None and sum(steps[0].density.calls.values()) == recorded_at
+            elif optimizer == "lbfgs":
+                precision = 1 / 2.0 ** 2 + 3 / 1.5 ** 2
+                mode = (1.0 / 2.0 ** 2 + float(y.sum()) / 1.5 ** 2) / precision
+                assert float(fitted.median()["mu"]) == pytest.approx(mode, abs=1e-5)
+    assert histories[0] == pytest.approx(histories[1], rel=1e-6)
