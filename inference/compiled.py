@@ -259,6 +259,8 @@ class TracedDensity:
     validation runs once, on the first call's interpreter run (the user's data). ``record_after``: the
     interpreter runs the first ``record_after - 1`` calls of a layout and the recording is made at the next one,
     so a fit of a few hundred evaluations never pays for a recording (``guide_objective``: ``RECORD_AFTER``).
+    Called with ``arity`` tensors, differentiated with respect to the first ``wrt`` (both ``len(names)`` here; a
+    subclass such as ``NormalObjective`` takes more inputs and overrides ``interpreted``).
     """
 
     def __init__(self, fmodel: Callable, args: tuple, kwargs: dict, site_plan: SitePlan, names: list[str],
@@ -564,7 +566,9 @@ def _initialize(guide, args: tuple, kwargs: dict) -> None:
 RECORD_AFTER = 500
 """Evaluations of one layout the interpreter runs before ``guide_objective``'s density is recorded: recording
 costs ~2-6 s and saves ~3-8 ms an evaluation, so it pays off only for long fits (2000 Adam steps of SVI, not the
-~100-350 evaluations of the exact backend's L-BFGS MAP: the iris demo took 8.8 s recorded, 3.0 s interpreted)."""
+~100-350 evaluations of the exact backend's L-BFGS MAP: the iris demo took 8.8 s recorded, 3.0 s interpreted).
+A fit known to be long records at its first evaluation instead (``training.record_after``: Adam with at least
+this many steps)."""
 
 
 def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_plan: SitePlan, trace: bool = True,
@@ -578,7 +582,8 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
     - ``AutoDelta``: u = the guide's unconstrained parameters, loss = -log p(data, T(u)) with T the parameter
       store's transform (MAP in constrained space, no Jacobian: as Pyro's ELBO with a delta guide);
     - ``AutoNormal``: one reparametrized draw u = loc + scale * eps per site, theta = T(u) (``biject_to`` of the
-      support), loss = log N(u; loc, scale) - [log p(data, theta) + log|dT/du|];
+      support), loss = log N(u; loc, scale) - [log p(data, theta) + log|dT/du|], recorded with the draw and
+      log q as one graph of the guide's parameters and the noise (``NormalObjective``; eps drawn site by site);
     - ``AutoContinuous`` (AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoDiagonalNormal, IAF):
       the same with u drawn from the guide's joint posterior over all sites.
 
