@@ -221,9 +221,17 @@ class QState(NamedTuple):
     log_partition: torch.Tensor
 
 
-def q_state(natural: mniw.MNIWNatural) -> QState:
-    """``QState`` of the MNIW natural parameters ``natural``."""
-    return QState(natural, mniw.expectations(natural), mniw.log_partition(natural))
+def q_state(natural: mniw.MNIWNatural, validate: bool = True) -> QState:
+    """``QState`` of the MNIW natural parameters ``natural`` (one factorization, ``mniw.factors``). ``validate``:
+    True for a prior read off the model (checked once, when the model is analysed); False inside the sweeps,
+    where ``natural`` is a validated prior plus expected statistics."""
+    f = mniw.factors(natural, validate)
+    return QState(natural, mniw.expectations_from_factors(f), mniw.log_partition_from_factors(f))
+
+
+def posterior(prior: QState, stats: mniw.MNIWNatural) -> QState:
+    """The conjugate update ``prior + stats`` inside a sweep (no re-validation; ``q_state``)."""
+    return q_state(mniw.conjugate_update(prior.natural, stats, validate=False), validate=False)
 
 
 def expected_t(e: mniw.MNIWExpectations) -> mniw.MNIWStats:
@@ -291,8 +299,7 @@ def emission_stats(s: ChainStructure, local: ChainLocal) -> mniw.MNIWNatural:
 
 def global_step(s: ChainStructure, local: ChainLocal) -> tuple[QState, QState]:
     """(q(A, Q), q(C, R)): the priors' natural parameters plus the expected statistics of ``local``."""
-    return (q_state(mniw.conjugate_update(s.prior_dynamics.natural, transition_stats(local))),
-            q_state(mniw.conjugate_update(s.prior_emission.natural, emission_stats(s, local))))
+    return posterior(s.prior_dynamics, transition_stats(local)), posterior(s.prior_emission, emission_stats(s, local))
 
 
 def emission_potentials(s: ChainStructure, q_em: QState) -> tuple[torch.Tensor, torch.Tensor]:

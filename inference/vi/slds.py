@@ -252,9 +252,9 @@ def global_step(s: SLDSStructure, local: lds.ChainLocal, regimes: Regimes):
     stats = mniw.MNIWNatural(torch.einsum("nk,nij->kij", wf, flat(second[..., 1:, :, :])),
                              torch.einsum("nk,nij->kij", wf, flat(_lagged(local))),
                              torch.einsum("nk,nij->kij", wf, flat(second[..., :-1, :, :])), wf.sum(0))
-    q_dyn = lds.q_state(mniw.conjugate_update(s.prior_dynamics.natural, stats))
+    q_dyn = lds.posterior(s.prior_dynamics, stats)
     q_trans = None if s.prior_trans is None else s.prior_trans + regimes.pairwise
-    q_em = lds.q_state(mniw.conjugate_update(s.prior_emission.natural, lds.emission_stats(s, local)))
+    q_em = lds.posterior(s.prior_emission, lds.emission_stats(s, local))
     return q_dyn, q_trans, q_em
 
 
@@ -317,31 +317,138 @@ class SLDSFit:
         return self.history[-1]
 
 
-def coordinate_ascent(s: SLDSStructure, first, num_steps: int, tol: float, on_step=None) -> SLDSFit:
-    """From ``first = start(...)``: sweeps (q(x), q(z), globals, ELBO) until the relative ELBO change is below
-    ``tol`` or ``num_steps`` sweeps ran; ``cavi.ELBODecreased`` warns if a sweep lowers it beyond round-off."""
-    q_dyn, q_trans, q_em, r = first
-    local = regimes = None
-    history, terms_history, converged, interrupted = [], {}, False, False
+@dataclass
+class Sweep:
+    """One sweep's result: the globals ``q = (q_dyn, q_trans, q_em)``, q(x) ``local``, q(z) ``regimes``, the ELBO
+    ``terms`` (floats) and ``scale`` (the size of the terms' parts, for the round-off of the decrease test)."""
+
+    q: tuple
+    local: lds.ChainLocal
+    regimes: Regimes
+    terms: dict
+    scale: float
+
+    @property
+    def elbo(self) -> float:
+        return sum(self.terms.values())
+
+
+def sweep(s: SLDSStructure, q: tuple, r: torch.Tensor) -> Sweep:
+    """One coordinate-ascent sweep from globals ``q = (q_dyn, q_trans, q_em)`` and q(z) marginals ``r (*b, T, K)``:
+    q(x) (``x_step``), q(z) (``z_step``), the globals (``global_step``), the ELBO at the new factors."""
+    q_dyn, q_trans, q_em = q
+    local = x_step(s, q_dyn, q_em, r)
+    regimes = z_step(s, q_dyn, q_trans, local)
+    new = global_step(s, local, regimes)
+    terms = {k: float(v) for k, v in elbo_terms(s, *new, local, regimes).items()}
+    scale = sum(abs(v) for v in terms.values()) + float(s.prior_dynamics.log_partition.abs().sum()) + \
+        abs(float(s.prior_emission.log_partition))
+    return Sweep(new, local, regimes, terms, scale)
+
+
+def _fields(q: tuple) -> list[torch.Tensor]:
+    """The globals' natural parameters as one list of tensors (MNIW fields of q(A_k, Q_k), q(C, R); q(pi))."""
+    q_dyn, q_trans, q_em = q
+    return list(q_dyn.natural) + list(q_em.natural) + ([] if q_trans is None else [q_trans])
+
+
+def extrapolate(s: SLDSStructure, q0: tuple, q1: tuple, q2: tuple, step_max: float):
+    r"""SQUAREM's step (Varadhan & Roland 2008, scheme S3) on the globals' natural parameters: from three
+    successive sweeps' :math:`\eta_0, \eta_1, \eta_2`, with :math:`r = \eta_1 - \eta_0`,
+    :math:`v = \eta_2 - 2\eta_1 + \eta_0` and :math:`\alpha = \min(\|r\| / \|v\|, \text{step\_max})`,
+
+    .. math:: \eta' = \eta_0 + 2\alpha r + \alpha^2 v
+
+    (:math:`\alpha = 1` gives :math:`\eta_2`). Coordinate ascent on a switching LDS crawls along the latent basis
+    (x -> Mx, A_k -> MA_kM^{-1}, C -> CM^{-1} leave the likelihood unchanged; only the weak priors pin M): each
+    sweep moves the same way by a nearly constant fraction, which this step covers at once. Where :math:`\eta'` is
+    not a valid natural parameter (a matrix not positive definite, a degree of freedom or a concentration out of
+    range), :math:`\alpha \leftarrow (\alpha + 1) / 2`, at most ``BACKTRACKS`` times. Returns
+    ``(alpha, globals or None)``: None when :math:`\alpha \le 1` or no valid :math:`\eta'` was found."""
+    f0, f1, f2 = _fields(q0), _fields(q1), _fields(q2)
+    r = [b - a for a, b in zip(f0, f1)]
+    v = [c - 2 * b + a for a, b, c in zip(f0, f1, f2)]
+    r2, v2 = sum(float((x * x).sum()) for x in r), sum(float((x * x).sum()) for x in v)
+    alpha = min(math.sqrt(r2 / v2), step_max) if v2 > 0 else step_max
+    if not alpha > 1:
+        return alpha, None
+    for _ in range(BACKTRACKS):
+        jumped = _globals([a + 2 * alpha * dr + alpha ** 2 * dv for a, dr, dv in zip(f0, r, v)])
+        if jumped is not None:
+            return alpha, jumped
+        alpha = 0.5 * (alpha + 1.0)
+    return alpha, None
+
+
+BACKTRACKS = 6
+"""Tries of ``extrapolate`` before it gives up: an invalid extrapolated point halves the step's excess over 1."""
+
+
+def _globals(fields: list[torch.Tensor]):
+    """``(q_dyn, q_trans, q_em)`` from ``_fields``' layout, validated as user input (an extrapolated point is not a
+    conjugate update of a validated prior); None if it is not a valid natural parameter."""
     try:
-        for _ in range(num_steps):
-            new_local = x_step(s, q_dyn, q_em, r)
-            new_regimes = z_step(s, q_dyn, q_trans, new_local)
-            new_dyn, new_trans, new_em = global_step(s, new_local, new_regimes)
-            terms = {k: float(v) for k, v in elbo_terms(s, new_dyn, new_trans, new_em, new_local,
-                                                         new_regimes).items()}
-            local, regimes, q_dyn, q_trans, q_em, r = (new_local, new_regimes, new_dyn, new_trans, new_em,
-                                                       new_regimes.r)
-            scale = sum(abs(v) for v in terms.values()) + float(s.prior_dynamics.log_partition.abs().sum()) + \
-                abs(float(s.prior_emission.log_partition))
-            if record_sweep(terms, history, terms_history, tol, torch.float64, on_step, scale):
+        q_dyn = lds.q_state(mniw.MNIWNatural(*fields[:4]))
+        q_em = lds.q_state(mniw.MNIWNatural(*fields[4:8]))
+    except ValueError:
+        return None
+    q_trans = fields[8] if len(fields) > 8 else None
+    if q_trans is not None and not bool((q_trans > 0).all()):
+        return None
+    return q_dyn, q_trans, q_em
+
+
+STEP_GROWTH = 4.0
+"""SQUAREM's step bound: multiplied by this after a step that reached it, divided by it after a rejected one."""
+
+
+def coordinate_ascent(s: SLDSStructure, first, num_steps: int, tol: float, on_step=None,
+                      accelerate: bool = True) -> SLDSFit:
+    """From ``first = start(...)``: sweeps (q(x), q(z), globals, ELBO) until the relative ELBO change of a sweep is
+    below ``tol`` or ``num_steps`` sweeps ran. ``accelerate``: after every two plain sweeps, one sweep from the
+    SQUAREM extrapolation of the globals (``extrapolate``), kept only if its ELBO is at least the last one's
+    (else the fit continues from the plain sweeps and the step bound shrinks), so the recorded ELBO never
+    decreases; ``cavi.ELBODecreased`` warns if a plain sweep lowers it beyond round-off. Every sweep tried counts
+    towards ``num_steps``; ``history`` holds the ELBO of each kept sweep. Ctrl-C stops at the last kept sweep."""
+    q_dyn, q_trans, q_em, r = first
+    q = (q_dyn, q_trans, q_em)
+    last = None
+    history, terms_history, converged, interrupted = [], {}, False, False
+    sweeps, step_max, recent = 0, 1.0, [q]
+
+    def keep(result: Sweep) -> bool:
+        nonlocal last, q, r
+        last, q, r = result, result.q, result.regimes.r
+        return record_sweep(result.terms, history, terms_history, tol, torch.float64, on_step, result.scale)
+
+    try:
+        while sweeps < num_steps:
+            sweeps += 1
+            if keep(sweep(s, q, r)):
                 converged = True
                 break
+            recent.append(q)
+            if not accelerate or len(recent) < 3 or sweeps >= num_steps:
+                continue
+            alpha, jumped = extrapolate(s, *recent, step_max)
+            if jumped is not None:
+                sweeps += 1
+                trial = sweep(s, jumped, r)
+                if trial.elbo < last.elbo:
+                    jumped = None
+                elif keep(trial):
+                    converged = True
+                    break
+            if jumped is None and alpha > 1:          # invalid or rejected: shorter steps
+                step_max = max(1.0, step_max / STEP_GROWTH)
+            elif alpha >= step_max:                   # the bound was binding: allow longer steps
+                step_max *= STEP_GROWTH
+            recent = [q]
     except KeyboardInterrupt:
         if not history:
             raise
         interrupted = True
-    return SLDSFit(q_dyn, q_trans, q_em, local, regimes, history, terms_history, converged, interrupted)
+    return SLDSFit(q[0], q[1], q[2], last.local, last.regimes, history, terms_history, converged, interrupted)
 
 
 def describe(s: SLDSStructure) -> dict[str, str]:
@@ -359,17 +466,41 @@ LOCAL_TREATMENT = ("structured mean field q(z) q(x): Kalman smoothing (informati
                    "E_q[log transition] and the expected transition log-likelihoods (Ghahramani & Hinton 2000)")
 
 
+SCREEN_SWEEPS = 20
+"""Sweeps each start runs before the best one alone is continued (``fit``)."""
+
+
+def fit(s: SLDSStructure, num_steps: int, tol: float, restarts: int, seed: int, progress: bool = False):
+    """Best of ``restarts`` starts by short runs: every start (the data's top principal directions as the hard path,
+    each regime's dynamics perturbed with seed ``seed + i``; ``start``) runs ``SCREEN_SWEEPS`` sweeps, then only the
+    one with the best ELBO continues, to convergence or ``num_steps`` sweeps in all ("small EM" screening, Biernacki
+    et al. 2003: the starts differ in which local optimum they approach, which the first sweeps decide; the long
+    tail of a fit is spent along the latent basis). One start (``restarts == 1``) runs ``num_steps`` sweeps.
+    Returns ``(fit, interrupted)``: the continued ``SLDSFit`` with the history of its screening sweeps first."""
+    hard = lds.projection_starts(s, 1, seed)[0]
+    screen = num_steps if restarts == 1 else min(SCREEN_SWEEPS, num_steps)
+    best, interrupted = best_of_restarts(lambda i, desc, on_step: coordinate_ascent(s, start(s, hard, seed + i),
+                                                                                    screen, tol, on_step),
+                                         restarts, screen, tol, progress, check_convergence=restarts == 1)
+    if restarts == 1 or best.converged or interrupted or screen >= num_steps:
+        return best, interrupted
+    rest, interrupted = best_of_restarts(
+        lambda i, desc, on_step: coordinate_ascent(s, (best.q_dyn, best.q_trans, best.q_em, best.regimes.r),
+                                                   num_steps - screen, tol, on_step),
+        1, num_steps - screen, tol, progress, "vi best start")
+    rest.history = best.history + rest.history
+    rest.terms = {k: best.terms[k] + rest.terms[k] for k in rest.terms}
+    return rest, interrupted
+
+
 def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, seed: int, num_samples: int,
         progress: bool):
-    """The vi backend's fit of a conjugate switching LDS: ``restarts`` starts (the data's top principal directions
-    as the hard path, each regime's dynamics perturbed with seed ``seed + i``), each at most ``num_steps`` sweeps,
-    the best ELBO kept. The Posterior holds draws of every global from q, q(z) marginals (``post.discrete``),
-    Viterbi paths of the final q(z) HMM, ``smoothed_means[chain]``, the ELBO and its terms."""
+    """The vi backend's fit of a conjugate switching LDS: ``fit`` (``restarts`` starts screened by
+    ``SCREEN_SWEEPS`` sweeps each, the best continued to ``num_steps`` sweeps at most). The Posterior holds draws
+    of every global from q, q(z) marginals (``post.discrete``), Viterbi paths of the final q(z) HMM,
+    ``smoothed_means[chain]``, the ELBO and its terms."""
     s = analyse_slds(model, args, kwargs, plan.facts, plan.graph)
-    hard = lds.projection_starts(s, 1, seed)[0]
-    best, interrupted = best_of_restarts(lambda i, desc, on_step: coordinate_ascent(s, start(s, hard, seed + i),
-                                                                                    num_steps, tol, on_step),
-                                         restarts, num_steps, tol, progress)
+    best, interrupted = fit(s, num_steps, tol, restarts, seed, progress)
     draws, point = {}, {}
     for site, q in ((s.dynamics, best.q_dyn), (s.emission, best.q_em)):
         draws[site] = lds.mniw_draws(q.natural, num_samples).to(s.dtype).unsqueeze(0)

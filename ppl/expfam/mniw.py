@@ -115,8 +115,32 @@ def _check_layout(natparam: MNIWNatural, name: str) -> MNIWNatural:
     return MNIWNatural(yy, yx, xx, count)
 
 
-def _unpack(natparam: MNIWNatural, name: str = "natparam"):
-    """Validate; return ``(L_psi, M, L_K, nu)``: Cholesky factors of Psi and K, the mean M, the dof nu."""
+class MNIWFactors(NamedTuple):
+    r"""What every computation on :math:`\eta` starts from: ``L_psi (*batch, out, out)`` the lower Cholesky
+    factor of :math:`\Psi`, ``M (*batch, out, in)``, ``L_K (*batch, in, in)`` the lower Cholesky factor of K,
+    ``nu (*batch)``. A coordinate-ascent loop computes them once per update (:func:`factors`) and reads
+    :func:`expectations_from_factors` and :func:`log_partition_from_factors` from them."""
+    L_psi: Tensor
+    M: Tensor
+    L_K: Tensor
+    nu: Tensor
+
+
+def factors(natparam: MNIWNatural, validate: bool = True, name: str = "natparam") -> MNIWFactors:
+    r""":math:`K = \eta_3`, :math:`M = \eta_2 K^{-1}`, :math:`\Psi = \eta_1 - MKM^\top`,
+    :math:`\nu = \eta_4 - n - m - 1` as Cholesky factors (``MNIWFactors``).
+
+    ``validate=True`` (user input): shapes, dtypes, symmetry, finiteness, :math:`\nu > n - 1` and positive
+    definiteness are checked, a ValueError naming the field otherwise. ``validate=False`` is for natural
+    parameters a caller built itself from validated ones (a prior plus expected statistics, inside a
+    coordinate-ascent sweep): only the two Cholesky factorizations run (``torch.linalg.cholesky`` still raises
+    if a matrix is not positive definite)."""
+    if not validate:
+        yy, yx, xx, count = natparam
+        n, m = yx.shape[-2:]
+        L_K = torch.linalg.cholesky(xx)
+        M = torch.cholesky_solve(yx.mT, L_K).mT
+        return MNIWFactors(torch.linalg.cholesky(symmetrize(yy - yx @ M.mT)), M, L_K, count - n - m - 1)
     yy, yx, xx, count = _check_layout(natparam, name)
     n, m = yx.shape[-2:]
     L_K = check_positive_definite(f"{name}.sum_xxT (K)", xx)
@@ -126,7 +150,7 @@ def _unpack(natparam: MNIWNatural, name: str = "natparam"):
                   f"> 2 out + in = {2 * n + m} (nu = count - out - in - 1 > out - 1)")
     L_psi = check_positive_definite(f"{name}.sum_yyT - sum_yxT sum_xxT^-1 sum_yxT^T (Psi)",
                                     symmetrize(yy - yx @ M.mT))
-    return L_psi, M, L_K, nu
+    return MNIWFactors(L_psi, M, L_K, nu)
 
 
 def natural_from_standard(loc: Tensor, col_precision: Tensor, scale: Tensor, df) -> MNIWNatural:
@@ -152,27 +176,39 @@ def natural_from_standard(loc: Tensor, col_precision: Tensor, scale: Tensor, df)
     return MNIWNatural(symmetrize(scale + MK @ loc.mT), MK, K, df + n + m + 1)
 
 
-def standard_from_natural(natparam: MNIWNatural) -> MNIWParams:
+def standard_from_natural(natparam: MNIWNatural, validate: bool = True) -> MNIWParams:
     r""":math:`K = \eta_3`, :math:`M = \eta_2 K^{-1}`, :math:`\Psi = \eta_1 - MKM^\top`,
-    :math:`\nu = \eta_4 - n - m - 1` as ``MNIWParams``."""
-    L_psi, M, L_K, nu = _unpack(natparam)
+    :math:`\nu = \eta_4 - n - m - 1` as ``MNIWParams`` (``validate``: as :func:`factors`)."""
+    L_psi, M, L_K, nu = factors(natparam, validate)
     return MNIWParams(M, L_K @ L_K.mT, L_psi @ L_psi.mT, nu)
 
 
-def log_partition(natparam: MNIWNatural) -> Tensor:
-    r""":math:`A = \log Z_{IW}(\Psi, \nu) + \tfrac{nm}{2}\log 2\pi - \tfrac{n}{2}\log|K|`; returns ``(*batch)``."""
-    L_psi, M, L_K, nu = _unpack(natparam)
-    n, m = M.shape[-2:]
-    return iw_log_normalizer(L_psi, nu) + 0.5 * n * m * math.log(2 * math.pi) - 0.5 * n * logdet_chol(L_K)
+def log_partition_from_factors(f: MNIWFactors) -> Tensor:
+    r""":math:`A = \log Z_{IW}(\Psi, \nu) + \tfrac{nm}{2}\log 2\pi - \tfrac{n}{2}\log|K|` from :func:`factors`;
+    returns ``(*batch)``."""
+    n, m = f.M.shape[-2:]
+    return iw_log_normalizer(f.L_psi, f.nu) + 0.5 * n * m * math.log(2 * math.pi) - 0.5 * n * logdet_chol(f.L_K)
 
 
-def expectations(natparam: MNIWNatural) -> MNIWExpectations:
-    r""":math:`E[Q^{-1}], E[Q^{-1}A], E[A^\top Q^{-1}A], E[\log|Q|]` in closed form (see the module docstring)."""
-    L_psi, M, L_K, nu = _unpack(natparam)
-    Qinv, logdet = iw_expectations(L_psi, nu)
-    Qinv_A = Qinv @ M
-    At_Qinv_A = symmetrize(M.mT @ Qinv_A) + M.shape[-2] * torch.cholesky_inverse(L_K)
+def log_partition(natparam: MNIWNatural, validate: bool = True) -> Tensor:
+    r""":math:`A = \log Z_{IW}(\Psi, \nu) + \tfrac{nm}{2}\log 2\pi - \tfrac{n}{2}\log|K|`; returns ``(*batch)``
+    (``validate``: as :func:`factors`)."""
+    return log_partition_from_factors(factors(natparam, validate))
+
+
+def expectations_from_factors(f: MNIWFactors) -> MNIWExpectations:
+    r""":math:`E[Q^{-1}] = \nu\Psi^{-1}`, :math:`E[Q^{-1}A] = E[Q^{-1}]M`,
+    :math:`E[A^\top Q^{-1}A] = M^\top E[Q^{-1}]M + nK^{-1}`, :math:`E[\log|Q|]` from :func:`factors`."""
+    Qinv, logdet = iw_expectations(f.L_psi, f.nu)
+    Qinv_A = Qinv @ f.M
+    At_Qinv_A = symmetrize(f.M.mT @ Qinv_A) + f.M.shape[-2] * torch.cholesky_inverse(f.L_K)
     return MNIWExpectations(Qinv, Qinv_A, At_Qinv_A, logdet)
+
+
+def expectations(natparam: MNIWNatural, validate: bool = True) -> MNIWExpectations:
+    r""":math:`E[Q^{-1}], E[Q^{-1}A], E[A^\top Q^{-1}A], E[\log|Q|]` in closed form (see the module docstring;
+    ``validate``: as :func:`factors`)."""
+    return expectations_from_factors(factors(natparam, validate))
 
 
 def expected_stats(natparam: MNIWNatural) -> MNIWStats:
@@ -198,7 +234,7 @@ def sample(natparam: MNIWNatural, sample_shape: tuple = (),
     r""":math:`Q \sim IW(\Psi, \nu)`, :math:`A = M + \mathrm{chol}(Q)\, Z\, L_K^{-1}` with :math:`K = L_KL_K^\top`,
     :math:`Z_{ij} \sim N(0, 1)`; returns ``A: (*sample_shape, *batch, out, in)``,
     ``Q: (*sample_shape, *batch, out, out)``."""
-    L_psi, M, L_K, nu = _unpack(natparam)
+    L_psi, M, L_K, nu = factors(natparam)
     Q = sample_inverse_wishart(L_psi, nu, tuple(sample_shape), generator)
     Z = torch.randn(Q.shape[:-2] + M.shape[-2:], generator=generator, dtype=M.dtype, device=M.device)
     L_K = L_K.expand(Z.shape[:-2] + L_K.shape[-2:])
@@ -262,6 +298,10 @@ def expected_transition_stats(second_moments: Tensor, cross_moments: Tensor) -> 
     return MNIWNatural(xx[..., 1:, :, :].sum(-3), cross.sum(-3), xx[..., :-1, :, :].sum(-3), count)
 
 
-def conjugate_update(natparam: MNIWNatural, stats: MNIWNatural) -> MNIWNatural:
-    r"""Posterior natural parameters :math:`\eta + s` for regression / transition statistics ``stats``."""
-    return add_fieldwise(_check_layout(natparam, "natparam"), _check_layout(stats, "stats"))
+def conjugate_update(natparam: MNIWNatural, stats: MNIWNatural, validate: bool = True) -> MNIWNatural:
+    r"""Posterior natural parameters :math:`\eta + s` for regression / transition statistics ``stats``.
+    ``validate=True`` checks both layouts (user input); ``validate=False`` (inside a sweep, a validated prior plus
+    statistics the caller computed) checks only that the fields' shapes match."""
+    if validate:
+        natparam, stats = _check_layout(natparam, "natparam"), _check_layout(stats, "stats")
+    return add_fieldwise(natparam, stats)

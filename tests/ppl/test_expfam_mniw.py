@@ -203,3 +203,29 @@ def test_bad_input_names_the_argument():
         mniw.data_stats(torch.zeros(5, 2, dtype=DT), torch.zeros(4, 3, dtype=DT))
     with pytest.raises(ValueError, match=r"cross_moments must have shape \(\*batch, 3, 2, 2\)"):
         mniw.expected_transition_stats(torch.zeros(4, 2, 2, dtype=DT), torch.zeros(4, 2, 2, dtype=DT))
+
+
+def test_unvalidated_path_equals_the_validated_one_and_still_refuses_a_non_pd_matrix():
+    """``validate=False`` (inside coordinate-ascent sweeps) skips the checks but computes the same numbers from one
+    factorization (``factors``); a matrix that is not positive definite still raises (torch's Cholesky)."""
+    g = torch.Generator().manual_seed(11)
+    prior = random_mniw(g)
+    stats = mniw.data_stats(torch.randn(7, 2, generator=g, dtype=DT), torch.randn(7, 3, generator=g, dtype=DT))
+    post = mniw.conjugate_update(prior, stats)
+    fast = mniw.conjugate_update(prior, stats, validate=False)
+    for a, b in zip(post, fast):
+        assert torch.equal(a, b)
+    f = mniw.factors(fast, validate=False)
+    for a, b in zip(mniw.expectations(post), mniw.expectations_from_factors(f)):
+        assert torch.equal(a, b)
+    assert torch.equal(mniw.log_partition(post), mniw.log_partition_from_factors(f))
+    assert torch.equal(mniw.log_partition(post), mniw.log_partition(post, validate=False))
+    for a, b in zip(mniw.standard_from_natural(post), mniw.standard_from_natural(post, validate=False)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"stats.sum_yxT must have the shape of natparam.sum_yxT, \(3, 2\)"):
+        mniw.conjugate_update(prior, mniw.data_stats(torch.zeros(5, 3, dtype=DT), torch.zeros(5, 3, dtype=DT)),
+                              validate=False)
+    with pytest.raises(torch.linalg.LinAlgError):
+        mniw.factors(post._replace(sum_xxT=-post.sum_xxT), validate=False)
+    with pytest.raises(ValueError, match=r"natparam.sum_xxT \(K\) must be positive definite"):
+        mniw.factors(post._replace(sum_xxT=-post.sum_xxT))
