@@ -87,8 +87,10 @@ def _features(trace, graph, site: str, children: tuple[str, ...]) -> torch.Tenso
     return None
 
 
-def hard_assignments(model: Callable, args: tuple, kwargs: dict, plan, generator: torch.Generator) -> dict:
-    """site -> labels (its value shape) for every finite discrete latent that has a usable observed child."""
+def discrete_features(model: Callable, args: tuple, kwargs: dict, plan) -> dict[str, tuple[torch.Tensor, int]]:
+    """site -> (rows ``(prod(z_shape), F)`` of an observed child, K) for every finite discrete latent with K states
+    that has a usable observed child with at least K rows; the model is traced once (its chains sampled: the
+    costly part, so ``data_driven_starts`` reads the rows once for all its restarts)."""
     facts, graph = plan.facts, plan.graph
     discrete = {s: tuple(graph.children_of(s)) for s in facts.enumerable}
     discrete.update(facts.collapse_spec().discrete)
@@ -100,11 +102,18 @@ def hard_assignments(model: Callable, args: tuple, kwargs: dict, plan, generator
     for site, children in discrete.items():
         rows = _features(trace, graph, site, children)
         K = graph.site(site).discrete_size
-        if rows is None or K is None or rows.shape[0] < K:
-            continue
-        labels = kmeans_labels(rows, K, generator).to(trace.nodes[site]["value"].device)
-        out[site] = labels.reshape(graph.site(site).value_shape)
+        if rows is not None and K is not None and rows.shape[0] >= K:
+            out[site] = (rows.to(trace.nodes[site]["value"].device), K)
     return out
+
+
+def hard_assignments(model: Callable, args: tuple, kwargs: dict, plan, generator: torch.Generator,
+                     features: dict | None = None) -> dict:
+    """site -> labels (its value shape) for every finite discrete latent that has a usable observed child: k-means
+    of its rows (``features``: ``discrete_features``' output, computed here when None)."""
+    features = discrete_features(model, args, kwargs, plan) if features is None else features
+    return {site: kmeans_labels(rows, K, generator).to(rows.device).reshape(plan.graph.site(site).value_shape)
+            for site, (rows, K) in features.items()}
 
 
 def complete_data_plan(model: Callable, args: tuple, kwargs: dict, labels: dict):
@@ -169,9 +178,10 @@ def data_driven_starts(model: Callable, args: tuple, kwargs: dict, plan, restart
     at most ``num_steps`` evaluations from the prior median (``complete_data_map``), the later ones rounds of at
     most ``num_steps // 3`` from the first start."""
     starts, fixed_plan, seen = [], None, []
+    features = discrete_features(model, args, kwargs, plan)
     for r in range(restarts):
         generator = torch.Generator().manual_seed(seed * 1009 + r)
-        labels = hard_assignments(model, args, kwargs, plan, generator)
+        labels = hard_assignments(model, args, kwargs, plan, generator, features)
         if not labels:
             break
         if seen:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ppl
-from ppl.inference.initialization import align_labels, hard_assignments, kmeans_labels
+from ppl.inference.initialization import align_labels, discrete_features, hard_assignments, kmeans_labels
 from ppl.inference.results import DegenerateFit, warn_if_nearly_empty
 from ppl.models import gmm as gmm_lib
 from ppl.models import hmm as hmm_lib
@@ -34,6 +34,20 @@ def test_hard_assignments_follow_the_latents_shapes():
     (x,), kwargs, _ = gmm_lib.simulate(seed=0, N=50)
     plan = ppl.compile(gmm_lib.gmm, x, **kwargs)
     assert hard_assignments(gmm_lib.gmm, (x,), kwargs, plan, torch.Generator().manual_seed(0))["z"].shape == (50,)
+
+
+def test_features_read_once_give_the_same_labels():
+    """``data_driven_starts`` traces the model once (``discrete_features``) for all its restarts: the labels from
+    those rows equal the ones ``hard_assignments`` computes from its own trace, seed by seed."""
+    sim = hmm_lib.simulate(seed=0, N=2, T=30)
+    plan = ppl.compile(hmm_lib.hmm, *sim.args, **sim.kwargs)
+    features = discrete_features(hmm_lib.hmm, sim.args, sim.kwargs, plan)
+    rows, K = features["z"]
+    assert K == 3 and torch.equal(rows.double(), sim.args[0].reshape(-1, 1).double())
+    for seed in range(3):
+        once = hard_assignments(hmm_lib.hmm, sim.args, sim.kwargs, plan, torch.Generator().manual_seed(seed), features)
+        own = hard_assignments(hmm_lib.hmm, sim.args, sim.kwargs, plan, torch.Generator().manual_seed(seed))
+        assert torch.equal(once["z"], own["z"])
 
 
 def test_restarts_find_the_optimum_on_raw_scale_data():
