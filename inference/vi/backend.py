@@ -226,13 +226,11 @@ def _check_options(num_steps, tol, restarts, num_samples) -> None:
         raise ValueError(f"backend 'vi': tol must be a number >= 0, got {tol!r}")
 
 
-def _starts(structure: Structure, restarts: int, seed: int) -> list:
-    """Hard starts of q(z), one per restart: k-means++ and Lloyd labels (``initialization.kmeans_labels``, seeded
-    by ``seed``) of the local's observed data, entries where it is missing left out; random labels when no child
-    is laid out like the local. [None] when there is no local."""
+def _start_labels(structure: Structure, restarts: int, seed: int) -> list[torch.Tensor]:
+    """Labels ``(*zshape)`` of the local, one per restart: k-means++ and Lloyd labels
+    (``initialization.kmeans_labels``, seeded by ``seed``) of the local's observed data, entries where it is
+    missing left out; random labels when no child is laid out like the local."""
     local = structure.local
-    if local is None:
-        return [None]
     gen = torch.Generator().manual_seed(seed)
     rows = _features(structure)
     out = []
@@ -241,8 +239,70 @@ def _starts(structure: Structure, restarts: int, seed: int) -> list:
             labels = _kmeans_start(rows, local.K, gen).reshape(local.zshape)
         else:
             labels = torch.randint(local.K, local.zshape, generator=gen)
-        out.append(cavi.hard_local(structure, labels.to(_device(structure))))
+        out.append(labels.to(_device(structure)))
     return out
+
+
+SCREEN_ROWS = 10_000  # a mixture with more than 2 x this many rows screens its restarts on this many (``_screened``)
+SCREEN_TOL = 1e-4     # screening fits stop at this relative ELBO change (or the fit's tol if looser): they only rank
+
+
+def _take(t, rows: torch.Tensor, dim: int, N: int):
+    """``t`` restricted to ``rows`` along its data dim ``dim`` (size N; size 1 = broadcast, kept); a non-tensor is
+    kept. Raises ValueError for any other layout (the caller then does not subsample)."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] == 1:
+        return t
+    if t.shape[dim] != N:
+        raise ValueError(f"dim {dim} of a {tuple(t.shape)} tensor is not the data's {N} rows")
+    return t.index_select(dim, rows.to(t.device))
+
+
+def subsample(structure: Structure, rows: torch.Tensor) -> Structure | None:
+    """The structure of the same model on the data rows ``rows (n,)`` only: a mixture whose local has one data dim
+    ``(N,)`` and whose children are laid out ``(N, ...)`` (their values, weights, outer products, tabulated
+    densities and known variances restricted to the rows). None for any other structure (a chain, several data
+    dims, a child laid out otherwise)."""
+    local = structure.local
+    if local is None or local.kind != "mixture" or len(local.zshape) != 1:
+        return None
+    N = local.zshape[0]
+    try:
+        priors = {role: _take(v, rows, 0, N) for role, v in local.priors.items()}
+        children = []
+        for c in structure.children:
+            if c.nz != 1:
+                return None
+            # known: "normal" variances (K, *zshape, *E) and "fixed" tables (K, *zshape) have the data at dim 1;
+            # a "gaussian" child's (precision, log det) has no data dim
+            known = _take(c.known, rows, 1, N) if c.kind in ("normal", "fixed") else c.known
+            children.append(replace(c, y=_take(c.y, rows, 0, N), w=_take(c.w, rows, 0, N), known=known,
+                                    yy=_take(c.yy, rows, 0, N)))
+    except ValueError:
+        return None
+    return replace(structure, local=replace(local, zshape=(int(rows.shape[0]),), priors=priors),
+                   children=tuple(children))
+
+
+def _screened(structure: Structure, labels: list, num_steps: int, tol: float, seed: int, progress: bool):
+    """Restarts screened on a subsample: each start's coordinate ascent on ``SCREEN_ROWS`` random rows (``subsample``,
+    rows drawn with ``seed``) to a relative ELBO change of ``max(tol, SCREEN_TOL)``; returns ``(start on all rows, interrupted)``: the responsibilities of every row
+    under the q(globals) of the subsample fit with the best ELBO (one local step), or None when the structure
+    cannot be subsampled or has too few rows (at most 2 x ``SCREEN_ROWS``)."""
+    N = structure.local.zshape[0] if structure.local is not None and structure.local.zshape else 0
+    if N <= 2 * SCREEN_ROWS:
+        return None, False
+    rows = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:SCREEN_ROWS].sort().values
+    sub = subsample(structure, rows)
+    if sub is None:
+        return None, False
+    starts = [cavi.hard_local(sub, lab.index_select(0, rows.to(lab.device))) for lab in labels]
+    screen_tol = max(tol, SCREEN_TOL)
+    best, interrupted = cavi.best_of_restarts(
+        lambda i, desc, on_step: cavi.coordinate_ascent(sub, starts[i], num_steps, screen_tol, on_step, None, desc),
+        len(starts), num_steps, screen_tol, progress, f"{NAME} screening on {SCREEN_ROWS} rows",
+        check_convergence=False)
+    with torch.no_grad():
+        return cavi.local_step(structure, best.q, cavi.child_tables(structure, best.q)), interrupted
 
 
 KMEANS_ROWS = 10_000  # k-means++ and Lloyd run on at most this many rows; every row then joins its nearest center
@@ -297,7 +357,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
         kappa: float = stochastic.DEFAULT_KAPPA, **unused) -> Posterior:
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
-    below ``tol``. Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
+    below ``tol``. A mixture with more than 2 x ``SCREEN_ROWS`` data rows screens its starts on ``SCREEN_ROWS``
+    random rows (each start's coordinate ascent there) and fits all rows from the best one only (``_screened``). Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
     ``log_evidence``, ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never
     increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``). checkpoint /
     checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``); Ctrl-C keeps the
@@ -327,11 +388,17 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = _structure(model, args, kwargs, plan)
     plan = _without_probe_result(plan)
-    starts = _starts(structure, restarts, seed)
-    best, interrupted = cavi.best_of_restarts(
-        lambda i, desc, on_step: cavi.coordinate_ascent(structure, starts[i], num_steps, tol, on_step, checkpoints,
-                                                        desc), len(starts), num_steps, tol, progress, NAME)
-    return _posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted)
+    starts, interrupted = [None], False
+    if structure.local is not None:
+        labels = _start_labels(structure, restarts, seed)
+        screened, interrupted = _screened(structure, labels, num_steps, tol, seed, progress) if restarts > 1 \
+            else (None, False)
+        starts = [screened] if screened is not None else [cavi.hard_local(structure, lab) for lab in labels]
+    best, stopped = cavi.best_of_restarts(
+        lambda i, desc, on_step: cavi.coordinate_ascent(structure, starts[i], 1 if interrupted else num_steps, tol,
+                                                        on_step, checkpoints, desc),
+        len(starts), num_steps, tol, progress, NAME, check_convergence=not interrupted)
+    return _posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted or stopped)
 
 
 def _structure(model, args, kwargs, plan) -> Structure:
