@@ -3,9 +3,13 @@
 - Bayesian GMM with normal-inverse-Wishart priors, N = 100,000, D = 2, K = 5, full covariance (``--quick``:
   N = 10,000): one coordinate-ascent sweep (local step, global step, closed-form ELBO) vs one EM iteration of
   ``GaussianMixture`` and one VB iteration of ``BayesianGaussianMixture`` (their ``_e_step`` + ``_m_step`` on
-  the same data); then whole fits to convergence, one start each (``restarts=1``, ``n_init=1``). Both
-  Bayesian fits use the same priors (scikit-learn's defaults: mean prior = data mean, mean precision 1,
-  degrees of freedom D, covariance prior = the data covariance; Dirichlet concentration 1/K).
+  the same data); then whole fits: ``ppl.infer(models.gmm.gmm_conjugate, x, K=5)`` with every default
+  (compile, probe, 3 k-means++ starts screened on 10,000 rows, coordinate ascent to relative change 1e-6, 1000
+  draws from q) vs ``GaussianMixture`` with its defaults (``n_init=1``) and with ``n_init=3``, and
+  ``BayesianGaussianMixture(n_init=1)``. Both Bayesian fits use the same priors (``gmm_conjugate``'s defaults =
+  scikit-learn's: mean prior = data mean, mean precision 1, degrees of freedom D, covariance prior = the data
+  covariance; Dirichlet concentration 1/K). The note adds each side's process CPU time of one call (a fair
+  proxy for an unloaded machine when other jobs share it).
 - Fisher's iris (standardized, 150 x 4, K = 3): ``iris_gmm`` (weakly informative NIW priors, prior covariance
   cov(x) / K^2) with ``ppl.infer(..., backend="vi")`` and its defaults (3 restarts) vs ``GaussianMixture(n_init=3)``
   and ``BayesianGaussianMixture(n_init=3)`` with the same priors. (With scikit-learn's default priors, prior
@@ -27,21 +31,19 @@ from bench.harness import Case
 from ppl import dist
 from ppl.inference.vi import cavi
 from ppl.inference.vi.conjugacy import analyse
+from ppl.models.gmm import gmm_conjugate
 
 MEASURED: dict[str, float] = {}   # filled by cases(), read by targets()
 
 
-@ppl.model
-def bayes_gmm(x, K=5):
-    """GMM with scikit-learn's default Bayesian priors: Dir(1/K), NIW(mean(x), 1, cov(x), D)."""
-    N, D = x.shape
-    weights = ppl.sample("weights", dist.Dirichlet(x.new_full((K,), 1.0 / K)))
-    with ppl.plate("components", K):
-        theta = ppl.sample("theta", ppl.NormalInverseWishart(x.mean(0), 1.0, torch.cov(x.T), float(D)))
-    loc, cov = ppl.NormalInverseWishart.unpack(theta)
-    with ppl.plate("data", N):
-        z = ppl.sample("z", dist.Categorical(weights))
-        ppl.sample("x", dist.MultivariateNormal(loc[z], cov[z]), obs=x)
+bayes_gmm = gmm_conjugate   # GMM with scikit-learn's default Bayesian priors: Dir(1/K), NIW(mean(x), 1, cov(x), D)
+
+
+def cpu_seconds(fn) -> float:
+    """Process CPU time of one call of ``fn()`` (all threads of this process)."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def _sklearn_priors(x: torch.Tensor, K: int) -> dict:
@@ -117,23 +119,18 @@ def _sweep_case(x: torch.Tensor, K: int) -> Case:
                 note="ours: local step + global step + closed-form ELBO (float64)")
 
 
-def _fit_ours(x: torch.Tensor, K: int, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ppl.infer(bayes_gmm, x, backend="vi", model_kwargs={"K": K}, progress=False, num_samples=10,
-                         **options)
-
-
-def _fit_case(x: torch.Tensor, K: int, tol: float) -> Case:
+def _fit_case(x: torch.Tensor, K: int) -> Case:
     from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
     X = x.numpy()
 
     def ours():
-        return _fit_ours(x, K, restarts=1, tol=tol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ppl.infer(gmm_conjugate, x, model_kwargs={"K": K}, progress=False)
 
-    def em():
-        return GaussianMixture(K, covariance_type="full", random_state=0).fit(X)
+    def em(n_init=1):
+        return lambda: GaussianMixture(K, covariance_type="full", n_init=n_init, random_state=0).fit(X)
 
     def vb():
         with warnings.catch_warnings():
@@ -141,14 +138,18 @@ def _fit_case(x: torch.Tensor, K: int, tol: float) -> Case:
             return BayesianGaussianMixture(n_components=K, covariance_type="full", random_state=0,
                                            **_sklearn_priors(x, K)).fit(X)
 
-    post, g, b = ours(), em(), vb()
-    mine, theirs, bayes = plug_in_loglik(post, x), float(g.score(X)), float(b.score(X))
-    MEASURED.update(fit_loglik_ours=mine, fit_loglik_sklearn=theirs)
-    return Case(f"Bayesian GMM fit to convergence, N={x.shape[0]}, D=2, K={K}, one start", ours,
-                {"scikit-learn GaussianMixture (EM, n_init=1)": em,
+    post, g, g3, b = ours(), em()(), em(3)(), vb()
+    mine, theirs, best3, bayes = plug_in_loglik(post, x), float(g.score(X)), float(g3.score(X)), float(b.score(X))
+    cpu = {name: cpu_seconds(fn) for name, fn in (("ours", ours), ("em1", em()), ("em3", em(3)), ("vb", vb))}
+    MEASURED.update(fit_loglik_ours=mine, fit_loglik_sklearn=theirs, fit_cpu=cpu)
+    return Case(f"Bayesian GMM whole fit, N={x.shape[0]}, D=2, K={K}, defaults", ours,
+                {"scikit-learn GaussianMixture (EM, n_init=1, its default)": em(),
+                 "scikit-learn GaussianMixture (EM, n_init=3)": em(3),
                  "scikit-learn BayesianGaussianMixture (n_init=1)": vb},
-                note=f"mean log-lik/point: ours {mine:.4f} ({len(post.history)} sweeps, tol={tol:g}), "
-                     f"GaussianMixture {theirs:.4f} ({g.n_iter_} it.), BayesianGM {bayes:.4f} ({b.n_iter_} it.)")
+                note=f"mean log-lik/point: ours {mine:.5f} ({len(post.history)} sweeps after screening 3 starts), "
+                     f"GaussianMixture {theirs:.5f} ({g.n_iter_} it.), n_init=3 {best3:.5f}, BayesianGM {bayes:.5f} "
+                     f"({b.n_iter_} it.); process CPU s of one call: ours {cpu['ours']:.3f}, EM {cpu['em1']:.3f}, "
+                     f"EM n_init=3 {cpu['em3']:.3f}, BayesianGM {cpu['vb']:.3f}")
 
 
 def _iris() -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +215,7 @@ def _iris_case() -> Case:
 def cases(quick: bool) -> list[Case]:
     N = 10_000 if quick else 100_000
     x = mixture(N)
-    return [_sweep_case(x, 5), _fit_case(x, 5, tol=1e-7), _iris_case()]
+    return [_sweep_case(x, 5), _fit_case(x, 5), _iris_case()]
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -226,10 +227,16 @@ def targets(rows: list[dict]) -> list[str]:
             ok = r["ratio"] >= 1.0
             out.append(f"GMM time per iteration <= scikit-learn EM iteration: {'met' if ok else 'NOT met'} "
                        f"(ours {r['ours']:.4f} s, sklearn {r['peer_time']:.4f} s)")
-        if task == "Bayesian GMM fit to convergence" and "EM" in peer:
+        if task == "Bayesian GMM whole fit" and "EM" in peer:
             ok = r["ours"] <= 2 * r["peer_time"]
-            out.append(f"GMM time to converge <= 2x scikit-learn's fit: {'met' if ok else 'NOT met'} "
-                       f"(ours {r['ours']:.3f} s, sklearn {r['peer_time']:.3f} s)")
+            out.append(f"GMM whole fit (defaults) <= 2x scikit-learn's fit ({peer.split('(')[1].rstrip(')')}), "
+                       f"wall: {'met' if ok else 'NOT met'} (ours {r['ours']:.3f} s, sklearn {r['peer_time']:.3f} s)")
+    if "fit_cpu" in MEASURED:
+        cpu = MEASURED["fit_cpu"]
+        for key, label in (("em1", "n_init=1"), ("em3", "n_init=3")):
+            ok = cpu["ours"] <= 2 * cpu[key]
+            out.append(f"GMM whole fit (defaults) <= 2x scikit-learn's fit ({label}), process CPU: "
+                       f"{'met' if ok else 'NOT met'} (ours {cpu['ours']:.3f} s, sklearn {cpu[key]:.3f} s)")
     if "fit_loglik_ours" in MEASURED:
         gap = MEASURED["fit_loglik_sklearn"] - MEASURED["fit_loglik_ours"]
         out.append(f"GMM final mean log-lik >= scikit-learn's - 0.01: {'met' if gap <= 0.01 else 'NOT met'} "
