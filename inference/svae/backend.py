@@ -10,12 +10,15 @@ with reparameterized gradients through the message passing.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoDelta
 from torch.overrides import TorchFunctionMode
 
@@ -28,17 +31,20 @@ from ppl.posterior import LogEvidence, Posterior, StateFunction
 from ppl.expfam import natural_step
 
 from .. import distributed
-from ..results import make_posterior
+from ..initialization import align_labels
+from ..results import make_posterior, warn_if_degenerate, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
-from ..training import LoopState, init_fn, optimize, traced_loss
+from ..training import LoopState, NotConverged, init_fn, optimize, traced_loss
 from .conjugate import DirichletConjugate, MNIWConjugate, NIWConjugate, describe, natural_gradient_sites
 from .conjugate import build as build_conjugates
 from .facts import Kind, svae_facts
 from .objective import SVAEObjective
 from .recognition import default_recognition, potentials
+from .warmup import MAP_STEPS, latent_targets, mixture_labels, pretrain_recognition, soft_labels
 
 NAME = "svae"
+WARMUP = 100   # default Adam steps with every mixture's q(z) held at k-means labels of its data (warmup.py)
 MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gaussian posterior (exact)",
             Kind.MIXTURE: "mean field q(z)q(x): categorical and Gaussian updates",
             Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}
@@ -76,7 +82,11 @@ def treatments(graph, facts: Facts):
                                       f"network on {', '.join(t.children)} -> Gaussian potentials (J, h) on "
                                       f"{t.node_shape} nodes of dim {t.dim}; {MESSAGES[t.kind]}"))
         elif s.name in parents:
-            rows.append(SiteTreatment(s.name, "message passing", f"q({s.name}) by {MESSAGES[parents[s.name].kind]}"))
+            start = ("; held at k-means++ labels of the data for the first warmup= steps (data-driven start: default "
+                     "recognition network pretrained to the data's principal components, point-estimate globals at "
+                     "their complete-data MAP)" if parents[s.name].kind == Kind.MIXTURE else "")
+            rows.append(SiteTreatment(s.name, "message passing",
+                                      f"q({s.name}) by {MESSAGES[parents[s.name].kind]}{start}"))
         elif s.name in natural_gradient_sites(sfacts):
             rows.append(SiteTreatment(s.name, "natural gradient", describe(s.name, sfacts)))
         elif s.observed:
@@ -138,8 +148,10 @@ class _Step:
     """One evaluation of the negative ELBO; keeps the last terms."""
 
     def __init__(self, model, args, kwargs, facts, nets, inputs, masks, guide, num_iters,
-                 conjugates: dict | None = None, natgrad_step: float = 0.5):
+                 conjugates: dict | None = None, natgrad_step: float = 0.5, fixed: dict | None = None,
+                 warmup: int = 0):
         self.model, self.args, self.kwargs = model, args, kwargs
+        self.fixed, self.warmup, self.calls, self.rows = fixed or {}, warmup, 0, None
         self.targets, self.nets, self.inputs, self.guide = facts.of(NAME).targets, nets, inputs, guide
         self.masks = masks
         self.conjugates = conjugates or {}
@@ -148,9 +160,14 @@ class _Step:
         self.num_iters = num_iters
         self.terms: dict[str, list[float]] = {"recon": [], "local_kl": [], "global_term": [], "global_kl": []}
 
-    def run(self, generator=None, point: dict | None = None) -> SVAEObjective:
+    def warming_up(self) -> bool:
+        """Whether the next training step holds the mixtures' q(z) at their data-driven labels (``warmup.py``)."""
+        return bool(self.fixed) and self.calls < self.warmup
+
+    def run(self, generator=None, point: dict | None = None, clamp: bool = False) -> SVAEObjective:
         """One pass of the model under ``SVAEObjective`` with the networks' potentials, globals at ``point``
-        (the guide's value if None) and conjugate q's plugged in; returns the handler (terms, locals)."""
+        (the guide's value if None) and conjugate q's plugged in; returns the handler (terms, locals).
+        ``clamp``: the mixtures' q(z) held at ``self.fixed`` (their rows ``self.rows`` in a minibatch)."""
         if point is None:
             point = self.guide(*self.args, **self.kwargs) if self.guide is not None else {}
         pots = {}
@@ -170,11 +187,17 @@ class _Step:
                                 skip_sites=set(self.conjugates),
                                 component_log_offsets={c.target: c.log_offsets() for c in niws},
                                 expected_dynamics={c.target: (c.site, c.plug_in(), c.expectations())
-                                                   for c in mniws})
+                                                   for c in mniws},
+                                fixed_responsibilities=self._fixed_rows() if clamp else None)
         with handler:
             poutine.condition(self.model, data=point)(*self.args, **self.kwargs)
         handler.global_kl = sum((c.kl() for c in self.conjugates.values()), torch.zeros(()))
         return handler
+
+    def _fixed_rows(self) -> dict:
+        if self.rows is None:
+            return self.fixed
+        return {n: v[self.rows.to(v.device)] for n, v in self.fixed.items()}
 
     def natural_gradient_step(self, handler: SVAEObjective) -> None:
         """Move each conjugate q toward its optimum given the new local posteriors."""
@@ -184,16 +207,18 @@ class _Step:
     def state(self) -> dict:
         """What the step updates outside the parameters: the conjugate q's natural parameters, the ELBO terms."""
         return {"natparams": {site: c.natparam for site, c in self.conjugates.items()},
-                "terms": {k: list(v) for k, v in self.terms.items()}}
+                "terms": {k: list(v) for k, v in self.terms.items()}, "calls": self.calls}
 
     def load_state(self, state: dict) -> None:
         for site, natparam in state["natparams"].items():
             self.conjugates[site].natparam = natparam
         for key, values in state["terms"].items():
             self.terms[key][:] = values
+        self.calls = state.get("calls", len(next(iter(state["terms"].values()), [])))
 
     def __call__(self) -> torch.Tensor:
-        h = self.run()
+        h = self.run(clamp=self.warming_up())
+        self.calls += 1
         for key in self.terms:
             self.terms[key].append(float(torch.as_tensor(getattr(h, key)).detach()))
         self.natural_gradient_step(h)
@@ -293,6 +318,7 @@ class _Minibatches:
     def restore(self) -> None:
         """Put the whole data set back into the step (for the final full-data pass)."""
         self.step.args, self.step.kwargs, self.step.inputs, self.step.masks, self.step.targets = self.full
+        self.step.rows = None
 
     def _select(self, rows: torch.Tensor) -> None:
         args, kwargs, inputs, masks, targets = self.full
@@ -301,6 +327,7 @@ class _Minibatches:
         step.inputs = {n: v[rows.to(v.device)] for n, v in inputs.items()}
         step.masks = {n: None if m is None else m[rows.to(m.device)] for n, m in masks.items()}
         step.targets = {n: replace(t, node_shape=(len(rows),) + tuple(t.node_shape[1:])) for n, t in targets.items()}
+        step.rows = rows
 
     def __call__(self) -> torch.Tensor:
         rows = batch_rows(self.size, self.batch_size, None)[self.mine]
@@ -312,11 +339,13 @@ class _Minibatches:
         noise from ``generator``; moves the conjugate q's by their natural-gradient step and records the terms."""
         step = self.step
         self._select(rows)
+        clamp = step.warming_up()
+        step.calls += 1
         if self.world > 1:
             with _ShardedNoise(generator, self.rank, self.world):
-                h = step.run(generator)
+                h = step.run(generator, clamp=clamp)
         else:
-            h = step.run(generator)
+            h = step.run(generator, clamp=clamp)
         scale = self.size / len(rows)
         recon, local_kl = scale * h.recon, scale * h.local_kl
         for key, value in (("recon", recon), ("local_kl", local_kl), ("global_term", h.global_term),
@@ -330,27 +359,138 @@ class _Minibatches:
         return -(recon - local_kl + h.global_term - h.global_kl)
 
 
+def warmup_labels(plan, targets: dict, inputs: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Mixture target -> k-means labels ``(*node_shape)`` of its recognition input (``warmup.py``), for every
+    mixture with at least K nodes."""
+    out = {}
+    for name, t in targets.items():
+        if t.kind != Kind.MIXTURE:
+            continue
+        K = plan.graph.site(t.discrete).discrete_size
+        y = inputs[name]
+        if K is None or K < 2 or int(torch.Size(t.node_shape).numel()) < K:
+            continue
+        out[name] = mixture_labels(y, t.node_shape, K, seed)
+    return out
+
+
+def recognition_means(step: _Step) -> dict[str, torch.Tensor]:
+    """Target -> the means its recognition network emits on the data: ``(*node_shape, D)``, detached."""
+    out = {}
+    with torch.no_grad():
+        for name, t in step.targets.items():
+            J, h = potentials(step.nets[name], step.inputs[name], t.node_shape, t.dim)
+            out[name] = h / J.diagonal(dim1=-2, dim2=-1)
+    return out
+
+
+def complete_data_map(step: _Step, labels: dict[str, torch.Tensor], num_steps: int = MAP_STEPS) -> None:
+    r"""Move the point-estimate globals (``step.guide``) to the MAP of the complete-data model: each mixture's
+    assignment fixed at ``labels`` (target -> ``(*node_shape)``) and its latent node at the recognition network's
+    means, maximizing :math:`\log p(	heta) + \sum_n \log p(z_n \mid 	heta) + \log p(x_n \mid z_n, 	heta)`
+    (observed sites left out; conjugate globals at their q's point) by L-BFGS, at most ``num_steps`` evaluations
+    (deterministic; the start is kept if it fails).
+    The conjugate q's move to their complete-data posteriors (one natural-gradient step of size 1 from the hard
+    assignments, q(x) a point). The mixtures' components then start where their clusters are."""
+    targets = {n: t for n, t in step.targets.items() if n in labels}
+    means = recognition_means(step)
+    data = {}
+    for name, t in targets.items():
+        data[t.discrete], data[name] = labels[name], means[name]
+    for c in step.conjugates.values():
+        if c.target in labels:
+            z, x = labels[c.target].reshape(-1), means[c.target].reshape(-1, means[c.target].shape[-1])
+            onehot = torch.nn.functional.one_hot(z, step.fixed[c.target].shape[-1]).to(x.dtype)
+            if isinstance(c, DirichletConjugate):
+                c.update(onehot.sum(0), 1.0)
+            elif isinstance(c, NIWConjugate):
+                c.update(onehot, x, x.new_zeros(x.shape + x.shape[-1:]), 1.0)
+    if step.guide is None or num_steps < 1:
+        return
+    conj = {c.site: c.point() for c in step.conjugates.values()}
+
+    def loss() -> torch.Tensor:
+        point = step.guide(*step.args, **step.kwargs)
+        trace = poutine.trace(poutine.condition(step.model, data=dict(point, **conj, **data))).get_trace(
+            *step.args, **step.kwargs)
+        keep = set(point) | set(data)
+        return -sum(scale_and_mask(node["fn"].log_prob(node["value"]), node["scale"], node["mask"]).sum()
+                    for name, node in trace.nodes.items() if node["type"] == "sample" and name in keep)
+
+    loss()
+    params = [p for p in step.guide.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    optim = torch.optim.LBFGS(params, lr=1.0, max_iter=num_steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    try:
+        optim.step(closure)
+        ok = all(bool(torch.isfinite(p).all()) for p in params)
+    except (ValueError, RuntimeError):   # a line-search trial outside a site's support
+        ok = False
+    if not ok:
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+
+
+def aligned_warmup(step: _Step, labels: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Mixture target -> normalized log q(z) ``(*node_shape, K)`` at its k-means ``labels`` relabelled to agree best
+    with the model's own q(z) at the start (``initialization.align_labels`` on the argmax of one unclamped pass),
+    so that components the model already places (given ``init=``, fixed parameters) keep their data."""
+    if not labels:
+        return {}
+    with torch.no_grad():
+        start = step.run(torch.Generator(device=_device(step)).manual_seed(seed))
+    out = {}
+    for name, z in labels.items():
+        probs = start.locals[name].probs
+        K = probs.shape[-1]
+        labels[name] = align_labels(z, probs.argmax(-1), K)
+        out[name] = soft_labels(labels[name], K, probs.dtype)
+    return out
+
+
 def build_step(model, args, kwargs, plan, recognition: dict | None = None, num_iters: int = 3,
-               init: dict | None = None, natgrad_step: float = 0.5) -> tuple[_Step, Any]:
+               init: dict | None = None, natgrad_step: float = 0.5, warmup: int = 0,
+               seed: int = 0) -> tuple[_Step, Any]:
     """The SVAE's objective on ``model(*args, **kwargs)`` before training: recognition inputs and networks, the
-    conjugate q's, an AutoDelta guide of the other globals; returns ``(_Step, trace of the model on the data)``."""
+    conjugate q's, an AutoDelta guide of the other globals, the mixtures' k-means labels held for the first
+    ``warmup`` steps (k-means seeded by ``seed``); returns ``(_Step, trace of the model on the data)``."""
     facts = plan.facts
     targets = facts.of(NAME).targets
     inputs, masks, trace = _recognition_inputs(model, args, kwargs, targets)
     nets = _networks(targets, inputs, recognition)
+    labels = warmup_labels(plan, targets, inputs, seed) if warmup > 0 else {}
+    given = set(recognition or {})
+    for name, z in labels.items():   # the default networks start at the data's principal components
+        if name not in given:
+            t = targets[name]
+            pretrain_recognition(nets[name], inputs[name], t.node_shape,
+                                 latent_targets(inputs[name], t.node_shape, z, t.dim))
     conjugates = build_conjugates(trace, facts.of(NAME), init)
     global_sites = [s for s in facts.continuous if s not in targets and s not in conjugates]
     guide = None
     if global_sites:
         guide = AutoDelta(poutine.block(model, expose=global_sites), init_loc_fn=init_fn(init))
-    return _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step), trace
+    step = _Step(model, args, kwargs, facts, nets, inputs, masks, guide, num_iters, conjugates, natgrad_step,
+                 None, warmup)
+    step.fixed = aligned_warmup(step, labels, seed)
+    if labels and not (set(init or {}) & (set(facts.continuous) - set(targets))):
+        complete_data_map(step, labels)
+    return step, trace
 
 
 def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_samples: int = 100,
         recognition: dict | None = None, num_iters: int = 3, init: dict | None = None,
         natgrad_step: float = 0.5, progress: bool = True, checkpoint: str | None = None,
         checkpoint_every: int = 100, resume: str | None = None, batch_size: int | None = None,
-        **unused) -> Posterior:
+        warmup: int = WARMUP, seed: int = 0, **unused) -> Posterior:
     """Train decoder, recognition networks and globals on the SVAE ELBO.
 
     Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
@@ -362,13 +502,22 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
     and on Ctrl-C: parameters, Adam moments, RNG and the conjugate q's), resume (a checkpoint file of the same fit:
     continues it bit-identically, ``inference/checkpoints.py``), batch_size (data points or sequences per
     step, all processes together: the leading node dim of the targets, the likelihood and local KL scaled by
-    N / B, the conjugate statistics too; ``_Minibatches``). Data parallel under an initialized
+    N / B, the conjugate statistics too; ``_Minibatches``), warmup (Adam steps, at most half of ``num_steps``, with
+    every mixture's q(z) held at a k-means++ clustering of its recognition input, relabelled to agree with the
+    model's initial q(z); then q(z) is free: a data-driven start, ``warmup.py``; 0 turns it off), seed (of the
+    k-means restarts; ``ppl.infer`` passes its seed). At the end a ``DegenerateFit`` warning names an empty or
+    nearly empty mixture component or coinciding components, and ``NotConverged`` an objective still falling
+    (``still_moving``). Data parallel under an initialized
     ``torch.distributed`` process group: each process fits its share of every batch (``inference/distributed.py``).
     """
     if unused:
         raise TypeError(f"backend 'svae' got unexpected options: {', '.join(unused)}")
     check_batch_size(batch_size, NAME)
-    step, trace = build_step(model, args, kwargs, plan, recognition, num_iters, init, natgrad_step)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"backend 'svae': warmup must be an integer >= 0 (Adam steps with the mixtures' q(z) held at "
+                         f"k-means labels), got {warmup!r}")
+    step, trace = build_step(model, args, kwargs, plan, recognition, num_iters, init, natgrad_step,
+                             min(warmup, num_steps // 2), seed)
     targets, guide = plan.facts.of(NAME).targets, step.guide
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     progress, checkpoints = distributed.main_only(progress, checkpoints)
@@ -407,6 +556,9 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         final = step.run(torch.Generator(device=_device(step)).manual_seed(0))
         point = {k: v.detach() for k, v in (step.guide(*args, **kwargs) if step.guide else {}).items()}
     discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
+    warn_if_degenerate(discrete, NAME)
+    warn_if_nearly_empty(discrete, NAME)
+    warn_if_still_moving(history)
     means = {n: final.locals[n].mean.detach() for n in targets}
     elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
     fitted = FittedSVAE(model, tuple(args), dict(kwargs), plan.facts, dict(step.nets), dict(step.conjugates),
@@ -420,6 +572,37 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), point=point,
         discrete=discrete, smoothed_means=means, history=history, elbo_terms=step.terms, networks=step.nets,
         local_sampler=StateFunction(sample_locals, fitted), encoder=StateFunction(encode, fitted))
+
+
+MOVING_WINDOW = 0.1    # the last two windows of this fraction of the steps (at least 20 steps each) are compared
+MOVING_TOLERANCE = 1e-3  # an objective still improving by more than this relative amount per window warns
+
+
+def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float] | None:
+    r"""``(drop, level)`` when the noisy objective ``history`` (a loss per step) still decreases at the end: the
+    mean over the last window of ``w = max(20, window * len)`` steps is below the mean over the window before by
+    ``drop`` > 4 standard errors (of the last window) and > ``MOVING_TOLERANCE * (|level| + 1)`` (level: the last
+    window's mean); None otherwise or when the history is shorter than 2 w."""
+    w = max(20, int(window * len(history)))
+    if len(history) < 2 * w:
+        return None
+    last = torch.tensor(history[-w:], dtype=torch.float64)
+    previous = torch.tensor(history[-2 * w:-w], dtype=torch.float64)
+    drop, level = float(previous.mean() - last.mean()), float(last.mean())
+    if drop > 4 * float(last.std()) / math.sqrt(w) and drop > MOVING_TOLERANCE * (abs(level) + 1):
+        return drop, level
+    return None
+
+
+def warn_if_still_moving(history) -> None:
+    """Warn ``NotConverged`` when the fit's objective was still improving at the end (``still_moving``)."""
+    moving = still_moving(list(history))
+    if moving is not None:
+        drop, level = moving
+        w = max(20, int(MOVING_WINDOW * len(history)))
+        warnings.warn(f"{NAME}: the negative ELBO was still falling at the end ({drop:.4g} lower over the last {w} "
+                      f"steps, now {level:.4g}): the fit has not converged; give more num_steps= (or a larger lr=)",
+                      NotConverged, stacklevel=4)
 
 
 def _local_step(fitted: FittedSVAE, args: tuple, kwargs: dict, facts: Facts) -> _Step:

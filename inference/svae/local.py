@@ -116,7 +116,7 @@ def gaussian_local(mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor, h: tor
 
 
 def mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor,
-                  h: torch.Tensor, num_iters: int = 3, generator=None) -> Local:
+                  h: torch.Tensor, num_iters: int = 3, generator=None, fixed_log_r: torch.Tensor | None = None) -> Local:
     r"""Mean-field q(z) q(x) for z ~ Cat(pi), x | z=k ~ N(mu_k, prec_k^{-1}), psi(x).
 
     ``log_weights (..., K)`` is log pi (normalized), or E_q[log pi] under a Dirichlet q(pi) (not
@@ -125,19 +125,68 @@ def mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: torch.Tenso
     then ``num_iters`` coordinate updates:
     :math:`q(x) \propto \exp(\sum_k r_k \log N(x|\mu_k,\Lambda_k^{-1}))\psi(x)`,
     :math:`r_k \propto \pi_k \exp \mathbb{E}_{q(x)} \log N(x|\mu_k,\Lambda_k^{-1})`.
+
+    ``fixed_log_r (..., K)``: q(z) held at these normalized log-probabilities (the backend's warm-up,
+    ``warmup.py``); only q(x) is solved (one exact step) and the KL is that of this q(z) q(x), a valid bound.
     """
     log_pi = log_weights
-    r = (log_pi + _component_evidence(mu, prec, J, h).movedim(0, -1)).softmax(-1)
-    for _ in range(max(1, num_iters)):
+    if fixed_log_r is not None:
+        r = fixed_log_r.exp()
+    else:
+        r = (log_pi + _component_evidence(mu, prec, J, h).movedim(0, -1)).softmax(-1)
+    for _ in range(1 if fixed_log_r is not None else max(1, num_iters)):
         rk = r.movedim(-1, 0)
         post_prec = (rk[..., None, None] * prec).sum(0) + J
         lin = (rk[..., None] * (prec @ mu.unsqueeze(-1)).squeeze(-1)).sum(0) + h
         mean, cov, tril = gaussian_posterior(post_prec, lin)
         expected = expected_gaussian_log_density(mu, prec, mean, cov).movedim(0, -1)  # (..., K)
-        r = (log_pi + expected).softmax(-1)
+        if fixed_log_r is None:
+            r = (log_pi + expected).softmax(-1)
     x = _rsample(mean, tril, generator)
-    log_r = (log_pi + expected).log_softmax(-1)
+    log_r = (log_pi + expected).log_softmax(-1) if fixed_log_r is None else fixed_log_r
     kl = (r * (log_r - log_pi - expected)).sum(-1) - gaussian_entropy(tril)
+    return Local(x, kl.sum(), mean, r)
+
+
+def diagonal_mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor, J: torch.Tensor,
+                           h: torch.Tensor, num_iters: int = 3, generator=None,
+                           fixed_log_r: torch.Tensor | None = None) -> Local:
+    r"""``mixture_local`` when every precision is diagonal: ``prec (K, ..., D)`` and ``J (..., D)`` hold the
+    diagonals (a ``Normal(loc, scale).to_event(1)`` prior; recognition potentials are diagonal by construction,
+    ``recognition.potentials``). The same updates, elementwise per dimension d:
+
+    .. math::
+        \log\!\int\! N(x|\mu_k,\Lambda_k^{-1})\psi(x)dx = \tfrac12\sum_d\Big(\log\lambda_{kd} - \log(\lambda_{kd}+J_d)
+            + \frac{(\lambda_{kd}\mu_{kd}+h_d)^2}{\lambda_{kd}+J_d} - \lambda_{kd}\mu_{kd}^2\Big),\quad
+        q(x) = N\Big(\frac{\sum_k r_k\lambda_k\mu_k + h}{\sum_k r_k\lambda_k + J},
+                     \mathrm{diag}\frac{1}{\sum_k r_k\lambda_k + J}\Big),
+
+        E_{q(x)}\log N(x|\mu_k,\Lambda_k^{-1}) = \tfrac12\sum_d\big(\log\lambda_{kd} - \log 2\pi
+            - \lambda_{kd}((m_d-\mu_{kd})^2 + v_d)\big).
+
+    No batched D x D factorizations (their forward and backward dominated a step: ~3x faster at N = 2000, D = 2).
+    Returns the same ``Local`` as ``mixture_local`` on the equivalent full matrices (tested)."""
+    log_pi = log_weights
+    if fixed_log_r is not None:
+        r = fixed_log_r.exp()
+    else:
+        post = prec + J
+        lin = prec * mu + h
+        evidence = 0.5 * (prec.log() - post.log() + lin ** 2 / post - prec * mu ** 2).sum(-1)   # (K, ...)
+        r = (log_pi + evidence.movedim(0, -1)).softmax(-1)
+    for _ in range(1 if fixed_log_r is not None else max(1, num_iters)):
+        rk = r.movedim(-1, 0)[..., None]
+        post_prec = (rk * prec).sum(0) + J
+        mean = ((rk * prec * mu).sum(0) + h) / post_prec
+        var = 1.0 / post_prec
+        expected = 0.5 * (prec.log() - math.log(2 * math.pi) - prec * ((mean - mu) ** 2 + var)).sum(-1).movedim(0, -1)
+        if fixed_log_r is None:
+            r = (log_pi + expected).softmax(-1)
+    eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    x = mean + var.sqrt() * eps
+    log_r = (log_pi + expected).log_softmax(-1) if fixed_log_r is None else fixed_log_r
+    entropy = 0.5 * mean.shape[-1] * (1 + math.log(2 * math.pi)) - 0.5 * post_prec.log().sum(-1)
+    kl = (r * (log_r - log_pi - expected)).sum(-1) - entropy
     return Local(x, kl.sum(), mean, r)
 
 

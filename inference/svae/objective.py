@@ -21,7 +21,7 @@ from pyro.poutine.messenger import Messenger
 
 from ..exact import tables as kernels
 from .facts import Kind
-from .local import Local, gaussian_local, lds_local, mixture_local
+from .local import Local, diagonal_mixture_local, gaussian_local, lds_local, mixture_local
 from .slds import slds_local
 
 
@@ -38,6 +38,16 @@ def gaussian_params(site: str, fn) -> tuple[torch.Tensor, torch.Tensor]:
             fn.batch_shape + loc.shape[-1:] * 2)
     raise ValueError(f"site '{site}': the SVAE needs a Gaussian prior (MultivariateNormal or Normal(...).to_event(1)), "
                      f"got {type(fn).__name__}")
+
+
+def diagonal_gaussian_params(fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean ``(*batch, D)``, precision diagonal ``(*batch, D)``) of a ``Normal(loc, scale).to_event(1)``; None for
+    any other distribution (a full covariance)."""
+    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1 and isinstance(fn.base_dist, Normal):
+        loc, scale = torch.broadcast_tensors(fn.base_dist.loc, fn.base_dist.scale)
+        shape = fn.batch_shape + loc.shape[-1:]
+        return loc.expand(shape), (scale ** -2).expand(shape)
+    return None
 
 
 def _per_state_matrix(site: str, what: str, m: torch.Tensor, K: int, D: int) -> torch.Tensor:
@@ -61,13 +71,16 @@ class SVAEObjective(Messenger):
         expected_dynamics: lds site -> ``(conjugate site, (A, Q) it was conditioned on, MNIWExpectations)``:
             local inference uses :math:`E_{q(A,Q)}\log p(x \mid A, Q)` and keeps the lag-one moments
             (a conjugate q = MNIW, ``conjugate.py``); the chain's dynamics/noise_cov must be that (A, Q).
+        fixed_responsibilities: mixture site -> normalized log q(z) ``(*node_shape, K)`` to hold q(z) at (the
+            backend's warm-up on data-driven labels, ``warmup.py``); only q(x) is solved there.
     """
 
     def __init__(self, targets: dict, potentials: dict, global_sites: set[str], num_iters: int = 3,
                  generator: torch.Generator | None = None, expected_log_weights: dict | None = None,
                  skip_sites: set[str] = frozenset(), component_log_offsets: dict | None = None,
-                 expected_dynamics: dict | None = None):
+                 expected_dynamics: dict | None = None, fixed_responsibilities: dict | None = None):
         super().__init__()
+        self.fixed_responsibilities = fixed_responsibilities or {}
         self.expected_dynamics = expected_dynamics or {}
         self.targets, self.potentials, self.global_sites = targets, potentials, global_sites
         self.expected_log_weights = expected_log_weights or {}
@@ -125,14 +138,19 @@ class SVAEObjective(Messenger):
             return gaussian_local(mu, prec, J, h, self.generator)
         z_fn = self.discrete_fns[target.discrete]
         if target.kind == Kind.MIXTURE:
-            mu, prec = gaussian_params(target.site, fn)
+            fixed = self.fixed_responsibilities.get(target.site)
+            diagonal = diagonal_gaussian_params(fn)
+            mu, prec = diagonal if diagonal is not None else gaussian_params(target.site, fn)
             K = mu.shape[0]
-            mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])
-            prec = prec.expand((K,) + target.node_shape + prec.shape[-2:])
             log_w = self.expected_log_weights.get(target.discrete, z_fn.logits).expand(target.node_shape + (K,))
             if target.site in self.component_log_offsets:  # q(mu, Sigma) = NIW: E_q log N = plug-in + c_k
                 log_w = log_w + self.component_log_offsets[target.site]
-            return mixture_local(log_w, mu, prec, J, h, self.num_iters, self.generator)
+            if diagonal is not None:   # recognition potentials are diagonal (recognition.potentials)
+                return diagonal_mixture_local(log_w, mu, prec, J.diagonal(dim1=-2, dim2=-1), h, self.num_iters,
+                                              self.generator, fixed)
+            mu = mu.expand((K,) + target.node_shape + mu.shape[-1:])
+            prec = prec.expand((K,) + target.node_shape + prec.shape[-2:])
+            return mixture_local(log_w, mu, prec, J, h, self.num_iters, self.generator, fixed)
         K, D = z_fn.num_states, target.dim
         if z_fn.time_varying:
             raise ValueError(f"site '{target.discrete}': the SVAE's switching LDS needs a homogeneous transition matrix")

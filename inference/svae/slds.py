@@ -67,7 +67,7 @@ def slds_local(log_init: torch.Tensor, log_trans: torch.Tensor, A: torch.Tensor,
     initial_cov ``(..., D, D)``; J ``(..., T, D, D)``; h ``(..., T, D)``. Returns Local with q(z) marginals
     ``probs (..., T, K)``.
     """
-    K, D = A.shape[0], A.shape[-1]
+    K = A.shape[0]
     T = h.shape[-2]
     Q_inv = torch.cholesky_inverse(torch.linalg.cholesky(Q))
     log_det_2piQ = torch.linalg.slogdet(2 * math.pi * Q)[1]
