@@ -44,7 +44,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .graph_recording import add_guards, fold_constants, mutates
+from .graph_recording import add_guards, fold_constants, mutates, simplify
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -486,8 +486,8 @@ class _JointGraph:
                     module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(*point)
                 if not add_guards(module):
                     raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
-                if not mutates(module.graph):  # folding assumes no op writes into a tensor
-                    module = fold_constants(module, *point)
+                if not mutates(module.graph):  # simplifying and folding assume no op writes into a tensor
+                    module = _simplified(module, point)
                 graph_out = module(*point)
                 run = module
                 try:
@@ -524,6 +524,17 @@ class _JointGraph:
 
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
         return _RecordedDensity.apply(self, *us)
+
+
+def _simplified(module: torch.fx.GraphModule, point: tuple) -> torch.fx.GraphModule:
+    """``module`` with the ops that return their argument unchanged removed and what is computed from constants
+    folded (``graph_recording.simplify``, ``fold_constants``: each op of a small model's graph costs its dispatch),
+    if that gives exactly the outputs of ``module`` at ``point``; else ``module`` with its constants folded."""
+    reference = tree_leaves(module(*point))
+    simpler = fold_constants(simplify(module, *point), *point)
+    if all(torch.equal(a, b) for a, b in zip(tree_leaves(simpler(*point)), reference)):
+        return simpler
+    return fold_constants(module, *point)
 
 
 class _RecordedDensity(torch.autograd.Function):

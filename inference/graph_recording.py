@@ -105,3 +105,73 @@ def add_guards(module: torch.fx.GraphModule) -> bool:
     output.args = ((grads, us, guards),)
     module.recompile()
     return True
+
+
+SHAPE_ONLY = frozenset({"new_ones", "new_zeros", "new_full", "zeros_like", "ones_like", "full_like"})
+"""aten ops whose result reads only the shape, dtype and device of their tensor argument (fixed in a recording),
+never its values: constants of the recording even when that argument depends on the input."""
+
+IDENTITY_VIEWS = frozenset({"detach", "alias", "view", "_unsafe_view", "reshape", "expand", "permute", "squeeze",
+                            "unsqueeze", "t", "transpose"})
+"""aten ops that return their first argument itself when the result has its shape and strides."""
+
+NEUTRAL_SCALARS = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}
+"""aten ops with a Python number that leaves their tensor argument unchanged (x + 0, x * 1, x ** 1, ...)."""
+
+
+def _copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    return torch.fx.GraphModule(module, graph)
+
+
+def _same_tensor(a, b) -> bool:
+    """Whether ``a`` could stand for ``b``: same shape, strides, dtype, device (values are checked by the caller)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
+
+
+def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
+    """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
+    many times where each op costs its dispatch (microseconds) more than its arithmetic: the ``SHAPE_ONLY``
+    creations become constants (so ``fold_constants`` folds what is computed from them), and an op that returns
+    its argument unchanged is replaced by that argument: ``detach``, a view (``IDENTITY_VIEWS``) whose result has
+    the argument's shape and strides, ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, ``x ** 1`` where the result has
+    x's shape, strides and dtype (read off one run at ``examples``). Nodes that are outputs are kept. The caller
+    checks that the copy gives the same outputs."""
+    module = _copy(module)
+    graph = module.graph
+    values: dict = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            values[node] = out
+            return out
+
+    Recorder(module).run(*examples)
+    constants = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or any(user.op == "output" for user in node.users):
+            continue
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if name in SHAPE_ONLY and isinstance(values.get(node), torch.Tensor):
+            module.register_buffer(f"_shape_only_{constants}", values[node].detach().clone())
+            with graph.inserting_before(node):
+                replacement = graph.get_attr(f"_shape_only_{constants}")
+            constants += 1
+        elif source is None or not _same_tensor(values.get(node), values.get(source)):
+            continue
+        elif name in IDENTITY_VIEWS:
+            replacement = source
+        elif (name in NEUTRAL_SCALARS and len(node.args) == 2 and not node.kwargs
+              and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
+              and node.args[1] == NEUTRAL_SCALARS[name]):
+            replacement = source
+        else:
+            continue
+        node.replace_all_uses_with(replacement)
+    graph.eliminate_dead_code()
+    module.recompile()
+    return module

@@ -11,11 +11,12 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
 
 import ppl
 from ppl import dist
-from ppl.inference import chains, compiled, training
+from ppl.inference import chains, compiled, graph_recording, training
 from ppl.models import MODEL_MODULES, NEURAL_MODULES
 
 
@@ -241,6 +242,28 @@ def test_the_recorded_autonormal_step_equals_its_interpreter(name):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=f"takes {3 * n} tensors .*noises of sites.* got {2 * n}"):
         objective(*at[:2 * n])
+
+
+def test_simplify_removes_the_ops_that_return_their_argument_and_keeps_the_values():
+    """graph_recording.simplify on a recorded graph: detach, x + 0, x * 1, x ** 1, a view to the same shape and
+    ones_like (a constant once the shape is fixed) go; an int tensor + 0.0 (a float result: another dtype) and an
+    expand to a larger shape stay; the outputs are the original graph's at points other than the example."""
+    def fn(x, n):
+        y = (x.detach() + 0) * 1
+        y = y.view(y.shape) ** 1 + torch.ones_like(x) * 2
+        return y.expand(2, 3).sum(0), n + 0.0
+
+    example = (torch.randn(3, dtype=torch.float64), torch.arange(3))
+    module = make_fx(fn)(*example)
+    simpler = graph_recording.simplify(module, *example)
+    ops = [str(n.target) for n in simpler.graph.nodes if n.op == "call_function"]
+    assert not any(name in op for op in ops for name in ("detach", "ones_like", "view", "aten.pow"))
+    assert sum("mul.Tensor" in op for op in ops) == 1   # the constant's * 2 (for fold_constants), not the * 1
+    assert any("expand" in op for op in ops) and sum("add.Tensor" in op for op in ops) == 2
+    assert len(ops) < len([n for n in module.graph.nodes if n.op == "call_function"])
+    for at in ((torch.randn(3, dtype=torch.float64), torch.arange(3, 6)), example):
+        for a, b in zip(simpler(*at), module(*at)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @ppl.model
