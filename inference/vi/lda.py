@@ -269,28 +269,62 @@ class EStep:
 
 def e_step(corpus: Corpus, alpha: torch.Tensor, elog_beta: torch.Tensor, gamma: torch.Tensor) -> EStep:
     r"""Iterate :math:`\phi_{dw} \propto \exp(E\log\theta_d + E\log\beta_{\cdot w})`, :math:`\gamma_d = \alpha_d +
-    \sum_w c_{dw}\phi_{dw}` from ``gamma (B, K)`` for every document of ``corpus`` (vectorized; a document stops
-    when its mean change is below ``E_TOL``, each one independently of the others), then the statistics at
-    :math:`\phi(\gamma)`. ``alpha (B, K)``, ``elog_beta (K, V)``. Memory O(nnz K).
+    \sum_w c_{dw}\phi_{dw}` from ``gamma (B, K)`` for every document of ``corpus`` (a document stops when its mean
+    change is below ``E_TOL``, each one independently of the others), then the statistics at
+    :math:`\phi(\gamma)`. ``alpha (B, K)``, ``elog_beta (K, V)``.
+
+    The documents run in blocks of similar length (``length_blocks``), each laid out padded (``PaddedDocs``) so
+    that both sums over a document's words are batched matrix products; a padded block holds at most twice its
+    triples, so memory is O(nnz K).
 
     Exponentials of :math:`E\log\beta` are taken after subtracting each word's largest (and those of
     :math:`E\log\theta` after the loop each document's largest; both added back in ``loglik``), so float32 does
     not underflow where it matters (inside the loop the largest :math:`\exp E\log\theta_{dk}` is of order 1/K)."""
     shift_w = elog_beta.max(0).values                                   # (V,)
-    eb = (elog_beta - shift_w).exp().T[corpus.word]                     # (nnz, K), constant in the loop
+    eb = (elog_beta - shift_w).exp()                                    # (K, V)
     gamma = gamma.clone()
-    doc, count = corpus.doc, corpus.count
-    tiny = torch.finfo(gamma.dtype).tiny
-    # the working set: documents still iterating plus some that stopped (their gamma is no longer written); it
-    # is gathered anew when fewer than half of it still iterate, so the loop never scans stopped documents much
-    ws = torch.arange(corpus.D, device=gamma.device)
-    d_loc, eb_w, c_w, a_w, g = doc, eb, count, alpha, gamma[ws]
-    still = torch.ones(corpus.D, dtype=torch.bool, device=gamma.device)
+    ndk = torch.zeros_like(gamma)
+    wk = gamma.new_zeros(elog_beta.shape[::-1])                         # (V, K): sum_d c_dw / norm_dw * et_dk
+    loglik = torch.zeros((), dtype=torch.float64, device=gamma.device)
+    iterations = 0
+    for docs in length_blocks(corpus):
+        block = PaddedDocs.of(corpus, docs)
+        ebt = eb[:, block.word].permute(1, 0, 2).contiguous()          # (B, K, n): exp(E log beta) of its words
+        g, its = _fixed_point(ebt, block.count, alpha[docs], gamma[docs])
+        gamma[docs] = g
+        iterations = max(iterations, its)
+        elog = expected_log_theta(g)
+        shift_d = elog.max(-1, keepdim=True).values
+        et = (elog - shift_d).exp()                                     # (B, K)
+        norm = _norm(et, ebt)                                           # (B, n)
+        weight = block.count / norm
+        ndk[docs] = et * torch.bmm(ebt, weight.unsqueeze(-1)).squeeze(-1)
+        wk.index_add_(0, block.word.reshape(-1), (weight.unsqueeze(-1) * et.unsqueeze(1)).reshape(-1, et.shape[-1]))
+        loglik = loglik + (block.count.double() * (norm.log() + shift_d + shift_w[block.word]).double()).sum()
+    return EStep(gamma, wk.T * eb, ndk, loglik, iterations)
+
+
+def _norm(et: torch.Tensor, ebt: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_k e^{E\log\theta_{dk}} e^{E\log\beta_{kw}}` for every padded word: ``(B, n)`` from ``et (B, K)``
+    and ``ebt (B, K, n)`` (at least the smallest positive float: a padded word has count 0)."""
+    return torch.bmm(et.unsqueeze(1), ebt).squeeze(1).clamp_min(torch.finfo(et.dtype).tiny)
+
+
+def _fixed_point(ebt: torch.Tensor, count: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor
+                 ) -> tuple[torch.Tensor, int]:
+    r"""The E-step's iteration :math:`\gamma_d \leftarrow \alpha_d + e^{E\log\theta_d} \odot \sum_w
+    \frac{c_{dw}}{norm_{dw}} e^{E\log\beta_{\cdot w}}` on one padded block (``ebt (B, K, n)``, ``count (B, n)``,
+    ``alpha, gamma (B, K)``) until every document's mean change is below ``E_TOL`` or ``E_MAX_ITER``: ``(gamma,
+    the iterations run)``. The working set (documents still iterating plus some that stopped, whose gamma is no
+    longer written) is gathered anew when fewer than half of it still iterate."""
+    gamma = gamma.clone()
+    ws = torch.arange(gamma.shape[0], device=gamma.device)
+    e, c, a, g = ebt, count, alpha, gamma
+    still = torch.ones(gamma.shape[0], dtype=torch.bool, device=gamma.device)
     it = 0
     for it in range(1, E_MAX_ITER + 1):
         et = expected_log_theta(g).exp()      # (B_w, K); its largest entry is >= exp(-psi(1) - log K)-ish: no shift
-        norm = (et[d_loc] * eb_w).sum(-1).clamp_min(tiny)               # (nnz_w,)
-        new = a_w + et * g.new_zeros(g.shape).index_add_(0, d_loc, eb_w * (c_w / norm)[:, None])
+        new = a + et * torch.bmm(e, (c / _norm(et, e)).unsqueeze(-1)).squeeze(-1)
         change = (new - g).abs().mean(-1)
         g = torch.where(still[:, None], new, g)
         still = still & (change >= E_TOL)
@@ -299,21 +333,51 @@ def e_step(corpus: Corpus, alpha: torch.Tensor, elog_beta: torch.Tensor, gamma: 
             break
         if 2 * n_still < ws.shape[0]:
             gamma[ws] = g
-            ws, g = ws[still], g[still]
-            tok, d_loc, _ = corpus.gather(ws)
-            eb_w, c_w, a_w = eb[tok], count[tok], alpha[ws]
+            ws, g, e, c, a = ws[still], g[still], e[still], c[still], a[still]
             still = torch.ones(ws.shape[0], dtype=torch.bool, device=gamma.device)
     gamma[ws] = g
-    elog = expected_log_theta(gamma)
-    shift_d = elog.max(-1, keepdim=True).values
-    et = (elog - shift_d).exp()
-    norm = (et[doc] * eb).sum(-1).clamp_min(tiny)
-    weight = (count / norm)[:, None]
-    ndk = et * gamma.new_zeros(gamma.shape).index_add_(0, doc, eb * weight)
-    wk = et[doc] * weight                                               # (nnz, K)
-    sstats = gamma.new_zeros(elog_beta.shape[::-1]).index_add_(0, corpus.word, wk).T * (elog_beta - shift_w).exp()
-    loglik = (count.double() * (norm.log() + shift_d[doc, 0] + shift_w[corpus.word]).double()).sum()
-    return EStep(gamma, sstats, ndk, loglik, it)
+    return gamma, it
+
+
+def length_blocks(corpus: Corpus) -> list[torch.Tensor]:
+    """The documents ``(B_i,)`` in blocks of similar length, so that padding a block's documents to its longest
+    at most doubles its triples (an empty document counts as one): sorted by their number of triples (longest
+    first), each block takes the next documents for as long as that holds (fewer blocks: fewer iterations of
+    small operations; the bound keeps memory O(nnz))."""
+    lengths = (corpus.ptr[1:] - corpus.ptr[:-1]).clamp_min(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order]
+    cum = torch.cat([sorted_lengths.new_zeros(1), sorted_lengths.cumsum(0)])     # cum[e]: triples of the first e
+    blocks, start, D = [], 0, corpus.D
+    while start < D:
+        ends = torch.arange(start + 1, D + 1, device=cum.device)
+        # padded (e - start) x longest <= 2 x triples: true for a prefix of the ends (lengths are sorted)
+        fits = (ends - start) * sorted_lengths[start] <= 2 * (cum[ends] - cum[start])
+        end = start + int(fits.sum())
+        blocks.append(order[start:end])
+        start = end
+    return blocks
+
+
+@dataclass(frozen=True)
+class PaddedDocs:
+    """Documents' triples padded to the longest: ``word (B, n)`` (0 on padding) and ``count (B, n)`` (0 on
+    padding), n the largest number of triples of a document."""
+
+    word: torch.Tensor
+    count: torch.Tensor
+
+    @staticmethod
+    def of(corpus: Corpus, docs: torch.Tensor) -> "PaddedDocs":
+        """The documents ``docs (B,)`` of ``corpus``, in that order."""
+        idx, local, ptr = corpus.gather(docs)
+        n = int((ptr[1:] - ptr[:-1]).max()) if docs.shape[0] else 0
+        pos = torch.arange(idx.shape[0], device=idx.device) - ptr[local]
+        word = torch.zeros((docs.shape[0], n), dtype=torch.long, device=idx.device)
+        count = corpus.count.new_zeros((docs.shape[0], n))
+        word[local, pos] = corpus.word[idx]
+        count[local, pos] = corpus.count[idx]
+        return PaddedDocs(word, count)
 
 
 def initial_gamma(corpus: Corpus, alpha: torch.Tensor) -> torch.Tensor:
