@@ -18,6 +18,7 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate
 from ppl.handlers import CollapseChains, CollapseSpec, DiscreteTable, GaussianTable
 from ppl.plan import SiteTreatment
 
+from .exact import ops
 from .exact import tables as kernels
 from .training import max_plate_nesting
 
@@ -27,11 +28,13 @@ def collapsed_log_normalizer(table: DiscreteTable | GaussianTable) -> torch.Tens
 
     A Gaussian chain's log normalizer and its table's constant are both of order sum_t y_t' R^-1 y_t / 2 with
     opposite signs: they are added in float64 (both come as float64 sums) and only the O(T) result is cast
-    back to the table's dtype (in float32 the two ~1e9 terms of a 1e5-step random walk lost ~12 nats)."""
+    back to the table's dtype (in float32 the two ~1e9 terms of a 1e5-step random walk lost ~12 nats). The
+    Gaussian sum comes from ``ops.kalman_total_log_normalizer64`` (one operator: value and gradient in one
+    pass)."""
     if isinstance(table, DiscreteTable):
         return kernels.discrete_log_normalizer(table).sum()
-    total = kernels.gaussian_log_normalizer(table).sum() + table.const.to(torch.float64)
-    return total.to(table.h.dtype)
+    log_z = ops.kalman_total_log_normalizer64(kernels.lds_prior(table.prior, table.center), table.J, table.h)
+    return (log_z + table.const.to(torch.float64).sum()).to(table.h.dtype)
 
 
 CENTER_NATS = 0.1
@@ -42,8 +45,11 @@ dtype of the data (``|const| * eps``) would exceed this many nats (float32 data 
 def _needs_center(table) -> bool:
     """True for a Gaussian table about 0 whose constant (and log Z, of the same size) the table's dtype
     rounds by more than ``CENTER_NATS``."""
-    return (isinstance(table, GaussianTable) and table.center is None
-            and float(table.const.detach().abs()) * torch.finfo(table.h.dtype).eps > CENTER_NATS)
+    if not isinstance(table, GaussianTable) or table.center is not None:
+        return False
+    # one bool read of a comparison (not a float read of the constant): a recorded density guards the bool,
+    # which stays the same from call to call, where a guard on the constant's value would fail at every call
+    return bool(table.const.detach().abs() * torch.finfo(table.h.dtype).eps > CENTER_NATS)
 
 
 def _run_collapsed(model: Callable, args: tuple, kwargs: dict, spec: CollapseSpec) -> tuple[Any, dict]:

@@ -32,9 +32,9 @@ import torch
 from ppl.checks import broadcast_batch, check_mask, check_positive_definite, check_tensor, check_trailing
 
 from .kalman_scan import column_layout, from_columns, symmetrize, to_columns, to_matrices
-from .kalman_info import (InfoFilterResult, LDSPrior, SmootherResult, filter_result, info_filter,
-                          info_log_normalizer64, info_sample, info_smoother, matrices_out, prepare, run_filter,
-                          sample, smooth)
+from .kalman_info import (InfoFilterResult, LDSPrior, SmootherResult, filter_result, info_filter, info_sample,
+                          info_smoother, matrices_out, prepare, run_filter, sample, smooth)
+from .ops import kalman_log_normalizer64 as info_log_normalizer64
 
 __all__ = ["LDSPrior", "InfoFilterResult", "SmootherResult", "Potentials", "with_inputs", "info_filter",
            "info_log_normalizer64", "info_smoother", "info_sample", "observation_potentials", "log_likelihood",

@@ -317,10 +317,11 @@ def filter_result(f: _Filtered) -> InfoFilterResult:
                             from_columns(lay, f.log_normalizer.to(f.mean.dtype), 0))
 
 
-def info_log_normalizer64(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -> torch.Tensor:
+def info_log_normalizer64_eager(prior: LDSPrior, J_node: torch.Tensor, h_node: torch.Tensor) -> torch.Tensor:
     r"""log Z ``(...)`` as :func:`info_filter` computes it, but returned in float64 whatever the inputs' dtype:
     for callers that add it to another large term (the constant of the potentials, of the same size and the
-    opposite sign) and need the digits that a float32 result would round away (ulp 64 at 1e9)."""
+    opposite sign) and need the digits that a float32 result would round away (ulp 64 at 1e9). Plain torch
+    code (autograd to any order); ``kalman.info_log_normalizer64`` runs it as one operator (``ops``)."""
     f = run_filter(prepare(prior, J_node, h_node))
     return from_columns(f.chain.layout, f.log_normalizer, 0)
 

@@ -29,8 +29,20 @@ the vmapped dim into the sequence dim N (the kernels are batched over N), so
 C x N sequences. The finiteness checks of the potentials run inside the implementations (on real
 values, at every call, recorded or not): a NaN or +inf potential raises ValueError naming the input.
 
-The Kalman log normalizer (``kalman_info``) is, by contrast, a fixed number of batched ops (parallel
-scans, no loop over steps) and stays plain torch code.
+The Kalman log normalizer of the collapsed Gaussian chains (``kalman_info.info_log_normalizer64_eager``: parallel
+scans, ~4000 recorded ops with their backward) is one op the same way:
+
+* ``ppl::kalman_log_z64(m0, P0, A, Q, b | None, J, h, time_varying) -> log Z`` (the broadcast batch, float64),
+  the fields of ``kalman_info.LDSPrior`` and the node potentials, checked inside (finite, positive definite);
+* ``ppl::kalman_log_z64_vjp(..., grad) -> the seven input gradients`` (``b``'s is empty when b is None), by
+  autograd through the same eager kernel: the forward is recomputed in the backward (first order only: a
+  second derivative raises); the per-sequence log Z of ``kalman.info_log_normalizer64``;
+* ``ppl::kalman_total64(..., lead) -> (sum of log Z, the seven gradients)``: value and gradient in one autograd
+  pass, for the collapsed chain's factor (a sum over sequences: the incoming gradient is one scalar, so the
+  gradient of the sum is all the backward needs; no recomputation).
+
+Their vmap rules align every input's batch dims under the vmapped dim (size-1 dims inserted) and expand the
+unmapped ones, so the gradients come out per mapped problem.
 """
 from __future__ import annotations
 
@@ -44,8 +56,11 @@ from .hmm_forward import Smoothed, ScaledForward, forward_scaled, smooth_scaled
 from .hmm_inputs import ChainInputs, check_values_finite
 from .hmm_logspace import forward_log, smooth_log
 from .hmm_scan import parallel_log_z
+from .kalman_info import LDSPrior, info_log_normalizer64_eager
 
-__all__ = ["hmm_log_z", "hmm_log_z_jac", "hmm_hvp", "log_normalizer", "log_normalizer_and_jacobian"]
+__all__ = ["hmm_log_z", "hmm_log_z_jac", "hmm_hvp", "log_normalizer", "log_normalizer_and_jacobian",
+           "kalman_log_z64", "kalman_log_z64_vjp", "kalman_total64", "kalman_log_normalizer64",
+           "kalman_total_log_normalizer64"]
 
 
 def _inputs(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths: Optional[Tensor],
@@ -291,3 +306,195 @@ def log_normalizer_and_jacobian(ch: ChainInputs, parallel: bool) -> tuple[Tensor
     ``hmm_log_z_jac``: differentiable (second order through ``hmm_hvp``)."""
     return _LogZ.apply(ch.log_init, ch.log_trans, ch.log_lik, ch.lengths, ch.time_varying, parallel,
                        list(ch.batch_shape))
+
+
+# ------------------------------------------------------------------------------------------ Kalman log Z
+def _kalman_cores(time_varying: bool) -> tuple[int, ...]:
+    """Trailing (non-batch) dims of (m0, P0, A, Q, b, J, h)."""
+    lead = 3 if time_varying else 2
+    return (1, 2, lead, lead, 2, 3, 2)
+
+
+def _kalman_batch(xs, time_varying: bool) -> torch.Size:
+    """The broadcast batch shape of the Kalman op's inputs (None entries skipped)."""
+    return torch.broadcast_shapes(*(x.shape[:x.dim() - core] for x, core in zip(xs, _kalman_cores(time_varying))
+                                    if x is not None))
+
+
+@torch.library.custom_op("ppl::kalman_log_z64", mutates_args=())
+def kalman_log_z64(m0: Tensor, P0: Tensor, A: Tensor, Q: Tensor, b: Optional[Tensor], J: Tensor, h: Tensor,
+                   time_varying: bool) -> Tensor:
+    """log Z (batch,) in float64 of the LDS prior (m0, P0, A, Q, b) times node potentials (J, h)."""
+    with torch.no_grad():
+        return info_log_normalizer64_eager(LDSPrior(m0, P0, A, Q, b, time_varying), J, h)
+
+
+@kalman_log_z64.register_fake
+def _(m0, P0, A, Q, b, J, h, time_varying):
+    return h.new_empty(_kalman_batch((m0, P0, A, Q, b, J, h), time_varying), dtype=torch.float64)
+
+
+@torch.library.custom_op("ppl::kalman_log_z64_vjp", mutates_args=())
+def kalman_log_z64_vjp(m0: Tensor, P0: Tensor, A: Tensor, Q: Tensor, b: Optional[Tensor], J: Tensor, h: Tensor,
+                       time_varying: bool, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                  Tensor]:
+    """Gradients of ``sum(grad * log Z)`` w.r.t. (m0, P0, A, Q, b, J, h), each of its input's shape (b's
+    ``(0,)`` when b is None): autograd through the eager kernel (its forward recomputed)."""
+    with _autograd_inside(), torch.enable_grad():
+        xs = [None if x is None else x.detach().requires_grad_() for x in (m0, P0, A, Q, b, J, h)]
+        log_z = info_log_normalizer64_eager(LDSPrior(*xs[:5], time_varying), xs[5], xs[6])
+        wanted = [x for x in xs if x is not None]
+        grads = iter(torch.autograd.grad(log_z, wanted, grad.to(log_z.dtype), allow_unused=True))
+    out = []
+    for x in xs:
+        g = None if x is None else next(grads)
+        out.append(h.new_zeros((0,)) if x is None else torch.zeros_like(x) if g is None else g.detach())
+    return tuple(out)
+
+
+@kalman_log_z64_vjp.register_fake
+def _(m0, P0, A, Q, b, J, h, time_varying, grad):
+    return tuple(h.new_empty((0,)) if x is None else x.new_empty(x.shape) for x in (m0, P0, A, Q, b, J, h))
+
+
+class _KalmanLogZ(torch.autograd.Function):
+    """``kalman_log_z64`` with its VJP op as the backward (``setup_context`` and a generated vmap rule, as
+    ``_LogZ``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(m0, P0, A, Q, b, J, h, time_varying):
+        return kalman_log_z64(m0, P0, A, Q, b, J, h, time_varying)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        m0, P0, A, Q, b, J, h, time_varying = inputs
+        ctx.has_b = b is not None
+        ctx.save_for_backward(m0, P0, A, Q, b if b is not None else h.new_zeros((0,)), J, h)
+        ctx.time_varying = time_varying
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        """First order only (``once_differentiable``: differentiating the gradient raises)."""
+        m0, P0, A, Q, b, J, h = ctx.saved_tensors
+        grads = kalman_log_z64_vjp(m0, P0, A, Q, b if ctx.has_b else None, J, h, ctx.time_varying, grad)
+        return (*grads[:4], grads[4] if ctx.has_b else None, *grads[5:], None)
+
+
+def _kalman_aligned(info, in_dims, xs, time_varying: bool):
+    """Inputs ``(m0, P0, A, Q, b, J, h)`` with the vmapped dim first and their batch dims aligned under it
+    (size-1 dims inserted; unmapped inputs expanded to the B problems); and each input's logical shape."""
+    B, cores = info.batch_size, _kalman_cores(time_varying)
+    logical = [None if x is None else (x.shape if d is None else x.movedim(d, 0).shape[1:])
+               for x, d in zip(xs, in_dims)]
+    R = max(len(s) - c for s, c in zip(logical, cores) if s is not None)
+    out = []
+    for x, d, shape, core in zip(xs, in_dims, logical, cores):
+        if x is None:
+            out.append(None)
+            continue
+        x = x.expand((B,) + x.shape) if d is None else x.movedim(d, 0)
+        out.append(x.reshape((B,) + (1,) * (R - (len(shape) - core)) + tuple(shape)))
+    return out, logical
+
+
+@kalman_log_z64.register_vmap
+def _(info, in_dims, m0, P0, A, Q, b, J, h, time_varying):
+    xs, _ = _kalman_aligned(info, in_dims[:7], (m0, P0, A, Q, b, J, h), time_varying)
+    return kalman_log_z64(*xs, time_varying), 0
+
+
+@kalman_log_z64_vjp.register_vmap
+def _(info, in_dims, m0, P0, A, Q, b, J, h, time_varying, grad):
+    xs, logical = _kalman_aligned(info, in_dims[:7], (m0, P0, A, Q, b, J, h), time_varying)
+    grad = grad.expand((info.batch_size,) + grad.shape) if in_dims[8] is None else grad.movedim(in_dims[8], 0)
+    grads = kalman_log_z64_vjp(*xs, time_varying, grad)
+    out = tuple(g if shape is None else g.reshape((info.batch_size,) + tuple(shape)) for g, shape in zip(grads, logical))
+    return out, tuple(None if shape is None else 0 for shape in logical)
+
+
+@torch.library.custom_op("ppl::kalman_total64", mutates_args=())
+def kalman_total64(m0: Tensor, P0: Tensor, A: Tensor, Q: Tensor, b: Optional[Tensor], J: Tensor, h: Tensor,
+                   time_varying: bool, lead: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor]:
+    """(total, its gradients w.r.t. m0, P0, A, Q, b, J, h): log Z (float64) summed over all but the first
+    ``lead`` batch dims (``lead`` = 0: a scalar; the vmap rule maps over a leading dim every input carries),
+    with its gradient from the same autograd pass (no recomputation); b's gradient is ``(0,)`` when b is None."""
+    with _autograd_inside(), torch.enable_grad():
+        xs = [None if x is None else x.detach().requires_grad_() for x in (m0, P0, A, Q, b, J, h)]
+        log_z = info_log_normalizer64_eager(LDSPrior(*xs[:5], time_varying), xs[5], xs[6])
+        total = log_z.sum(tuple(range(lead, log_z.dim()))) if log_z.dim() > lead else log_z
+        wanted = [x for x in xs if x is not None]
+        grads = iter(torch.autograd.grad(total.sum(), wanted, allow_unused=True))
+    out = [total.detach()]
+    for x in xs:
+        g = None if x is None else next(grads)
+        out.append(h.new_zeros((0,)) if x is None else torch.zeros_like(x) if g is None else g.detach())
+    return tuple(out)
+
+
+@kalman_total64.register_fake
+def _(m0, P0, A, Q, b, J, h, time_varying, lead):
+    batch = _kalman_batch((m0, P0, A, Q, b, J, h), time_varying)
+    return (h.new_empty(batch[:lead], dtype=torch.float64),
+            *(h.new_empty((0,)) if x is None else x.new_empty(x.shape) for x in (m0, P0, A, Q, b, J, h)))
+
+
+@kalman_total64.register_vmap
+def _(info, in_dims, m0, P0, A, Q, b, J, h, time_varying, lead):
+    xs, logical = _kalman_aligned(info, in_dims[:7], (m0, P0, A, Q, b, J, h), time_varying)
+    out = kalman_total64(*xs, time_varying, lead + 1)
+    grads = tuple(g if shape is None else g.reshape((info.batch_size,) + tuple(shape))
+                  for g, shape in zip(out[1:], logical))
+    return (out[0], *grads), (0, *(None if shape is None else 0 for shape in logical))
+
+
+class _KalmanTotal(torch.autograd.Function):
+    """The summed log Z of ``kalman_total64`` with the gradients it computed alongside as its backward
+    (``g * grad``); a second derivative raises (the gradients' own backward is not implemented)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(m0, P0, A, Q, b, J, h, time_varying):
+        return kalman_total64(m0, P0, A, Q, b, J, h, time_varying, 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.has_b = inputs[4] is not None
+        ctx.save_for_backward(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g_total, *g_grads):
+        if any(g is not None for g in g_grads):
+            raise NotImplementedError("second derivatives of the Kalman log normalizer are not implemented "
+                                      "(kalman_info.info_log_normalizer64_eager differentiates to any order)")
+        grads = ctx.saved_tensors
+        if g_total is None:
+            return (None,) * 8
+        out = [g_total * g for g in grads]
+        return (*out[:4], out[4] if ctx.has_b else None, *out[5:], None)
+
+
+def kalman_total_log_normalizer64(prior: LDSPrior, J_node: Tensor, h_node: Tensor) -> Tensor:
+    """``sum(log Z)`` over the batch, a float64 scalar, of a linear-Gaussian chain (the collapsed chain's factor):
+    ``_KalmanTotal`` (value and gradient in one pass) when an input requires grad, else ``kalman_log_z64``."""
+    if not isinstance(prior, LDSPrior):
+        raise ValueError(f"prior must be an LDSPrior, got {type(prior).__name__}")
+    args = (prior.initial_loc, prior.initial_cov, prior.dynamics, prior.noise_cov, prior.offsets, J_node, h_node,
+            prior.time_varying)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args[:7]):
+        return _KalmanTotal.apply(*args)[0]
+    return kalman_log_z64(*args).sum()
+
+
+def kalman_log_normalizer64(prior: LDSPrior, J_node: Tensor, h_node: Tensor) -> Tensor:
+    """log Z ``(...)`` in float64 of a linear-Gaussian chain (``kalman_info.info_log_normalizer64_eager``) through
+    ``kalman_log_z64``: one op, differentiable (first order), vmappable."""
+    if not isinstance(prior, LDSPrior):
+        raise ValueError(f"prior must be an LDSPrior, got {type(prior).__name__}")
+    return _KalmanLogZ.apply(prior.initial_loc, prior.initial_cov, prior.dynamics, prior.noise_cov, prior.offsets,
+                             J_node, h_node, prior.time_varying)

@@ -1,6 +1,8 @@
-"""The HMM log normalizer as custom torch ops (ppl.inference.exact.ops): values and derivatives against
+"""The chain kernels as custom torch ops (ppl.inference.exact.ops). HMM: values and derivatives against
 brute-force enumeration and autograd through the log-space recursion, vmap against a loop, make_fx records
-one node per kernel call, and a model with a collapsed chain runs under vmap(grad) over NUTS chains."""
+one node per kernel call, and a model with a collapsed chain runs under vmap(grad) over NUTS chains. Kalman:
+log Z and its gradient against the dense-Gaussian oracle (autograd through it) and the eager kernel, vmap
+against a loop, one node per call."""
 from __future__ import annotations
 
 import pytest
@@ -9,15 +11,18 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import ppl
 from ppl.inference import chains, compiled
-from ppl.inference.exact import hmm, ops
+from ppl.inference.exact import hmm, kalman, ops
 from ppl.inference.exact.hmm_inputs import canonicalize
 from ppl.inference.exact.hmm_logspace import forward_log
+from ppl.inference.exact.kalman_info import LDSPrior, info_log_normalizer64_eager
 from ppl.models import hmm as hmm_model
 from ppl.primitives import ModelInputError
+from tests.reference import dense_gaussian
 from tests.reference.brute_force import brute_force
 
 F64 = torch.float64
-OPS = {"ppl.hmm_log_z.default", "ppl.hmm_log_z_jac.default", "ppl.hmm_hvp.default"}
+OPS = {"ppl.hmm_log_z.default", "ppl.hmm_log_z_jac.default", "ppl.hmm_hvp.default", "ppl.kalman_log_z64.default",
+       "ppl.kalman_log_z64_vjp.default", "ppl.kalman_total64.default"}
 
 
 def chain(seed: int, N: int, T: int, K: int, time_varying: bool = False, shared: bool = True, scale: float = 2.0):
@@ -214,3 +219,89 @@ def test_ops_check_inputs_and_fake_shapes():
     assert fake_shapes == [tuple(x.shape) for x in real]
     with pytest.raises(ValueError, match=r"log_lik.*\(2, 7, 3\)"):
         hmm.log_normalizer(li, lt, ll.masked_fill(ll > 2, float("nan")), time_varying=True)
+
+
+def lds_inputs(seed: int, N: int = 2, T: int = 6, D: int = 2):
+    """float64 (m0 (D,), P0, A, Q (D, D) shared, b (N, T-1, D), J (T, D, D) shared, h (N, T, D))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def spd(*batch, scale=1.0):
+        a = torch.randn(*batch, D, D, generator=g, dtype=F64)
+        return scale * (a @ a.mT / D + torch.eye(D, dtype=F64))
+
+    A = 0.8 * torch.eye(D, dtype=F64) + 0.1 * torch.randn(D, D, generator=g, dtype=F64)
+    return (torch.randn(D, generator=g, dtype=F64), spd(), A, spd(scale=0.2),
+            0.3 * torch.randn(N, T - 1, D, generator=g, dtype=F64), spd(T, scale=0.5),
+            torch.randn(N, T, D, generator=g, dtype=F64))
+
+
+def dense_log_z(m0, P0, A, Q, b, J, h):
+    """log Z (N,) by the dense-Gaussian oracle, one sequence at a time (autograd-differentiable)."""
+    T = h.shape[-2]
+    steps = lambda M: M.expand(T - 1, *M.shape)  # noqa: E731
+    return torch.stack([dense_gaussian.potentials_posterior_cov_form(m0, P0, steps(A), steps(Q), b[n], J, h[n])[0]
+                        for n in range(h.shape[0])])
+
+
+@pytest.mark.parametrize("total", [False, True])
+def test_kalman_log_z_and_gradient_match_the_dense_oracle(total):
+    """log Z (per sequence, or summed: the collapsed chain's factor) and its gradient w.r.t. every input (shared
+    matrices summed over sequences) equal the dense-Gaussian oracle's, float64, 1e-9; for the symmetric matrix
+    inputs (P0, Q, J) the symmetric parts of the gradients (the kernel reads one triangle, the oracle both: the
+    derivatives along symmetric perturbations are what both define)."""
+    ours = [x.clone().requires_grad_() for x in lds_inputs(0)]
+    ref = [x.clone().requires_grad_() for x in lds_inputs(0)]
+    weights = torch.tensor([1.0, -0.5], dtype=F64)
+    want = dense_log_z(*ref)
+    if total:
+        got = ops.kalman_total_log_normalizer64(LDSPrior(*ours[:5]), ours[5], ours[6])
+        want, weights = want.sum(), torch.ones((), dtype=F64)
+    else:
+        got = kalman.info_log_normalizer64(LDSPrior(*ours[:5]), ours[5], ours[6])
+    assert torch.allclose(got, want, atol=1e-9, rtol=0), "log Z vs dense oracle, 1e-9"
+    grads = zip(torch.autograd.grad((weights * got).sum(), ours), torch.autograd.grad((weights * want).sum(), ref))
+    for i, (a, b) in enumerate(grads):
+        if i in (1, 3, 5):  # P0, Q, J
+            a, b = a + a.mT, b + b.mT
+        assert torch.allclose(a, b, atol=1e-9), f"gradient {i} vs dense oracle, 1e-9"
+
+
+@pytest.mark.parametrize("total", [False, True])
+def test_kalman_op_under_vmap_equals_a_loop_and_records_one_node(total):
+    """vmap(grad_and_value) over 3 parameter sets equals the eager kernel (``info_log_normalizer64_eager``, plain
+    autograd) one set at a time (float64, 1e-10); make_fx records the kernel as one node (forward and gradient
+    in one for the summed form, forward and VJP for the per-sequence one)."""
+    m0, P0, A, Q, b, J, h = lds_inputs(1, T=40)
+    thetas = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.9, 1.3], [-1.0, 1.1, 0.2]], dtype=F64)
+    kernel = ops.kalman_total_log_normalizer64 if total else kalman.info_log_normalizer64
+
+    def potential(fn):
+        return lambda theta: fn(LDSPrior(m0 * theta[0], P0, A * theta[1], Q, b), J, h * theta[2]).sum()
+
+    batched = torch.func.vmap(torch.func.grad_and_value(potential(kernel)))
+    grads, values = batched(thetas)
+    for i in range(3):
+        t = thetas[i].clone().requires_grad_()
+        value = potential(info_log_normalizer64_eager)(t)
+        (grad,) = torch.autograd.grad(value, t)
+        assert abs(float(values[i] - value.detach())) < 1e-10 and torch.allclose(grads[i], grad, atol=1e-10)
+    module = make_fx(batched)(thetas)
+    want = ["ppl.kalman_total64.default"] if total else ["ppl.kalman_log_z64.default", "ppl.kalman_log_z64_vjp.default"]
+    assert op_nodes(module) == want and len(module.graph.nodes) < 150
+
+
+def test_kalman_second_derivative_raises():
+    """The ops are first order: differentiating their gradient raises instead of returning a wrong Hessian."""
+    m0, P0, A, Q, b, J, h = lds_inputs(2)
+    x = h.clone().requires_grad_()
+    for fn in (ops.kalman_total_log_normalizer64, kalman.info_log_normalizer64):
+        (g,) = torch.autograd.grad(fn(LDSPrior(m0, P0, A, Q, b), J, x).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(g.sum(), x)
+
+
+def test_kalman_op_checks_its_inputs():
+    """A prior covariance that is not positive definite is refused inside the op, naming it."""
+    m0, P0, A, Q, b, J, h = lds_inputs(3)
+    with pytest.raises(ValueError, match="initial_cov"):
+        ops.kalman_total_log_normalizer64(LDSPrior(m0, -P0, A, Q, b), J, h.requires_grad_())
