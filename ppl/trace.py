@@ -33,6 +33,12 @@ from .implicit import Implicit, ImplicitDependencies
 from .primitives import ModelInputError, model_name
 
 
+TRUSTED_MODULES = ("torch.distributions", "pyro.distributions")
+"""Distributions (and constraints) defined here compute ``log_prob`` from their tensor attributes only, and can be
+rebuilt from their ``arg_constraints`` parameters."""
+_PLAIN = (int, float, bool, complex, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
 class ModelTraceError(RuntimeError):
     """The model function raised while graphppl was tracing it."""
 
@@ -148,12 +154,35 @@ class CompactDiscrete(Messenger):
         dims = compact_dims(msg)
         if not dims:
             return
-        draw = msg["fn"].sample()
-        event = len(msg["fn"].event_shape)
-        index = tuple(slice(0, 1) if d + event in dims else slice(None) for d in range(-draw.dim(), 0))
-        msg["value"] = draw[index].clone()
+        fn = msg["fn"]
+        batch = tuple(fn.batch_shape)
+        index = tuple(slice(0, 1) if d - len(batch) in dims else slice(None) for d in range(len(batch)))
+        draw = _entry_draw(fn, index)
+        if draw is None:
+            draw = fn.sample()[index].clone()
+        msg["value"] = draw
         msg["done"] = True
         self.sites.append(msg["name"])
+
+
+def _entry_draw(fn: Any, index: tuple) -> torch.Tensor | None:
+    """A draw of the entries ``index`` (slices of the batch dims) alone: ``fn`` rebuilt from its parameters cut to
+    them when it is a distribution of ``TRUSTED_MODULES`` whose parameters (``arg_constraints``) all lie on its
+    batch dims (an expanded ``Categorical(probs)``: one row of probabilities, not one per entry); None otherwise."""
+    if not type(fn).__module__.startswith(TRUSTED_MODULES):
+        return None
+    params = {k: v for k, v in vars(fn).items() if k in getattr(fn, "arg_constraints", {})}
+    batch = tuple(fn.batch_shape)
+    if not params or any(not isinstance(v, torch.Tensor) or tuple(v.shape[:len(batch)]) != batch
+                         for v in params.values()):
+        return None
+    try:
+        sub = type(fn)(**{k: v[index] for k, v in params.items()}, validate_args=False)
+        draw = sub.sample()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    expected = tuple(1 if isinstance(i, slice) and i.stop == 1 else n for i, n in zip(index, batch))
+    return draw if tuple(draw.shape) == expected + tuple(fn.event_shape) else None
 
 
 def _shrunk(trace: poutine.Trace) -> str | None:
@@ -384,11 +413,6 @@ def _dependencies(model: Callable, args: tuple, kwargs: dict, compact: bool) -> 
             upstream = {u["name"] for u in sites[:i] if not u["is_observed"] and u["value"].numel()}
             out[site["name"]] = upstream & _log_prob_provenance(site["fn"], site["value"]) if upstream else set()
     return out
-
-
-TRUSTED_MODULES = ("torch.distributions", "pyro.distributions")
-"""Distributions (and constraints) defined here compute ``log_prob`` from their tensor attributes only."""
-_PLAIN = (int, float, bool, complex, str, type(None), torch.Size, torch.dtype, torch.device)
 
 
 def _log_prob_provenance(fn: Any, value: torch.Tensor) -> frozenset:

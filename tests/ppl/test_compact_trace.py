@@ -24,7 +24,7 @@ from ppl.graph import build_graph
 from ppl.implicit import ImplicitDependencies
 from ppl.models import MODEL_MODULES, lda
 from ppl.primitives import ModelInputError, model_name
-from ppl.trace import run_traced, site_dependencies, site_infos
+from ppl.trace import _entry_draw, run_traced, site_dependencies, site_infos
 
 
 def full_trace(model, args, kwargs):
@@ -137,3 +137,15 @@ def test_backend_facts_are_computed_when_read_and_the_plan_keeps_those():
     facts = with_backend_facts(graph, plan.facts, all_backends())
     assert isinstance(facts.backend_facts, BackendFacts) and facts.of("vi").admixture == ("doc_topics", "z", "w",
                                                                                            "topics")
+
+
+def test_the_shared_draw_is_a_prior_draw_of_the_first_entry():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])              # entry 0 and entry 1 differ
+    fn = dist.Categorical(probs).expand((5, 2))
+    index = (slice(0, 1), slice(0, 1))
+    draws = torch.stack([_entry_draw(fn, index) for _ in range(4000)])
+    assert draws.shape == (4000, 1, 1)
+    freq = torch.bincount(draws.reshape(-1), minlength=3).double() / 4000
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.03, rtol=0)   # sd <= 0.008
+    assert _entry_draw(dist.OneHotCategorical(probs).expand((5, 2)), index) is None   # not rebuilt: full draws
