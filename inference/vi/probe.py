@@ -53,16 +53,45 @@ def num_states(fn) -> int:
 
 
 def probe_runs(model, args, kwargs, local: str | None, expand: bool = True) -> list[Tabulate]:
-    """The model run under ``Tabulate(local, expand)`` once per probe seed (globals drawn from their priors)."""
-    runs = []
-    for seed in PROBE_SEEDS:
-        handler = Tabulate(local, expand)
-        # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
-        with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
-            torch.manual_seed(seed)
-            model(*args, **kwargs)
-        runs.append(handler)
-    return runs
+    """The model run under ``Tabulate(local, expand)`` once per probe seed (globals drawn from their priors).
+
+    With ``expand`` and a Categorical (mixture) local, the second run first takes the local unexpanded,
+    ``(K, 1, ..)``: the model's own work is then done for K states, not K x data (its plates broadcast the rest),
+    and the first run has already checked the data-wide, elementwise use of the local. That run is kept only if
+    every site has the layout it has in the first run (``same_layout``); otherwise (or if the model fails on it)
+    the second run is expanded too."""
+    first = _run(model, args, kwargs, local, expand, PROBE_SEEDS[0])
+    if expand and local in first.sites and not hasattr(first.sites[local]["fn"], "log_trans"):
+        try:
+            cheap = _run(model, args, kwargs, local, False, PROBE_SEEDS[1])
+        except Exception:  # noqa: BLE001 - only a shortcut: any failure falls back to the expanded run
+            cheap = None
+        if cheap is not None and same_layout(first, cheap, local):
+            return [first, cheap]
+    return [first, _run(model, args, kwargs, local, expand, PROBE_SEEDS[1])]
+
+
+def _run(model, args, kwargs, local: str | None, expand: bool, seed: int) -> Tabulate:
+    handler = Tabulate(local, expand)
+    # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
+    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
+        torch.manual_seed(seed)
+        model(*args, **kwargs)
+    return handler
+
+
+def same_layout(a: Tabulate, b: Tabulate, local: str) -> bool:
+    """Do the two runs have the same sites, in order, each with the same batch and event shapes and (but for the
+    local's) value shapes?"""
+    if list(a.sites) != list(b.sites) or a.params != b.params:
+        return False
+    for name, site in a.sites.items():
+        other = b.sites[name]
+        if (site["fn"].batch_shape, site["fn"].event_shape) != (other["fn"].batch_shape, other["fn"].event_shape):
+            return False
+        if name != local and site["value"].shape != other["value"].shape:
+            return False
+    return True
 
 
 def peel(fn) -> tuple[object, int, torch.Tensor | None]:
@@ -78,11 +107,15 @@ def peel(fn) -> tuple[object, int, torch.Tensor | None]:
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Are ``a`` and ``b`` equal (or allclose) once broadcast together? Dims along which both are expanded (stride
+    0: every entry the same) are compared at one index only."""
     try:
         a, b = torch.broadcast_tensors(a, b)
     except RuntimeError:
         return False
-    b = b.to(a.dtype)
+    index = tuple(slice(0, 1) if n > 1 and sa == 0 and sb == 0 else slice(None)
+                  for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    a, b = a[index], b[index].to(a.dtype)
     # an indexed global is copied exactly (``loc[z]``): equality is the common, cheap case
     return a.shape == b.shape and (torch.equal(a, b) or bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6)))
 

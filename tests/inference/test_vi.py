@@ -25,7 +25,7 @@ from ppl.compiler import with_backend_facts
 from ppl.expfam import niw
 from ppl.graph import trace_graph
 from ppl.inference.vi import backend as vi_backend
-from ppl.inference.vi import cavi, conjugacy
+from ppl.inference.vi import cavi, conjugacy, probe
 from ppl.inference.vi.backend import RULES, vi_facts
 from tests.ppl import models_for_tests as M
 from tests.reference.brute_force import brute_force
@@ -498,3 +498,38 @@ def test_restarts_on_many_rows_are_screened_on_a_subsample_and_reach_the_full_re
     monkeypatch.setattr(cavi, "coordinate_ascent", lambda s, *a, **k: calls.append(s.local.zshape) or real(s, *a, **k))
     fit(fixed_niw_gmm, x, **options)
     assert calls == [(100,)] * 4 + [(900,)]        # four screening fits on 100 rows, one fit on all 900
+
+
+@ppl.model
+def unplated_mixture(x, K=2):
+    """The child outside the data plate, one event of N values: unexpanded, its layout would differ."""
+    weights = ppl.sample("weights", dist.Dirichlet(torch.ones(K)))
+    loc = ppl.sample("loc", dist.Normal(torch.zeros(K), 10.0).to_event(1))
+    with ppl.plate("data", x.shape[0]):
+        z = ppl.sample("z", dist.Categorical(weights))
+    ppl.sample("x", dist.Normal(loc[z], 1.0).to_event(1), obs=x)
+
+
+def test_the_second_probe_run_takes_the_local_unexpanded_only_where_the_layout_is_the_same(monkeypatch):
+    """The cheap second probe run (local ``(K, 1)``, plates broadcasting) gives the same Structure as two expanded
+    runs: the same coordinate ascent to the bit; a model whose layout would change gets an expanded second run."""
+    x = _three_blobs(60)
+    s, c = 0.5 + torch.arange(60, dtype=D64) / 60, torch.arange(60) % 2
+    cases = ((fixed_niw_gmm, x, {}), (M.gmm, x, {}), (bernoulli_mixture, (x > 0.5).to(D64), {"K": 2}),
+             (normal_mixture_with_side_labels, x[:, 0], {"s": s, "c": c}))
+    labels = torch.arange(60) % 2
+    expanded = lambda model, a, k, local, expand=True: [  # noqa: E731 - the previous probe: both runs expanded
+        probe._run(model, a, k, local, expand, seed) for seed in probe.PROBE_SEEDS]
+    for model, data, kwargs in cases:
+        runs = probe.probe_runs(model, (data,), kwargs, "z")
+        assert runs[0].sites["z"]["value"].shape == (runs[1].sites["z"]["value"].shape[0], 60)
+        assert runs[1].sites["z"]["value"].shape[1:] == (1,), model                  # the cheap run was kept
+        cheap = structure_of(model, data, **kwargs)[0]
+        with monkeypatch.context() as m:
+            m.setattr(conjugacy, "probe_runs", expanded)
+            full = structure_of(model, data, **kwargs)[0]
+        a = cavi.coordinate_ascent(cheap, cavi.hard_local(cheap, labels), 4, 0.0)
+        b = cavi.coordinate_ascent(full, cavi.hard_local(full, labels), 4, 0.0)
+        assert a.history == b.history, model
+    runs = probe.probe_runs(unplated_mixture, (torch.randn(7),), {}, "z")
+    assert [r.sites["z"]["value"].shape for r in runs] == [(2, 7), (2, 7)]
