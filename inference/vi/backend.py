@@ -205,7 +205,8 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
         if s.observed:
             rows.append(SiteTreatment(s.name, "observed", f"{s.family}, shape {s.value_shape}"))
         elif s.name == v.chain:
-            rows.append(SiteTreatment(s.name, "message passing", slds_vi.LOCAL_TREATMENT if facts.switching else chain_vi.LOCAL_TREATMENT))
+            rows.append(SiteTreatment(s.name, "message passing",
+                                      slds_vi.LOCAL_TREATMENT if facts.switching else chain_vi.LOCAL_TREATMENT))
         elif s.name == v.local and s.block == "markov_chain":
             rows.append(SiteTreatment(s.name, "message passing", "q(z): forward-backward on E_q[log initial], "
                                       "E_q[log transition] and expected log-likelihoods (VB-HMM)"))
@@ -284,10 +285,11 @@ def subsample(structure: Structure, rows: torch.Tensor) -> Structure | None:
 
 
 def _screened(structure: Structure, labels: list, num_steps: int, tol: float, seed: int, progress: bool):
-    """Restarts screened on a subsample: each start's coordinate ascent on ``SCREEN_ROWS`` random rows (``subsample``,
-    rows drawn with ``seed``) to a relative ELBO change of ``max(tol, SCREEN_TOL)``; returns ``(start on all rows, interrupted)``: the responsibilities of every row
-    under the q(globals) of the subsample fit with the best ELBO (one local step), or None when the structure
-    cannot be subsampled or has too few rows (at most 2 x ``SCREEN_ROWS``)."""
+    """Restarts screened on a subsample: each start's coordinate ascent on ``SCREEN_ROWS`` random rows
+    (``subsample``, rows drawn with ``seed``) to a relative ELBO change of ``max(tol, SCREEN_TOL)``. Returns
+    ``(start, interrupted)``: ``start`` = q(z) of every row under the q(globals) of the subsample fit with the best
+    ELBO (one local step), or None when the structure cannot be subsampled or has at most 2 x ``SCREEN_ROWS``
+    rows; ``interrupted``: Ctrl-C stopped the screening."""
     N = structure.local.zshape[0] if structure.local is not None and structure.local.zshape else 0
     if N <= 2 * SCREEN_ROWS:
         return None, False
@@ -358,11 +360,12 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
     below ``tol``. A mixture with more than 2 x ``SCREEN_ROWS`` data rows screens its starts on ``SCREEN_ROWS``
-    random rows (each start's coordinate ascent there) and fits all rows from the best one only (``_screened``). Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as
-    ``log_evidence``, ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never
-    increases) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``). checkpoint /
-    checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``); Ctrl-C keeps the
-    best of the runs so far, marked ``post.interrupted``.
+    random rows (each start's coordinate ascent there) and fits all rows from the best one only (``_screened``).
+    Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as ``log_evidence``,
+    ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never increases; after
+    screening, the sweeps on all rows) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``).
+    checkpoint / checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``);
+    Ctrl-C keeps the best of the runs so far, marked ``post.interrupted``.
 
     batch_size / tau0 / kappa (an LDA-style admixture only, ``lda``): ``batch_size=None`` fits by coordinate
     ascent; an integer B runs stochastic natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents,
