@@ -3,7 +3,7 @@
 For each seed, on the same ``slds.simulate(seed)`` data (T = 200, P = 3, K = 2, D = 2):
 
 - ``svi``: the library model ``slds.slds`` (Normal / HalfNormal priors) through ``ppl.infer`` with backend
-  ``auto`` (the compiler picks svi) and the library's ``infer_options`` (400 Adam steps from ``init_values``: the
+  ``auto`` (the compiler picks svi) and the library's ``svi_infer_options`` (400 Adam steps from ``init_values``: the
   route the library's recovery test runs);
 - ``vi``: ``slds.slds_conjugate`` (Dirichlet / MNIW priors) through ``ppl.infer`` with backend ``auto`` (the
   compiler picks vi: structured mean field, ``inference/vi/slds.py``) and the backend's defaults.
@@ -41,7 +41,7 @@ def timed(fn):
 def route(name: str, sim) -> dict:
     """Fit ``sim`` by route ``name`` ("svi" or "vi", module docstring); the row's numbers."""
     if name == "svi":
-        model, options = slds.slds, slds.infer_options(sim)
+        model, options = slds.slds, slds.svi_infer_options(sim)
     else:
         model, options = slds.slds_conjugate, {}
     with warnings.catch_warnings():

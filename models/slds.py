@@ -18,17 +18,17 @@ are identifiable up to relabelling the regimes. The latents are written with
 ``ppl.switching_chain("s", ...)``: the chain ``s_z: (T,)`` and the path ``s_x: (T, D)``.
 
 Shapes: ``y: (T, P)``; ``trans: (K, K)``; ``dynamics: (K, D, D)``; ``state_noise: (D,)``;
-``emission_free: (P - D, D)`` (absent when P = D); ``obs_noise: (P,)``.
+``emission_free: (P - D, D)`` (absent when P = D); ``obs_noise: (P,)``. The model above is ``slds``; its compiler
+route is ``svi`` (rule ``default-svi``: the exact posterior of a switching LDS is a mixture of K^T Gaussians, so no
+exact rule applies. The discrete chain s_z is collapsed exactly by the forward algorithm given the path, the path
+s_x and the globals get an AutoNormal guide; ``svi_infer_options``, ``svi_recovery_errors``).
 
-Backend the compiler chooses: ``svi`` (rule ``default-svi``: the exact posterior of a switching
-LDS is a mixture of K^T Gaussians, so no exact rule applies. The discrete chain s_z is still
-collapsed exactly by the forward algorithm given the path, the path s_x and the globals get an
-AutoNormal guide; ``post.viterbi("s_z")`` is the most probable regime sequence given the guide's
-median path).
-
-Conjugate variant ``slds_conjugate``: Dir(1_K) rows, a matrix-normal-inverse-Wishart (A_k, Q_k) per regime and
-(C, R) ~ MNIW with full covariances; the compiler routes it to ``vi`` (structured mean field q(z) q(x), HMM <->
-Kalman, closed-form updates, the full posterior over the globals; ``conjugate_recovery_errors``).
+The library's switching LDS (``model``) is the conjugate variant ``slds_conjugate``: Dir(1_K) rows, a
+matrix-normal-inverse-Wishart (A_k, Q_k) per regime and (C, R) ~ MNIW with full covariances. Backend the compiler
+chooses: ``vi`` (rule ``conjugate-exponential``: structured mean field q(z) q(x), HMM <-> Kalman, closed-form
+updates, the full posterior over the globals; ``inference/vi/slds.py``). With the backend's defaults it segments
+``simulate`` data as well as the svi route in less time (``bench/bench_slds.py``); ``recovery_errors`` compares
+the dynamics in the basis where C's top block is the identity.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from . import Simulated
 from ._util import best_permutation
 from .lds import emission_matrix, rotation
 
-EXPECTED_BACKEND = "svi"
+EXPECTED_BACKEND = "vi"
 
 
 def _check_inputs(y, K, D) -> None:
@@ -98,7 +98,7 @@ def slds_conjugate(y: torch.Tensor, K: int = 2, D: int = 2):
     ``vi`` (rule ``conjugate-exponential``): variational Bayes by structured mean field (q(z) by forward-backward,
     q(x) by Kalman smoothing, closed-form Dirichlet / MNIW updates; ``ppl.inference.vi.slds``), the full posterior
     over the globals. C is not pinned to [I; C~] (that would not be conjugate), so the latent basis is free:
-    ``conjugate_recovery_errors`` compares the dynamics in the basis where C's top block is the identity.
+    ``recovery_errors`` compares the dynamics in the basis where C's top block is the identity.
     Values: ``dynamics`` packs ``[A_k | Q_k]`` ``(K, D, 2 D)``, ``emission`` ``[C | R]`` ``(P, D + P)``."""
     _check_inputs(y, K, D)
     T, P = y.shape
@@ -110,8 +110,8 @@ def slds_conjugate(y: torch.Tensor, K: int = 2, D: int = 2):
     ppl.sample("y", dist.MultivariateNormal(x @ C.T, R).to_event(1), obs=y)
 
 
-def conjugate_recovery_errors(post, sim: Simulated) -> dict[str, float]:
-    """``recovery_errors`` of a ``slds_conjugate`` fit: ``segmentation`` (1 - accuracy of the Viterbi regimes up to
+def recovery_errors(post, sim: Simulated) -> dict[str, float]:
+    """Errors of a ``slds_conjugate`` fit (the library model): ``segmentation`` (1 - accuracy of the Viterbi regimes up to
     relabelling) and ``dynamics``, the largest entry error of the A_k (best relabelling) after moving the fit to
     the latent basis where C's top D x D block is the identity (x -> C_top x, A_k -> C_top A_k C_top^-1), the basis
     ``simulate``'s truth is written in."""
@@ -180,7 +180,12 @@ def init_values(y: torch.Tensor, K: int, D: int, seed: int = 0) -> dict[str, tor
 
 
 def infer_options(sim: Simulated) -> dict:
-    """SVI (AutoNormal) from ``init_values``: 400 steps at lr 0.03 (segmentation and dynamics are as
+    """Options of the library model's fit (``slds_conjugate`` through vi): none, the backend's defaults."""
+    return {}
+
+
+def svi_infer_options(sim: Simulated) -> dict:
+    """SVI of ``slds`` (AutoNormal) from ``init_values``: 400 steps at lr 0.03 (segmentation and dynamics are as
     good as after 2000 steps on seeds 0-3)."""
     y, = sim.args
     return dict(num_steps=400, lr=0.03, num_samples=50, init=init_values(y, sim.kwargs["K"], sim.kwargs["D"]))
@@ -194,9 +199,9 @@ def segmentation_accuracy(states: torch.Tensor, truth: torch.Tensor, K: int) -> 
                for perm in itertools.permutations(range(K)))
 
 
-def recovery_errors(post, sim: Simulated) -> dict[str, float]:
-    """``segmentation``: 1 - accuracy of the Viterbi regimes up to relabelling; ``dynamics``: largest
-    entry error of the A_k under the best relabelling."""
+def svi_recovery_errors(post, sim: Simulated) -> dict[str, float]:
+    """Errors of a ``slds`` fit: ``segmentation``: 1 - accuracy of the Viterbi regimes up to relabelling;
+    ``dynamics``: largest entry error of the A_k under the best relabelling."""
     K = sim.kwargs["K"]
     seg = 1.0 - segmentation_accuracy(post.viterbi("s_z"), sim.truth["s_z"], K)
     est = post.mean("dynamics")
@@ -206,11 +211,12 @@ def recovery_errors(post, sim: Simulated) -> dict[str, float]:
 
 
 TOLERANCES = {
-    # >= 80% of the steps labelled right (measured 99.5-100% on seeds 0-3); ~10 regime switches in T = 200.
+    # >= 80% of the steps labelled right; ~10 regime switches in T = 200. Measured with the library model
+    # (slds_conjugate, vi, defaults): 99.5-100% on seeds 0-3 (the svi route on slds: 99.5-100% too).
     "segmentation": 0.2,
-    # Statistically a regime's A_k is pinned to ~0.015 (~100 steps of a path with sd ~0.7, noise 0.1),
-    # but the mean-field guide on the path shrinks A towards 0 and inflates the state noise (it ignores
-    # the path's temporal correlations): measured errors 0.05-0.10 on seeds 0-3 -> 0.15.
+    # Statistically a regime's A_k is pinned to ~0.015 (~100 steps of a path with sd ~0.7, noise 0.1). Measured
+    # (vi, defaults, in the basis where C's top block is I): 0.054, 0.042, 0.023, 0.065 on seeds 0-3; the svi
+    # route's mean-field guide on the path shrinks A towards 0 (0.05-0.10) -> 0.15.
     "dynamics": 0.15,
 }
-model = slds
+model = slds_conjugate

@@ -466,7 +466,7 @@ LOCAL_TREATMENT = ("structured mean field q(z) q(x): Kalman smoothing (informati
                    "E_q[log transition] and the expected transition log-likelihoods (Ghahramani & Hinton 2000)")
 
 
-SCREEN_SWEEPS = 20
+SCREEN_SWEEPS = 30
 """Sweeps each start runs before the best one alone is continued (``fit``)."""
 
 

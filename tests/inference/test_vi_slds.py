@@ -230,7 +230,7 @@ def test_library_conjugate_slds_routes_to_vi_and_segments():
         warnings.simplefilter("ignore", ppl.inference.training.NotConverged)
         post = ppl.infer(slds.slds_conjugate, *sim.args, model_kwargs=sim.kwargs, progress=False, num_steps=40,
                          restarts=1)
-    errors = slds.conjugate_recovery_errors(post, sim)
+    errors = slds.recovery_errors(post, sim)
     assert errors["segmentation"] <= 0.05, errors
     assert errors["dynamics"] < slds.TOLERANCES["dynamics"], errors
 
