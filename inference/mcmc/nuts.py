@@ -23,6 +23,12 @@ variance (or covariance) of the draws of each slow window (init buffer 75, first
 term buffer 50; 15% / 75% / 10% of a short warmup), after which the step size is re-initialized and its
 adaptation restarted. Every chain adapts its own step size and mass matrix.
 
+Cost: for a small model the sampler's time is the number of tensor ops per leapfrog step (a few microseconds
+each, whatever their size), so a leaf does one packed leapfrog, one energy, one weight update and all its U-turn
+checks against the completed sub-subtrees as one batched op over the checkpoints; the chains' values that a
+finished (turned or diverged) subtree no longer needs are left unmasked; the sampler runs under
+``torch.inference_mode`` (no autograd bookkeeping per op), calling a potential that needs autograd outside it.
+
 Randomness: chain c draws every random number from its own ``torch.Generator`` (seeded from ``seed`` and
 c), a fixed number per iteration, so a chain's draws do not depend on which other chains run beside it,
 and a run continued from its ``SamplerState`` gives the draws the uninterrupted run would have.
@@ -130,9 +136,38 @@ class AllChains:
     their current point and the result discarded."""
 
     fn: PotentialAndGrad
+    needs_autograd: bool = True
+    """False for a recorded graph that computes its gradient explicitly (see ``Recorded``)."""
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fn(z)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Marks a potential that needs no autograd (a recorded graph computing its gradient explicitly): the sampler
+    calls it inside its ``torch.inference_mode`` (cheaper ops), on inference tensors. Any other potential is
+    called with inference mode off, on a copy of ``z`` (autograd cannot record inference tensors)."""
+
+    fn: PotentialAndGrad
+    needs_autograd = False
+
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(z)
+
+
+def _outside_inference_mode(potential_and_grad: PotentialAndGrad) -> PotentialAndGrad:
+    """``potential_and_grad`` as the sampler calls it from inside ``torch.inference_mode``: unchanged when it needs
+    no autograd (``Recorded``, ``AllChains(..., needs_autograd=False)``), else run with inference mode off on a
+    copy of its input (still an ``AllChains`` if it was one)."""
+    if not getattr(potential_and_grad, "needs_autograd", True):
+        return potential_and_grad
+
+    def call(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(False):
+            return potential_and_grad(z.clone())
+
+    return AllChains(call, needs_autograd=False) if isinstance(potential_and_grad, AllChains) else Recorded(call)
 
 
 def _evaluate(potential_and_grad: PotentialAndGrad, z: torch.Tensor, rows: torch.Tensor, current: torch.Tensor
@@ -161,13 +196,21 @@ def pack(z: torch.Tensor, r: torch.Tensor, u: torch.Tensor, grad: torch.Tensor) 
 
 def _leapfrog(potential_and_grad: PotentialAndGrad, metric: Metric, p: torch.Tensor, step: torch.Tensor,
               rows: torch.Tensor, D: int) -> torch.Tensor:
-    """One leapfrog step of signed size ``step`` ``(C,)`` from packed points ``p`` for the chains in ``rows``
-    (the others unchanged)."""
-    e = step.unsqueeze(-1)
-    r_half = p[:, D:2 * D] - 0.5 * e * p[:, 2 * D:3 * D]
-    z = p[:, :D] + e * metric.velocity(r_half)
-    u, grad = _evaluate(potential_and_grad, z, rows, p[:, :D])
-    return torch.where(rows.unsqueeze(-1), pack(z, r_half - 0.5 * e * grad, u, grad), p)
+    """One leapfrog step of signed size ``step`` ``(C, 1)`` from packed points ``p`` ``(C, 3D + 1)`` for the
+    chains in ``rows`` ``(C,)``. The other rows of the result are scratch, not a leapfrog step: the potential is
+    not evaluated there (``AllChains``: evaluated at their current position, which they keep), and the tree
+    builder ignores them."""
+    half = 0.5 * step
+    r_half = p[:, D:2 * D] - half * p[:, 2 * D:3 * D]
+    z = p[:, :D] + step * metric.velocity(r_half)
+    if isinstance(potential_and_grad, AllChains):
+        z = torch.where(rows.unsqueeze(-1), z, p[:, :D])
+        u, grad = potential_and_grad(z)
+        if u.dtype != z.dtype or grad.dtype != z.dtype:
+            u, grad = u.to(z.dtype), grad.to(z.dtype)
+    else:
+        u, grad = _evaluate(potential_and_grad, z, rows, p[:, :D])
+    return torch.cat([z, r_half - half * grad, grad, u.unsqueeze(-1)], -1)
 
 
 @dataclass(frozen=True)
@@ -207,49 +250,49 @@ def transition(potential_and_grad: PotentialAndGrad, z: torch.Tensor, u: torch.T
     n_steps = torch.zeros(C, dtype=torch.long, device=device)
     sum_accept = torch.zeros(C, dtype=dtype, device=device)
     diverging = torch.zeros(C, dtype=torch.bool, device=device)
-    ckpt_r = torch.zeros(max(max_depth, 1), C, D, dtype=dtype, device=device)
-    ckpt_v, ckpt_sum = torch.zeros_like(ckpt_r), torch.zeros_like(ckpt_r)   # momenta, velocities, sums
+    ckpt_v = torch.zeros(max(max_depth, 1), C, D, dtype=dtype, device=device)   # velocities M^-1 r at checkpoints
+    ckpt_c = torch.zeros_like(ckpt_v)          # (momentum sum up to the checkpoint) - (its momentum) / 2
     log_u = noise.uniform.log()
     minus_inf = torch.tensor(-math.inf, dtype=dtype, device=device)
     for j in range(max_depth):
         if not bool(active.any()):
             break
         forward = noise.uniform[:, j] < 0.5
-        step = torch.where(forward, step_size, -step_size)
+        step = torch.where(forward, step_size, -step_size).unsqueeze(-1)
         end = torch.where(forward.unsqueeze(-1), right, left)
         sub_proposal, sub_sum = end, torch.zeros_like(rho)
         sub_log_w = torch.full((C,), -math.inf, dtype=dtype, device=device)
         building = active
-        sub_turn = sub_div = torch.zeros(C, dtype=torch.bool, device=device)
+        leaf_u = log_u[:, 2 * max_depth + 2 ** j - 1:2 * max_depth + 2 ** (j + 1) - 1]
         for n in range(2 ** j):
-            if not bool(building.any()):
+            # ``building``: the chains whose subtree has neither turned nor diverged so far. The values of the
+            # other chains below are not used: their subtree is invalid, its sums, weights and draw discarded.
+            if n and not bool(building.any()):
                 break
             end = _leapfrog(potential_and_grad, metric, end, step, building, D)
             r = end[:, D:2 * D]
             v = metric.velocity(r)
-            delta = end[:, -1] + 0.5 * (r * v).sum(-1) - h0
-            ok = delta <= MAX_DELTA_ENERGY                    # False for NaN
-            div = building & ~ok
-            leaf_log_w = torch.where(ok, -delta, minus_inf)
-            sum_accept = sum_accept + building * leaf_log_w.clamp(max=0.0).exp()
+            neg_delta = h0 - end[:, -1] - 0.5 * (r * v).sum(-1)       # H0 - H; NaN fails the test below
+            alive = building & (neg_delta >= -MAX_DELTA_ENERGY)
+            diverging = diverging | (building ^ alive)
+            leaf_log_w = torch.where(alive, neg_delta, minus_inf)
+            sum_accept = sum_accept + leaf_log_w.clamp(max=0.0).exp()
             n_steps = n_steps + building
             new_log_w = torch.logaddexp(sub_log_w, leaf_log_w)
-            take = building & (log_u[:, 2 * max_depth + 2 ** j - 1 + n] < leaf_log_w - new_log_w)
+            take = leaf_u[:, n] < leaf_log_w - new_log_w             # False where the leaf's weight is 0
             sub_proposal = torch.where(take.unsqueeze(-1), end, sub_proposal)
-            sub_log_w = torch.where(building, new_log_w, sub_log_w)
-            sub_sum = torch.where(building.unsqueeze(-1), sub_sum + r, sub_sum)
+            sub_log_w = new_log_w
+            sub_sum = sub_sum + r
+            centred = sub_sum - 0.5 * r
             first, last = _checkpoints(n)
-            if n % 2 == 0:
-                ckpt_r[last], ckpt_v[last], ckpt_sum[last] = r, v, sub_sum
-            turn = torch.zeros_like(building)
-            for i in range(last, first - 1, -1):   # the subtree from checkpoint i to this leaf, ends i and r
-                centred = sub_sum - ckpt_sum[i] + 0.5 * (ckpt_r[i] - r)
-                turn = turn | ((ckpt_v[i] * centred).sum(-1) <= 0) | ((v * centred).sum(-1) <= 0)
-            turn = turn & building & ~div
-            sub_turn, sub_div = sub_turn | turn, sub_div | div
-            building = building & ~turn & ~div
-        valid = active & ~sub_turn & ~sub_div
-        diverging = diverging | (active & sub_div)
+            if first > last:                                          # n even: a checkpoint, nothing completed
+                ckpt_v[last], ckpt_c[last] = v, centred
+                building = alive
+            else:   # the subtrees from checkpoints first..last to this leaf: all their U-turn checks at once
+                centred = centred - ckpt_c[first:last + 1]                                # (k, C, D)
+                dots = torch.minimum((ckpt_v[first:last + 1] * centred).sum(-1), (v * centred).sum(-1))
+                building = alive & ~(dots <= 0).any(0)
+        valid = building
         depth = depth + active
         take = valid & (log_u[:, max_depth + j] < sub_log_w - log_w)
         proposal = torch.where(take.unsqueeze(-1), sub_proposal, proposal)
@@ -278,7 +321,7 @@ def find_step_size(potential_and_grad: PotentialAndGrad, z: torch.Tensor, u: tor
     all_rows = torch.ones_like(u, dtype=torch.bool)
 
     def log_accept(step):
-        p = _leapfrog(potential_and_grad, metric, start, step, all_rows, D)
+        p = _leapfrog(potential_and_grad, metric, start, step.unsqueeze(-1), all_rows, D)
         d = h0 - p[:, -1] - metric.kinetic(p[:, D:2 * D])
         return torch.where(torch.isfinite(d), d, torch.full_like(d, -math.inf))
 
@@ -461,12 +504,30 @@ def sample(potential_and_grad: PotentialAndGrad, init: torch.Tensor | None, num_
         if len(seeds) != z.shape[0]:
             raise ValueError(f"NUTS: seeds has {len(seeds)} entries for {z.shape[0]} chains")
         generators = make_generators(seeds, z.device)
+    potential_and_grad = _outside_inference_mode(potential_and_grad)
+    bar = progress_bar("NUTS", warmup_steps + num_samples, progress)
+    # inference mode: the sampler's many small tensor ops skip autograd's bookkeeping (~25% cheaper each)
+    with torch.inference_mode():
+        draws, stats, state_out, interrupted = _run(potential_and_grad, z, state, generators, num_samples,
+                                                    warmup_steps, dense_mass, target_accept, max_tree_depth, bar)
+    # out of inference mode: the results become ordinary tensors (copies)
+    out_stats = {k: torch.stack([s[k] for s in stats], 1) for k in STAT_NAMES}
+    last_z, step, inv_mass, rng_states = state_out
+    new_state = SamplerState(last_z.clone(), step.clone(), inv_mass.clone(), [s.clone() for s in rng_states],
+                             max_tree_depth, float(target_accept))
+    return NUTSRun(torch.stack(draws, 1), out_stats, new_state, interrupted)
+
+
+def _run(potential_and_grad, z, state, generators, num_samples, warmup_steps, dense_mass, target_accept,
+         max_tree_depth, bar):
+    """``sample``'s loop (under inference mode): (draws, per-draw stats, (last z, step size, inverse mass,
+    generator states), interrupted)."""
     u, grad = potential_and_grad(z)
     if not bool(torch.isfinite(u).all()):
+        bar.close()
         bad = torch.nonzero(~torch.isfinite(u)).flatten().tolist()
         raise ValueError(f"NUTS: the potential is not finite at the initial point of chain(s) {bad}")
-    C, D = z.shape
-    bar = progress_bar("NUTS", warmup_steps + num_samples, progress)
+    D = z.shape[1]
     try:
         if state is None:
             z, u, grad, step, metric = _warmup(potential_and_grad, z, u, grad, generators, warmup_steps,
@@ -490,10 +551,7 @@ def sample(potential_and_grad: PotentialAndGrad, init: torch.Tensor | None, num_
                 raise KeyboardInterrupt("NUTS: interrupted before the first draw") from None
             interrupted = True
             warnings.warn(f"NUTS: interrupted by the user after {len(draws)} of {num_samples} draws; the result "
-                          "holds the draws reached (post.interrupted is True)", Interrupted, stacklevel=2)
+                          "holds the draws reached (post.interrupted is True)", Interrupted, stacklevel=3)
     finally:
         bar.close()
-    out_stats = {k: torch.stack([s[k] for s in stats], 1) for k in STAT_NAMES}
-    new_state = SamplerState(last_z.detach(), step.detach(), metric.inv_mass.detach(), rng_states,
-                             max_tree_depth, float(target_accept))
-    return NUTSRun(torch.stack(draws, 1).detach(), out_stats, new_state, interrupted)
+    return draws, stats, (last_z, step, metric.inv_mass, rng_states), interrupted

@@ -8,7 +8,8 @@ gradient come from
 1. one traced graph (``_traced``): ``torch.func.vmap(torch.func.grad_and_value(U))`` (or, when the model's
    code cannot be vmapped, the chains' autograd passes unrolled) recorded once by ``make_fx`` as a
    straight-line program of aten ops (the handler stack, the model's Python and autograd's bookkeeping run
-   once, at build time), constants folded, then ``torch.jit.trace``-d; the values the model's Python read off
+   once, at build time), constants folded and the graph shrunk (``simplify.fold_and_simplify``: shape-only ops,
+   identities, common subexpressions), then ``torch.jit.trace``-d, run by the sampler inside its inference mode; the values the model's Python read off
    z-dependent tensors are guarded (a call where one differs is evaluated eagerly); kept only when it equals
    the eager values at the starting points;
 2. the same ``vmap`` run eagerly at every call (``_vectorized``), when the trace is refused;
@@ -27,8 +28,9 @@ from pyro.infer.mcmc.util import initialize_model
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import chains, compiled, training
-from ..graph_recording import add_guards, fold_constants, mutates
-from .nuts import AllChains
+from ..graph_recording import add_guards, mutates
+from .nuts import AllChains, Recorded
+from .simplify import fold_and_simplify
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,12 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
     (``graph_recording.add_guards``): every call compares them with their values at ``z`` and evaluates the call by
     ``fallback`` (the eager potential) when one differs. The trace is refused (None) when a shape depends on z's
     values, when tracing fails, or when its values at ``z`` differ from ``reference`` (chain by chain, 1e-6
-    relative). Constants are folded (``graph_recording.fold_constants``) and the graph is run by ``torch.jit.trace`` (fewer
-    interpreter calls per op), checked against the graph at ``z``. The vmapped graph is returned as
-    ``nuts.AllChains``: the sampler calls it on all C chains (another number of rows is run C at a time,
-    padded); the one-row graph is run once per row asked for. Where U is not finite the
+    relative). Constants are folded and the graph shrunk (``simplify.fold_and_simplify``, kept only where it gives the same
+    outputs) and the graph is run by ``torch.jit.trace`` (fewer interpreter calls per op), checked against the
+    graph at ``z``. The vmapped graph is returned as ``nuts.AllChains(..., needs_autograd=False)``: the sampler calls
+    it on all C chains (another number of rows is run C at a time, padded); the one-row graph, as
+    ``nuts.Recorded``, is run once per row asked for. Both run inside the sampler's ``torch.inference_mode``; a
+    guard that fails evaluates the call by ``fallback`` outside it. Where U is not finite the
     gradient is whatever the graph gives (the sampler stops such a trajectory as divergent on U alone)."""
     def value(row: torch.Tensor) -> torch.Tensor:
         return potential_fn(layout.unravel(row))
@@ -212,7 +216,7 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
             if not add_guards(module):
                 return None
             if not mutates(module.graph):
-                module = fold_constants(module, example)
+                module = fold_and_simplify(module, example)
             graph_out = module(example)
             try:
                 run = torch.jit.trace(module, (example,), check_trace=False)
@@ -224,12 +228,16 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
     except Exception:  # noqa: BLE001 - a model make_fx cannot record keeps the eager potential
         return None
     C, expected = example.shape[0], graph_out[2]
+    guarded = expected.numel() > 0
 
     def block_potential(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grads, us, guards = run(block)
-        if not torch.equal(guards, expected):
-            return fallback(block)
-        return us.to(block.dtype), grads.to(block.dtype)
+        if guarded and not torch.equal(guards, expected):
+            with torch.inference_mode(False):     # the eager potential needs autograd: not on inference tensors
+                return fallback(block.clone())
+        if us.dtype != block.dtype or grads.dtype != block.dtype:
+            us, grads = us.to(block.dtype), grads.to(block.dtype)
+        return us, grads
 
     def potential_and_grad(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if rows.shape[0] == C:
@@ -251,4 +259,4 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
           and torch.allclose(g[finite], reference[1][finite], rtol=1e-5, atol=1e-6))
     if not ok:
         return None
-    return AllChains(potential_and_grad) if vmapped else potential_and_grad
+    return AllChains(potential_and_grad, needs_autograd=False) if vmapped else Recorded(potential_and_grad)

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import ppl
+from ppl.compiler import compile as compile_model
 from ppl.inference.mcmc import backend as mcmc_backend
+from ppl.inference.mcmc.nuts import AllChains, Recorded
 from ppl.inference.mcmc.potential import make_potential
+from ppl.inference.mcmc.simplify import fold_and_simplify
 from ppl.inference.training import Interrupted
 from tests.ppl import models_for_tests as M
 from tests.ppl.models_for_tests import normal_normal
@@ -263,8 +267,6 @@ def test_traced_potential_equals_the_model_everywhere_and_guards_its_branches():
     value (float(mu) > 0, which vmap refuses) is traced one row at a time with a guard on that value: on the other
     branch the call is evaluated eagerly and still equals the closed form (a trace that baked the branch in would
     be silently wrong there)."""
-    from ppl.compiler import compile as compile_model
-    from ppl.inference.mcmc.nuts import AllChains
 
     y = torch.tensor([0.5, 1.5, -0.3], dtype=torch.float64)
     torch.manual_seed(0)
@@ -281,13 +283,16 @@ def test_traced_potential_equals_the_model_everywhere_and_guards_its_branches():
 
     torch.manual_seed(1)
     guarded = make_potential(branching, (y,), {}, compile_model(branching, y, backend="mcmc"), 2)
-    assert guarded.potential_and_grad.__qualname__.startswith("_traced.")   # vmap refuses float(mu): rows traced
+    # vmap refuses float(mu): rows traced, one graph run per row, marked as needing no autograd
+    assert isinstance(guarded.potential_and_grad, Recorded)
+    assert guarded.potential_and_grad.fn.__qualname__.startswith("_traced.")
     for mu in ([0.5, 1.0], [-0.5, -1.0], [0.5, -1.0]):
         z = torch.tensor(mu, dtype=torch.float64)[:, None].requires_grad_(True)
         noise = torch.where(z[:, 0] > 0, 1.0, 3.0).to(z.dtype)
         want = _normal_potential(z[:, 0], y, noise)
         (want_grad,) = torch.autograd.grad(want.sum(), z)
-        u, g = guarded.potential_and_grad(z.detach())
+        with torch.inference_mode():    # as the sampler calls it: the eager fallback leaves inference mode
+            u, g = guarded.potential_and_grad(z.detach().clone())
         assert torch.allclose(u, want.detach(), atol=1e-10), (mu, u, want)
         assert torch.allclose(g, want_grad, atol=1e-10), (mu, g, want_grad)
 
@@ -348,3 +353,62 @@ def test_nuts_constrains_a_positive_site():
     ess = float(effective_sample_size(tau, chain_dim=0, sample_dim=1))
     assert bool((tau > 0).all())
     assert abs(float(tau.mean()) - a / b) < 4.5 * (a ** 0.5 / b) / ess ** 0.5, (float(tau.mean()), a / b, ess)
+
+
+def test_fold_and_simplify_drops_ops_that_compute_nothing_and_keeps_the_values():
+    """A recorded graph with identities (x * 1, x + 0, x ** 1, a view to its own shape, a sum over an unsqueezed
+    size-1 dimension), a shape-only op (ones_like) and a repeated subexpression (exp(x) twice) shrinks to the ops
+    that compute something, and gives the same outputs as the plain recording at other inputs (1e-12)."""
+    def f(x):
+        a = torch.exp(x) * 1.0 + 0.0
+        b = (torch.exp(x) ** 1.0).view(x.shape)
+        c = (a * b).unsqueeze(-1).sum(-1)
+        d = c + torch.ones_like(x) * 2.0
+        return d.sum(-1), d * x, torch.zeros(0, dtype=torch.float64)
+
+    example = torch.randn(4, 3, dtype=torch.float64)
+    plain = make_fx(f)(example)
+    slim = fold_and_simplify(make_fx(f)(example), example)
+    ops = lambda m: sum(n.op == "call_function" for n in m.graph.nodes)   # noqa: E731
+    assert ops(slim) <= ops(plain) - 7, (ops(plain), ops(slim))
+    for seed in range(3):
+        x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        for want, got in zip(plain(x), slim(x)):
+            assert want.shape == got.shape and torch.allclose(want, got, rtol=1e-12, atol=0.0)
+
+
+@ppl.model
+def schools(y, sigma):
+    mu = ppl.sample("mu", ppl.dist.Normal(torch.tensor(0.0, dtype=y.dtype), 5.0))
+    tau = ppl.sample("tau", ppl.dist.HalfCauchy(torch.tensor(5.0, dtype=y.dtype)))
+    with ppl.plate("school", y.shape[0]):
+        theta_tilde = ppl.sample("theta_tilde", ppl.dist.Normal(torch.zeros_like(y), 1.0))
+        ppl.sample("y", ppl.dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+
+def schools_potential(site: dict, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """-log p(mu, log tau, theta~ | y) + const in closed form (tau = exp(log tau), its log-Jacobian included)."""
+    d = torch.distributions
+    mu, log_tau, tt = site["mu"], site["tau"], site["theta_tilde"]
+    tau, zero, five = log_tau.exp(), torch.zeros((), dtype=y.dtype), torch.tensor(5.0, dtype=y.dtype)
+    return -(d.Normal(zero, five).log_prob(mu) + d.HalfCauchy(five).log_prob(tau) + log_tau
+             + d.Normal(zero, 1.0).log_prob(tt).sum() + d.Normal(mu + tau * tt, sigma).log_prob(y).sum())
+
+
+def test_the_eight_schools_potential_graph_is_simplified_and_exact():
+    """The backend's traced eight-schools potential (4 chains, its graph shrunk by fold_and_simplify) equals the
+    closed-form potential and its autograd gradient at random points (1e-10), called as the sampler calls it."""
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    potential = make_potential(schools, (y, sigma), {}, compile_model(schools, y, sigma, backend="mcmc"), 4)
+    assert isinstance(potential.potential_and_grad, AllChains) and not potential.potential_and_grad.needs_autograd
+    z = torch.randn(4, potential.layout.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        u, g = potential.potential_and_grad(z.clone())
+    for c in range(4):
+        row = z[c].clone().requires_grad_(True)
+        want = schools_potential(potential.layout.unravel(row), y, sigma)
+        (want_grad,) = torch.autograd.grad(want, row)
+        assert torch.allclose(u[c], want.detach(), rtol=1e-10), (u[c], want)
+        assert torch.allclose(g[c], want_grad, rtol=1e-10), (g[c], want_grad)

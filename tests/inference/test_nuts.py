@@ -104,9 +104,11 @@ def test_funnel_diverges():
                           x * torch.exp(-v)[:, None]], -1)
         return u, grad
 
-    run = nuts.sample(funnel, torch.zeros(2, 6, dtype=torch.float64), num_samples=60, warmup_steps=60, seed=0,
+    # 4 chains x 100 draws: a divergence is rare per draw (12-15 here; 1-2 in a 2 x 60 run, where a change of
+    # rounding alone can make it 0)
+    run = nuts.sample(funnel, torch.zeros(4, 6, dtype=torch.float64), num_samples=100, warmup_steps=100, seed=2,
                       max_tree_depth=6)
-    assert int(run.stats["diverging"].sum()) > 0
+    assert int(run.stats["diverging"].sum()) >= 5
 
 
 def test_a_chain_draws_the_same_alone_and_in_a_batch():
