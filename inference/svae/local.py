@@ -164,7 +164,8 @@ def diagonal_mixture_local(log_weights: torch.Tensor, mu: torch.Tensor, prec: to
         E_{q(x)}\log N(x|\mu_k,\Lambda_k^{-1}) = \tfrac12\sum_d\big(\log\lambda_{kd} - \log 2\pi
             - \lambda_{kd}((m_d-\mu_{kd})^2 + v_d)\big).
 
-    No batched D x D factorizations (their forward and backward dominated a step: ~3x faster at N = 2000, D = 2).
+    No batched D x D factorizations (their forward and backward dominated a step; measured a whole training step
+    85 -> 48 ms of CPU on ``bench/bench_svae_gmm.py``'s warped data, N = 2000, K = 4, D = 2, one thread).
     Returns the same ``Local`` as ``mixture_local`` on the equivalent full matrices (tested)."""
     log_pi = log_weights
     if fixed_log_r is not None:
