@@ -22,6 +22,7 @@ loc = (-2, 0, 2)), transition rows ~ Dirichlet(1, 1, 1), emission scale ~ HalfNo
   full Pyro NUTS run is out of reach on this machine (seconds per gradient, ~7 gradients per draw), so its
   ESS/s is the rate it would reach with our run's ESS and gradient count: ``min ESS / (leapfrog steps of our
   run x Pyro's seconds per gradient)``, an upper bound for it (its tree-building overhead is left out).
+  ``bench/bench_hmm_nuts.py`` makes a real (short, single-chain) Pyro NUTS run of this model instead.
 
 ESS is ArviZ's rank-normalized bulk ESS: the minimum over mu, tau and the 8 theta = mu + tau theta~ (schools),
 over the 9 transition probabilities and the scale (HMM).
