@@ -111,10 +111,10 @@ def slds_conjugate(y: torch.Tensor, K: int = 2, D: int = 2):
 
 
 def recovery_errors(post, sim: Simulated) -> dict[str, float]:
-    """Errors of a ``slds_conjugate`` fit (the library model): ``segmentation`` (1 - accuracy of the Viterbi regimes up to
-    relabelling) and ``dynamics``, the largest entry error of the A_k (best relabelling) after moving the fit to
-    the latent basis where C's top D x D block is the identity (x -> C_top x, A_k -> C_top A_k C_top^-1), the basis
-    ``simulate``'s truth is written in."""
+    """Errors of a ``slds_conjugate`` fit (the library model): ``segmentation`` (1 - accuracy of the Viterbi
+    regimes up to relabelling) and ``dynamics``, the largest entry error of the A_k (best relabelling) after
+    moving the fit to the latent basis where C's top D x D block is the identity (x -> C_top x,
+    A_k -> C_top A_k C_top^-1), the basis ``simulate``'s truth is written in."""
     K, D = sim.kwargs["K"], sim.kwargs["D"]
     seg = 1.0 - segmentation_accuracy(post.viterbi("s_z"), sim.truth["s_z"], K)
     A = ppl.MatrixNormalInverseWishart.unpack(post.point["dynamics"], D)[0]
