@@ -130,18 +130,20 @@ def log_normalizer(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths
     Returns:   (...) log Z.
 
     Forward: one batched matmul and one renormalization per step on max-shifted
-    exponentiated potentials (log-space fallback on underflow). Backward (custom
-    ``autograd.Function``): :math:`\partial \log Z / \partial \text{log\_lik}[t, k] = p(z_t = k)`,
+    exponentiated potentials (log-space fallback on underflow). Gradient:
+    :math:`\partial \log Z / \partial \text{log\_lik}[t, k] = p(z_t = k)`,
     :math:`\partial / \partial \text{log\_init} = p(z_0)`, :math:`\partial / \partial
     \text{log\_trans}` = expected transition counts (summed over steps when homogeneous),
-    computed by the scaled backward recursion. ``create_graph=True`` is supported by
-    differentiating a log-space forward loop instead (slower, exact).
+    computed by the scaled backward recursion alongside the forward pass when an input requires
+    grad. The kernels run as custom torch operators (``ops``): one node under ``make_fx``,
+    vmappable (``torch.func.vmap(grad(...))``); second derivatives (``create_graph=True``)
+    come from a Hessian-vector product through the log-space loop (``ops.hmm_hvp``, exact).
 
     method: "auto" (default) runs the O(log T)-depth tree product of ``hmm_scan`` instead
     when ``use_parallel_scan(N, T, K)`` holds (long sequences, small batch * states; the
     rule and its measurements are in that function's docstring), else the recursion above;
-    "sequential" / "parallel" force one. The tree product is differentiated by autograd
-    (same gradients, higher derivatives included).
+    "sequential" / "parallel" force one. The tree product's gradient is autograd through it,
+    inside the same operator (same gradients).
     """
     ch = canonicalize(log_init, log_trans, log_lik, lengths, time_varying, check_values=False)
     return ops.log_normalizer(ch, _parallel(ch, method)).reshape(ch.batch_shape)
@@ -173,9 +175,10 @@ def posterior(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths=None
     homogeneous or (..., time-1, states, states) per step when time-varying, with
     :math:`\xi_t(i, j) = p(z_{t-1} = i, z_t = j \mid x)`.
 
-    When any input requires grad (and grad mode is on), the outputs are differentiable:
-    the marginals are then computed as gradients of log Z with ``create_graph=True``
-    (autograd through the log-space loop; slower). Otherwise the fast scaled recursions run.
+    When any input requires grad (and grad mode is on), the outputs are differentiable: they are
+    the Jacobian outputs of ``ops.hmm_log_z_jac`` (the scaled recursions), whose backward is a
+    Hessian-vector product through the log-space loop. Otherwise the scaled recursions run
+    directly.
 
     method: as in ``log_normalizer``. With the tree product (``"parallel"``, or ``"auto"``
     when ``use_parallel_scan`` holds) the statistics are the gradients of its log Z by
