@@ -49,6 +49,7 @@ from .probe import close, num_states, peel, probe_runs
 E_TOL = 1e-3        # E-step: stop a document when the mean absolute change of gamma_d is below this (sklearn's)
 E_MAX_ITER = 100    # E-step: at most this many phi/gamma iterations per document and sweep (sklearn's)
 INIT_SHAPE = 100.0  # q(beta) starts at Gamma(100, 1/100) draws per entry (Hoffman et al. 2010; scikit-learn)
+BLOCK_SLOTS = 16384  # E-step: a block of documents may always pad to this many words (a minibatch: one block)
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -275,7 +276,7 @@ def e_step(corpus: Corpus, alpha: torch.Tensor, elog_beta: torch.Tensor, gamma: 
 
     The documents run in blocks of similar length (``length_blocks``), each laid out padded (``PaddedDocs``) so
     that both sums over a document's words are batched matrix products; a padded block holds at most twice its
-    triples, so memory is O(nnz K).
+    triples or ``BLOCK_SLOTS`` words, so memory is O(nnz K).
 
     Exponentials of :math:`E\log\beta` are taken after subtracting each word's largest (and those of
     :math:`E\log\theta` after the loop each document's largest; both added back in ``loglik``), so float32 does
@@ -340,10 +341,10 @@ def _fixed_point(ebt: torch.Tensor, count: torch.Tensor, alpha: torch.Tensor, ga
 
 
 def length_blocks(corpus: Corpus) -> list[torch.Tensor]:
-    """The documents ``(B_i,)`` in blocks of similar length, so that padding a block's documents to its longest
-    at most doubles its triples (an empty document counts as one): sorted by their number of triples (longest
-    first), each block takes the next documents for as long as that holds (fewer blocks: fewer iterations of
-    small operations; the bound keeps memory O(nnz))."""
+    """The documents ``(B_i,)`` in blocks of similar length: sorted by their number of triples (longest first), each
+    block takes the next documents for as long as padding them to its longest keeps it within ``BLOCK_SLOTS``
+    padded words or at most doubles its triples (an empty document counts as one). Fewer blocks run fewer
+    iterations of small operations; the bound keeps memory O(nnz)."""
     lengths = (corpus.ptr[1:] - corpus.ptr[:-1]).clamp_min(1)
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_lengths = lengths[order]
@@ -351,8 +352,9 @@ def length_blocks(corpus: Corpus) -> list[torch.Tensor]:
     blocks, start, D = [], 0, corpus.D
     while start < D:
         ends = torch.arange(start + 1, D + 1, device=cum.device)
-        # padded (e - start) x longest <= 2 x triples: true for a prefix of the ends (lengths are sorted)
-        fits = (ends - start) * sorted_lengths[start] <= 2 * (cum[ends] - cum[start])
+        padded = (ends - start) * sorted_lengths[start]
+        # true for a prefix of the ends (lengths are sorted: the triples grow ever slower than the padded size)
+        fits = (padded <= BLOCK_SLOTS) | (padded <= 2 * (cum[ends] - cum[start]))
         end = start + int(fits.sum())
         blocks.append(order[start:end])
         start = end
