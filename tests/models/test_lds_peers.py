@@ -97,7 +97,7 @@ def test_slds_collapsed_regimes_match_brute_force_enumeration():
     sim = slds.simulate(seed=5, T=6)
     y = sim.args[0].double()
     values = {k: v.double() for k, v in sim.truth.items() if k not in ("s_z",)}
-    conditioned = ppl.condition(slds.model, values)
+    conditioned = ppl.condition(slds.slds, values)
     spec = ppl.compile(conditioned, y, **sim.kwargs).facts.collapse_spec()
     assert set(spec.discrete) == {"s_z"}
     ours = sum(collapsed_log_normalizer(t) for t in tabulate(conditioned, (y,), sim.kwargs, spec).values())
