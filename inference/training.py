@@ -201,6 +201,12 @@ class NotConverged(UserWarning):
     """An optimization stopped at its step budget while the objective was still changing."""
 
 
+def _finite_grads(params) -> bool:
+    """Whether every gradient of ``params`` is finite (one host read)."""
+    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.cat(grads)).all())
+
+
 def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int, progress: bool, desc: str,
                    rel_tol: float = 1e-7, warn: bool = True, checkpoints: Checkpoints | None = None) -> History:
     r"""Minimize a deterministic ``step() -> (loss, params)`` by L-BFGS (history 20, strong-Wolfe line search).
@@ -249,11 +255,15 @@ def optimize_lbfgs(step: Callable[[], tuple[torch.Tensor, list]], max_evals: int
         except (ValueError, RuntimeError):  # a trial point the model refuses (e.g. an overflowed matrix)
             value = params[0].new_tensor(float("nan"))
         history.append(float(value.detach()))
-        if torch.isfinite(value) and value.requires_grad:
+        finite = bool(torch.isfinite(value)) and value.requires_grad
+        if finite:
             value.backward()
+            finite = _finite_grads(params)
+        if finite:
             if history[-1] < best[0]:
                 best = (history[-1], snapshot(params))
-        else:  # outside the domain: a huge finite value makes the line search step back
+        else:  # outside the domain (or a NaN gradient, e.g. a simplex at a vertex: 0 * log 0): a huge finite
+            # value makes the line search step back instead of keeping that point as the best and stopping there
             value = value.detach().new_tensor(1e30).requires_grad_()
             for p in params:
                 p.grad = torch.zeros_like(p)
