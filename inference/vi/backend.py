@@ -245,7 +245,8 @@ def _start_labels(structure: Structure, restarts: int, seed: int) -> list[torch.
 
 
 SCREEN_ROWS = 10_000  # a mixture with more than 2 x this many rows screens its restarts on this many (``_screened``)
-SCREEN_TOL = 1e-4     # screening fits stop at this relative ELBO change (or the fit's tol if looser): they only rank
+SCREEN_TOL = 1e-4     # screening fits stop at this relative ELBO change (or the fit's tol if looser): they rank the
+                      # starts (scikit-learn's mixtures stop every start at a change of 1e-3 nats per data point)
 
 
 def _take(t, rows: torch.Tensor, dim: int, N: int):
@@ -284,13 +285,16 @@ def subsample(structure: Structure, rows: torch.Tensor) -> Structure | None:
                    children=tuple(children))
 
 
-def _screened(structure: Structure, labels: list, num_steps: int, tol: float, seed: int, progress: bool):
+def _screened(structure: Structure, labels: list, num_steps: int, tol: float, seed: int, progress: bool,
+              checkpoints: Checkpoints | None = None):
     """Restarts screened on a subsample: each start's coordinate ascent on ``SCREEN_ROWS`` random rows
     (``subsample``, rows drawn with ``seed``) to a relative ELBO change of ``max(tol, SCREEN_TOL)``. Returns
     ``(start, interrupted)``: ``start`` = q(z) of every row under the q(globals) of the subsample fit with the best
-    ELBO (one local step), or None when the structure cannot be subsampled or has at most 2 x ``SCREEN_ROWS``
-    rows; ``interrupted``: Ctrl-C stopped the screening."""
-    N = structure.local.zshape[0] if structure.local is not None and structure.local.zshape else 0
+    ELBO (one local step: the fit continues from there on all rows to ``tol``), or None when the structure cannot
+    be subsampled or has at most 2 x ``SCREEN_ROWS`` rows; ``interrupted``: Ctrl-C stopped the screening.
+    ``checkpoints``: each screening fit is checkpointed and resumed under its own key (``cavi.coordinate_ascent``)."""
+    local = structure.local
+    N = local.zshape[0] if local.kind == "mixture" and len(local.zshape) == 1 else 0
     if N <= 2 * SCREEN_ROWS:
         return None, False
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:SCREEN_ROWS].sort().values
@@ -300,7 +304,8 @@ def _screened(structure: Structure, labels: list, num_steps: int, tol: float, se
     starts = [cavi.hard_local(sub, lab.index_select(0, rows.to(lab.device))) for lab in labels]
     screen_tol = max(tol, SCREEN_TOL)
     best, interrupted = cavi.best_of_restarts(
-        lambda i, desc, on_step: cavi.coordinate_ascent(sub, starts[i], num_steps, screen_tol, on_step, None, desc),
+        lambda i, desc, on_step: cavi.coordinate_ascent(sub, starts[i], num_steps, screen_tol, on_step, checkpoints,
+                                                        desc),
         len(starts), num_steps, screen_tol, progress, f"{NAME} screening on {SCREEN_ROWS} rows",
         check_convergence=False)
     with torch.no_grad():
@@ -360,7 +365,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     """Coordinate ascent from ``restarts`` data-driven starts (k-means++ hard assignments, seeded by ``seed``),
     keeping the best ELBO; each runs at most ``num_steps`` sweeps, stopping when the relative ELBO change is
     below ``tol``. A mixture with more than 2 x ``SCREEN_ROWS`` data rows screens its starts on ``SCREEN_ROWS``
-    random rows (each start's coordinate ascent there) and fits all rows from the best one only (``_screened``).
+    random rows (each start's coordinate ascent there to a relative change of ``SCREEN_TOL``) and fits all rows
+    from the best one only (``_screened``).
     Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as ``log_evidence``,
     ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never increases; after
     screening, the sweeps on all rows) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``).
@@ -394,8 +400,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     starts, interrupted = [None], False
     if structure.local is not None:
         labels = _start_labels(structure, restarts, seed)
-        screened, interrupted = _screened(structure, labels, num_steps, tol, seed, progress) if restarts > 1 \
-            else (None, False)
+        screened, interrupted = _screened(structure, labels, num_steps, tol, seed, progress, checkpoints) \
+            if restarts > 1 else (None, False)
         starts = [screened] if screened is not None else [cavi.hard_local(structure, lab) for lab in labels]
     best, stopped = cavi.best_of_restarts(
         lambda i, desc, on_step: cavi.coordinate_ascent(structure, starts[i], 1 if interrupted else num_steps, tol,
