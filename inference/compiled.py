@@ -311,8 +311,8 @@ class TracedDensity:
         return None
 
     def _validate_once(self, us: tuple) -> None:
-        """Pyro's argument checks, once, on the user's data; notes the model's own parameters and collapsed
-        chains (which the recording refuses)."""
+        """Pyro's argument checks, once, on the user's data; notes the model's own parameters (which the
+        recording refuses)."""
         if self._validated:
             return
         with torch.no_grad(), poutine.trace() as tracer:
@@ -320,8 +320,6 @@ class TracedDensity:
         self._validated = True
         nodes = tracer.trace.nodes.items()
         self._params = [name for name, site in nodes if site["type"] == "param"]
-        self._chains = [name[: -len(".collapsed")] for name, site in nodes
-                        if site["type"] == "sample" and name.endswith(".collapsed")]
 
     def _record(self, key: tuple, us: tuple) -> Callable | None:
         """A recording of D for this input layout checked against the interpreter, or None (reason kept)."""
@@ -332,9 +330,6 @@ class TracedDensity:
         if self._params:
             return self._refuse(key, f"the model has its own parameters ({', '.join(self._params[:3])}); the "
                                      "interpreter reads them from the parameter store at every call")
-        if self._chains:
-            return self._refuse(key, f"chain '{self._chains[0]}' is collapsed by the exact kernels, whose code takes "
-                                     "tens of seconds to record (more than a fit of ordinary length saves)")
         ops = _count_ops(self.interpreted, point)
         if ops > MAX_RECORDED_OPS:
             return self._refuse(key, f"one evaluation runs {ops} tensor operations (more than MAX_RECORDED_OPS = "
@@ -430,9 +425,9 @@ def normal_sample(locs, raw_scales, eps, to_scale: Callable) -> tuple[list[torch
 
 MAX_RECORDED_OPS = 500
 """The most tensor operations one interpreted forward evaluation of D may run for it to be recorded. Recording
-the forward and backward pass costs tens of ms per operation on this 2-core machine (the library's HMM, 803
-operations with its chain collapsed: ~20 s to record), which a fit of ordinary length does not win back; the
-library's models without chains run 75-381 (recorded), those with chains 663-2152 (interpreter)."""
+the forward and backward pass costs milliseconds per operation on this 2-core machine, which a fit of ordinary
+length does not win back. A collapsed chain's exact kernel (``inference/exact/ops.py``) is one operation: the
+library's HMM, LDS, IO-HMM and factorial HMM run 345-704 (recorded; the switching LDS, ~1100, is not)."""
 
 
 MAX_FUNCTIONALIZED_NODES = 1000
