@@ -567,9 +567,11 @@ def posterior(model, args, kwargs, plan, structure: LDAStructure, best: LDAFit, 
 
 
 def run(model, args, kwargs, plan, num_steps: int, tol: float, restarts: int, seed: int, num_samples: int,
-        progress: bool, batch_size, tau0, kappa):
-    """The vi backend's run for an admixture (``backend.run`` dispatches here); returns the best fit's Posterior."""
-    structure = analyse(model, args, kwargs, plan.facts)
+        progress: bool, batch_size, tau0, kappa, structure: LDAStructure | None = None):
+    """The vi backend's run for an admixture (``backend.run`` dispatches here); returns the best fit's Posterior.
+    ``structure``: what ``analyse`` found on these very ``(model, args, kwargs)`` at compile time (None: probe
+    the model again)."""
+    structure = analyse(model, args, kwargs, plan.facts) if structure is None else structure
     stochastic.check_schedule(batch_size, tau0, kappa, structure.corpus.D, "documents")
     best, interrupted = fit(structure, num_steps, tol, restarts, seed, batch_size, tau0, kappa, progress)
     return posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted)

@@ -319,3 +319,14 @@ def test_length_blocks_partition_the_documents_within_the_padding_bound(monkeypa
             n = part.stop - part.start
             assert torch.equal(padded.word[row, :n], s.corpus.word[part])
             assert torch.equal(padded.count[row, :n], s.corpus.count[part]) and not bool(padded.count[row, n:].any())
+
+
+def test_run_with_the_compile_time_structure_equals_a_fresh_probe():
+    sim = lda.simulate(seed=0, D=30, L=10)
+    plan = ppl.compile(lda.model, *sim.args, **sim.kwargs)
+    s = L.analyse(lda.model, sim.args, sim.kwargs, plan.facts)
+    opts = (50, 1e-6, 1, 0, 5, False, None, 10.0, 0.7)
+    fresh = L.run(lda.model, sim.args, sim.kwargs, plan, *opts)
+    given = L.run(lda.model, sim.args, sim.kwargs, plan, *opts, structure=s)
+    assert given.log_evidence.value == fresh.log_evidence.value
+    torch.testing.assert_close(given.point["topics"], fresh.point["topics"], rtol=0, atol=0)
