@@ -8,8 +8,9 @@ Two cases, run as ``python -m bench.bench_svae_gmm [--seeds 0 1 2 3 4] [--thread
   plus N(0, 0.05^2) noise; the model (``warped_gmm`` below) is what a user writes: an MLP decoder through
   ``ppl.module``, Dirichlet weights, a plain Normal prior on the component means and a LogNormal one on the
   per-dimension component scales (no NIW), D = 2. Target: ARI >= 0.9 on seeds 0-4, fit <= 60 s.
-- ``digits``: scikit-learn's 1797 8x8 digit images, flattened to 64 features and standardized per pixel (what a
-  user passes after ``StandardScaler``; constant pixels left at 0), the same model with K = 10, D = 10.
+- ``digits``: scikit-learn's 1797 8x8 digit images flattened to 64 features, as a user passes them: pixel values
+  divided by 16 (``--digits-scaling unit``, the default; in [0, 1]) or standardized per pixel (``standardized``,
+  after ``StandardScaler``; constant pixels left at 0); the same model with K = 10, D = 10.
   Peer: ``GaussianMixture(10)`` (full covariance, its default ``n_init=1``, best of 5 seeds reported too) on
   the first 10 principal components of the same standardized data. Target: our ARI >= the peer's.
 
@@ -75,12 +76,15 @@ def warped_clusters(seed: int, N: int = 2000, K: int = 4, P: int = 12, radius: f
     return y.float(), labels
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits standardized per pixel: ``(y (1797, 64) float32, labels (1797,))``."""
+def digits(scaling: str = "unit") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits, pixels / 16 (``"unit"``) or standardized per pixel (``"standardized"``):
+    ``(y (1797, 64) float32, labels (1797,))``."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.as_tensor(data.data, dtype=torch.float64)
+    if scaling == "unit":
+        return (x / 16.0).float(), torch.as_tensor(data.target)
     sd = x.std(0)
     x = (x - x.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
     return x.float(), torch.as_tensor(data.target)
@@ -128,6 +132,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["warped", "digits"], default=None)
+    parser.add_argument("--digits-scaling", choices=["unit", "standardized"], default="unit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.only in (None, "warped"):
@@ -140,8 +145,8 @@ def main(argv=None) -> None:
                   f"sizes {torch.bincount(labels, minlength=4).tolist()}); GaussianMixture on PCA-2 "
                   f"{ari(truth, peer):.3f} ({pwall:.2f} s); load {load()}")
     if args.only in (None, "digits"):
-        y, truth = digits()
-        print("digits: 1797 x 64 standardized, K = 10, D = 10, ppl.infer defaults")
+        y, truth = digits(args.digits_scaling)
+        print(f"digits: 1797 x 64 ({args.digits_scaling}), K = 10, D = 10, ppl.infer defaults")
         for seed in args.seeds:
             labels, post, wall, cpu = fit_ours(y, 10, 10, seed)
             peer, pwall, pcpu = peer_pca_gmm(y, 10, seed)

@@ -44,7 +44,7 @@ from .recognition import default_recognition, potentials
 from .warmup import MAP_STEPS, latent_targets, mixture_labels, pretrain_recognition, soft_labels
 
 NAME = "svae"
-WARMUP = 100   # default Adam steps with every mixture's q(z) held at k-means labels of its data (warmup.py)
+WARMUP = 400   # default steps with the mixtures' q(z) held at k-means labels (at most num_steps // 2; warmup.py)
 MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gaussian posterior (exact)",
             Kind.MIXTURE: "mean field q(z)q(x): categorical and Gaussian updates",
             Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}

@@ -149,8 +149,8 @@ def _fit(y, seed=0, **options):
 def test_user_gmm_svae_separates_warped_clusters_with_defaults():
     y, truth = warped_clusters(seed=0)
     post = _fit(y)
-    assert post.plan.backend == "svae" and dict(post.plan.options)["warmup"] == 100
-    assert "warmup=100" in post.plan.explain()
+    assert post.plan.backend == "svae" and dict(post.plan.options)["warmup"] == 400
+    assert "warmup=400" in post.plan.explain()
     ours = _ari(truth, post.marginals("z").argmax(-1))
     old = _ari(truth, _fit(y, warmup=0).marginals("z").argmax(-1))
     assert ours >= 0.9, f"ARI {ours:.3f} with the defaults (warmup=0: {old:.3f})"
