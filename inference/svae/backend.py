@@ -32,7 +32,7 @@ from ppl.expfam import natural_step
 
 from .. import distributed
 from ..initialization import align_labels
-from ..results import make_posterior, warn_if_degenerate, warn_if_nearly_empty
+from ..results import make_posterior, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
 from ..training import LoopState, NotConverged, init_fn, optimize, traced_loss
@@ -556,8 +556,7 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         final = step.run(torch.Generator(device=_device(step)).manual_seed(0))
         point = {k: v.detach() for k, v in (step.guide(*args, **kwargs) if step.guide else {}).items()}
     discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
-    warn_if_degenerate(discrete, NAME)
-    warn_if_nearly_empty(discrete, NAME)
+    warn_if_nearly_empty(discrete, NAME)   # an empty state: make_posterior's warn_if_degenerate
     warn_if_still_moving(history)
     means = {n: final.locals[n].mean.detach() for n in targets}
     elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
