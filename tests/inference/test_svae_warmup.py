@@ -147,6 +147,8 @@ def _fit(y, seed=0, **options):
 
 
 def test_user_gmm_svae_separates_warped_clusters_with_defaults():
+    # 400 points, 300 steps: measured ARI 0.954 with the defaults (6.7 s CPU, one thread), 0.488 with warmup=0 (the
+    # old defaults: two pairs of clusters merged; 3.6 s CPU). Thresholds 0.9 and 0.8.
     y, truth = warped_clusters(seed=0)
     post = _fit(y)
     assert post.plan.backend == "svae" and dict(post.plan.options)["warmup"] == 400
@@ -177,7 +179,7 @@ def test_latent_targets_have_unit_within_cluster_spread_and_pretraining_reaches_
     assert torch.equal(latent_targets(y[:, :1], (200,), truth, 2)[:, 1], torch.zeros(200))
     torch.manual_seed(0)
     net = MLPRecognition(y.shape[1], 3)
-    before = float(((net(y)[:, :3] - u) ** 2).mean())
+    before = float(((net(y)[:, :3] - u) ** 2).mean().detach())
     after = pretrain_recognition(net, y, (200,), u)
     out = net(y).detach()
     assert after < 0.05 * before, (before, after)
