@@ -148,7 +148,7 @@ def _fit(y, seed=0, **options):
 
 def test_user_gmm_svae_separates_warped_clusters_with_defaults():
     # 400 points, 300 steps: measured ARI 0.954 with the defaults (6.7 s CPU, one thread), 0.488 with warmup=0 (the
-    # old defaults: two pairs of clusters merged; 3.6 s CPU). Thresholds 0.9 and 0.8.
+    # old defaults; 3.6 s CPU). Thresholds 0.9 and 0.8.
     y, truth = warped_clusters(seed=0)
     post = _fit(y)
     assert post.plan.backend == "svae" and dict(post.plan.options)["warmup"] == 400
