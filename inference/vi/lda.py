@@ -320,23 +320,30 @@ def _fixed_point(ebt: torch.Tensor, count: torch.Tensor, alpha: torch.Tensor, ga
     longer written) is gathered anew when fewer than half of it still iterate."""
     gamma = gamma.clone()
     ws = torch.arange(gamma.shape[0], device=gamma.device)
-    e, c, a, g = ebt, count, alpha, gamma
-    still = torch.ones(gamma.shape[0], dtype=torch.bool, device=gamma.device)
+    # (B, 1, K) and (B, 1, n) layouts: both sums are batched products of a row with ebt or its transpose, no views
+    e, et_, c, a, g = ebt, ebt.transpose(1, 2), count.unsqueeze(1), alpha.unsqueeze(1), gamma.unsqueeze(1)
+    still = torch.ones((gamma.shape[0], 1, 1), dtype=torch.bool, device=gamma.device)
+    tiny = torch.finfo(gamma.dtype).tiny
+    stopped = False        # some document of the working set stopped: its gamma must no longer be written
     it = 0
     for it in range(1, E_MAX_ITER + 1):
-        et = expected_log_theta(g).exp()      # (B_w, K); its largest entry is >= exp(-psi(1) - log K)-ish: no shift
-        new = a + et * torch.bmm(e, (c / _norm(et, e)).unsqueeze(-1)).squeeze(-1)
-        change = (new - g).abs().mean(-1)
-        g = torch.where(still[:, None], new, g)
+        et = expected_log_theta(g).exp()      # (B_w, 1, K); its largest entry is >= exp(-psi(1) - log K)-ish: no shift
+        new = a + et * torch.bmm(c / torch.bmm(et, e).clamp_min(tiny), et_)
+        change = (new - g).abs().mean(-1, keepdim=True)
+        g = torch.where(still, new, g) if stopped else new
         still = still & (change >= E_TOL)
         n_still = int(still.sum())
         if n_still == 0:
             break
+        stopped = n_still < ws.shape[0]
         if 2 * n_still < ws.shape[0]:
-            gamma[ws] = g
-            ws, g, e, c, a = ws[still], g[still], e[still], c[still], a[still]
-            still = torch.ones(ws.shape[0], dtype=torch.bool, device=gamma.device)
-    gamma[ws] = g
+            gamma[ws] = g.squeeze(1)
+            keep = still.reshape(-1)
+            ws, g, e, c, a = ws[keep], g[keep], e[keep], c[keep], a[keep]
+            et_ = e.transpose(1, 2)
+            still = torch.ones((ws.shape[0], 1, 1), dtype=torch.bool, device=gamma.device)
+            stopped = False
+    gamma[ws] = g.squeeze(1)
     return gamma, it
 
 
