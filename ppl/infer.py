@@ -86,6 +86,10 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint_every=100  steps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
             batch_size=None       data points (sequences) per step, all processes together, scaled N/B; None: all
+            warmup=400            steps (at most num_steps // 2) with each mixture's q(z) held at k-means++ labels of
+                                  the data, after a data-driven start (default recognition net pretrained to the
+                                  principal components, point-estimate globals at their complete-data MAP); 0: off
+            seed=0                seed of the k-means restarts (ppl.infer passes its seed)
         svi (SVI on the compiled log density; chains collapsed, finite discrete latents enumerated):
             num_steps=2000        Adam steps
             lr=0.02               Adam's learning rate
