@@ -170,14 +170,14 @@ with tempfile.TemporaryDirectory() as tmp:
 # %% [markdown]
 # ## Side by side
 #
-# Measured on the full run (2026-12-03, `--threads 1`, this 2-core machine shared with other jobs at load 6-9,
+# Measured on the full run (2026-12-03, `--threads 1`, this 2-core machine shared with other jobs at load ~2,
 # so wall times are noisy and CPU times are the fair comparison; both fits ran in the same process one after the
 # other, the fit alone in a fresh process):
 #
 # | | ppl (vi, float32) | scikit-learn online |
 # |---|---|---|
-# | wall time (s) | 17.9 whole `ppl.infer`; 11.4 the fit alone | 26.1 |
-# | CPU time (s) | 8.8 whole `ppl.infer`; 6.1 the fit alone | 14.3 |
+# | wall time (s) | 7.8 whole `ppl.infer`; 7.2 the fit alone | 13.0 |
+# | CPU time (s) | 7.8 whole `ppl.infer`; 7.2 the fit alone | 12.8 |
 # | peak memory (GB) | 0.50 whole process; 0.28 the fit alone | - |
 # | held-out perplexity | 2035.7 | 2117.7 |
 # | mean pairwise TV between topics | 0.953 | 0.963 |
