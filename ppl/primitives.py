@@ -104,12 +104,10 @@ def _check_observed(name: str, fn, obs: torch.Tensor, mask, trailing: int) -> No
             f"the trailing dims of the data must equal the event shape")
     batch = shape[: len(shape) - len(event_shape)]
     expected = _plated_batch_shape(fn)
-    try:
-        torch.broadcast_shapes(batch, expected)
-    except RuntimeError:
+    if broadcast_or_none(batch, expected) is None:
         raise ModelInputError(
             f"site '{name}': observed value has batch shape {batch} (full shape {shape}) which does not "
-            f"match the batch shape {expected} of its distribution inside its plates") from None
+            f"match the batch shape {expected} of its distribution inside its plates")
     if obs.is_floating_point() or obs.is_complex():
         bad = ~torch.isfinite(obs)
         if isinstance(mask, torch.Tensor):
@@ -123,6 +121,16 @@ def _check_observed(name: str, fn, obs: torch.Tensor, mask, trailing: int) -> No
                 f"(first at index {first}); pass mask=... marking missing entries False, or clean the data")
 
 
+def broadcast_or_none(a: tuple, b: tuple) -> tuple | None:
+    """The broadcast of the shapes ``a`` and ``b`` (NumPy's rules), or None when they do not broadcast. Plain
+    Python: ``torch.broadcast_shapes`` imports sympy on its first call (about a second, once per process)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        return None
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
+
+
 def _plated_batch_shape(fn) -> tuple[int, ...]:
     """The distribution's batch shape broadcast with the sizes of the enclosing plates."""
     frames = [f for f in get_plates() if f.dim is not None]
@@ -131,10 +139,8 @@ def _plated_batch_shape(fn) -> tuple[int, ...]:
     shape = [1] * max(-f.dim for f in frames)
     for f in frames:
         shape[f.dim] = f.size
-    try:
-        return tuple(torch.broadcast_shapes(tuple(fn.batch_shape), tuple(shape)))
-    except RuntimeError:
-        return tuple(fn.batch_shape)
+    broadcast = broadcast_or_none(tuple(fn.batch_shape), tuple(shape))
+    return tuple(fn.batch_shape) if broadcast is None else broadcast
 
 
 def _expand_mask(mask: torch.Tensor, obs: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -173,10 +179,7 @@ def _fold_entry_mask(name: str, fn, obs: torch.Tensor | None, mask):
     while isinstance(base, Independent):
         n, base = n + base.reinterpreted_batch_ndims, base.base_dist
     entries = batch + event[:n]
-    try:
-        fits = mask.dim() <= len(entries) and tuple(torch.broadcast_shapes(mask.shape, entries)) == entries
-    except RuntimeError:
-        fits = False
+    fits = mask.dim() <= len(entries) and broadcast_or_none(tuple(mask.shape), entries) == entries
     if not fits:
         single = f", or one over its single entries of shape {entries} (the dims .to_event reinterpreted)" if n else ""
         raise ModelInputError(

@@ -121,12 +121,13 @@ def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts
     if probe is None:
         return VIFacts(names[1], admixture=names)
     try:
-        lda.analyse(*probe, facts)
+        structure = lda.analyse(*probe, facts)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
         return VIFacts(names[1], str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for an admixture failed ({type(exc).__name__}: {exc})", True,
                        admixture=names)
-    return VIFacts(names[1], "", True, lda.describe(names), admixture=names)
+    return VIFacts(names[1], "", True, lda.describe(names), admixture=names,
+                   probe_result=ProbeResult.of(*probe, structure))
 
 
 def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
@@ -382,8 +383,10 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     if plan.facts.of(NAME).admixture is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for an LDA-style admixture")
-        return lda.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress, batch_size,
-                       tau0, kappa)
+        found = plan.facts.of(NAME).probe_result
+        structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
+        return lda.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
+                       num_samples, progress, batch_size, tau0, kappa, structure=structure)
     if batch_size is not None:
         raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is implemented "
                          "for LDA-style admixtures only; this model is fitted by full-batch coordinate ascent "
