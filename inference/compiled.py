@@ -44,7 +44,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .graph_recording import add_guards, fold_constants, mutates, simplify
+from .graph_recording import add_guards, fold_and_simplify, mutates
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -464,7 +464,8 @@ class _JointGraph:
     autograd at run time), with the NUTS potential's tools (``graph_recording``): every Python read of a tensor
     value that depends on the inputs becomes a guard (``add_guards``: a call whose guards differ from the
     recording's is evaluated by the interpreter), the tensors computed from the data alone (the data checks, the
-    priors' constants) are folded into constants (``fold_constants``), and the graph runs under
+    priors' constants) are folded into constants and the ops that compute nothing new removed
+    (``fold_and_simplify``), and the graph runs under
     ``torch.jit.trace`` when that gives the graph's values exactly. ``_Refused`` when a shape depends on values
     or recording fails. Called as ``D(u_1, ..., u_n)``: a scalar whose backward is the recorded gradient (first
     order; none for the inputs after the first ``wrt``)."""
@@ -482,7 +483,7 @@ class _JointGraph:
                 if not add_guards(module):
                     raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
                 if not mutates(module.graph):  # simplifying and folding assume no op writes into a tensor
-                    module = _simplified(module, point)
+                    module = fold_and_simplify(module, *point)
                 graph_out = module(*point)
                 run = module
                 try:
@@ -519,17 +520,6 @@ class _JointGraph:
 
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
         return _RecordedDensity.apply(self, *us)
-
-
-def _simplified(module: torch.fx.GraphModule, point: tuple) -> torch.fx.GraphModule:
-    """``module`` with the ops that return their argument unchanged removed and what is computed from constants
-    folded (``graph_recording.simplify``, ``fold_constants``: each op of a small model's graph costs its dispatch),
-    if that gives exactly the outputs of ``module`` at ``point``; else ``module`` with its constants folded."""
-    reference = tree_leaves(module(*point))
-    simpler = fold_constants(simplify(module, *point), *point)
-    if all(torch.equal(a, b) for a, b in zip(tree_leaves(simpler(*point)), reference)):
-        return simpler
-    return fold_constants(module, *point)
 
 
 class _RecordedDensity(torch.autograd.Function):

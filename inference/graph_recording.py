@@ -9,6 +9,7 @@ depends on constants alone once; ``mutates`` says whether the graph writes in pl
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 VALUE_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
@@ -47,7 +48,7 @@ def fold_constants(module: torch.fx.GraphModule, *examples: torch.Tensor) -> tor
             return out
 
     Recorder(module).run(*examples)
-    folded = 0
+    folded = sum(1 for name, _ in module.named_buffers() if name.startswith("_folded_"))  # a second fold adds names
     for node in list(graph.nodes):
         if (node.op != "call_function" or node in dependent or not isinstance(values.get(node), torch.Tensor)
                 or not any(user in dependent for user in node.users)):
@@ -118,6 +119,12 @@ IDENTITY_VIEWS = frozenset({"detach", "alias", "view", "_unsafe_view", "reshape"
 NEUTRAL_SCALARS = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}
 """aten ops with a Python number that leaves their tensor argument unchanged (x + 0, x * 1, x ** 1, ...)."""
 
+SQUEEZABLE = frozenset({"unsqueeze", "view", "_unsafe_view", "reshape"})
+"""aten ops whose size-1 dims a ``sum`` over those dims undoes."""
+
+RANDOM_OPS = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "exponential", "uniform")
+"""Parts of the names of aten ops that draw random numbers (never merged: two draws differ)."""
+
 
 def _copy(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
@@ -131,16 +138,8 @@ def _same_tensor(a, b) -> bool:
             and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
 
 
-def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
-    """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
-    many times where each op costs its dispatch (microseconds) more than its arithmetic: the ``SHAPE_ONLY``
-    creations become constants (so ``fold_constants`` folds what is computed from them), and an op that returns
-    its argument unchanged is replaced by that argument: ``detach``, a view (``IDENTITY_VIEWS``) whose result has
-    the argument's shape and strides, ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, ``x ** 1`` where the result has
-    x's shape, strides and dtype (read off one run at ``examples``). Nodes that are outputs are kept. The caller
-    checks that the copy gives the same outputs."""
-    module = _copy(module)
-    graph = module.graph
+def _values_at(module: torch.fx.GraphModule, *examples: torch.Tensor) -> dict:
+    """node -> its value when ``module`` runs at ``examples``."""
     values: dict = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -150,28 +149,110 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.
             return out
 
     Recorder(module).run(*examples)
+    return values
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+
+
+def _returns_its_argument(node: torch.fx.Node, values: dict):
+    """The node that ``node`` computes unchanged (same shape, strides, dtype, device, values), or None:
+    ``detach``, a view (``IDENTITY_VIEWS``) to its argument's own layout, ``x + 0``, ``x - 0``, ``x * 1``,
+    ``x / 1``, ``x ** 1``, and a ``sum`` over size-1 dims of ``unsqueeze(y)`` / ``view(y)`` with ``y``'s layout."""
+    if node.op != "call_function" or node.kwargs or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    name, source, out = _op_name(node), node.args[0], values.get(node)
+    if name == "sum" and len(node.args) == 2 and source.op == "call_function" and _op_name(source) in SQUEEZABLE:
+        inner, dims = source.args[0], node.args[1]
+        if (isinstance(inner, torch.fx.Node) and isinstance(dims, (list, tuple)) and dims
+                and isinstance(values.get(source), torch.Tensor)
+                and all(values[source].shape[d] == 1 for d in dims) and _same_tensor(out, values.get(inner))):
+            return inner
+        return None
+    if not _same_tensor(out, values.get(source)):
+        return None
+    if name in IDENTITY_VIEWS:
+        return source
+    other = node.args[1] if len(node.args) == 2 else None
+    if (name in NEUTRAL_SCALARS and isinstance(other, (int, float)) and not isinstance(other, bool)
+            and other == NEUTRAL_SCALARS[name]):
+        return source
+    return None
+
+
+def _deterministic(node: torch.fx.Node) -> bool:
+    return not any(word in _op_name(node) for word in RANDOM_OPS)
+
+
+def _merge_common(graph: torch.fx.Graph) -> int:
+    """Merge the deterministic nodes with the same op and arguments (after earlier merges); how many merged."""
+    seen: dict = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not _deterministic(node):
+            continue
+        try:
+            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+            hash(key)
+        except TypeError:       # unhashable arguments (lists): compare them by their text
+            key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int = 3) -> torch.fx.GraphModule:
+    """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
+    many times where each op costs its dispatch (microseconds) more than its arithmetic:
+
+    - the ``SHAPE_ONLY`` creations become constants (so ``fold_constants`` folds what is computed from them);
+    - an op that returns its argument unchanged is replaced by that argument (``_returns_its_argument``; layouts
+      read off one run at ``examples``);
+    - deterministic ops with the same target and arguments are merged (common subexpressions);
+
+    repeated ``passes`` times (a replacement exposes others: a view of a view). Nodes that are outputs are kept.
+    The caller checks that the copy gives the same outputs (``fold_and_simplify`` does)."""
+    module = _copy(module)
+    graph = module.graph
+    values = _values_at(module, *examples)
     constants = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or any(user.op == "output" for user in node.users):
-            continue
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-        source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-        if name in SHAPE_ONLY and isinstance(values.get(node), torch.Tensor):
+        if (node.op == "call_function" and _op_name(node) in SHAPE_ONLY and isinstance(values.get(node), torch.Tensor)
+                and not any(user.op == "output" for user in node.users)):
             module.register_buffer(f"_shape_only_{constants}", values[node].detach().clone())
             with graph.inserting_before(node):
-                replacement = graph.get_attr(f"_shape_only_{constants}")
+                node.replace_all_uses_with(graph.get_attr(f"_shape_only_{constants}"))
             constants += 1
-        elif source is None or not _same_tensor(values.get(node), values.get(source)):
-            continue
-        elif name in IDENTITY_VIEWS:
-            replacement = source
-        elif (name in NEUTRAL_SCALARS and len(node.args) == 2 and not node.kwargs
-              and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
-              and node.args[1] == NEUTRAL_SCALARS[name]):
-            replacement = source
-        else:
-            continue
-        node.replace_all_uses_with(replacement)
-    graph.eliminate_dead_code()
-    module.recompile()
+    for _ in range(passes):
+        changed = 0
+        for node in list(graph.nodes):
+            if any(user.op == "output" for user in node.users):
+                continue
+            source = _returns_its_argument(node, values)
+            if source is not None:
+                node.replace_all_uses_with(source)
+                changed += 1
+        changed += _merge_common(graph)
+        graph.eliminate_dead_code()
+        module.recompile()
+        if not changed:
+            break
+        values = _values_at(module, *examples)
     return module
+
+
+def fold_and_simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
+    """``simplify`` then ``fold_constants`` of ``module`` (a graph without in-place ops), kept when it gives exactly
+    (``torch.equal``) the outputs of ``module`` at ``examples`` and the rewrites run; else ``module`` with its
+    constants folded alone. ``module`` itself may be modified (``fold_constants`` folds it in place)."""
+    reference = pytree.tree_leaves(module(*examples))
+    try:
+        simpler = fold_constants(simplify(module, *examples), *examples)
+        same = all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(simpler(*examples)), reference))
+    except Exception:  # noqa: BLE001 - a graph these rewrites cannot handle is only folded
+        same = False
+    return simpler if same else fold_constants(module, *examples)

@@ -8,8 +8,9 @@ gradient come from
 1. one traced graph (``_traced``): ``torch.func.vmap(torch.func.grad_and_value(U))`` (or, when the model's
    code cannot be vmapped, the chains' autograd passes unrolled) recorded once by ``make_fx`` as a
    straight-line program of aten ops (the handler stack, the model's Python and autograd's bookkeeping run
-   once, at build time), constants folded and the graph shrunk (``simplify.fold_and_simplify``: shape-only ops,
-   identities, common subexpressions), then ``torch.jit.trace``-d, run by the sampler inside its inference mode; the values the model's Python read off
+   once, at build time), constants folded and the graph shrunk (``graph_recording.fold_and_simplify``:
+   shape-only ops, identities, common subexpressions), then ``torch.jit.trace``-d, run by the sampler inside its
+   inference mode; the values the model's Python read off
    z-dependent tensors are guarded (a call where one differs is evaluated eagerly); kept only when it equals
    the eager values at the starting points;
 2. the same ``vmap`` run eagerly at every call (``_vectorized``), when the trace is refused;
@@ -28,9 +29,8 @@ from pyro.infer.mcmc.util import initialize_model
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import chains, compiled, training
-from ..graph_recording import add_guards, mutates
+from ..graph_recording import add_guards, fold_and_simplify, mutates
 from .nuts import AllChains, Recorded
-from .simplify import fold_and_simplify
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,9 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
     (``graph_recording.add_guards``): every call compares them with their values at ``z`` and evaluates the call by
     ``fallback`` (the eager potential) when one differs. The trace is refused (None) when a shape depends on z's
     values, when tracing fails, or when its values at ``z`` differ from ``reference`` (chain by chain, 1e-6
-    relative). Constants are folded and the graph shrunk (``simplify.fold_and_simplify``, kept only where it gives the same
-    outputs) and the graph is run by ``torch.jit.trace`` (fewer interpreter calls per op), checked against the
-    graph at ``z``. The vmapped graph is returned as ``nuts.AllChains(..., needs_autograd=False)``: the sampler calls
+    relative). Constants are folded and the graph shrunk (``graph_recording.fold_and_simplify``, kept only where
+    it gives the same outputs) and the graph is run by ``torch.jit.trace`` (fewer interpreter calls per op),
+    checked against the graph at ``z``. The vmapped graph is returned as ``nuts.AllChains(..., needs_autograd=False)``: the sampler calls
     it on all C chains (another number of rows is run C at a time, padded); the one-row graph, as
     ``nuts.Recorded``, is run once per row asked for. Both run inside the sampler's ``torch.inference_mode``; a
     guard that fails evaluates the call by ``fallback`` outside it. Where U is not finite the

@@ -17,7 +17,7 @@ from ppl.compiler import compile as compile_model
 from ppl.inference.mcmc import backend as mcmc_backend
 from ppl.inference.mcmc.nuts import AllChains, Recorded
 from ppl.inference.mcmc.potential import make_potential
-from ppl.inference.mcmc.simplify import fold_and_simplify
+from ppl.inference.graph_recording import fold_and_simplify
 from ppl.inference.training import Interrupted
 from tests.ppl import models_for_tests as M
 from tests.ppl.models_for_tests import normal_normal
