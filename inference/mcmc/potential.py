@@ -166,8 +166,7 @@ def _vectorized(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z:
 
 def _row_by_row(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     """``Z (C, D) -> (grad (C, D), U (C,))`` by one autograd pass per row (what ``make_fx`` unrolls when the
-    model's code cannot be vmapped; plain autograd, as the exact kernels' ``autograd.Function``s are not
-    functorch-ready)."""
+    model's code cannot be vmapped: a branch on a latent value, an in-place write into an input)."""
 
     def grads_and_values(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         us, grads = [], []
@@ -206,13 +205,15 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
         return potential_fn(layout.unravel(row))
 
     z = z.detach()
-    traced_fn = (torch.func.functionalize(torch.func.vmap(torch.func.grad_and_value(value))) if vmapped
-                 else _row_by_row(value))
+    traced_fn = torch.func.vmap(torch.func.grad_and_value(value)) if vmapped else _row_by_row(value)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             example = z if vmapped else z[:1]
             module = make_fx(traced_fn, _error_on_data_dependent_ops=False)(example)
+            if vmapped and mutates(module.graph):  # functionalized once recorded: functionalize cannot run the
+                # autograd.Function the exact kernels' ops are called through (NYI in torch); the graph calls the op
+                module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(example)
             if not add_guards(module):
                 return None
             if not mutates(module.graph):
