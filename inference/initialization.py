@@ -51,6 +51,13 @@ def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.
     col_mean = torch.where(finite, x, 0).sum(0) / finite.sum(0).clamp_min(1)
     x = torch.where(finite, x, col_mean)
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12) if x.shape[0] > 1 else x
+    return lloyd_kmeans(x, K, generator)[0]
+
+
+def lloyd_kmeans(x: torch.Tensor, K: int, generator: torch.Generator, iterations: int = LLOYD_ITERATIONS
+                 ) -> tuple[torch.Tensor, float]:
+    r"""k-means++ seeding then up to ``iterations`` Lloyd steps on the rows of ``x: (n, F)`` as given (finite):
+    labels ``(n,)`` in ``[0, K)`` and the inertia :math:`\sum_i \|x_i - c_{z_i}\|^2`."""
     centers = x[torch.randint(x.shape[0], (1,), generator=generator)]
     for _ in range(1, K):
         d2 = squared_distances(x, centers).min(-1).values
@@ -58,7 +65,7 @@ def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.
             torch.randint(x.shape[0], (1,), generator=generator)
         centers = torch.cat([centers, x[pick]])
     labels = squared_distances(x, centers).argmin(-1)
-    for _ in range(LLOYD_ITERATIONS):
+    for _ in range(iterations):
         onehot = torch.nn.functional.one_hot(labels, K).to(x.dtype)
         counts = onehot.sum(0)
         centers = torch.where(counts[:, None] > 0, onehot.T @ x / counts.clamp_min(1)[:, None], centers)
@@ -66,7 +73,7 @@ def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.
         if torch.equal(new, labels):
             break
         labels = new
-    return labels
+    return labels, float(squared_distances(x, centers).gather(-1, labels[:, None]).sum())
 
 
 def _features(trace, graph, site: str, children: tuple[str, ...]) -> torch.Tensor | None:

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ..initialization import lloyd_kmeans
+
 PCA_DIMS = 10
 KMEANS_RESTARTS = 5
 LLOYD_ITERATIONS = 50
@@ -42,34 +44,6 @@ def pca_scores(x: torch.Tensor, dims: int = PCA_DIMS) -> torch.Tensor:
     return U[:, :k] * S[:k]
 
 
-def _sq_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    r""":math:`\|x_n - c_k\|^2`: ``(N, K)`` for ``x (N, F)``, ``centers (K, F)``."""
-    return (x * x).sum(-1, keepdim=True) - 2 * x @ centers.mT + (centers * centers).sum(-1)
-
-
-def _kmeans_once(x: torch.Tensor, K: int, generator: torch.Generator) -> tuple[torch.Tensor, float]:
-    """One k-means++ seeding and up to ``LLOYD_ITERATIONS`` Lloyd steps: (labels ``(N,)``, inertia)."""
-    N = x.shape[0]
-    centers = x[torch.randint(N, (1,), generator=generator)]
-    for _ in range(1, K):
-        d2 = _sq_distances(x, centers).min(-1).values.clamp_min(0)
-        total = float(d2.sum())
-        pick = torch.multinomial(d2 / total, 1, generator=generator) if total > 0 else \
-            torch.randint(N, (1,), generator=generator)
-        centers = torch.cat([centers, x[pick]])
-    labels = _sq_distances(x, centers).argmin(-1)
-    for _ in range(LLOYD_ITERATIONS):
-        onehot = torch.nn.functional.one_hot(labels, K).to(x.dtype)
-        counts = onehot.sum(0)
-        centers = torch.where(counts[:, None] > 0, onehot.mT @ x / counts.clamp_min(1)[:, None], centers)
-        new = _sq_distances(x, centers).argmin(-1)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    inertia = float(_sq_distances(x, centers).gather(-1, labels[:, None]).clamp_min(0).sum())
-    return labels, inertia
-
-
 def kmeans(x: torch.Tensor, K: int, seed: int, restarts: int = KMEANS_RESTARTS) -> torch.Tensor:
     r"""k-means++ on the rows of ``x: (N, F)``: the labels ``(N,)`` in ``[0, K)`` of the restart (seeds
     ``seed * 1009 + r``, r < ``restarts``) with the lowest inertia :math:`\sum_n \|x_n - c_{z_n}\|^2`.
@@ -78,7 +52,7 @@ def kmeans(x: torch.Tensor, K: int, seed: int, restarts: int = KMEANS_RESTARTS) 
         raise ValueError(f"kmeans: need rows (N, F) with N >= K = {K}, got shape {tuple(x.shape)}")
     best = None
     for r in range(max(1, restarts)):
-        labels, inertia = _kmeans_once(x, K, torch.Generator().manual_seed(seed * 1009 + r))
+        labels, inertia = lloyd_kmeans(x, K, torch.Generator().manual_seed(seed * 1009 + r), LLOYD_ITERATIONS)
         if best is None or inertia < best[1]:
             best = (labels, inertia)
     return best[0]

@@ -16,8 +16,9 @@ from torch import nn
 
 import ppl
 from ppl import dist
+from ppl.inference.initialization import lloyd_kmeans
 from ppl.inference.svae.local import diagonal_mixture_local, mixture_local
-from ppl.inference.svae.warmup import _kmeans_once, kmeans, mixture_labels, pca_scores, soft_labels
+from ppl.inference.svae.warmup import LLOYD_ITERATIONS, kmeans, mixture_labels, pca_scores, soft_labels
 
 
 def _ari(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,7 +69,7 @@ def test_kmeans_recovers_separated_blobs_and_keeps_the_lowest_inertia():
     assert labels.shape == (200,) and _ari(truth, labels) == 1.0
     # overlapping data, K = 6: the result is the lowest-inertia run of its 5 seeds, which differ
     y = torch.randn(300, 3, generator=g, dtype=torch.float64)
-    runs = [_kmeans_once(y, 6, torch.Generator().manual_seed(2 * 1009 + r)) for r in range(5)]
+    runs = [lloyd_kmeans(y, 6, torch.Generator().manual_seed(2 * 1009 + r), LLOYD_ITERATIONS) for r in range(5)]
     inertias = [inertia for _, inertia in runs]
     assert max(inertias) > min(inertias) + 1e-6
     best = kmeans(y, 6, seed=2)
