@@ -32,13 +32,8 @@ def depends_on_input(graph: torch.fx.Graph) -> set:
     return dependent
 
 
-def fold_constants(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
-    """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
-    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. ``examples``:
-    inputs to run it at (one per placeholder). Only for a graph without in-place ops (``mutates``), where a
-    folded tensor is never written to."""
-    graph = module.graph
-    dependent = depends_on_input(graph)
+def _values_at(module: torch.fx.GraphModule, *examples: torch.Tensor) -> dict:
+    """node -> its value when ``module`` runs at ``examples``."""
     values: dict = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -48,6 +43,17 @@ def fold_constants(module: torch.fx.GraphModule, *examples: torch.Tensor) -> tor
             return out
 
     Recorder(module).run(*examples)
+    return values
+
+
+def fold_constants(module: torch.fx.GraphModule, *examples: torch.Tensor) -> torch.fx.GraphModule:
+    """``module`` with every tensor computed from constants only (the data, the priors' parameters, the
+    validation of the observations) evaluated once and stored as an attribute; dead nodes removed. ``examples``:
+    inputs to run it at (one per placeholder). Only for a graph without in-place ops (``mutates``), where a
+    folded tensor is never written to."""
+    graph = module.graph
+    dependent = depends_on_input(graph)
+    values = _values_at(module, *examples)
     folded = sum(1 for name, _ in module.named_buffers() if name.startswith("_folded_"))  # a second fold adds names
     for node in list(graph.nodes):
         if (node.op != "call_function" or node in dependent or not isinstance(values.get(node), torch.Tensor)
@@ -136,20 +142,6 @@ def _same_tensor(a, b) -> bool:
     """Whether ``a`` could stand for ``b``: same shape, strides, dtype, device (values are checked by the caller)."""
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
             and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
-
-
-def _values_at(module: torch.fx.GraphModule, *examples: torch.Tensor) -> dict:
-    """node -> its value when ``module`` runs at ``examples``."""
-    values: dict = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            values[node] = out
-            return out
-
-    Recorder(module).run(*examples)
-    return values
 
 
 def _op_name(node: torch.fx.Node) -> str:

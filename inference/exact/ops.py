@@ -345,11 +345,17 @@ def kalman_log_z64_vjp(m0: Tensor, P0: Tensor, A: Tensor, Q: Tensor, b: Optional
         log_z = info_log_normalizer64_eager(LDSPrior(*xs[:5], time_varying), xs[5], xs[6])
         wanted = [x for x in xs if x is not None]
         grads = iter(torch.autograd.grad(log_z, wanted, grad.to(log_z.dtype), allow_unused=True))
+    return tuple(_per_input(xs, grads, h))
+
+
+def _per_input(xs: list, grads, like: torch.Tensor) -> list:
+    """One gradient per input of ``xs`` from ``grads`` (an iterator over the gradients of the inputs that are not
+    None, None where unused): ``(0,)`` for an input that is None, zeros for an unused one, detached."""
     out = []
     for x in xs:
         g = None if x is None else next(grads)
-        out.append(h.new_zeros((0,)) if x is None else torch.zeros_like(x) if g is None else g.detach())
-    return tuple(out)
+        out.append(like.new_zeros((0,)) if x is None else torch.zeros_like(x) if g is None else g.detach())
+    return out
 
 
 @kalman_log_z64_vjp.register_fake
@@ -428,11 +434,7 @@ def kalman_total64(m0: Tensor, P0: Tensor, A: Tensor, Q: Tensor, b: Optional[Ten
         total = log_z.sum(tuple(range(lead, log_z.dim()))) if log_z.dim() > lead else log_z
         wanted = [x for x in xs if x is not None]
         grads = iter(torch.autograd.grad(total.sum(), wanted, allow_unused=True))
-    out = [total.detach()]
-    for x in xs:
-        g = None if x is None else next(grads)
-        out.append(h.new_zeros((0,)) if x is None else torch.zeros_like(x) if g is None else g.detach())
-    return tuple(out)
+    return (total.detach(), *_per_input(xs, grads, h))
 
 
 @kalman_total64.register_fake
