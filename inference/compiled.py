@@ -34,9 +34,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
 from torch.distributions import transform_to
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -44,7 +42,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .graph_recording import add_guards, fold_and_simplify, mutates
+from .graph_recording import ValueDependentShape, record_graph
 
 SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -290,7 +288,7 @@ class TracedDensity:
     def __call__(self, *us: torch.Tensor) -> torch.Tensor:
         if len(us) != self.arity:
             raise ValueError(f"the density takes {self.arity} tensors ({self._inputs()}), got {len(us)}")
-        key = tuple((tuple(u.shape), u.dtype, u.device) for u in us)
+        key = _layout(us)
         if key not in self.recorded:
             self._validate_once(us)
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -301,6 +299,11 @@ class TracedDensity:
         if fn is None:
             return self.interpreted(*us)
         return fn(*us)
+
+    def recording(self, *us: torch.Tensor) -> "_JointGraph | None":
+        """The recorded graph of this layout of the inputs, or None when there is none (yet, or refused): then
+        only ``__call__`` evaluates D (and counts the call towards ``record_after``)."""
+        return self.recorded.get(_layout(us))
 
     def _inputs(self) -> str:
         """What the inputs are, for error messages."""
@@ -435,6 +438,11 @@ MAX_FUNCTIONALIZED_NODES = 1000
 be folded (a larger one runs unfolded)."""
 
 
+def _layout(us: tuple) -> tuple:
+    """The cache key of a recording: every input's shape, dtype and device."""
+    return tuple((tuple(u.shape), u.dtype, u.device) for u in us)
+
+
 class _OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -475,34 +483,20 @@ class _JointGraph:
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore")
-                module = make_fx(self.grad_and_value, _error_on_data_dependent_ops=False)(*point)
-                if mutates(module.graph) and len(module.graph.nodes) <= MAX_FUNCTIONALIZED_NODES:
-                    # recorded again through functionalization (no op writes in place), which lets the constants
-                    # be folded; slow per node, so only for small graphs
-                    module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(*point)
-                if not add_guards(module):
-                    raise _Refused("a shape in the model depends on latent values (nonzero, unique, ...)")
-                if not mutates(module.graph):  # simplifying and folding assume no op writes into a tensor
-                    module = fold_and_simplify(module, *point)
-                graph_out = module(*point)
-                run = module
-                try:
-                    jitted = torch.jit.trace(module, tuple(point), check_trace=False)
-                    if all(torch.equal(a, b) for a, b in zip(tree_leaves(jitted(*point)), tree_leaves(graph_out))):
-                        run = jitted
-                except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
-                    pass
-        except _Refused:
-            raise
+                self.run, graph_out = record_graph(self.grad_and_value, *point,
+                                                   max_functionalized_nodes=MAX_FUNCTIONALIZED_NODES)
+        except ValueDependentShape as why:
+            raise _Refused(str(why)) from None
         except Exception as error:  # noqa: BLE001 - a model make_fx cannot record keeps the interpreter
             raise _Refused(f"recording failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                            ) from None
-        self.run, self.guards = run, graph_out[2]
+        self.guards = graph_out[2]
 
     def grad_and_value(self, *us: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """([dD/du_i for the first ``wrt`` inputs], D(u)) by the interpreter and autograd."""
+        """([dD/du_i for the first ``wrt`` inputs], D(u)) by the interpreter and autograd (also when called under
+        ``torch.inference_mode``)."""
         wrt = self.density.wrt
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             leaves = [u.detach().requires_grad_(True) for u in us[:wrt]]
             value = self.density.interpreted(*leaves, *us[wrt:])
             grads = torch.autograd.grad(value, leaves, allow_unused=True) if leaves else ()
@@ -561,7 +555,7 @@ def _initialize(guide, args: tuple, kwargs: dict) -> None:
 
 RECORD_AFTER = 500
 """Evaluations of one layout the interpreter runs before ``guide_objective``'s density is recorded: recording
-costs ~2-6 s and saves ~3-8 ms an evaluation, so it pays off only for long fits (2000 Adam steps of SVI, not the
+costs ~0.5-2 s (a GMM ~0.6 s, the library HMM ~1.5 s) and saves ~3-8 ms an evaluation, so it pays off only for long fits (2000 Adam steps of SVI, not the
 ~100-350 evaluations of the exact backend's L-BFGS MAP: the iris demo took 8.8 s recorded, 3.0 s interpreted).
 A fit known to be long records at its first evaluation instead (``training.record_after``: Adam with at least
 this many steps)."""
@@ -586,7 +580,9 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
     ``params`` are the unconstrained leaves of the guide's and the model's parameters (the optimizers read them
     on the first call). The guide is initialized and the objective evaluated once here: ``NotCompilable`` (naming
     the site) if the model cannot be run so. ``step.density`` is the ``TracedDensity`` (``.reason``: why it
-    runs the interpreter, None when recorded). A guide with an attribute ``num_particles`` = K > 1 (e.g.
+    runs the interpreter, None when recorded). ``step.direct() -> (loss, [(param, gradient), ...])`` evaluates a
+    step's loss and gradients by the recorded graph alone, without autograd (None while the density is not
+    recorded; then ``step()`` and ``backward`` do it; ``step.direct`` is None for a guide it does not cover). A guide with an attribute ``num_particles`` = K > 1 (e.g.
     ``ppl.flow_guide``'s) gets the mean of K independent draws' losses per step (same expectation, 1/K of the
     gradient's variance).
     """
@@ -601,6 +597,15 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
 
         def one_draw() -> torch.Tensor:
             return density(*locs, *raw_scales, *[torch.randn_like(loc) for loc in locs])
+
+        def direct() -> tuple[torch.Tensor, list] | None:
+            graph = density.recording(*locs, *raw_scales, *locs)  # the noise has the locs' layout
+            if graph is None:
+                return None
+            noise = [torch.randn_like(loc) for loc in locs]
+            with torch.inference_mode():  # no autograd bookkeeping in the graph's ~300 small ops
+                grads, value = graph.evaluate(*(u.detach() for u in (*locs, *raw_scales)), *noise)
+            return value, list(zip([*locs, *raw_scales], grads))
     else:
         density = TracedDensity(fmodel, args, kwargs, site_plan, names, transforms, jacobian, trace=trace,
                                 record_after=record_after)
@@ -608,6 +613,18 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
         def one_draw() -> torch.Tensor:
             us, log_q = draw()
             return log_q - density(*us)
+
+        direct = None
+        if isinstance(guide, AutoDelta):  # loss = -D(u) at u = the guide's leaves
+            leaves, _ = draw()
+
+            def direct() -> tuple[torch.Tensor, list] | None:
+                graph = density.recording(*leaves)
+                if graph is None:
+                    return None
+                with torch.inference_mode():
+                    grads, value = graph.evaluate(*(u.detach() for u in leaves))
+                return -value, [(leaf, -g) for leaf, g in zip(leaves, grads)]
 
     with torch.no_grad():
         us, _ = draw()
@@ -624,6 +641,7 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
         return sum(one_draw() for _ in range(num_particles)) / num_particles, params
 
     step.density = density
+    step.direct = direct if num_particles == 1 else None
     return step
 
 

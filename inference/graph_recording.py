@@ -9,6 +9,9 @@ depends on constants alone once; ``mutates`` says whether the graph writes in pl
 from __future__ import annotations
 
 import torch
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 
@@ -230,10 +233,9 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
                 changed += 1
         changed += _merge_common(graph)
         graph.eliminate_dead_code()
-        module.recompile()
-        if not changed:
+        if not changed:  # a replacement or a merge computes the value it replaces: ``values`` stays valid
             break
-        values = _values_at(module, *examples)
+    module.recompile()
     return module
 
 
@@ -248,3 +250,45 @@ def fold_and_simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> 
     except Exception:  # noqa: BLE001 - a graph these rewrites cannot handle is only folded
         same = False
     return simpler if same else fold_constants(module, *examples)
+
+
+class ValueDependentShape(Exception):
+    """A recording read a shape off tensor values that depend on the input (``nonzero``, ``unique``, ...): no guard
+    can check it."""
+
+
+def make_graph(fn, *examples: torch.Tensor) -> torch.fx.GraphModule:
+    """``make_fx(fn)(*examples)``: ``fn``'s aten operations on these inputs as one FX graph (real tensors, Python
+    reads of tensor values baked in: see ``add_guards``). Every node's shape metadata is made under one fake-tensor
+    mode for the whole recording (``make_fx`` otherwise creates a mode, with a Python stack trace, per node: half of
+    the recording time of a small model)."""
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+        return make_fx(fn, _error_on_data_dependent_ops=False)(*examples)
+
+
+def record_graph(fn, *examples: torch.Tensor, max_functionalized_nodes: float = float("inf")) -> tuple:
+    """Record ``fn(*examples) -> (grads, value)`` as a graph to run in its place: ``(run, outputs)`` where
+    ``run(*inputs) -> (grads, value, guards)`` and ``outputs`` is what it gave at ``examples``.
+
+    Steps: ``make_graph``; recorded again through ``torch.func.functionalize`` when the graph writes in place and
+    has at most ``max_functionalized_nodes`` nodes (so that its constants can be folded; slow per node); ``add_guards`` (``ValueDependentShape`` when
+    a value-dependent shape makes the recording unsafe); ``fold_and_simplify`` when nothing writes in place; then
+    ``torch.jit.trace`` of the graph when it gives exactly the graph's outputs (TorchScript runs a graph of a
+    few hundred small ops ~2x faster than FX's Python), else the FX graph itself. Any other failure propagates:
+    the callers keep their interpreter."""
+    module = make_graph(fn, *examples)
+    if mutates(module.graph) and len(module.graph.nodes) <= max_functionalized_nodes:
+        module = make_graph(torch.func.functionalize(module), *examples)
+    if not add_guards(module):
+        raise ValueDependentShape("a shape in the model depends on latent values (nonzero, unique, ...)")
+    if not mutates(module.graph):  # simplifying and folding assume no op writes into a tensor
+        module = fold_and_simplify(module, *examples)
+    outputs = module(*examples)
+    run = module
+    try:
+        jitted = torch.jit.trace(module, tuple(examples), check_trace=False)
+        if all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(jitted(*examples)), pytree.tree_leaves(outputs))):
+            run = jitted
+    except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
+        pass
+    return run, outputs

@@ -88,7 +88,9 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
              after_backward: Callable[[list], None] | None = None,
              schedule: Callable[[int, int], float] | None = None) -> History:
     """Adam with gradient-norm clipping (10) on ``step() -> (loss, params)``; the parameters are
-    those of the first step (guides create theirs lazily). Returns the loss per step; Ctrl-C stops the loop
+    those of the first step (guides create theirs lazily). A step with an attribute ``direct() -> (loss,
+    [(param, gradient), ...]) or None`` (``compiled.guide_objective``'s) gives the gradients itself where it can
+    (no autograd pass), else the loss is differentiated. Returns the loss per step; Ctrl-C stops the loop
     and returns what was reached (``History.interrupted``).
 
     ``checkpoints`` (``checkpoints.py``): the loop's state is written every ``checkpoints.every`` steps, at the
@@ -121,11 +123,14 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
         return {"step": len(history), "done": done, "params": snapshot(params), "optim": optim.state_dict(),
                 "rng": boundary, "history": list(history), "extra": extra.get() if extra else None}
 
+    direct = getattr(step, "direct", None)  # the loss and gradients without autograd, when the step offers it
     try:
         for _ in range(len(history), num_steps):
             bar.update()
+            grads = None
             if loss is None:
-                loss, _ = step()
+                evaluated = direct() if direct is not None else None
+                loss, grads = evaluated if evaluated is not None else (step()[0], None)
             if schedule is not None:
                 for group in optim.param_groups:
                     group["lr"] = lr * schedule(len(history), num_steps)
@@ -134,10 +139,14 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
                 raise FloatingPointError(f"{desc}: the objective became {value} at step {len(history) + 1}; "
                                          "lower lr= or check the model's parameters")
             optim.zero_grad()
-            loss.backward()
+            if grads is None:
+                loss.backward()
+            else:
+                for param, grad in grads:  # a graph run under inference_mode gives tensors not to write into
+                    param.grad = grad.clone() if grad.is_inference() else grad
             if after_backward is not None:
                 after_backward(params)
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            clip_gradients(params, 10.0)
             optim.step()
             history.append(value)
             loss = None
@@ -157,6 +166,23 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
     finally:
         bar.close()
     return history
+
+
+def clip_gradients(params: list, max_norm: float) -> None:
+    r"""``torch.nn.utils.clip_grad_norm_``'s rule: when the 2-norm of all the gradients together exceeds
+    ``max_norm``, every gradient is multiplied by ``max_norm / (norm + 1e-6)``. Gradients within the bound are
+    left as they are (torch multiplies them by 1.0: the same numbers, four more small ops per step); the one
+    host read of the norm is what a CPU step pays anyway. Gradients on several devices or of several dtypes go
+    through torch's function."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if len({(g.device, g.dtype) for g in grads}) > 1:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if not float(total) <= max_norm:  # NaN too: torch's rule then makes every gradient NaN
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
 
 
 def adam(params: list, lr: float) -> torch.optim.Adam:

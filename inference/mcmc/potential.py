@@ -26,10 +26,9 @@ from typing import Callable
 
 import torch
 from pyro.infer.mcmc.util import initialize_model
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from .. import chains, compiled, training
-from ..graph_recording import add_guards, fold_and_simplify, mutates
+from ..graph_recording import record_graph
 from .nuts import AllChains, Recorded
 
 
@@ -210,22 +209,9 @@ def _traced(potential_fn: Callable[[dict], torch.Tensor], layout: Layout, z: tor
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             example = z if vmapped else z[:1]
-            module = make_fx(traced_fn, _error_on_data_dependent_ops=False)(example)
-            if vmapped and mutates(module.graph):  # functionalized once recorded: functionalize cannot run the
-                # autograd.Function the exact kernels' ops are called through (NYI in torch); the graph calls the op
-                module = make_fx(torch.func.functionalize(module), _error_on_data_dependent_ops=False)(example)
-            if not add_guards(module):
-                return None
-            if not mutates(module.graph):
-                module = fold_and_simplify(module, example)
-            graph_out = module(example)
-            try:
-                run = torch.jit.trace(module, (example,), check_trace=False)
-                jit_out = run(example)
-                if not all(torch.equal(a, b) for a, b in zip(jit_out, graph_out)):
-                    run = module
-            except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
-                run = module
+            # a vmapped potential is functionalized once recorded: functionalize cannot run the autograd.Function
+            # the exact kernels' ops are called through (NYI in torch); the graph calls the op
+            run, graph_out = record_graph(traced_fn, example, max_functionalized_nodes=float("inf") if vmapped else 0)
     except Exception:  # noqa: BLE001 - a model make_fx cannot record keeps the eager potential
         return None
     C, expected = example.shape[0], graph_out[2]

@@ -181,3 +181,19 @@ def test_a_fit_known_to_be_long_records_its_density_at_once(monkeypatch, optimiz
                 mode = (1.0 / 2.0 ** 2 + float(y.sum()) / 1.5 ** 2) / precision
                 assert float(fitted.median()["mu"]) == pytest.approx(mode, abs=1e-5)
     assert histories[0] == pytest.approx(histories[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 50.0])
+def test_clip_gradients_is_torchs_clip_grad_norm(scale):
+    """``training.clip_gradients`` against ``torch.nn.utils.clip_grad_norm_`` (max norm 10) on gradients whose total
+    norm is below, near and above the bound: bitwise the same gradients."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [scale * torch.randn(shape, generator=gen) for shape in ((3,), (2, 4), ())]
+    ours = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    training.clip_gradients(ours, 10.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p.grad, q.grad)
