@@ -108,7 +108,9 @@ def gmm_conjugate(x: torch.Tensor, K: int = 3, weight_concentration: float | Non
 
     Shapes: ``x: (N, D)``; ``weights: (K,)``; ``theta: (K, D, D + 1)`` (``ppl.NormalInverseWishart.unpack``:
     ``loc (K, D)``, ``cov (K, D, D)``); ``z: (N,)``. ``ppl.infer`` fits it by variational Bayes (coordinate ascent
-    from k-means++ starts, closed-form updates): ``post.point["theta"]`` holds q's means (E[Sigma] where it exists)."""
+    from k-means++ starts, closed-form updates): ``post.point`` holds q's mode (``theta``: the joint mode
+    ``[Psi_k / (nu_k + D + 2) | m_k]``; ``weights``: the Dirichlet mode where every concentration is >= 1, else
+    its mean); ``post.mean`` averages draws from q."""
     prior = conjugate_priors(x, K, weight_concentration, mean_precision, degrees_of_freedom, covariance_prior)
     weights = ppl.sample("weights", prior["weights"])
     with ppl.plate("components", K):

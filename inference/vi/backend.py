@@ -7,7 +7,12 @@ means with known covariance, ``ppl.NormalInverseWishart`` -> Gaussian mean and c
 posterior :math:`q(z)\prod_g q(g)` is fitted by coordinate ascent with every update in closed form: exact
 local messages (responsibilities; forward-backward on :math:`E_q[\log A]` for a chain) and conjugate global
 updates from expected sufficient statistics. The ELBO is computed in closed form term by term and never
-decreases. The result is the full posterior over the globals (draws from q), not a point estimate.
+decreases. The result is the full posterior over the globals (draws from q, their mean ``post.mean``, the ELBO as
+``log_evidence``). ``post.point`` is the mode of q, factor by factor (``families``: the argmax of each q(g)'s
+density in the site's own parameterization, the variational counterpart of the exact backend's MAP; the mean where
+a factor has no mode, e.g. a Dirichlet with an entry below 1). With flat conjugate priors it is the EM M-step
+from the final expected statistics: a Dirichlet(1) transition row's mode is its normalized expected counts, where
+q's mean :math:`(n_{ij} + 1) / (n_i + K)` is shrunk towards uniform.
 
 The structure is found by probing the model (``conjugacy``); anything not recognized is refused with a reason
 naming the site. A model without a discrete latent (a conjugate prior on observed data) runs too with
@@ -368,7 +373,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     below ``tol``. A mixture with more than 2 x ``SCREEN_ROWS`` data rows screens its starts on ``SCREEN_ROWS``
     random rows (each start's coordinate ascent there to a relative change of ``SCREEN_TOL``) and fits all rows
     from the best one only (``_screened``).
-    Returns draws of every global from q (``num_samples``), q(z) marginals, the ELBO as ``log_evidence``,
+    Returns draws of every global from q (``num_samples``), the mode of q as ``point`` (module docstring), q(z)
+    marginals, the ELBO as ``log_evidence``,
     ``history`` = the negative ELBO per sweep (the objective, as for every backend; it never increases; after
     screening, the sweeps on all rows) and ``elbo_terms`` (each term per sweep; they sum to ``-history[i]``).
     checkpoint / checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``);
@@ -438,12 +444,12 @@ def _history(fit: cavi.Fit, interrupted: bool) -> training.History:
 
 def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, num_samples: int,
                interrupted: bool = False) -> Posterior:
-    """The typed Posterior of the best fit."""
+    """The typed Posterior of the best fit: draws from q, ``point`` = the mode of q (its mean where none)."""
     draws, point = {}, {}
     for name, g in structure.globals.items():
         fam = FAMILIES[g.family]
         draws[name] = fam.sample(fit.q[name], num_samples).reshape((1, num_samples) + g.shape)
-        point[name] = fam.mean(fit.q[name]).reshape(g.shape)
+        point[name] = fam.mode(fit.q[name]).reshape(g.shape)
     local = structure.local
     discrete = {local.name: fit.state.r.movedim(0, -1)} if local is not None and local.kind == "mixture" else {}
     # history: the objective per sweep, the negative ELBO (as every backend's); elbo_terms sum to -history[i]

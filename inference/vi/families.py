@@ -1,5 +1,6 @@
 r"""Conjugate prior families of the vi backend: prior parameters, closed-form posterior update from expected
-sufficient statistics, expectations under q, KL(q || prior) and draws from q.
+sufficient statistics, expectations under q, KL(q || prior), draws from q, its mean and its mode (the vi
+backend's point estimate: the argmax of q's density where it exists, else the mean).
 
 Each global is stored with a leading *state* dim K (the states of the discrete local that indexes it; K = 1
 for a global that no local indexes). A family is a record of pure functions on a ``params`` tuple:
@@ -42,6 +43,7 @@ class Family:
     sample: Callable      # (q params, n) -> (n, K, *value_shape) draws
     mean: Callable        # q params -> (K, *value_shape)
     q_name: str           # how explain() names q
+    mode: Callable        # q params -> (K, *value_shape): the mode of q where it exists, else its mean
 
 
 def _add(prior: tuple, stats: tuple) -> tuple:
@@ -93,6 +95,41 @@ def _niw_sample(params: tuple, n: int) -> torch.Tensor:
     return torch.cat([draw.covariance_matrix, draw.loc.unsqueeze(-1)], -1).to(params[0].dtype)
 
 
+def _dirichlet_mode(params: tuple) -> torch.Tensor:
+    r"""Each row's mode :math:`(\alpha - 1) / (\sum_c \alpha_c - C)` where it exists (every
+    :math:`\alpha_c \ge 1`, not all equal to 1; an entry with :math:`\alpha_c = 1` is 0 there), else the row's
+    mean :math:`\alpha / \sum_c \alpha_c` (an entry below 1 puts the density's supremum on a face; all ones is
+    flat): ``(K, C)``. With a Dirichlet(1) prior the mode is the normalized expected counts (the EM M-step)."""
+    (alpha,) = params
+    total = alpha.sum(-1, keepdim=True)
+    has_mode = (alpha >= 1).all(-1, keepdim=True) & (total > alpha.shape[-1])
+    mode = (alpha - 1) / torch.where(has_mode, total - alpha.shape[-1], torch.ones_like(total))
+    return torch.where(has_mode, mode, alpha / total)
+
+
+def _gamma_mode(params: tuple) -> torch.Tensor:
+    r""":math:`(a - 1) / b` where :math:`a \ge 1` (0 at :math:`a = 1`), else the mean :math:`a / b`."""
+    a, b = params
+    return torch.where(a >= 1, (a - 1) / b, a / b)
+
+
+def _beta_mode(params: tuple) -> torch.Tensor:
+    r""":math:`(a - 1) / (a + b - 2)` where :math:`a, b \ge 1`, :math:`a + b > 2`, else the mean
+    :math:`a / (a + b)`."""
+    a, b = params
+    has_mode = (a >= 1) & (b >= 1) & (a + b > 2)
+    return torch.where(has_mode, (a - 1) / torch.where(has_mode, a + b - 2, torch.ones_like(a)), a / (a + b))
+
+
+def _niw_mode(params: tuple) -> torch.Tensor:
+    r"""The joint mode of :math:`(\mu, \Sigma)`, ``[\Psi / (\nu + D + 2) | \mu_0]`` ``(K, D, D + 1)``: the
+    density :math:`\propto |\Sigma|^{-(\nu + D + 2)/2} \exp(-\tfrac12 \mathrm{tr}(\Psi\Sigma^{-1})
+    - \tfrac\kappa2 (\mu - \mu_0)^\top \Sigma^{-1} (\mu - \mu_0))` is largest there (it always exists)."""
+    std = niw.standard_from_natural(niw.NIWNatural(*params))
+    D = std.loc.shape[-1]
+    return torch.cat([std.scale / (std.df + D + 2)[..., None, None], std.loc.unsqueeze(-1)], -1)
+
+
 def _niw_mean(params: tuple) -> torch.Tensor:
     r"""``[E\Sigma | E\mu] = [\Psi / (\nu - D - 1) | \mu_0]``; where that mean does not exist
     (:math:`\nu \le D + 1`, e.g. an empty component), the inverse-Wishart mode :math:`\Psi / (\nu + D + 1)`."""
@@ -105,23 +142,25 @@ def _niw_mean(params: tuple) -> torch.Tensor:
 FAMILIES = {
     "Dirichlet": Family(
         "Dirichlet", _add, lambda q, p: kl_divergence(Dirichlet(q[0]), Dirichlet(p[0])).sum(),
-        lambda q, n: Dirichlet(q[0]).sample((n,)), lambda q: q[0] / q[0].sum(-1, keepdim=True), "Dirichlet"),
+        lambda q, n: Dirichlet(q[0]).sample((n,)), lambda q: q[0] / q[0].sum(-1, keepdim=True), "Dirichlet",
+        _dirichlet_mode),
     "Gamma": Family(
         "Gamma", _add, lambda q, p: kl_divergence(Gamma(*q), Gamma(*p)).sum(),
-        lambda q, n: Gamma(*q).sample((n,)), lambda q: q[0] / q[1], "Gamma"),
+        lambda q, n: Gamma(*q).sample((n,)), lambda q: q[0] / q[1], "Gamma", _gamma_mode),
     "Beta": Family(
         "Beta", _add, lambda q, p: kl_divergence(Beta(*q), Beta(*p)).sum(),
-        lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta"),
+        lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta", _beta_mode),
     "Normal": Family(
         "Normal", _normal_update,
         lambda q, p: kl_divergence(Normal(q[0], q[1].sqrt()), Normal(p[0], p[1].sqrt())).sum(),
-        lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal"),
+        lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal", lambda q: q[0]),
     "Gaussian": Family(
         "Gaussian", _gaussian_update,
         lambda q, p: kl_divergence(MultivariateNormal(q[0], q[1]), MultivariateNormal(p[0], p[1])).sum(),
-        lambda q, n: MultivariateNormal(q[0], q[1]).sample((n,)), lambda q: q[0], "MultivariateNormal"),
+        lambda q, n: MultivariateNormal(q[0], q[1]).sample((n,)), lambda q: q[0], "MultivariateNormal",
+        lambda q: q[0]),
     "NormalInverseWishart": Family(
         "NormalInverseWishart", lambda p, s: tuple(niw.conjugate_update(niw.NIWNatural(*p), niw.NIWNatural(*s))),
         lambda q, p: niw.kl(niw.NIWNatural(*q), niw.NIWNatural(*p)).sum(), _niw_sample, _niw_mean,
-        "NormalInverseWishart"),
+        "NormalInverseWishart", _niw_mode),
 }

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from torch.distributions import Beta, Dirichlet, MultivariateNormal, kl_divergence
+from torch.distributions import Beta, Dirichlet, Gamma, MultivariateNormal, kl_divergence
 
 import ppl
 from ppl import dist
@@ -27,6 +27,7 @@ from ppl.graph import trace_graph
 from ppl.inference.vi import backend as vi_backend
 from ppl.inference.vi import cavi, conjugacy, probe
 from ppl.inference.vi.backend import RULES, vi_facts
+from ppl.inference.vi.families import FAMILIES
 from tests.ppl import models_for_tests as M
 from tests.reference.brute_force import brute_force
 from tests.test_posterior_roundtrip import CHILD, ROOT, assert_identical, outputs
@@ -96,7 +97,8 @@ def test_dirichlet_categorical_gives_the_exact_posterior_and_log_evidence():
     log_b = lambda c: torch.lgamma(c).sum() - torch.lgamma(c.sum())  # noqa: E731
     assert post.log_evidence.kind == "ELBO (lower bound)"
     assert abs(float(post.log_evidence) - float(log_b(a) - log_b(alpha))) < 1e-9
-    assert torch.allclose(post.point["probs"], a / a.sum(), atol=1e-12)
+    assert torch.allclose(post.point["probs"], (a - 1) / (a.sum() - 4), atol=1e-12)   # q's mode (every a >= 1)
+    assert torch.allclose(post.mean("probs"), a / a.sum(), atol=0.01)               # 20000 draws: sd < 0.001
     var = a * (a.sum() - a) / (a.sum() ** 2 * (a.sum() + 1))
     assert torch.allclose(post.draws["probs"][0].var(0), var, rtol=0.05)         # 20000 draws: sd of a var ~1.5%
     assert_monotone(post)
@@ -123,13 +125,13 @@ def test_gamma_poisson_and_beta_bernoulli_log_evidence_are_exact():
     exact = (a * math.log(b) - math.lgamma(a) + math.lgamma(a + s) - (a + s) * math.log(b + n)
              - float(torch.lgamma(y + 1).sum()))
     assert abs(float(post.log_evidence) - exact) < 1e-9
-    assert abs(float(post.point["rate"]) - (a + s) / (b + n)) < 1e-12
+    assert abs(float(post.point["rate"]) - (a + s - 1) / (b + n)) < 1e-12          # q's mode
     x = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=D64)
     post = fit(beta_bernoulli, x)
     a, b, k, n = 2.0, 3.0, 3.0, 7.0
     lbeta = lambda p, q: math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)  # noqa: E731
     assert abs(float(post.log_evidence) - (lbeta(a + k, b + n - k) - lbeta(a, b))) < 1e-9
-    assert abs(float(post.point["p"]) - (a + k) / (a + b + n)) < 1e-12
+    assert abs(float(post.point["p"]) - (a + k - 1) / (a + b + n - 2)) < 1e-12      # q's mode
 
 
 def test_normal_inverse_wishart_gaussian_log_evidence_is_exact():
@@ -140,6 +142,9 @@ def test_normal_inverse_wishart_gaussian_log_evidence_is_exact():
     exact = niw.log_partition(posterior) - niw.log_partition(prior) - 20 * math.log(2 * math.pi)
     assert abs(float(post.log_evidence) - float(exact)) < 1e-8
     assert post.draws["theta"].shape == (1, 1000, 2, 3)
+    std = niw.standard_from_natural(posterior)                    # the joint mode: [Psi / (nu + D + 2) | mu_0]
+    assert torch.allclose(post.point["theta"], torch.cat([std.scale / (std.df + 4), std.loc[:, None]], -1),
+                          atol=1e-12)
     assert_monotone(post)
 
 
@@ -193,6 +198,85 @@ def test_vb_hmm_fits_a_batch_and_the_posterior_over_transitions_is_dirichlet():
     assert set(post.elbo_terms) >= {"E log p(y)", "E log p(z)", "entropy(z)", "-KL(trans)", "-KL(rate)"}
     total = sum(v[-1] for v in post.elbo_terms.values())
     assert abs(total - float(post.log_evidence)) < 1e-8 * abs(total)
+
+
+def test_vb_hmm_point_is_the_em_update_of_the_final_expected_counts():
+    """``post.point`` is q's mode: with Dirichlet(1) rows the normalized expected counts of the last sweep (the
+    EM M-step, no shrinkage towards uniform), with Gamma(2, 0.5) rates (1 + sum r y) / (0.5 + sum r) (MAP's
+    M-step); the final sweep's counts are recomputed here by brute-force enumeration of every path (oracle)."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.poisson(torch.tensor([1.0, 9.0], dtype=D64)[torch.tensor([0, 0, 1, 1, 1, 0, 1, 1])], generator=gen)
+    post = fit(poisson_hmm, y, restarts=1, tol=1e-14, num_steps=5000)
+    structure, _, _ = structure_of(poisson_hmm, y)
+    # q at the fixed point rebuilt from the point: Dirichlet(1 + counts) / Gamma(2 + sum r y, 0.5 + sum r); the
+    # counts must be what brute force gives for the tables E_q[log] of that q (the fixed-point condition). The
+    # marginals r are one E-step after the last global step: equal at convergence up to ~1e-8 relative.
+    r = post.marginals("z")                                                             # (T, K)
+    a_rate, b_rate = 2.0 + (r * y[:, None]).sum(0), 0.5 + r.sum(0)
+    torch.testing.assert_close(post.point["rate"], (a_rate - 1) / b_rate, rtol=1e-6, atol=0)
+    torch.testing.assert_close(post.point["init"], r[0], rtol=1e-6, atol=1e-9)           # Dirichlet(1 + r_0)'s mode
+    # the transition counts at the final q by brute force over the 2^8 paths, from the q the point came from
+    trans_alpha = 1.0 + _pairwise_counts_from_point(post)
+    q = {"trans": (trans_alpha,), "init": (1.0 + r[0],), "rate": (a_rate, b_rate)}
+    tables = cavi.child_tables(structure, q)
+    logs = cavi.local_logs(structure, q)
+    bf = brute_force(logs["initial"], logs["transition"], sum(tables.values()).movedim(0, -1))
+    counts = bf.pairwise
+    torch.testing.assert_close(post.point["trans"], counts / counts.sum(-1, keepdim=True), rtol=1e-6, atol=1e-9)
+    # q's mean is shrunk towards uniform: (n_ij + 1) / (n_i + K)
+    mean = (counts + 1) / (counts.sum(-1, keepdim=True) + 2)
+    assert float((post.point["trans"] - 0.5).abs().max()) > float((mean - 0.5).abs().max()) + 0.01
+
+
+def _pairwise_counts_from_point(post) -> torch.Tensor:
+    """The expected transition counts n_ij behind a Dirichlet(1) row's mode ``n_ij / n_i``: rows scaled by
+    n_i = E[number of steps leaving state i] = sum of the marginals over t < T."""
+    leaving = post.marginals("z")[:-1].sum(0)
+    return post.point["trans"] * leaving[:, None]
+
+
+@pytest.mark.parametrize("family, params", [
+    ("Dirichlet", (torch.tensor([[2.0, 3.0, 5.0], [1.0, 2.5, 4.0], [0.5, 2.0, 3.0], [1.0, 1.0, 1.0]], dtype=D64),)),
+    ("Gamma", (torch.tensor([3.0, 1.0, 0.5], dtype=D64), torch.tensor([2.0, 0.5, 1.5], dtype=D64))),
+    ("Beta", (torch.tensor([3.0, 1.0, 0.5, 1.0], dtype=D64), torch.tensor([2.0, 4.0, 2.0, 1.0], dtype=D64))),
+])
+def test_point_is_q_mode_where_it_exists_else_its_mean(family, params):
+    """Oracle: no draw of q (4000 per entry) and no nearby point has a higher density than a mode; entries
+    without a mode (an alpha below 1, a flat density, Gamma shape < 1) get q's mean."""
+    fam = FAMILIES[family]
+    point = fam.mode(params)
+    dist_of = {"Dirichlet": lambda p: Dirichlet(p[0]), "Gamma": lambda p: Gamma(*p), "Beta": lambda p: Beta(*p)}
+    q = dist_of[family](params)
+    has_mode = {"Dirichlet": torch.tensor([True, True, False, False]), "Gamma": torch.tensor([True, True, False]),
+                "Beta": torch.tensor([True, True, False, False])}[family]
+    mean = fam.mean(params)
+    torch.testing.assert_close(point[~has_mode], mean[~has_mode], rtol=1e-12, atol=0)
+    draws = q.sample((4000,))
+    at_mode = q.log_prob(point)
+    assert bool((q.log_prob(draws)[:, has_mode] <= at_mode[has_mode] + 1e-9).all())
+    if family != "Dirichlet":
+        for step in (1e-3, -1e-3):
+            moved = (point + step).clamp(1e-9, 1 - 1e-9 if family == "Beta" else float("inf"))
+            assert bool((q.log_prob(moved)[has_mode] <= at_mode[has_mode] + 1e-12).all())
+    expected = {"Dirichlet": lambda a: (a[0] - 1) / (a[0].sum(-1, keepdim=True) - 3),
+                "Gamma": lambda p: (p[0] - 1) / p[1], "Beta": lambda p: (p[0] - 1) / (p[0] + p[1] - 2)}[family](params)
+    torch.testing.assert_close(point[has_mode], expected[has_mode], rtol=1e-12, atol=0)
+
+
+def test_niw_point_is_the_joint_mode_of_q():
+    """The NIW point [Psi / (nu + D + 2) | mu_0] has a higher density than every one of 2000 draws of q and than
+    the covariance scaled by 1 +- 1e-3 or the mean moved by 1e-3 (the joint mode in the site's parameterization)."""
+    loc, kappa, scale, df = torch.tensor([0.5, -1.0], dtype=D64), 3.0, torch.tensor([[2.0, 0.3], [0.3, 1.0]],
+                                                                                       dtype=D64), 7.0
+    params = tuple(niw.natural_from_standard(loc, kappa, scale, df))
+    point = FAMILIES["NormalInverseWishart"].mode(tuple(p.unsqueeze(0) for p in params))[0]
+    q = ppl.NormalInverseWishart(loc, kappa, scale, df)
+    torch.testing.assert_close(point, torch.cat([scale / (df + 4), loc[:, None]], -1), rtol=1e-12, atol=0)
+    at_mode = q.log_prob(point)
+    assert bool((q.log_prob(q.sample((2000,))) < at_mode).all())
+    for factor in (1 + 1e-3, 1 - 1e-3):
+        assert float(q.log_prob(torch.cat([point[:, :-1] * factor, point[:, -1:]], -1))) < float(at_mode)
+    assert float(q.log_prob(point + torch.tensor([[0.0, 0.0, 1e-3], [0.0, 0.0, 0.0]], dtype=D64))) < float(at_mode)
 
 
 # --------------------------------------------------------------------------------------------------------------
