@@ -255,42 +255,6 @@ SCREEN_TOL = 1e-4     # screening fits stop at this relative ELBO change (or the
                       # starts (scikit-learn's mixtures stop every start at a change of 1e-3 nats per data point)
 
 
-def _take(t, rows: torch.Tensor, dim: int, N: int):
-    """``t`` restricted to ``rows`` along its data dim ``dim`` (size N; size 1 = broadcast, kept); a non-tensor is
-    kept. Raises ValueError for any other layout (the caller then does not subsample)."""
-    if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] == 1:
-        return t
-    if t.shape[dim] != N:
-        raise ValueError(f"dim {dim} of a {tuple(t.shape)} tensor is not the data's {N} rows")
-    return t.index_select(dim, rows.to(t.device))
-
-
-def subsample(structure: Structure, rows: torch.Tensor) -> Structure | None:
-    """The structure of the same model on the data rows ``rows (n,)`` only: a mixture whose local has one data dim
-    ``(N,)`` and whose children are laid out ``(N, ...)`` (their values, weights, outer products, tabulated
-    densities and known variances restricted to the rows). None for any other structure (a chain, several data
-    dims, a child laid out otherwise)."""
-    local = structure.local
-    if local is None or local.kind != "mixture" or len(local.zshape) != 1:
-        return None
-    N = local.zshape[0]
-    try:
-        priors = {role: _take(v, rows, 0, N) for role, v in local.priors.items()}
-        children = []
-        for c in structure.children:
-            if c.nz != 1:
-                return None
-            # known: "normal" variances (K, *zshape, *E) and "fixed" tables (K, *zshape) have the data at dim 1;
-            # a "gaussian" child's (precision, log det) has no data dim
-            known = _take(c.known, rows, 1, N) if c.kind in ("normal", "fixed") else c.known
-            children.append(replace(c, y=_take(c.y, rows, 0, N), w=_take(c.w, rows, 0, N), known=known,
-                                    yy=_take(c.yy, rows, 0, N)))
-    except ValueError:
-        return None
-    return replace(structure, local=replace(local, zshape=(int(rows.shape[0]),), priors=priors),
-                   children=tuple(children))
-
-
 def _screened(structure: Structure, labels: list, num_steps: int, tol: float, seed: int, progress: bool,
               checkpoints: Checkpoints | None = None):
     """Restarts screened on a subsample: each start's coordinate ascent on ``SCREEN_ROWS`` random rows
@@ -304,7 +268,7 @@ def _screened(structure: Structure, labels: list, num_steps: int, tol: float, se
     if N <= 2 * SCREEN_ROWS:
         return None, False
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:SCREEN_ROWS].sort().values
-    sub = subsample(structure, rows)
+    sub = cavi.subsample(structure, rows)
     if sub is None:
         return None, False
     starts = [cavi.hard_local(sub, lab.index_select(0, rows.to(lab.device))) for lab in labels]
@@ -380,9 +344,11 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     checkpoint / checkpoint_every / resume: as the other backends (per sweep; ``inference/checkpoints.py``);
     Ctrl-C keeps the best of the runs so far, marked ``post.interrupted``.
 
-    batch_size / tau0 / kappa (an LDA-style admixture only, ``lda``): ``batch_size=None`` fits by coordinate
-    ascent; an integer B runs stochastic natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents,
-    ``num_steps`` passes, step sizes rho_t = (tau0 + t)^-kappa (``stochastic``)."""
+    batch_size / tau0 / kappa (an LDA-style admixture, ``lda``, or a mixture whose local has one data dim,
+    ``cavi.stochastic_ascent``): ``batch_size=None`` fits by coordinate ascent; an integer B runs stochastic
+    natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents / data rows, ``num_steps`` passes,
+    step sizes rho_t = (tau0 + t)^-kappa (``stochastic``), from the same starts. A markov_chain or a
+    gaussian_chain is fitted full-batch (ValueError with batch_size=)."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
@@ -393,10 +359,10 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
         structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
         return lda.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
                        num_samples, progress, batch_size, tau0, kappa, structure=structure)
-    if batch_size is not None:
-        raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is implemented "
-                         "for LDA-style admixtures only; this model is fitted by full-batch coordinate ascent "
-                         "(leave batch_size=None)")
+    if batch_size is not None and plan.facts.of(NAME).chain is not None:
+        raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is not "
+                         f"implemented for a gaussian_chain ('{plan.facts.of(NAME).chain}'): Kalman smoothing couples "
+                         "every step of a sequence, so it is fitted full-batch (leave batch_size=None)")
     stochastic.check_schedule(None, tau0, kappa, 1, "data units")
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
@@ -406,17 +372,45 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = _structure(model, args, kwargs, plan)
     plan = _without_probe_result(plan)
+    if batch_size is not None:
+        _check_minibatches(structure, batch_size, tau0, kappa, checkpoints)
     starts, interrupted = [None], False
     if structure.local is not None:
         labels = _start_labels(structure, restarts, seed)
         screened, interrupted = _screened(structure, labels, num_steps, tol, seed, progress, checkpoints) \
             if restarts > 1 else (None, False)
         starts = [screened] if screened is not None else [cavi.hard_local(structure, lab) for lab in labels]
-    best, stopped = cavi.best_of_restarts(
-        lambda i, desc, on_step: cavi.coordinate_ascent(structure, starts[i], 1 if interrupted else num_steps, tol,
-                                                        on_step, checkpoints, desc),
-        len(starts), num_steps, tol, progress, NAME, check_convergence=not interrupted)
+    gen = torch.Generator().manual_seed(seed)
+
+    def fit_one(i: int, desc: str, on_step) -> cavi.Fit:
+        steps = 1 if interrupted else num_steps
+        if batch_size is None:
+            return cavi.coordinate_ascent(structure, starts[i], steps, tol, on_step, checkpoints, desc)
+        return cavi.stochastic_ascent(structure, starts[i], steps, tol, batch_size, tau0, kappa, gen, on_step)
+
+    best, stopped = cavi.best_of_restarts(fit_one, len(starts), num_steps, tol, progress, NAME,
+                                          check_convergence=not interrupted and batch_size is None)
     return _posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted or stopped)
+
+
+def _check_minibatches(structure: Structure, batch_size, tau0, kappa, checkpoints) -> None:
+    """ValueError naming the reason when stochastic VI (``batch_size``) cannot run on ``structure``: no discrete
+    local, a markov_chain (fitted full-batch), a local with several data dims or a child not laid out along its
+    rows (``cavi.subsample``), checkpoints (not implemented), or a bad schedule (``stochastic.check_schedule``)."""
+    local = structure.local
+    what = f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI)"
+    if local is None:
+        raise ValueError(f"{what} needs a discrete local latent to subsample the data by; this model has none (its "
+                         "posterior is one closed-form sweep: leave batch_size=None)")
+    if local.kind == "chain":
+        raise ValueError(f"{what} is not implemented for the markov_chain '{local.name}': forward-backward couples "
+                         "every step of a sequence, so a chain is fitted full-batch (leave batch_size=None)")
+    if cavi.subsample(structure, torch.arange(min(1, local.zshape[0]))) is None:
+        raise ValueError(f"{what} needs the local '{local.name}' to have one data dim and every observed site laid "
+                         f"out along it; '{local.name}' has data shape {tuple(local.zshape)} (leave batch_size=None)")
+    if checkpoints is not None:
+        raise ValueError("backend 'vi': checkpoint=/resume= are not implemented with batch_size= (stochastic VI)")
+    stochastic.check_schedule(batch_size, tau0, kappa, local.zshape[0], "data rows")
 
 
 def _structure(model, args, kwargs, plan) -> Structure:

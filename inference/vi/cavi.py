@@ -11,18 +11,24 @@ r"""Coordinate ascent on the mean-field ELBO :math:`q(z)\prod_g q(g)` of a conju
 
 Each step maximizes the ELBO over its factor with the others fixed, so the ELBO never decreases; it is
 computed in closed form after every sweep, term by term.
+
+Stochastic natural-gradient VI (``stochastic_ascent``, Hoffman et al. 2013) for a mixture whose local has one
+data dim: the local step on a minibatch B of the N rows (``subsample``), the global targets from its statistics
+scaled by N / |B| (``global_step(..., scale)``), a step of size :math:`\rho_t = (\tau_0 + t)^{-\kappa}` towards
+them in each family's natural parameters (``families``). A ``markov_chain`` stays full-batch: forward-backward
+couples every step of a sequence.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import training
 from ..checkpoints import Checkpoints
 from ..exact import hmm
-from . import links
+from . import links, stochastic
 from .conjugacy import Structure
 from .families import FAMILIES, dirichlet_expected_log
 
@@ -109,8 +115,9 @@ def _role_stats(counts: torch.Tensor, glob_shape: tuple) -> tuple:
     return (counts.sum(tuple(range(extra))) if extra > 0 else counts,)
 
 
-def global_step(structure: Structure, state: LocalState | None, q: dict) -> dict:
-    """Every q(g) in closed form: prior natural parameters plus the expected sufficient statistics."""
+def global_step(structure: Structure, state: LocalState | None, q: dict, scale: float = 1.0) -> dict:
+    """Every q(g) in closed form: prior natural parameters plus the expected sufficient statistics, these times
+    ``scale`` (N / |B| on a minibatch of B of N rows: an unbiased estimate of the full data's; 1 for all rows)."""
     stats: dict[str, list] = {g: [] for g in structure.globals}
     for c in structure.children:
         if c.glob is None:
@@ -129,13 +136,15 @@ def global_step(structure: Structure, state: LocalState | None, q: dict) -> dict
         total = None
         for s in stats[name]:
             total = s if total is None else tuple(a + b for a, b in zip(total, s))
+        if total is not None and scale != 1:
+            total = tuple(scale * t for t in total)
         out[name] = g.prior if total is None else fam.update(g.prior, total)
     return out
 
 
-def elbo_terms(structure: Structure, q: dict, tables: dict, state: LocalState | None) -> dict[str, torch.Tensor]:
-    """The ELBO term by term: ``E log p(child)`` per observed site, ``E log p(local)``, ``entropy(local)``,
-    ``-KL(global)`` per global (so that the ELBO is their sum), and ``log p(constant sites)``."""
+def local_terms(structure: Structure, q: dict, tables: dict, state: LocalState | None) -> dict[str, torch.Tensor]:
+    """The ELBO's terms that sum over the data: ``E log p(child)`` per observed site, ``E log p(local)`` and
+    ``entropy(local)``."""
     terms = {}
     for c in structure.children:
         table = tables[c.name]
@@ -144,6 +153,13 @@ def elbo_terms(structure: Structure, q: dict, tables: dict, state: LocalState | 
         logs = local_logs(structure, q)
         terms[f"E log p({structure.local.name})"] = sum((state.counts[role] * logs[role]).sum() for role in logs)
         terms[f"entropy({structure.local.name})"] = state.entropy
+    return terms
+
+
+def elbo_terms(structure: Structure, q: dict, tables: dict, state: LocalState | None) -> dict[str, torch.Tensor]:
+    """The ELBO term by term: ``local_terms``, ``-KL(global)`` per global (so that the ELBO is their sum), and
+    ``log p(constant sites)``."""
+    terms = local_terms(structure, q, tables, state)
     for name, g in structure.globals.items():
         terms[f"-KL({name})"] = -FAMILIES[g.family].kl(q[name], g.prior)
     if structure.constant:
@@ -277,3 +293,92 @@ def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps:
         if checkpoints:
             write(False)
     return Fit(q, state, tables, history, terms_history, converged, interrupted)
+
+
+def _take(t, rows: torch.Tensor, dim: int, N: int):
+    """``t`` restricted to ``rows`` along its data dim ``dim`` (size N; size 1 = broadcast, kept); a non-tensor is
+    kept. Raises ValueError for any other layout (the caller then does not subsample)."""
+    if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] == 1:
+        return t
+    if t.shape[dim] != N:
+        raise ValueError(f"dim {dim} of a {tuple(t.shape)} tensor is not the data's {N} rows")
+    return t.index_select(dim, rows.to(t.device))
+
+
+def subsample(structure: Structure, rows: torch.Tensor) -> Structure | None:
+    """The structure of the same model on the data rows ``rows (n,)`` only: a mixture whose local has one data dim
+    ``(N,)`` and whose children are laid out ``(N, ...)`` (their values, weights, outer products, tabulated
+    densities and known variances restricted to the rows). None for any other structure (a chain, several data
+    dims, a child laid out otherwise)."""
+    local = structure.local
+    if local is None or local.kind != "mixture" or len(local.zshape) != 1:
+        return None
+    N = local.zshape[0]
+    try:
+        priors = {role: _take(v, rows, 0, N) for role, v in local.priors.items()}
+        children = []
+        for c in structure.children:
+            if c.nz != 1:
+                return None
+            # known: "normal" variances (K, *zshape, *E) and "fixed" tables (K, *zshape) have the data at dim 1;
+            # a "gaussian" child's (precision, log det) has no data dim
+            known = _take(c.known, rows, 1, N) if c.kind in ("normal", "fixed") else c.known
+            children.append(replace(c, y=_take(c.y, rows, 0, N), w=_take(c.w, rows, 0, N), known=known,
+                                    yy=_take(c.yy, rows, 0, N)))
+    except ValueError:
+        return None
+    return replace(structure, local=replace(local, zshape=(int(rows.shape[0]),), priors=priors),
+                   children=tuple(children))
+
+
+def stochastic_ascent(structure: Structure, start: LocalState, num_steps: int, tol: float, batch_size: int,
+                      tau0: float, kappa: float, gen: torch.Generator, on_step=None) -> Fit:
+    r"""Stochastic natural-gradient VI (Hoffman et al. 2013) on a mixture whose local has one data dim of N rows
+    (``subsample`` must accept it): q(globals) starts at the global step from ``start`` (all rows, as
+    ``coordinate_ascent``); then ``num_steps`` passes over the rows in random minibatches B of ``batch_size``
+    (``stochastic.batches`` from ``gen``); step t: the local step on B, the targets
+    :math:`\hat\lambda = \eta_0 + rac{N}{|B|}\sum_{n \in B} E_q[t_n]` (``global_step(..., scale=N / |B|)``) and
+    :math:`\lambda \leftarrow (1 - 
+ho_t)\lambda + 
+ho_t\hat\lambda`, :math:`
+ho_t = (	au_0 + t)^{-\kappa}`
+    (``Family.blend``). With ``batch_size = N`` and :math:`
+ho_1 = 1` (``tau0 = 0``) one pass is one
+    coordinate-ascent sweep, bit for bit.
+
+    ``history``: per pass the sum of its minibatches' data terms (each under the q it started from) minus the
+    KLs at the pass's end (a noisy estimate, for progress; it stops early when that moves by less than ``tol``,
+    relative), then the exact ELBO: a local step on all rows at the final q, whose terms are ``terms`` (one entry
+    each) and whose q(z) is ``state``. Ctrl-C stops after the last whole step (``Fit.interrupted``)."""
+    N = structure.local.zshape[0]
+    q = global_step(structure, start, {g: G.prior for g, G in structure.globals.items()})
+    history, converged, interrupted, t = [], False, False, 0
+    try:
+        for _ in range(num_steps):
+            estimate = 0.0
+            for rows in stochastic.batches(N, batch_size, gen):
+                sub = subsample(structure, rows)
+                tables = child_tables(sub, q)
+                state = local_step(sub, q, tables)
+                estimate += float(sum(local_terms(sub, q, tables, state).values()))
+                target = global_step(sub, state, q, scale=N / rows.shape[0])
+                t += 1
+                rho = stochastic.step_size(t, tau0, kappa)
+                q = {name: FAMILIES[g.family].blend(q[name], target[name], rho)
+                     for name, g in structure.globals.items()}
+            estimate -= sum(float(FAMILIES[g.family].kl(q[n], g.prior)) for n, g in structure.globals.items())
+            history.append(estimate + structure.constant)
+            if on_step is not None:
+                on_step(history[-1])
+            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        if t == 0:
+            raise
+        interrupted = True
+    tables = child_tables(structure, q)
+    state = local_step(structure, q, tables)
+    terms = {k: [float(v)] for k, v in elbo_terms(structure, q, tables, state).items()}
+    history.append(sum(v[0] for v in terms.values()))
+    return Fit(q, state, tables, history, terms, converged, interrupted)

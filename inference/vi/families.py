@@ -21,6 +21,10 @@ Updates (r the responsibilities, s the child's known scale, Lambda its known pre
     v'^{-1} = v^{-1} + \textstyle\sum r / s^2,\ m' = v' (m / v + \sum r y / s^2), \\
     P' = S_0^{-1} + (\textstyle\sum r)\Lambda,\ m' = P'^{-1}(S_0^{-1} m_0 + \Lambda \sum r y), \quad
     \eta'_{NIW} = \eta + (\textstyle\sum r yy^\top, \sum r y, \sum r, \sum r).
+
+Stochastic VI (``blend``) steps :math:`\lambda \leftarrow (1 - \rho)\lambda + \rho\hat\lambda` in each family's
+natural parameters: on the params themselves where they are an affine image of them (Dirichlet, Gamma, Beta,
+NIW), through (m / v, 1 / v) for a Normal and (P m, P) for a Gaussian.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import Callable
 import torch
 from torch.distributions import Beta, Dirichlet, Gamma, MultivariateNormal, Normal, kl_divergence
 
-from ppl.expfam import niw
+from ppl.expfam import natural_step, niw
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Family:
     mean: Callable        # q params -> (K, *value_shape)
     q_name: str           # how explain() names q
     mode: Callable        # q params -> (K, *value_shape): the mode of q where it exists, else its mean
+    blend: Callable       # (q params, target params, rho) -> the natural-gradient step (stochastic VI)
 
 
 def _add(prior: tuple, stats: tuple) -> tuple:
@@ -86,6 +91,35 @@ def _gaussian_update(prior: tuple, stats: tuple) -> tuple:
     cov = torch.cholesky_inverse(L)
     mean = torch.cholesky_solve((P0 @ m0.unsqueeze(-1)) + h_data.unsqueeze(-1), L).squeeze(-1)
     return mean, 0.5 * (cov + cov.mT)
+
+
+def _affine_blend(params: tuple, target: tuple, rho: float) -> tuple:
+    r"""The natural-gradient step :math:`(1 - \rho)\,\lambda + \rho\,\hat\lambda` field by field, for params that
+    are an affine image of the natural parameters (Dirichlet alpha, Gamma/Beta (a, b), NIW's natural fields):
+    the blend commutes with the affine map. ``rho == 1`` returns ``target``'s tensors themselves."""
+    return tuple(natural_step(a, b, rho) for a, b in zip(params, target))
+
+
+def _normal_blend(params: tuple, target: tuple, rho: float) -> tuple:
+    r"""The step in the natural parameters (m / v, 1 / v) of elementwise Normals (m, v)."""
+    if rho == 1:
+        return target
+    precision = (1 - rho) / params[1] + rho / target[1]
+    shift = (1 - rho) * params[0] / params[1] + rho * target[0] / target[1]
+    return shift / precision, 1.0 / precision
+
+
+def _gaussian_blend(params: tuple, target: tuple, rho: float) -> tuple:
+    r"""The step in the natural parameters (P m, P), :math:`P = \Sigma^{-1}`, of full Gaussians (m ``(K, D)``,
+    Sigma ``(K, D, D)``)."""
+    if rho == 1:
+        return target
+    P_old, P_new = torch.linalg.inv(params[1]), torch.linalg.inv(target[1])
+    P = (1 - rho) * P_old + rho * P_new
+    h = (1 - rho) * (P_old @ params[0].unsqueeze(-1)) + rho * (P_new @ target[0].unsqueeze(-1))
+    L = torch.linalg.cholesky(0.5 * (P + P.mT))
+    cov = torch.cholesky_inverse(L)
+    return torch.cholesky_solve(h, L).squeeze(-1), 0.5 * (cov + cov.mT)
 
 
 def _niw_sample(params: tuple, n: int) -> torch.Tensor:
@@ -143,24 +177,25 @@ FAMILIES = {
     "Dirichlet": Family(
         "Dirichlet", _add, lambda q, p: kl_divergence(Dirichlet(q[0]), Dirichlet(p[0])).sum(),
         lambda q, n: Dirichlet(q[0]).sample((n,)), lambda q: q[0] / q[0].sum(-1, keepdim=True), "Dirichlet",
-        _dirichlet_mode),
+        _dirichlet_mode, _affine_blend),
     "Gamma": Family(
         "Gamma", _add, lambda q, p: kl_divergence(Gamma(*q), Gamma(*p)).sum(),
-        lambda q, n: Gamma(*q).sample((n,)), lambda q: q[0] / q[1], "Gamma", _gamma_mode),
+        lambda q, n: Gamma(*q).sample((n,)), lambda q: q[0] / q[1], "Gamma", _gamma_mode, _affine_blend),
     "Beta": Family(
         "Beta", _add, lambda q, p: kl_divergence(Beta(*q), Beta(*p)).sum(),
-        lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta", _beta_mode),
+        lambda q, n: Beta(*q).sample((n,)), lambda q: q[0] / (q[0] + q[1]), "Beta", _beta_mode, _affine_blend),
     "Normal": Family(
         "Normal", _normal_update,
         lambda q, p: kl_divergence(Normal(q[0], q[1].sqrt()), Normal(p[0], p[1].sqrt())).sum(),
-        lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal", lambda q: q[0]),
+        lambda q, n: Normal(q[0], q[1].sqrt()).sample((n,)), lambda q: q[0], "Normal", lambda q: q[0],
+        _normal_blend),
     "Gaussian": Family(
         "Gaussian", _gaussian_update,
         lambda q, p: kl_divergence(MultivariateNormal(q[0], q[1]), MultivariateNormal(p[0], p[1])).sum(),
         lambda q, n: MultivariateNormal(q[0], q[1]).sample((n,)), lambda q: q[0], "MultivariateNormal",
-        lambda q: q[0]),
+        lambda q: q[0], _gaussian_blend),
     "NormalInverseWishart": Family(
         "NormalInverseWishart", lambda p, s: tuple(niw.conjugate_update(niw.NIWNatural(*p), niw.NIWNatural(*s))),
         lambda q, p: niw.kl(niw.NIWNatural(*q), niw.NIWNatural(*p)).sum(), _niw_sample, _niw_mean,
-        "NormalInverseWishart", _niw_mode),
+        "NormalInverseWishart", _niw_mode, _affine_blend),
 }

@@ -547,7 +547,7 @@ def _three_blobs(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_a_subsampled_structure_is_the_structure_of_the_model_on_those_rows():
-    """``backend.subsample(structure(x), rows)`` fits exactly as the model probed on ``x[rows]`` (same sweeps from
+    """``cavi.subsample(structure(x), rows)`` fits exactly as the model probed on ``x[rows]`` (same sweeps from
     the same labels, ELBO to 1e-9) for Gaussian-mean, NIW, elementwise Bernoulli, Normal (known per-row scales)
     and "fixed" children; a chain has none."""
     x = _three_blobs(60)
@@ -557,14 +557,14 @@ def test_a_subsampled_structure_is_the_structure_of_the_model_on_those_rows():
     s, c = 0.5 + torch.arange(60, dtype=D64) / 60, torch.arange(60) % 2
     for model, data, kwargs in ((fixed_niw_gmm, x, {}), (M.gmm, x, {}), (bernoulli_mixture, xb, {"K": 2}),
                                 (normal_mixture_with_side_labels, x[:, 0], {"s": s, "c": c})):
-        sub = vi_backend.subsample(structure_of(model, data, **kwargs)[0], rows)
+        sub = cavi.subsample(structure_of(model, data, **kwargs)[0], rows)
         direct = structure_of(model, data[rows], **{k: v[rows] if k in "sc" else v for k, v in kwargs.items()})[0]
         k = 2 if model is bernoulli_mixture else 3
         a = cavi.coordinate_ascent(sub, cavi.hard_local(sub, labels % k), 5, 0.0)
         b = cavi.coordinate_ascent(direct, cavi.hard_local(direct, labels % k), 5, 0.0)
         assert sub.local.zshape == (len(rows),)
         assert a.history == pytest.approx(b.history, rel=1e-9, abs=1e-9), model
-    assert vi_backend.subsample(structure_of(M.hmm, torch.randn(12))[0], torch.arange(4)) is None
+    assert cavi.subsample(structure_of(M.hmm, torch.randn(12))[0], torch.arange(4)) is None
 
 
 def test_restarts_on_many_rows_are_screened_on_a_subsample_and_reach_the_best_full_fit(monkeypatch):
