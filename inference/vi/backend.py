@@ -347,8 +347,9 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     batch_size / tau0 / kappa (an LDA-style admixture, ``lda``, or a mixture whose local has one data dim,
     ``cavi.stochastic_ascent``): ``batch_size=None`` fits by coordinate ascent; an integer B runs stochastic
     natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents / data rows, ``num_steps`` passes,
-    step sizes rho_t = (tau0 + t)^-kappa (``stochastic``), from the same starts. A markov_chain or a
-    gaussian_chain is fitted full-batch (ValueError with batch_size=)."""
+    step sizes rho_t = (tau0 + t)^-kappa (``stochastic``), from the same starts; ``history`` is then minus each
+    pass's noisy ELBO estimate, then minus the exact ELBO at the end (``elbo_terms``: that one entry each). A
+    markov_chain or a gaussian_chain is fitted full-batch (ValueError with batch_size=)."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
