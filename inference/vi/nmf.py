@@ -48,6 +48,7 @@ from .. import training
 from ..results import make_posterior
 from .cavi import best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
+from .families import FAMILIES
 from .probe import close, peel, probe_runs
 
 INIT_SHAPE = 100.0     # a start's q(W), q(H): Gamma(INIT_SHAPE, INIT_SHAPE / start), mean the start, tight around it
@@ -535,13 +536,14 @@ def treatment_rows(graph, names: tuple[str, str, str]) -> list:
 
 def posterior(model, args, kwargs, plan, structure: NMFStructure, best: NMFFit, num_samples: int,
               interrupted: bool):
-    """The typed Posterior: draws of each latent factor from its q (in the site's layout), q's mean as the point."""
+    """The typed Posterior: draws of each latent factor from its q (in the site's layout), the mode of q as the point
+    (its mean where the shape is below 1: ``families``, as the vi backend's other models)."""
     draws, point = {}, {}
     for factor, q in ((structure.left, best.state.q_left), (structure.right, best.state.q_right)):
         if factor.fixed:
             continue
         draws[factor.name] = factor.site_value(Gamma(*q).sample((num_samples,))).unsqueeze(0)
-        point[factor.name] = factor.site_value(q[0] / q[1])
+        point[factor.name] = factor.site_value(FAMILIES["Gamma"].mode(q))
     history = training.History(-v for v in best.history)
     history.interrupted = interrupted
     return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=history,
