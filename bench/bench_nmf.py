@@ -1,5 +1,5 @@
 """Poisson NMF (``models/nmf.py``) in backend "vi" (``inference/vi/nmf.py``: closed-form VB with latent sources)
-side by side with the current svi route (``nmf.infer_options``: 500 Adam steps, AutoNormal) and scikit-learn's
+side by side with the svi route (``svi_options``: 500 Adam steps, AutoNormal) and scikit-learn's
 ``NMF(beta_loss="kullback-leibler", solver="mu", init="nndsvda")`` (maximum likelihood: the same Poisson
 likelihood, no priors), on ``nmf.simulate`` data.
 
@@ -49,9 +49,15 @@ def fit_sklearn(X: torch.Tensor, K: int):
     return torch.as_tensor(W @ model.components_).double(), model.n_iter_
 
 
+def svi_options(sim) -> dict:
+    """The svi route's settings (500 Adam steps from ``nmf.init_values``; models/nmf.py's ``infer_options`` before
+    vi took the model)."""
+    return dict(num_steps=500, lr=0.05, num_samples=100, init=nmf.init_values(sim.args[0], sim.kwargs["K"]))
+
+
 def fit_svi(sim):
     return ppl.infer(nmf.model, *sim.args, model_kwargs=sim.kwargs, backend="svi", progress=False,
-                     **nmf.infer_options(sim))
+                     **svi_options(sim))
 
 
 def cpu_timed(key: str, fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -160,15 +160,17 @@ def test_sweep_equals_dense_updates_with_explicit_sources():
 # -------------------------------------------------------------------------- monotone ELBO, valid bound
 
 
+@pytest.mark.parametrize("overrelax", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_elbo_never_decreases(dtype):
+def test_elbo_never_decreases(dtype, overrelax):
     sim = nmf.simulate(seed=1, N=50, M=30, K=4)
     s = structure_of(nmf.model, (sim.args[0].to(dtype),), sim.kwargs)
     assert s.dtype == dtype and s.weighted.dtype == dtype
     for restart in (0, 1):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ELBODecreased)
-            f = V.coordinate_ascent(s, V.initial_state(s, restart, torch.Generator().manual_seed(0)), 150, 0.0)
+            f = V.coordinate_ascent(s, V.initial_state(s, restart, torch.Generator().manual_seed(0)), 150, 0.0,
+                                    overrelax=overrelax)
         h = torch.tensor(f.history, dtype=D64)
         assert len(h) == 150 and bool(torch.isfinite(h).all())
         slack = 1e-9 * float(h.abs().max()) if dtype == D64 else 1e-5 * float(h.abs().max())
@@ -176,6 +178,11 @@ def test_elbo_never_decreases(dtype):
         assert float(h[-1] - h[0]) > 1.0
         assert sum(v[-1] for v in f.terms.values()) == pytest.approx(f.history[-1], rel=1e-12)
         assert f.state.q_left[0].dtype == dtype
+
+
+def svi_options(sim) -> dict:
+    """The svi route's settings before vi took the model (models/nmf.py's former ``infer_options``)."""
+    return dict(num_steps=500, lr=0.05, num_samples=100, init=nmf.init_values(sim.args[0], sim.kwargs["K"]))
 
 
 def plain_elbo(s: V.NMFStructure, state: V.State, a: float, b: float, draws: int = 2000, seed: int = 0) -> float:
@@ -216,9 +223,26 @@ def test_recovers_the_rate_and_is_no_worse_than_svi():
     assert best.elbo < plain
     torch.manual_seed(0)
     svi = ppl.infer(nmf.model, *sim.args, model_kwargs=sim.kwargs, progress=False, backend="svi",
-                    **nmf.infer_options(sim))
+                    **svi_options(sim))
     assert plain >= svi.log_evidence.value - 1.0, (plain, svi.log_evidence.value)
     assert ours <= nmf.recovery_errors(svi, sim)["rate"] + 0.01
+
+
+def test_overrelaxation_keeps_only_steps_that_raise_the_elbo_and_needs_fewer_sweeps():
+    sim = nmf.simulate(seed=0, N=200, M=150, K=5)
+    s = structure_of(nmf.model, (sim.args[0].double(),), sim.kwargs)
+    start = V.initial_state(s, 0, torch.Generator().manual_seed(0))
+    plain = V.coordinate_ascent(s, start, 2000, 1e-7, overrelax=False)
+    fast = V.coordinate_ascent(s, start, 2000, 1e-7)
+    assert plain.converged and fast.converged
+    assert len(fast.history) < len(plain.history) / 2            # measured 3-5x fewer sweeps
+    assert fast.elbo >= plain.elbo - 1e-6 * abs(plain.elbo)
+    # one step by hand: the sweep's ELBO, the stretched step's, and the larger one kept
+    new = V.sweep(s, start)
+    trial = V.overrelaxed(s, start, new, V.OVERRELAX_GROWTH)
+    one = V.coordinate_ascent(s, start, 1, 0.0)
+    assert one.elbo == max(sum(V.elbo_terms(s, new).values()), sum(V.elbo_terms(s, trial).values()))
+    torch.testing.assert_close(V.overrelaxed(s, start, new, 1.0).q_left, new.q_left)
 
 
 # -------------------------------------------------------------------------------------------- memory
