@@ -84,7 +84,7 @@ def case(N: int, M: int, K: int, with_svi: bool) -> Case:
     if with_svi:
         post = fit_svi(sim)
         note += f", svi {nmf.recovery_errors(post, sim)['rate']:.4f} (ELBO estimate {post.log_evidence.value:.1f})"
-        peers["svi (current route, ppl.infer)"] = cpu_timed(f"svi {tag}", lambda: fit_svi(sim))
+        peers["svi (ppl.infer, 500 Adam steps)"] = cpu_timed(f"svi {tag}", lambda: fit_svi(sim))
     return Case(f"Poisson NMF fit {tag}, K={K} (vi fit on the probed structure)",
                 cpu_timed(f"ours {tag}", lambda: fit_ours(s)), peers, note)
 
