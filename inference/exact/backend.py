@@ -55,10 +55,11 @@ def fit_settings() -> str:
     start_steps = initialization.START_STEPS
     rel_tol = inspect.signature(training.optimize_lbfgs).parameters["rel_tol"].default
     return (f"L-BFGS, no closed-form M-step (conjugate models route to 'vi'): <= num_steps={run_defaults['num_steps']} "
-            f"evaluations, stop at a change < {rel_tol:g} x (1 + |objective|); restarts={run_defaults['restarts']}: "
-            f"init=, then distinct k-means++ labellings -> complete-data MAP (rounds of <= {start_steps} evaluations "
-            f"until converged; <= {start_steps // 3} a round warm-started), {SCREEN_EVALS} screening evaluations "
-            "each, the best fitted on")
+            f"evaluations, stop when {training.LBFGS_BLOCK_ITERS} iterations change it by < {rel_tol:g} x "
+            f"(1 + |objective|); restarts={run_defaults['restarts']}: init=, then distinct k-means++ labellings -> "
+            f"complete-data MAP (from the prior mean; rounds of <= {start_steps} evaluations until converged; <= "
+            f"{start_steps // 3} a round warm-started), {SCREEN_EVALS} screening evaluations each, the best fitted on "
+            "(the same L-BFGS run continued)")
 
 
 def treatments(graph, facts: Facts):
@@ -118,13 +119,14 @@ SCREEN_EVALS = 30  # evaluations each start gets before the best one is fitted t
 
 
 def _map_fit(fmodel, args, kwargs, plan, start, state, num_steps, lr, optimizer, progress, desc, warn=True,
-             checkpoints=None):
-    """One MAP fit from ``start`` in the parameter store ``state`` (a fresh one if None):
-    (best objective, store state after, point, history)."""
+             checkpoints=None, memory=None):
+    """One MAP fit from ``start`` in the parameter store ``state`` (a fresh one if None), L-BFGS continuing the run
+    whose final state is ``memory`` (``training.optimize_lbfgs``): (best objective, store state after, point,
+    history)."""
     with pyro.get_param_store().scope(state) as state:
         guide, _, history = training.fit_guide(fmodel, args, kwargs, plan, "delta", num_steps, lr, progress,
                                                start, desc=desc, optimizer=optimizer, warn=warn,
-                                               checkpoints=checkpoints)
+                                               checkpoints=checkpoints, memory=memory)
         with torch.no_grad():
             point = {k: v.detach() for k, v in guide.median(*args, **kwargs).items()}
     return min(history), state, point, history
@@ -133,7 +135,8 @@ def _map_fit(fmodel, args, kwargs, plan, start, state, num_steps, lr, optimizer,
 def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: float, optimizer: str,
               progress: bool, checkpoints=None) -> tuple[dict, list[float]]:
     """MAP by restarts, each start in its own parameter store. L-BFGS: each start gets ``SCREEN_EVALS``
-    evaluations, then the best is fitted to convergence from where it stopped; Adam: every start runs
+    evaluations, then the best is fitted to convergence from where it stopped (the same L-BFGS run continued, its
+    curvature pairs kept); Adam: every start runs
     ``num_steps`` steps. The winner's parameters are loaded into the current store; returns its point and
     objective history (screening included)."""
     if len(starts) == 1 or (optimizer == "lbfgs" and num_steps <= 2 * SCREEN_EVALS):
@@ -149,7 +152,8 @@ def _best_map(fmodel, args, kwargs, plan, starts: list, num_steps: int, lr: floa
     _, state, point, history = min(runs, key=lambda r: r[0])
     if screen < num_steps and not runs[-1][3].interrupted:
         _, state, point, more = _map_fit(fmodel, args, kwargs, plan, point, state, num_steps - screen, lr,
-                                         optimizer, progress, NAME, checkpoints=checkpoints)
+                                         optimizer, progress, NAME, checkpoints=checkpoints,
+                                         memory=getattr(history, "lbfgs", None))
         history = training.History(history + more)
         history.interrupted = more.interrupted
     pyro.get_param_store().set_state(state)

@@ -3,6 +3,7 @@ MAP), checked against closed-form minima, and its guards (budget, leaving the do
 
 import io
 import sys
+import warnings
 
 import pyro
 import pytest
@@ -25,6 +26,71 @@ def test_lbfgs_finds_the_minimum_of_a_rosenbrock_valley():
     history = optimize_lbfgs(step, 500, progress=False, desc="test")
     assert torch.allclose(x.detach(), torch.ones(2, dtype=torch.float64), atol=1e-5)
     assert len(history) < 200 and history[-1] <= history[0]
+
+
+def _rosenbrock(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2 + (x[2] - x[1]) ** 2
+
+
+def test_lbfgs_evaluates_the_points_torchs_lbfgs_evaluates():
+    """Oracle: torch.optim.LBFGS (history 20, strong Wolfe, blocks of 10 iterations: its step() called until it stops
+    moving) on a
+    3-D Rosenbrock valley in float64. optimize_lbfgs runs the same iterations without torch re-evaluating the
+    starting point of each step() call: the sequence of evaluated points is torch's with those repeats removed,
+    equal to round-off, and both end at the minimum (1, 1, 1)."""
+    x0 = [-1.2, 1.0, 0.5]
+    seen = []
+
+    def recorded(x):
+        def step():
+            seen.append(x.detach().clone())
+            return _rosenbrock(x), [x]
+        return step
+
+    x, _ = _objective(_rosenbrock, x0)
+    ours_step = recorded(x)
+    history = optimize_lbfgs(ours_step, 1000, progress=False, desc="test", rel_tol=0.0)
+    ours, seen = seen, []
+    y = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    optim = torch.optim.LBFGS([y], lr=1.0, max_iter=training.LBFGS_BLOCK_ITERS, max_eval=training.LBFGS_BLOCK_EVALS,
+                              history_size=training.LBFGS_HISTORY, tolerance_grad=1e-9, tolerance_change=1e-12,
+                              line_search_fn="strong_wolfe")
+    theirs_step = recorded(y)
+
+    def closure():
+        optim.zero_grad()
+        loss = theirs_step()[0]
+        loss.backward()
+        return loss
+
+    while True:
+        before = len(seen)
+        optim.step(closure)
+        if len(seen) == before + 1:        # only torch's re-evaluation of the starting point: it stopped
+            break
+    theirs = [p for i, p in enumerate(seen) if i == 0 or not torch.equal(p, seen[i - 1])]
+    ours = [p for i, p in enumerate(ours) if i == 0 or not torch.equal(p, ours[i - 1])]
+    assert len(ours) == len(theirs) == len(history) and len(ours) > 30
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(x.detach(), torch.ones(3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(y.detach(), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_lbfgs_keeps_to_its_evaluation_budget():
+    """Line-search trials count: a budget of n evaluations means n calls of the objective (the first included)."""
+    for budget in (1, 2, 7, 30, 31):
+        x, step = _objective(_rosenbrock, [-1.2, 1.0, 0.5])
+        calls = [0]
+
+        def counted():
+            calls[0] += 1
+            return step()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotConverged)
+            history = optimize_lbfgs(counted, budget, progress=False, desc="test")
+        assert calls[0] == len(history) == budget
 
 
 def test_lbfgs_never_keeps_a_point_outside_the_domain():
