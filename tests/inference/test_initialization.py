@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import ppl
-from ppl.inference.initialization import align_labels, discrete_features, hard_assignments, kmeans_labels
+from ppl import dist
+from ppl.inference import training
+from ppl.inference.initialization import (START_STEPS, align_labels, complete_data_map, complete_data_plan,
+                                          discrete_features, hard_assignments, kmeans_labels)
 from ppl.inference.results import DegenerateFit, warn_if_nearly_empty
 from ppl.models import gmm as gmm_lib
 from ppl.models import hmm as hmm_lib
@@ -133,3 +136,46 @@ def test_align_labels_recovers_a_relabelling_and_matches_the_best_permutation_wh
     best = max(int((torch.tensor(p)[labels] == reference).sum()) for p in itertools.permutations(range(K)))
     assert int((aligned == reference).sum()) == best
     assert sorted(aligned.unique().tolist()) == sorted(labels.unique().tolist())
+
+
+def _site(fn) -> dict:
+    return {"name": "s", "fn": fn, "is_observed": False, "type": "sample", "infer": {}, "value": None}
+
+
+def test_complete_data_starts_are_at_the_prior_mean_where_it_is_finite():
+    """training.init_to_prior_mean (the first complete-data MAP's start): the prior mean, deterministic and of the
+    site's shape, where it is finite and in the support; a HalfCauchy (infinite mean) falls back to the median of
+    draws, which lies in the support."""
+    normal = dist.Normal(torch.zeros(3), 10.0).to_event(1)
+    assert torch.equal(training.init_to_prior_mean(_site(normal)), torch.zeros(3))
+    dirichlet = dist.Dirichlet(torch.ones(2, 4))
+    assert torch.allclose(training.init_to_prior_mean(_site(dirichlet)), torch.full((2, 4), 0.25))
+    gamma = dist.Gamma(torch.tensor([2.0, 3.0]), 1.0)
+    assert torch.equal(training.init_to_prior_mean(_site(gamma)), torch.tensor([2.0, 3.0]))
+    half_cauchy = dist.HalfCauchy(torch.full((3,), 50.0))
+    value = training.init_to_prior_mean(_site(half_cauchy))
+    assert value.shape == (3,) and bool(torch.isfinite(value).all()) and bool((value > 0).all())
+
+
+def test_the_first_complete_data_map_from_the_prior_mean_reaches_the_closed_form_optimum():
+    """Oracle: with the labels fixed, a 1-D two-component mixture under N(0, 10^2) means, known unit scales and
+    Dirichlet(1) weights has the complete-data MAP mean_k = sum_{z=k} x / (n_k + 1/100) and weights n_k / n."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(40)
+    x = torch.tensor([-30.0, 50.0], dtype=torch.float64)[labels] + torch.randn(80, generator=gen, dtype=torch.float64)
+
+    @ppl.model
+    def mixture(x):
+        weights = ppl.sample("weights", dist.Dirichlet(x.new_ones(2)))
+        with ppl.plate("components", 2):
+            loc = ppl.sample("loc", dist.Normal(x.new_zeros(()), 10.0))
+        with ppl.plate("data", x.shape[0]):
+            z = ppl.sample("z", dist.Categorical(weights))
+            ppl.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    fixed = complete_data_plan(mixture, (x,), {}, {"z": labels})
+    point = complete_data_map(mixture, (x,), {}, {"z": labels}, fixed, START_STEPS)
+    n = torch.bincount(labels).double()
+    expected = torch.zeros(2, dtype=torch.float64).index_add_(0, labels, x) / (n + 1 / 100)
+    assert torch.allclose(point["loc"], expected, atol=1e-5)
+    assert torch.allclose(point["weights"], n / n.sum(), atol=1e-5)
