@@ -246,10 +246,11 @@ LBFGS_TOL_CHANGE = 1e-12  # a step, directional derivative or loss change below 
 
 class LbfgsState:
     r"""What L-BFGS carries between iterations (all on the parameters' device and dtype, ``n`` = number of
-    parameter entries): the current loss and flat gradient ``(n,)``, the gradient before the last step ``prev_grad``, the last direction ``d`` and step length ``t``,
-    the curvature pairs :math:`s_i = t_i d_i`, :math:`y_i = g_{i+1} - g_i` (at most ``LBFGS_HISTORY``) with
-    :math:`\rho_i = 1 / y_i^\top s_i`, the initial inverse-Hessian scale :math:`\gamma = y^\top s / y^\top y` and the
-    iteration count. ``as_dict``/``from_dict``: the form a checkpoint stores."""
+    parameter entries): the current loss and flat gradient ``(n,)``, the gradient before the last step
+    ``prev_grad``, the last direction ``d`` and step length ``t``, the curvature pairs :math:`s_i = t_i d_i`,
+    :math:`y_i = g_{i+1} - g_i` (at most ``LBFGS_HISTORY``) with :math:`\rho_i = 1 / y_i^\top s_i`, the initial
+    inverse-Hessian scale :math:`\gamma = y^\top s / y^\top y` and the iteration count. ``as_dict``/``from_dict``:
+    the form a checkpoint stores."""
 
     FIELDS = ("loss", "grad", "prev_grad", "d", "t", "dirs", "steps", "ro", "h_diag", "n_iter")
 
@@ -286,8 +287,8 @@ def lbfgs_direction(state: LbfgsState) -> torch.Tensor:
 
 
 def lbfgs_remember(state: LbfgsState) -> None:
-    r"""Store the pair of the last step, :math:`s = t d`, :math:`y = g - g_{prev}` (``state.prev_grad``), when the curvature condition
-    :math:`y^\top s > 10^{-10}` holds (the oldest pair dropped beyond ``LBFGS_HISTORY``), and set
+    r"""Store the pair of the last step, :math:`s = t d`, :math:`y = g - g_{prev}` (``state.prev_grad``), when the
+    curvature condition :math:`y^\top s > 10^{-10}` holds (the oldest pair dropped beyond ``LBFGS_HISTORY``), and set
     :math:`\gamma = y^\top s / y^\top y`."""
     y = state.grad.sub(state.prev_grad)
     s = state.d.mul(state.t)

@@ -57,9 +57,9 @@ def fit_settings() -> str:
     return (f"L-BFGS, no closed-form M-step (conjugate models route to 'vi'): <= num_steps={run_defaults['num_steps']} "
             f"evaluations, stop when {training.LBFGS_BLOCK_ITERS} iterations change it by < {rel_tol:g} x "
             f"(1 + |objective|); restarts={run_defaults['restarts']}: init=, then distinct k-means++ labellings -> "
-            f"complete-data MAP (from the prior mean; rounds of <= {start_steps} evaluations until converged; <= "
-            f"{start_steps // 3} a round warm-started), {SCREEN_EVALS} screening evaluations each, the best fitted on "
-            "(the same L-BFGS run continued)")
+            "complete-data MAP (from the prior mean, the median where it is infinite; rounds of <= "
+            f"{start_steps} evaluations until converged; <= {start_steps // 3} a round warm-started), "
+            f"{SCREEN_EVALS} screening evaluations each, the best fitted on (the same L-BFGS run continued)")
 
 
 def treatments(graph, facts: Facts):
