@@ -1,13 +1,16 @@
 """A user-written GMM-SVAE fitted with ``ppl.infer`` defaults (no init, no restarts, no recognition network
 given), side by side with scikit-learn's GaussianMixture (issue 12, item 5 and two of its numbers).
 
-Two cases, run as ``python -m bench.bench_svae_gmm [--seeds 0 1 2 3 4] [--threads 1] [--only warped|digits]``:
+Two cases, run as ``python -m bench.bench_svae_gmm [--seeds 0 1 2 3 4] [--threads 1] [--only warped|unequal|digits]``:
 
 - ``warped``: 4 well-separated 2-D Gaussian clusters (centres on a circle of radius 4, unit sd, 500 points each,
   N = 2000) pushed through a fixed random tanh MLP (2 -> 32 -> 32 -> 12, weights drawn from the seed) into 12-D,
   plus N(0, 0.05^2) noise; the model (``warped_gmm`` below) is what a user writes: an MLP decoder through
   ``ppl.module``, Dirichlet weights, a plain Normal prior on the component means and a LogNormal one on the
   per-dimension component scales (no NIW), D = 2. Target: ARI >= 0.9 on seeds 0-4, fit <= 60 s.
+- ``unequal`` (a shape the defaults were not developed on): 3 clusters of 300 / 600 / 1100 points, each with
+  its own tilted covariance, through a different random MLP (2 -> 24 -> 8), noise 0.1; K = 3, D = 2, the same
+  model. Peer: GaussianMixture on PCA-2.
 - ``digits``: scikit-learn's 1797 8x8 digit images flattened to 64 features, as a user passes them: pixel values
   divided by 16 (``--digits-scaling unit``, the default; in [0, 1]) or standardized per pixel (``standardized``,
   after ``StandardScaler``; constant pixels left at 0); the same model with K = 10, D = 10.
@@ -76,6 +79,27 @@ def warped_clusters(seed: int, N: int = 2000, K: int = 4, P: int = 12, radius: f
     return y.float(), labels
 
 
+def unequal_clusters(seed: int, sizes: tuple[int, ...] = (300, 600, 1100), P: int = 8,
+                     noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (N, P) float32, labels (N,))``, a second shape to check the defaults on (not the one they were
+    developed on): 3 clusters of unequal sizes (300 / 600 / 1100), centres (-4, 0), (4, 1), (0, 5), each with its
+    own random 2-D covariance (sds 0.5-1.2, random orientation), through a random one-hidden-layer tanh MLP
+    2 -> 24 -> P (``P = 8``), plus N(0, 0.1^2) noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    centres = torch.tensor([[-4.0, 0.0], [4.0, 1.0], [0.0, 5.0]], dtype=torch.float64)[:len(sizes)]
+    sds = 0.5 + 0.7 * torch.rand(len(sizes), 2, generator=g, dtype=torch.float64)
+    angle = torch.pi * torch.rand(len(sizes), generator=g, dtype=torch.float64)
+    rot = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -1)
+    eps = torch.randn(labels.shape[0], 2, generator=g, dtype=torch.float64) * sds[labels]
+    latent = centres[labels] + (rot[labels] @ eps[..., None])[..., 0]
+    w1 = torch.randn(2, 24, generator=g, dtype=torch.float64) / 3.0
+    w2 = torch.randn(24, P, generator=g, dtype=torch.float64) / 24 ** 0.5 * 2.0
+    y = torch.tanh(latent @ w1) @ w2
+    y = y + noise * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    return y.float(), labels
+
+
 def digits(scaling: str = "unit") -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits, pixels / 16 (``"unit"``) or standardized per pixel (``"standardized"``):
     ``(y (1797, 64) float32, labels (1797,))``."""
@@ -131,7 +155,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", choices=["warped", "digits"], default=None)
+    parser.add_argument("--only", choices=["warped", "digits", "unequal"], default=None)
     parser.add_argument("--digits-scaling", choices=["unit", "standardized"], default="unit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,6 +167,16 @@ def main(argv=None) -> None:
             peer, pwall, pcpu = peer_pca_gmm(y, 4, seed, components=2)
             print(f"  seed {seed}: ARI ours {ari(truth, labels):.3f} ({wall:.1f} s wall, {cpu:.1f} s CPU, "
                   f"sizes {torch.bincount(labels, minlength=4).tolist()}); GaussianMixture on PCA-2 "
+                  f"{ari(truth, peer):.3f} ({pwall:.2f} s); load {load()}")
+    if args.only in (None, "unequal"):
+        print("unequal clusters: N = 2000 (300 / 600 / 1100), 3 tilted clusters, 8-D, K = 3, D = 2, ppl.infer "
+              "defaults")
+        for seed in args.seeds:
+            y, truth = unequal_clusters(seed)
+            labels, post, wall, cpu = fit_ours(y, 3, 2, seed)
+            peer, pwall, pcpu = peer_pca_gmm(y, 3, seed, components=2)
+            print(f"  seed {seed}: ARI ours {ari(truth, labels):.3f} ({wall:.1f} s wall, {cpu:.1f} s CPU, "
+                  f"sizes {torch.bincount(labels, minlength=3).tolist()}); GaussianMixture on PCA-2 "
                   f"{ari(truth, peer):.3f} ({pwall:.2f} s); load {load()}")
     if args.only in (None, "digits"):
         y, truth = digits(args.digits_scaling)

@@ -3,6 +3,8 @@
 - the diagonal mean-field step equals the full-matrix one (same draws, KL, q(z)) and, with q(z) held, solves
   q(x) in closed form;
 - k-means++ (best of several seeds) recovers separated blobs; PCA scores match scikit-learn's; soft labels;
+  the Gaussian-mixture EM refining the labels equals scikit-learn's from the same start;
+- the start's latent targets make each cluster a unit sphere; the decoder pretraining reaches least squares;
 - end to end: a user-written GMM-SVAE (Normal prior on the component means, no init, no restarts, no recognition
   network given) on warped, well-separated clusters recovers them with ``ppl.infer`` defaults (adjusted Rand
   index against the true labels), where the old defaults (``warmup=0``) merge clusters;
@@ -10,6 +12,7 @@
 import math
 import warnings
 
+import pyro
 import pytest
 import torch
 from torch import nn
@@ -235,3 +238,136 @@ def pyro_scope():
     import pyro
 
     return pyro.get_param_store().scope()
+
+
+def test_latent_targets_make_every_cluster_a_unit_sphere_around_its_scaled_centre():
+    from ppl.inference.svae.warmup import latent_targets
+
+    # three tilted, stretched 2-D clusters (sd 3 along a rotated axis, 0.3 across), embedded in 4-D
+    g = torch.Generator().manual_seed(3)
+    truth = torch.arange(3).repeat_interleave(100)
+    angles = torch.tensor([0.3, 1.2, 2.5], dtype=torch.float64)
+    rot = torch.stack([torch.stack([angles.cos(), -angles.sin()], -1), torch.stack([angles.sin(), angles.cos()], -1)],
+                      -1)                                                          # (3, 2, 2)
+    local = torch.randn(300, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.3], dtype=torch.float64)
+    centres = torch.tensor([[-20.0, 0.0], [20.0, 0.0], [0.0, 25.0]], dtype=torch.float64)
+    y2 = centres[truth] + (rot[truth] @ local[..., None])[..., 0]
+    y = torch.cat([y2, torch.zeros(300, 2, dtype=torch.float64)], -1)
+    t = latent_targets(y, (300,), truth, 2)
+    assert t.dtype == torch.float64 and t.shape == (300, 2)
+    u = pca_scores(y, 2)
+    means = torch.stack([u[truth == k].mean(0) for k in range(3)])
+    spread = float(((u - means[truth]) ** 2).mean().sqrt())
+    for k in range(3):
+        tk = t[truth == k]
+        assert torch.allclose(tk.mean(0), means[k] / spread, atol=1e-9)
+        cov = (tk - tk.mean(0)).mT @ (tk - tk.mean(0)) / 100
+        assert torch.allclose(cov, torch.eye(2, dtype=torch.float64), atol=1e-9), cov
+    # a cluster of at most D points, and directions without variance, are scaled by 1 / spread (not blown up)
+    z = torch.cat([torch.zeros(298, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+    t = latent_targets(y, (300,), z, 3)
+    u = torch.cat([pca_scores(y, 3), torch.zeros(300, 0, dtype=torch.float64)], -1)
+    means = torch.stack([u[z == k].mean(0) for k in range(2)])
+    spread = float(((u - means[z]) ** 2).mean().sqrt())
+    assert torch.allclose(t[298:], u[298:] / spread, atol=1e-9)
+    assert t[:, 2].abs().max() < 1e-6 * t[:, :2].abs().max()
+
+
+class LinearDecoder(nn.Module):
+    """``x (..., 2) -> (W x + b, one shared scale)``."""
+
+    def __init__(self, P: int):
+        super().__init__()
+        self.linear = nn.Linear(2, P)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.linear(x), self.log_scale.exp()
+
+
+class FirstTwo(nn.Module):
+    """Recognition potentials with mean y[:, :2] and variance 0.1: no parameters."""
+
+    def forward(self, y):
+        return torch.cat([y[:, :2], torch.full_like(y[:, :2], math.log(0.1))], -1)
+
+
+def test_fit_likelihood_networks_is_least_squares_on_the_start_latents():
+    """A linear decoder with one shared scale, the latent nodes fixed at the recognition means (the data's first two
+    columns): maximum likelihood is ordinary least squares and sigma^2 = RSS / (N P) (closed form); Adam (given
+    enough steps) reaches it."""
+    from ppl.inference.svae.backend import build_step, fit_likelihood_networks
+
+    g = torch.Generator().manual_seed(2)
+    truth = torch.arange(3).repeat_interleave(50)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    x = centres[truth] + 0.5 * torch.randn(150, 2, generator=g, dtype=torch.float64)
+    extra = x @ torch.tensor([[1.0, -2.0], [0.5, 1.0]], dtype=torch.float64) + 0.3 \
+        + 0.2 * torch.randn(150, 2, generator=g, dtype=torch.float64)
+    y = torch.cat([x, extra], -1)
+
+    @ppl.model
+    def model(y, decoder):
+        dec = ppl.module("decoder", decoder)
+        weights = ppl.sample("weights", dist.Dirichlet(y.new_ones(3)))
+        with ppl.plate("components", 3):
+            locs = ppl.sample("locs", dist.Normal(y.new_zeros(2), 10.0).to_event(1))
+        with ppl.plate("data", y.shape[0]):
+            z = ppl.sample("z", dist.Categorical(weights))
+            x = ppl.sample("x", dist.Normal(locs[z], 0.5).to_event(1))
+            mean, scale = dec(x)
+            ppl.sample("y", dist.Normal(mean, scale).to_event(1), obs=y)
+
+    torch.manual_seed(0)
+    decoder = LinearDecoder(4).double()
+    plan = ppl.compile(model, y, decoder=decoder, backend="svae")
+    design = torch.cat([x, torch.ones(150, 1, dtype=torch.float64)], -1)
+    coef = torch.linalg.lstsq(design, y).solution                                  # (3, 4)
+    sigma = float(((y - design @ coef) ** 2).mean().sqrt())
+    with pyro_scope():
+        step, _ = build_step(model, (y,), {"decoder": decoder}, plan, recognition={"x": FirstTwo()}, warmup=10,
+                             seed=0)
+        store = pyro.get_param_store()
+        # a given recognition network: its latents are not the data-driven start's, the decoder is left as it is
+        assert float(store["decoder$$$log_scale"]) == 0.0
+        final = fit_likelihood_networks(step, {"x": step.fixed["x"].argmax(-1)}, num_steps=1500, lr=0.02)
+        weight, bias = store["decoder$$$linear.weight"].detach(), store["decoder$$$linear.bias"].detach()
+        log_scale = store["decoder$$$log_scale"].detach()
+    assert torch.allclose(weight, coef[:2].T, atol=1e-3) and torch.allclose(bias, coef[2], atol=1e-3), (weight, coef)
+    assert math.isclose(float(log_scale.exp()), sigma, rel_tol=1e-3), (float(log_scale.exp()), sigma)
+    # the returned loss: negative log-likelihood per data point at the fit, P (log sigma + log(2 pi) / 2 + 1/2), P = 4
+    assert math.isclose(final, 4 * (math.log(sigma) + 0.5 * math.log(2 * math.pi) + 0.5), rel_tol=1e-3)
+
+
+def test_gaussian_mixture_refinement_equals_scikit_learn_em_from_the_same_labels():
+    """Full-covariance EM from k-means labels = scikit-learn's GaussianMixture started at the labels' M-step (same
+    covariance floor, same number of rounds: its predict is one more E-step); on long parallel clusters, which
+    k-means cuts across, it recovers them."""
+    from sklearn.mixture import GaussianMixture
+
+    from ppl.inference.svae.warmup import EM_REG, gaussian_mixture_labels
+
+    g = torch.Generator().manual_seed(4)
+    truth = torch.arange(3).repeat_interleave(200)
+    local = torch.randn(600, 2, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.3], dtype=torch.float64)
+    x = local + torch.tensor([[0.0, 0.0], [0.0, 3.0], [0.0, 6.0]], dtype=torch.float64)[truth]
+    start = kmeans(x, 3, seed=0)
+    onehot = torch.nn.functional.one_hot(start, 3).double()
+    counts = onehot.sum(0)
+    means = onehot.T @ x / counts[:, None]
+    dev = x[:, None] - means
+    eps = EM_REG * float(x.var(0).mean())
+    covs = torch.einsum("nk,nkf,nkg->kfg", onehot, dev, dev) / counts[:, None, None] + eps * torch.eye(2)
+    for rounds in (1, 5, 20):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # ConvergenceWarning: stopped after `rounds` on purpose
+            peer = GaussianMixture(3, covariance_type="full", reg_covar=eps, tol=0.0, max_iter=rounds,
+                                   weights_init=(counts / 600).numpy(), means_init=means.numpy(),
+                                   precisions_init=torch.linalg.inv(covs).numpy()).fit(x.numpy())
+        ours = gaussian_mixture_labels(x, start, 3, iterations=rounds + 1, tol=0.0)
+        assert torch.equal(ours, torch.as_tensor(peer.predict(x.numpy()))), rounds
+    refined = gaussian_mixture_labels(x, start, 3)
+    assert _ari(truth, start) < 0.5 and _ari(truth, refined) == 1.0, (_ari(truth, start), _ari(truth, refined))
+    # a component left with too few points for a covariance: the start is returned unchanged
+    tiny = torch.cat([torch.zeros(598, dtype=torch.long), torch.tensor([1, 1])])
+    assert torch.equal(gaussian_mixture_labels(x, tiny, 2), tiny)
