@@ -116,8 +116,11 @@ def digits(scaling: str = "unit") -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit_ours(y: torch.Tensor, K: int, D: int, seed: int, **options):
     """``ppl.infer`` with defaults (``options`` override, for experiments): (labels (N,), posterior, wall s,
-    CPU s)."""
-    decoder = Decoder(D, y.shape[1])
+    CPU s). The decoder is initialized from ``seed`` too (torch's global RNG, forked: the process's own stream is
+    seeded at random at start-up, so an unseeded decoder made each run of this bench a different experiment)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        decoder = Decoder(D, y.shape[1])
     start, cpu = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
