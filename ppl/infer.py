@@ -87,8 +87,10 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             resume=None           a checkpoint file of the same fit: continues it bit-identically
             batch_size=None       data points (sequences) per step, all processes together, scaled N/B; None: all
             warmup=400            steps (at most num_steps // 2) with each mixture's q(z) held at k-means++ labels of
-                                  the data, after a data-driven start (default recognition net pretrained to the
-                                  principal components, point-estimate globals at their complete-data MAP); 0: off
+                                  the data refined by Gaussian-mixture EM, after a data-driven start (default
+                                  recognition net pretrained to the principal components, decoders pretrained 200
+                                  Adam steps when every node is a mixture with the default recognition net,
+                                  point-estimate globals at their complete-data MAP); 0: off
             seed=0                seed of the k-means restarts (ppl.infer passes its seed)
         svi (SVI on the compiled log density; chains collapsed, finite discrete latents enumerated):
             num_steps=2000        Adam steps
@@ -131,8 +133,9 @@ def infer(model: Callable, *args, backend: str = "auto", num_steps: int | None =
             checkpoint=None       a file written every checkpoint_every sweeps, at the end and on Ctrl-C
             checkpoint_every=100  sweeps between checkpoints
             resume=None           a checkpoint file of the same fit: continues it bit-identically
-            batch_size=None       LDA-style admixtures: documents per minibatch of stochastic natural-gradient
-                                  VI (Hoffman et al. 2013; num_steps = passes); None: coordinate ascent
+            batch_size=None       LDA-style admixtures: documents, mixtures with one data dim: rows per
+                                  minibatch of stochastic natural-gradient VI (Hoffman et al. 2013; num_steps =
+                                  passes); None: coordinate ascent (chains and factorizations: always)
             tau0=10.0             step size rho_t = (tau0 + t)^-kappa of the stochastic steps (tau0 >= 0)
             kappa=0.7             its decay, in (0.5, 1]
         adversarial (a simulator with no density, ppl.Implicit, fitted against a discriminator):

@@ -34,6 +34,7 @@ from .. import initialization, training
 from ..checkpoints import Checkpoints
 from ..results import make_posterior
 from . import cavi, lda, stochastic
+from . import nmf as poisson_nmf
 from . import slds as slds_vi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
 from .families import FAMILIES
@@ -87,6 +88,7 @@ class VIFacts:
     updates: dict = field(default_factory=dict)
     chain: str | None = None   # the gaussian_chain of a conjugate LDS (``gaussian_chain``), else None
     admixture: tuple | None = None   # (theta, z, w, topics) when the model is an LDA-style admixture (``lda``)
+    factorization: tuple | None = None   # (counts, factor, factor) of a Poisson factorization (``nmf``)
     probe_result: ProbeResult | None = field(default=None, compare=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -101,6 +103,9 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
     names = lda.admixture_sites(facts)
     if names is not None:
         return _admixture_facts(facts, names, probe)
+    factors = poisson_nmf.factorization_sites(graph, facts)
+    if factors is not None:
+        return _factorization_facts(graph, facts, factors, probe)
     try:
         local = local_site(facts)
     except NotConjugate as exc:
@@ -132,6 +137,20 @@ def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts
                        f"probing the model for an admixture failed ({type(exc).__name__}: {exc})", True,
                        admixture=names)
     return VIFacts(names[1], "", True, lda.describe(names), admixture=names,
+                   probe_result=ProbeResult.of(*probe, structure))
+
+
+def _factorization_facts(graph, facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
+    """The facts of a Poisson factorization (``nmf.analyse`` probes it when the compiler passes the model)."""
+    if probe is None:
+        return VIFacts(None, factorization=names)
+    try:
+        structure = poisson_nmf.analyse(*probe, facts, graph)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
+        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for a Poisson factorization failed ({type(exc).__name__}: {exc})", True,
+                       factorization=names)
+    return VIFacts(None, "", True, poisson_nmf.describe(names), factorization=names,
                    probe_result=ProbeResult.of(*probe, structure))
 
 
@@ -206,6 +225,8 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
     v = facts.of(NAME)
     if v.admixture is not None:
         return lda.treatment_rows(graph, v.admixture)
+    if v.factorization is not None:
+        return poisson_nmf.treatment_rows(graph, v.factorization)
     rows = []
     for s in graph.sites():
         if s.observed:
@@ -365,6 +386,17 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
                          f"implemented for a gaussian_chain ('{plan.facts.of(NAME).chain}'): Kalman smoothing couples "
                          "every step of a sequence, so it is fitted full-batch (leave batch_size=None)")
     stochastic.check_schedule(None, tau0, kappa, 1, "data units")
+    if plan.facts.of(NAME).factorization is not None:
+        if checkpoint is not None or resume is not None:
+            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a Poisson factorization")
+        if batch_size is not None:
+            raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is not "
+                             f"implemented for a Poisson factorization ('{plan.facts.of(NAME).factorization[0]}'): "
+                             "it is fitted full-batch (leave batch_size=None)")
+        found = plan.facts.of(NAME).probe_result
+        structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
+        return poisson_nmf.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
+                               num_samples, progress, structure=structure)
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")
@@ -456,16 +488,19 @@ def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, n
 def _conjugate_local(f: Facts) -> bool:
     """One discrete local whose continuous globals (at least one: without any, the exact backend's log evidence is
     the same number, labelled exact) are each conjugate to what they feed; or one gaussian_chain whose (A, Q) and
-    (C, R) are conjugate MNIW globals (``gaussian_chain.analyse_chain``)."""
+    (C, R) are conjugate MNIW globals (``gaussian_chain.analyse_chain``); or a Poisson factorization with Gamma
+    factors (``nmf.analyse``)."""
     v = f.of(NAME)
-    return v.probed and not v.problem and (v.local is not None or v.chain is not None) and bool(f.continuous)
+    return v.probed and not v.problem and bool(f.continuous) and (
+        v.local is not None or v.chain is not None or v.factorization is not None)
 
 
 RULES = (
     Rule("conjugate-exponential", _conjugate_local, NAME,
          "one discrete latent (a mixture assignment or a markov_chain), or a gaussian_chain with matrix-normal-"
-         "inverse-Wishart priors on its dynamics and emission, whose globals are each conjugate to what they "
-         "feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages "
+         "inverse-Wishart priors on its dynamics and emission, or a Poisson factorization Poisson(W @ H) with "
+         "Gamma factors (latent sources), whose globals are each conjugate to what they feed: variational "
+         "Bayes by coordinate ascent, every update in closed form with exact local messages "
          "(forward-backward; Kalman smoothing on the expected dynamics for a gaussian_chain), the "
          "full posterior over the globals (not MAP) and the ELBO in closed form", order=22),
 )

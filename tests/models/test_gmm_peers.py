@@ -148,8 +148,8 @@ def test_gmm_conjugate_routes_to_vi_and_reaches_bayesian_gaussian_mixtures_fixed
     assert torch.allclose(post.marginals("z")[:, perm], torch.as_tensor(peer.predict_proba(x.numpy())), atol=1e-6)
     counts = post.marginals("z").sum(0)[perm]
     assert torch.allclose(1.0 / 3 + counts, torch.as_tensor(peer.weight_concentration_), rtol=1e-6)
-    nu = (2.0 + counts)[:, None, None]                         # nu_k = D + N_k; point["theta"] = Psi_k / (nu_k - D - 1)
-    cov = post.point["theta"][perm, :, :-1] * (nu - 3) / nu
+    nu = (2.0 + counts)[:, None, None]          # nu_k = D + N_k; point["theta"] = Psi_k / (nu_k + D + 2), the mode of q
+    cov = post.point["theta"][perm, :, :-1] * (nu + 4) / nu
     assert torch.allclose(cov, torch.as_tensor(peer.covariances_), atol=1e-6)
     # and the truth it was simulated from (gmm's tolerances)
     perm = best_permutation(loc, sim.truth["loc"].double())

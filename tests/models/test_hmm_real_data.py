@@ -7,7 +7,7 @@ hmmlearn's best of several restarts on the same data (the peer; its initial dist
   HalfNormal(10)) the fit settled ~470 nats below hmmlearn's, silently; the scale-aware default priors
   (``hmm.prior_location_scale``) and the data-driven restarts reach it.
 - Yearly sunspot numbers 1700-2008 (``statsmodels.datasets.sunspots``, rounded to counts, 309 values 0-190):
-  Poisson HMM, K = 3, routed to ``vi`` (a full posterior).
+  Poisson HMM, K = 3, routed to ``vi`` (a full posterior; ``post.point`` is q's mode).
 
 - A user's own Gaussian HMM written in the DSL (``user_gaussian_hmm``: Dirichlet(1) transition rows, N(0, 100^2)
   means, HalfCauchy(50) scales, priors a user picks without looking at the library's) on the raw yearly sunspot
@@ -125,17 +125,17 @@ def test_fixed_small_prior_scale_on_raw_scale_data_is_what_failed():
 
 
 def test_poisson_hmm_on_yearly_sunspot_counts_finds_hmmlearns_optimum():
-    """Default backend ``vi``: q's means are at hmmlearn's maximum-likelihood optimum (rates within 1.0, ~3 sd of
-    a rate estimated from ~100 counts of ~50) and the plug-in log-likelihood at q's means is below the maximum only
-    by the posterior mean's shrinkage of the transition rows towards uniform (Dirichlet(1) prior: (n_ij + 1) /
-    (n_i + K) instead of n_ij / n_i), measured 1.2 nats; 2.0 is the bound."""
+    """Default backend ``vi``: ``post.point`` (the mode of q: for the Dirichlet(1) transition rows the normalized
+    expected counts n_ij / n_i, the EM update, not q's mean (n_ij + 1) / (n_i + K)) is at hmmlearn's maximum-
+    likelihood optimum: rates within 1.0 (~3 sd of a rate estimated from ~100 counts of ~50) and log p(y | point)
+    within the issue's 0.3 nats of hmmlearn's best (measured 0.012 below its best of 20; it was 1.17 at q's mean)."""
     y = sunspots()
     post = ppl.infer(hmm.hmm, y, model_kwargs={"K": 3, "emission": "poisson"}, progress=False)
     assert post.backend == "vi"
     theirs = peer_best(y, "poisson", 3)
     assert sorted(post.point["rate"].tolist()) == pytest.approx(sorted(theirs.lambdas_.ravel().tolist()), abs=1.0)
     ours = our_log_likelihood(post, y, "poisson", 3)
-    assert ours > theirs.score(y.numpy().reshape(-1, 1)) - 2.0
+    assert ours > theirs.score(y.numpy().reshape(-1, 1)) - 0.3
 
 
 def test_prior_location_scale_follows_the_observed_data():
