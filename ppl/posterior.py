@@ -109,7 +109,8 @@ class Posterior:
     map_paths:      chain site -> most probable path ``(*batch, T)`` (Viterbi), where exact
     point:          site -> point estimate of each global latent: MAP (exact), guide median (svi),
                     posterior mean (mcmc), the fitted value or conjugate q's mean (svae), the mode of q
-                    (vi; q's mean where a factor has no mode)
+                    (vi: mixtures, HMMs, Poisson factorizations; q's mean where a factor has no mode) or
+                    q's mean (vi: LDA, LDS, switching LDS)
     smoothed_means: latent Gaussian chain or SVAE node -> posterior mean ``(*node_shape, D)`` given the data
                     (Kalman/RTS smoother at the point estimate; E_q[x] for the svae)
     history:        training objective per step (negative ELBO or negative log joint)
