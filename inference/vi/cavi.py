@@ -173,13 +173,12 @@ class ELBODecreased(UserWarning):
 
 
 @dataclass
-class Fit:
-    """One coordinate-ascent run: final ``q`` (global -> params), ``state`` q(z), ``tables`` E_q log-likelihoods,
-    ``history`` ELBO per sweep, ``terms`` name -> value per sweep, ``converged``."""
+class SweepRecord:
+    """What every coordinate-ascent run of the vi backend records besides its q's: ``history`` the ELBO per sweep,
+    ``terms`` name -> value per sweep, ``converged``, ``interrupted`` (stopped by Ctrl-C). Each structure's fit
+    (``Fit`` here, ``lda.LDAFit``, ``gaussian_chain.ChainFit``, ``slds.SLDSFit``, ``nmf.NMFFit``) adds its q's as
+    keyword fields."""
 
-    q: dict
-    state: LocalState | None
-    tables: dict
     history: list
     terms: dict
     converged: bool
@@ -188,6 +187,16 @@ class Fit:
     @property
     def elbo(self) -> float:
         return self.history[-1]
+
+
+@dataclass(kw_only=True)
+class Fit(SweepRecord):
+    """One coordinate-ascent run: final ``q`` (global -> params), ``state`` q(z), ``tables`` E_q log-likelihoods,
+    ``history`` ELBO per sweep, ``terms`` name -> value per sweep, ``converged``."""
+
+    q: dict
+    state: LocalState | None
+    tables: dict
 
 
 def round_off(value: float, dtype: torch.dtype) -> float:
@@ -256,7 +265,7 @@ def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps:
         q, state, history, terms_history, converged = (saved["extra"][k] for k in
                                                         ("q", "state", "history", "terms", "converged"))
         if saved["done"]:
-            return Fit(q, state, child_tables(structure, q), history, terms_history, converged)
+            return Fit(history, terms_history, converged, q=q, state=state, tables=child_tables(structure, q))
     else:
         q = global_step(structure, start, {g: G.prior for g, G in structure.globals.items()})
         state, history, terms_history, converged = start, [], {}, False
@@ -292,7 +301,7 @@ def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps:
         interrupted = True
         if checkpoints:
             write(False)
-    return Fit(q, state, tables, history, terms_history, converged, interrupted)
+    return Fit(history, terms_history, converged, interrupted, q=q, state=state, tables=tables)
 
 
 def _take(t, rows: torch.Tensor, dim: int, N: int):
@@ -381,4 +390,4 @@ ho_1 = 1` (``tau0 = 0``) one pass is one
     state = local_step(structure, q, tables)
     terms = {k: [float(v)] for k, v in elbo_terms(structure, q, tables, state).items()}
     history.append(sum(v[0] for v in terms.values()))
-    return Fit(q, state, tables, history, terms, converged, interrupted)
+    return Fit(history, terms, converged, interrupted, q=q, state=state, tables=tables)

@@ -49,7 +49,7 @@ from .. import training
 from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
-from .cavi import best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .probe import close, is_global, peel, probe_runs
 
@@ -384,21 +384,13 @@ def projection_starts(s: ChainStructure, restarts: int, seed: int) -> list[Chain
     return out
 
 
-@dataclass
-class ChainFit:
+@dataclass(kw_only=True)
+class ChainFit(SweepRecord):
     """One coordinate-ascent run: q(A, Q), q(C, R) natural parameters, q(x), ELBO per sweep, terms per sweep."""
 
     q_dyn: QState
     q_em: QState
     local: ChainLocal
-    history: list
-    terms: dict
-    converged: bool
-    interrupted: bool = False
-
-    @property
-    def elbo(self) -> float:
-        return self.history[-1]
 
 
 def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol: float, on_step=None) -> ChainFit:
@@ -424,7 +416,7 @@ def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol:
         if not history:
             raise
         interrupted = True
-    return ChainFit(q_dyn, q_em, local, history, terms_history, converged, interrupted)
+    return ChainFit(history, terms_history, converged, interrupted, q_dyn=q_dyn, q_em=q_em, local=local)
 
 
 def describe(s) -> dict[str, str]:

@@ -41,7 +41,7 @@ from ppl.posterior import LogEvidence
 from .. import training
 from ..results import make_posterior
 from . import stochastic
-from .cavi import best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
 from .probe import close, num_states, peel, probe_runs
@@ -418,22 +418,14 @@ def elbo_terms(structure: LDAStructure, est: EStep, elog_beta_old: torch.Tensor,
             f"-KL({structure.topics})": -float(kl_beta)}
 
 
-@dataclass
-class LDAFit:
+@dataclass(kw_only=True)
+class LDAFit(SweepRecord):
     """A fit: ``lam (K, V)``, ``gamma (D, K)``, ``history`` the ELBO per sweep (batch) or per pass (stochastic:
     the ELBO of the full corpus computed at the end only, the passes' minibatch estimates before it),
     ``terms`` name -> value per sweep, ``converged``, ``interrupted``."""
 
     lam: torch.Tensor
     gamma: torch.Tensor
-    history: list
-    terms: dict
-    converged: bool
-    interrupted: bool = False
-
-    @property
-    def elbo(self) -> float:
-        return self.history[-1]
 
 
 def sweep(structure: LDAStructure, corpus: Corpus, alpha: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor,
@@ -468,7 +460,7 @@ def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int
         if not history:
             raise
         interrupted = True
-    return LDAFit(lam, gamma, history, terms_history, converged, interrupted)
+    return LDAFit(history, terms_history, converged, interrupted, lam=lam, gamma=gamma)
 
 
 def stochastic_fit(structure: LDAStructure, lam: torch.Tensor, num_steps: int, tol: float, batch_size: int,
@@ -512,7 +504,7 @@ def stochastic_fit(structure: LDAStructure, lam: torch.Tensor, num_steps: int, t
     for k, v in terms.items():
         terms_history[k] = [v]
     history.append(sum(terms.values()))
-    return LDAFit(lam, est.gamma, history, terms_history, converged, interrupted)
+    return LDAFit(history, terms_history, converged, interrupted, lam=lam, gamma=est.gamma)
 
 
 # ------------------------------------------------------------------------------------- backend plumbing

@@ -49,7 +49,7 @@ from ppl.posterior import LogEvidence
 
 from .. import training
 from ..results import make_posterior
-from .cavi import best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import FAMILIES
 from .probe import close, peel, probe_runs
@@ -389,20 +389,12 @@ def elbo_terms(structure: NMFStructure, s: State) -> dict[str, float]:
     return terms
 
 
-@dataclass
-class NMFFit:
+@dataclass(kw_only=True)
+class NMFFit(SweepRecord):
     """A fit: the final ``State``, ``history`` the ELBO per sweep, ``terms`` name -> value per sweep,
     ``converged``, ``interrupted``."""
 
     state: State
-    history: list
-    terms: dict
-    converged: bool
-    interrupted: bool = False
-
-    @property
-    def elbo(self) -> float:
-        return self.history[-1]
 
 
 def overrelaxed(structure: NMFStructure, old: State, new: State, eta: float) -> State:
@@ -446,7 +438,7 @@ def coordinate_ascent(structure: NMFStructure, start: State, num_steps: int, tol
         if not history:
             raise
         interrupted = True
-    return NMFFit(s, history, terms_history, converged, interrupted)
+    return NMFFit(history, terms_history, converged, interrupted, state=s)
 
 
 # --------------------------------------------------------------------------------------------- the starts
@@ -527,7 +519,7 @@ def fit(structure: NMFStructure, num_steps: int, tol: float, restarts: int, seed
     def go_on(i: int, desc: str, on_step) -> NMFFit:
         rest = coordinate_ascent(structure, best.state, num_steps - screen, tol, on_step)
         terms = {k: v + rest.terms[k] for k, v in best.terms.items()}
-        return NMFFit(rest.state, best.history + rest.history, terms, rest.converged, rest.interrupted)
+        return NMFFit(best.history + rest.history, terms, rest.converged, rest.interrupted, state=rest.state)
 
     return best_of_restarts(go_on, 1, num_steps - screen, tol, progress, "vi (nmf)")
 

@@ -50,7 +50,7 @@ from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
 from . import gaussian_chain as lds
-from .cavi import best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import FAMILIES, dirichlet_expected_log
 from .probe import close, is_global, peel, probe_runs
@@ -304,8 +304,8 @@ def start(s: SLDSStructure, x: lds.ChainLocal, seed: int):
     return q_dyn, q_trans, q_em, r
 
 
-@dataclass
-class SLDSFit:
+@dataclass(kw_only=True)
+class SLDSFit(SweepRecord):
     """One coordinate-ascent run: the q's, q(x), q(z), ELBO and terms per sweep."""
 
     q_dyn: lds.QState
@@ -313,14 +313,6 @@ class SLDSFit:
     q_em: lds.QState
     local: lds.ChainLocal
     regimes: Regimes
-    history: list
-    terms: dict
-    converged: bool
-    interrupted: bool = False
-
-    @property
-    def elbo(self) -> float:
-        return self.history[-1]
 
 
 @dataclass
@@ -454,7 +446,8 @@ def coordinate_ascent(s: SLDSStructure, first, num_steps: int, tol: float, on_st
         if not history:
             raise
         interrupted = True
-    return SLDSFit(q[0], q[1], q[2], last.local, last.regimes, history, terms_history, converged, interrupted)
+    return SLDSFit(history, terms_history, converged, interrupted, q_dyn=q[0], q_trans=q[1], q_em=q[2],
+                   local=last.local, regimes=last.regimes)
 
 
 def describe(s: SLDSStructure) -> dict[str, str]:
