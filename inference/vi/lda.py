@@ -44,7 +44,7 @@ from . import stochastic
 from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
-from .probe import close, num_states, peel, probe_runs
+from .probe import close, num_states, peel, probe_runs, site_weight
 
 E_TOL = 1e-3        # E-step: stop a document when the mean absolute change of gamma_d is below this (sklearn's)
 E_MAX_ITER = 100    # E-step: at most this many phi/gamma iterations per document and sweep (sklearn's)
@@ -204,14 +204,7 @@ def analyse(model, args, kwargs, facts) -> LDAStructure:
                                f"(Categorical(topics[z]))")
     dtype = torch.promote_types(alpha.dtype, eta.dtype)
     words = site["value"].long()
-    weight = torch.ones((), dtype=dtype, device=words.device)
-    for m in (site["mask"], inner_mask):
-        if isinstance(m, torch.Tensor):
-            weight = weight * m.to(dtype)
-        elif m is False:
-            weight = weight * 0
-    scale = site["scale"]
-    weight = weight * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+    weight = site_weight(site, inner_mask, dtype, words.device)
     if weight.dim() > len(zshape) and weight.shape[0] == K:   # a mask laid out with the probed state dim
         weight = weight[0]
     try:

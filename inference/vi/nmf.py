@@ -52,7 +52,7 @@ from ..results import make_posterior
 from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
 from .families import FAMILIES
-from .probe import close, peel, probe_runs
+from .probe import close, peel, probe_runs, site_weight
 
 INIT_SHAPE = 100.0      # a start's q(W), q(H): Gamma(INIT_SHAPE, INIT_SHAPE / start), mean the start, tight around it
 EXACT_SVD_SIZE = 500    # the NNDSVD start takes an exact SVD when min(N, M) <= this, else a randomized one
@@ -164,14 +164,7 @@ def _product_layout(rate: torch.Tensor, values: dict) -> list[tuple[str, bool, s
 def _weight(site: dict, inner_mask, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     """The count site's weights (its masks times its scale) broadcast to ``shape``, or a 0-dim tensor when no mask
     varies over the entries."""
-    weight = torch.ones((), dtype=dtype, device=site["value"].device)
-    for m in (site["mask"], inner_mask):
-        if isinstance(m, torch.Tensor):
-            weight = weight * m.to(dtype)
-        elif m is False:
-            weight = weight * 0
-    scale = site["scale"]
-    weight = weight * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+    weight = site_weight(site, inner_mask, dtype, site["value"].device)
     try:
         return weight if weight.dim() == 0 else weight.expand(shape)
     except RuntimeError as exc:

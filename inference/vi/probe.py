@@ -106,6 +106,20 @@ def peel(fn) -> tuple[object, int, torch.Tensor | None]:
     return fn, extra, mask
 
 
+def site_weight(site: dict, inner_mask, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An observed site's weight: its masks (the site's and ``inner_mask``, from ``peel``: 0 where an entry is
+    missing) times its scale, in ``dtype`` on ``device``; a 0-dim tensor when neither mask is a tensor (the
+    masks' own shape otherwise, not broadcast)."""
+    weight = torch.ones((), dtype=dtype, device=device)
+    for m in (site["mask"], inner_mask):
+        if isinstance(m, torch.Tensor):
+            weight = weight * m.to(dtype)
+        elif m is False:
+            weight = weight * 0
+    scale = site["scale"]
+    return weight * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+
+
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Are ``a`` and ``b`` equal (or allclose) once broadcast together? Dims along which both are expanded (stride
     0: every entry the same) are compared at one index only."""
