@@ -555,8 +555,9 @@ def _initialize(guide, args: tuple, kwargs: dict) -> None:
 
 RECORD_AFTER = 500
 """Evaluations of one layout the interpreter runs before ``guide_objective``'s density is recorded: recording
-costs ~0.5-2 s (a GMM ~0.6 s, the library HMM ~1.5 s) and saves ~3-8 ms an evaluation, so it pays off only for long fits (2000 Adam steps of SVI, not the
-~100-350 evaluations of the exact backend's L-BFGS MAP: the iris demo took 8.8 s recorded, 3.0 s interpreted).
+costs ~0.5-2 s (a GMM ~0.6 s, the library HMM ~1.5 s) and saves ~3-8 ms an evaluation, so it pays off only for
+long fits (2000 Adam steps of SVI, not the ~250 evaluations of the exact backend's L-BFGS MAP: the iris demo took
+3.8 s of CPU with every fit recorded, 1.2 s interpreted).
 A fit known to be long records at its first evaluation instead (``training.record_after``: Adam with at least
 this many steps)."""
 
@@ -582,9 +583,9 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
     the site) if the model cannot be run so. ``step.density`` is the ``TracedDensity`` (``.reason``: why it
     runs the interpreter, None when recorded). ``step.direct() -> (loss, [(param, gradient), ...])`` evaluates a
     step's loss and gradients by the recorded graph alone, without autograd (None while the density is not
-    recorded; then ``step()`` and ``backward`` do it; ``step.direct`` is None for a guide it does not cover). A guide with an attribute ``num_particles`` = K > 1 (e.g.
-    ``ppl.flow_guide``'s) gets the mean of K independent draws' losses per step (same expectation, 1/K of the
-    gradient's variance).
+    recorded; then ``step()`` and ``backward`` do it; ``step.direct`` is None for a guide it does not cover). A
+    guide with an attribute ``num_particles`` = K > 1 (e.g. ``ppl.flow_guide``'s) gets the mean of K independent
+    draws' losses per step (same expectation, 1/K of the gradient's variance).
     """
     if not isinstance(guide, (AutoDelta, AutoNormal, AutoContinuous)):
         return None
@@ -614,17 +615,15 @@ def guide_objective(fmodel: Callable, guide, args: tuple, kwargs: dict, site_pla
             us, log_q = draw()
             return log_q - density(*us)
 
-        direct = None
-        if isinstance(guide, AutoDelta):  # loss = -D(u) at u = the guide's leaves
-            leaves, _ = draw()
+        leaves = draw()[0] if isinstance(guide, AutoDelta) else None  # loss = -D(u) at u = the guide's leaves
 
-            def direct() -> tuple[torch.Tensor, list] | None:
-                graph = density.recording(*leaves)
-                if graph is None:
-                    return None
-                with torch.inference_mode():
-                    grads, value = graph.evaluate(*(u.detach() for u in leaves))
-                return -value, [(leaf, -g) for leaf, g in zip(leaves, grads)]
+        def direct() -> tuple[torch.Tensor, list] | None:
+            graph = density.recording(*leaves) if leaves is not None else None
+            if graph is None:
+                return None
+            with torch.inference_mode():
+                grads, value = graph.evaluate(*(u.detach() for u in leaves))
+            return -value, [(leaf, -g) for leaf, g in zip(leaves, grads)]
 
     with torch.no_grad():
         us, _ = draw()

@@ -271,11 +271,11 @@ def record_graph(fn, *examples: torch.Tensor, max_functionalized_nodes: float = 
     ``run(*inputs) -> (grads, value, guards)`` and ``outputs`` is what it gave at ``examples``.
 
     Steps: ``make_graph``; recorded again through ``torch.func.functionalize`` when the graph writes in place and
-    has at most ``max_functionalized_nodes`` nodes (so that its constants can be folded; slow per node); ``add_guards`` (``ValueDependentShape`` when
-    a value-dependent shape makes the recording unsafe); ``fold_and_simplify`` when nothing writes in place; then
-    ``torch.jit.trace`` of the graph when it gives exactly the graph's outputs (TorchScript runs a graph of a
-    few hundred small ops ~2x faster than FX's Python), else the FX graph itself. Any other failure propagates:
-    the callers keep their interpreter."""
+    has at most ``max_functionalized_nodes`` nodes (so that its constants can be folded; slow per node);
+    ``add_guards`` (``ValueDependentShape`` when a value-dependent shape makes the recording unsafe);
+    ``fold_and_simplify`` when nothing writes in place; then ``torch.jit.trace`` of the graph when it gives exactly
+    the graph's outputs (TorchScript runs a graph of a few hundred small ops ~2x faster than FX's Python), else the
+    FX graph itself. Any other failure propagates: the callers keep their interpreter."""
     module = make_graph(fn, *examples)
     if mutates(module.graph) and len(module.graph.nodes) <= max_functionalized_nodes:
         module = make_graph(torch.func.functionalize(module), *examples)

@@ -83,7 +83,8 @@ def run(model, args, kwargs, plan, num_steps: int = 500, lr: float = 0.05, num_s
     seed (of the k-means++ seeding), num_samples (exact chain draws kept), checkpoint (a file written every
     ``checkpoint_every`` steps, at the end and on Ctrl-C), resume (a checkpoint file of the same fit: continues it
     bit-identically, ``inference/checkpoints.py``). Warns ``DegenerateFit`` when a state of a discrete latent ends
-    empty or nearly so, or two states coincide (``warn_if_nearly_empty``) and ``training.NotConverged`` when the objective still moved.
+    empty or nearly so, or two states coincide (``warn_if_nearly_empty``) and ``training.NotConverged`` when the
+    objective still moved.
     """
     if unused:
         raise TypeError(f"backend 'exact' got unexpected options: {', '.join(unused)}")
