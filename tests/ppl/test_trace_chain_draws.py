@@ -1,0 +1,88 @@
+"""The dependency run draws a latent chain's value from a provenance-free copy of its distribution
+(``ppl.trace.PlainChainDraws``): same draw, same dependencies, the traced distribution untouched.
+
+Oracles: Pyro's own ``get_dependencies`` (its provenance tracking through the chain sampler, step by step) and the
+draw of the same distribution with provenance-tracked parameters under the same seed.
+"""
+import pyro.poutine as poutine
+import torch
+from pyro.infer.inspect import TrackProvenance, get_dependencies
+from pyro.ops.provenance import ProvenanceTensor, get_provenance
+
+import ppl
+from ppl import dist
+from ppl.chain_dists import GaussianChain, MarkovChain
+from ppl.trace import PlainChainDraws, site_dependencies, without_provenance
+
+
+@ppl.model
+def hmm_with_start(y, K=3):
+    trans = ppl.sample("trans", dist.Dirichlet(y.new_ones(K, K)).to_event(1))
+    loc = ppl.sample("loc", dist.Normal(y.new_zeros(K), 100.0).to_event(1))
+    sigma = ppl.sample("sigma", dist.HalfCauchy(y.new_full((K,), 50.0)).to_event(1))
+    p0 = ppl.sample("p0", dist.Dirichlet(y.new_ones(K)))
+    z = ppl.markov_chain("z", num_states=K, transition=trans, initial=p0, length=y.shape[-1])
+    ppl.sample("y", dist.Normal(loc[z], sigma[z]), obs=y)
+
+
+@ppl.model
+def local_level(y):
+    q = ppl.sample("q", dist.HalfNormal(y.new_ones(())))
+    x = ppl.gaussian_chain("x", dim=1, dynamics=y.new_ones(1, 1), noise_cov=(q ** 2).reshape(1, 1),
+                           length=y.shape[0])
+    ppl.sample("y", dist.Normal(x, 0.5).to_event(2), obs=y)
+
+
+def pyro_dependencies(model, *args):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        deps = get_dependencies(model, args)["prior_dependencies"]
+    return {child: set(parents) - {child} for child, parents in deps.items()}
+
+
+def test_dependencies_equal_pyros_tracking_through_the_sampler():
+    y = torch.randn(200, dtype=torch.float64) * 30 + 50
+    assert site_dependencies(hmm_with_start, (y,), {}) == pyro_dependencies(hmm_with_start, y)
+    assert site_dependencies(hmm_with_start, (y,), {})["z"] == {"trans", "p0"}
+    level = torch.randn(50, 1, dtype=torch.float64).cumsum(0)
+    assert site_dependencies(local_level, (level,), {}) == pyro_dependencies(local_level, level)
+
+
+def test_the_draw_is_the_tracked_draw_and_the_distribution_is_untouched():
+    g = torch.Generator().manual_seed(0)
+    log_init = torch.randn(3, generator=g, dtype=torch.float64).log_softmax(-1)
+    log_trans = torch.randn(3, 3, generator=g, dtype=torch.float64).log_softmax(-1)
+    tracked = MarkovChain(ProvenanceTensor(log_init, frozenset({"p0"})),
+                          ProvenanceTensor(log_trans, frozenset({"trans"})), 50)
+    plain = without_provenance(tracked)
+    assert get_provenance(plain.log_init) == frozenset() and get_provenance(plain.log_trans) == frozenset()
+    assert get_provenance(tracked.log_trans) == frozenset({"trans"})   # the original keeps its provenance
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        expected = tracked.sample()
+        torch.manual_seed(1)
+        got = plain.sample()
+    assert torch.equal(got, expected)
+    chain = GaussianChain(torch.zeros(1, dtype=torch.float64), torch.eye(1, dtype=torch.float64),
+                          ProvenanceTensor(torch.ones(1, 1, dtype=torch.float64), frozenset({"a"})),
+                          torch.eye(1, dtype=torch.float64), 20)
+    gaussian = torch.distributions.Independent(chain.expand((2,)), 1)  # a wrapper: its base_dist is copied too
+    copy = without_provenance(gaussian)
+    assert get_provenance(copy.base_dist.dynamics) == frozenset()
+    assert get_provenance(gaussian.base_dist.dynamics) == frozenset({"a"})
+
+
+def test_only_latent_chain_sites_are_drawn_by_the_handler():
+    """An observed chain keeps its data; other latents are drawn by Pyro as before (their values carry the
+    site's own provenance either way)."""
+    y = torch.randn(30, dtype=torch.float64)
+    path = torch.randint(3, (30,))
+
+    @ppl.model
+    def observed_chain(y):
+        trans = ppl.sample("trans", dist.Dirichlet(y.new_ones(3, 3)).to_event(1))
+        ppl.markov_chain("z", num_states=3, transition=trans, length=30, obs=path)
+
+    with TrackProvenance(), PlainChainDraws():
+        trace = poutine.trace(observed_chain).get_trace(y)
+    assert torch.equal(trace.nodes["z"]["value"], path)
