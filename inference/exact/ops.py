@@ -15,8 +15,9 @@ implementation runs the eager kernels on real tensors:
             \frac{\partial \log Z_n}{\partial \text{log\_init}_n[k]} = p(z_0 = k \mid x_n),\quad
             \frac{\partial \log Z_n}{\partial \text{log\_trans}_t[i, j]} = p(z_{t-1} = i, z_t = j \mid x_n)
 
-  (summed over steps when homogeneous, S = 1), by the scaled backward recursion (or autograd through
-  the tree product when ``parallel``): what a gradient costs anyway, so the backward of ``log Z`` is
+  (summed over steps when homogeneous, S = 1), by the scaled backward recursion (or, when ``parallel``,
+  by the doubling scans of ``hmm_doubling`` where they fit and pass their underflow guard, else autograd
+  through the tree product): what a gradient costs anyway, so the backward of ``log Z`` is
   the product ``g_n \cdot J_n`` (summed over n for a transition shared by the batch, Nt = 1);
 * ``ppl::hmm_hvp(..., v_init, v_trans, v_lik) -> (N, K), (N, S, K, K), (N, T, K)``: the Hessian of
   :math:`\sum_n \log Z_n` applied to ``v`` (autograd twice through the log-space forward loop), the
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor
 from torch._C import DispatchKey
 
+from .hmm_doubling import doubling_fits, doubling_jacobian
 from .hmm_forward import Smoothed, ScaledForward, forward_scaled, smooth_scaled
 from .hmm_inputs import ChainInputs, check_values_finite
 from .hmm_logspace import forward_log, smooth_log
@@ -143,7 +145,9 @@ def hmm_log_z_jac(log_init: Tensor, log_trans: Tensor, log_lik: Tensor, lengths:
     """(log Z (N,), d/dlog_init (N, K), d/dlog_trans (N, S, K, K), d/dlog_lik (N, T, K)): module docstring."""
     ch = _inputs(log_init, log_trans, log_lik, lengths, time_varying, batch)
     if parallel:
-        return _jacobian_by_scan(ch)
+        with torch.no_grad():
+            out = doubling_jacobian(ch) if doubling_fits(*log_lik.shape) else None
+        return out if out is not None else _jacobian_by_scan(ch)
     with torch.no_grad():
         return jacobian_by_recursion(ch)
 
