@@ -34,6 +34,7 @@ from .. import initialization, training
 from ..checkpoints import Checkpoints
 from ..results import make_posterior
 from . import cavi, lda, stochastic
+from . import factor_analysis
 from . import nmf as poisson_nmf
 from . import slds as slds_vi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
@@ -89,6 +90,7 @@ class VIFacts:
     chain: str | None = None   # the gaussian_chain of a conjugate LDS (``gaussian_chain``), else None
     admixture: tuple | None = None   # (theta, z, w, topics) when the model is an LDA-style admixture (``lda``)
     factorization: tuple | None = None   # (counts, factor, factor) of a Poisson factorization (``nmf``)
+    latent_factor: tuple | None = None   # (z, views) of a linear-Gaussian latent factor model (``factor_analysis``)
     probe_result: ProbeResult | None = field(default=None, compare=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -106,6 +108,9 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
     factors = poisson_nmf.factorization_sites(graph, facts)
     if factors is not None:
         return _factorization_facts(graph, facts, factors, probe)
+    latent_factor = factor_analysis.latent_factor_sites(graph, facts)
+    if latent_factor is not None:
+        return _latent_factor_facts(graph, facts, latent_factor, probe)
     try:
         local = local_site(facts)
     except NotConjugate as exc:
@@ -151,6 +156,21 @@ def _factorization_facts(graph, facts: Facts, names: tuple, probe: tuple | None)
                        f"probing the model for a Poisson factorization failed ({type(exc).__name__}: {exc})", True,
                        factorization=names)
     return VIFacts(None, "", True, poisson_nmf.describe(names), factorization=names,
+                   probe_result=ProbeResult.of(*probe, structure))
+
+
+def _latent_factor_facts(graph, facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
+    """The facts of a linear-Gaussian latent factor model (``factor_analysis.analyse`` probes it when the compiler
+    passes the model)."""
+    if probe is None:
+        return VIFacts(None, latent_factor=names)
+    try:
+        structure = factor_analysis.analyse(*probe, facts, graph)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
+        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for a latent factor model failed ({type(exc).__name__}: {exc})", True,
+                       latent_factor=names)
+    return VIFacts(None, "", True, factor_analysis.describe(structure), latent_factor=names,
                    probe_result=ProbeResult.of(*probe, structure))
 
 
@@ -227,6 +247,8 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
         return lda.treatment_rows(graph, v.admixture)
     if v.factorization is not None:
         return poisson_nmf.treatment_rows(graph, v.factorization)
+    if v.latent_factor is not None:
+        return factor_analysis.treatment_rows(graph, v.latent_factor[0], v.updates)
     rows = []
     for s in graph.sites():
         if s.observed:
@@ -397,6 +419,18 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
         structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
         return poisson_nmf.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
                                num_samples, progress, structure=structure)
+    if plan.facts.of(NAME).latent_factor is not None:
+        z = plan.facts.of(NAME).latent_factor[0]
+        if checkpoint is not None or resume is not None:
+            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a latent factor model")
+        if batch_size is not None:
+            raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is not "
+                             f"implemented for a latent factor model (Gaussian local '{z}'): it is fitted full-batch "
+                             "(leave batch_size=None)")
+        found = plan.facts.of(NAME).probe_result
+        structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
+        return factor_analysis.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
+                                   num_samples, progress, structure=structure)
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")
@@ -489,18 +523,20 @@ def _conjugate_local(f: Facts) -> bool:
     """One discrete local whose continuous globals (at least one: without any, the exact backend's log evidence is
     the same number, labelled exact) are each conjugate to what they feed; or one gaussian_chain whose (A, Q) and
     (C, R) are conjugate MNIW globals (``gaussian_chain.analyse_chain``); or a Poisson factorization with Gamma
-    factors (``nmf.analyse``)."""
+    factors (``nmf.analyse``); or a linear-Gaussian latent factor model (``factor_analysis.analyse``: Normal
+    loadings and offsets, the other globals point-estimated in the loop)."""
     v = f.of(NAME)
     return v.probed and not v.problem and bool(f.continuous) and (
-        v.local is not None or v.chain is not None or v.factorization is not None)
+        v.local is not None or v.chain is not None or v.factorization is not None or v.latent_factor is not None)
 
 
 RULES = (
     Rule("conjugate-exponential", _conjugate_local, NAME,
          "one discrete latent (a mixture assignment or a markov_chain), or a gaussian_chain with matrix-normal-"
          "inverse-Wishart priors on its dynamics and emission, or a Poisson factorization Poisson(W @ H) with "
-         "Gamma factors (latent sources), whose globals are each conjugate to what they feed: variational "
-         "Bayes by coordinate ascent, every update in closed form with exact local messages "
+         "Gamma factors (latent sources), or a Gaussian local whose observed children are affine in it "
+         "(factor analysis / probabilistic CCA: Normal loadings and offsets, other globals point-estimated in the "
+         "loop), whose globals are each conjugate to what they feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages "
          "(forward-backward; Kalman smoothing on the expected dynamics for a gaussian_chain), the "
          "full posterior over the globals (not MAP) and the ELBO in closed form", order=22),
 )
