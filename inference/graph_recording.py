@@ -79,6 +79,78 @@ def mutates(graph: torch.fx.Graph) -> bool:
                for node in graph.nodes)
 
 
+def _aliases(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with an argument (a view, an in-place op): its schema says so."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
+def _out_of_place_twin(node: torch.fx.Node):
+    """The out-of-place overload of ``node``'s in-place op (``aten.relu_.default`` -> ``aten.relu.default``) when
+    it writes into its first argument alone and the twin takes the same arguments, else None."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.name.endswith("_"):
+        return None
+    writes = [a.alias_info is not None and a.alias_info.is_write for a in schema.arguments]
+    if not writes or not writes[0] or any(writes[1:]):
+        return None
+    packet = getattr(torch.ops.aten, schema.name.split("::")[-1][:-1], None)
+    twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+    twin_schema = getattr(twin, "_schema", None)
+    if twin_schema is None or [a.name for a in twin_schema.arguments] != [a.name for a in schema.arguments]:
+        return None
+    return twin
+
+
+def _twin_gives_the_same_tensor(twin, node: torch.fx.Node) -> bool:
+    """Whether ``twin`` (an out-of-place op) on ``node``'s arguments gives a tensor of the shape and dtype ``node``
+    wrote (no different type promotion), evaluated on the recording's fake tensors (``meta["val"]``)."""
+    value = node.meta.get("val")
+    mode = getattr(value, "fake_mode", None)
+    if mode is None:
+        return False
+    fake = torch.fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val"))
+    try:
+        with mode:
+            out = twin(*fake[0], **fake[1])
+    except Exception:  # noqa: BLE001 - a twin that cannot take these arguments is not used
+        return False
+    return isinstance(out, torch.Tensor) and out.dtype == value.dtype and out.shape == value.shape
+
+
+def inline_mutations(module: torch.fx.GraphModule) -> bool:
+    r"""Rewrite the in-place ops of ``module`` that write into a temporary of the graph as their out-of-place twins
+    (``x.logical_and_(y)`` -> ``x' = x.logical_and(y)``, later readers of ``x`` read ``x'``): what the backward
+    formulas of autograd write (masks, ``relu_``, ``scatter_`` into a ``zeros_like``), without the second recording
+    through ``torch.func.functionalize`` that costs as much as the first. An op is rewritten only when the tensor it
+    writes into is computed by a node that does not alias (a fresh tensor, not an input, a constant or a view), no
+    view of it is taken, and the twin gives a tensor of its shape and dtype (no other type promotion). True when no op of the graph writes in place afterwards (``mutates`` False); the caller checks the
+    outputs (``record_graph``)."""
+    graph = module.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    changed = False
+    for node in list(graph.nodes):
+        twin = _out_of_place_twin(node)
+        target = node.args[0] if twin is not None and node.args else None
+        if (not isinstance(target, torch.fx.Node) or target.op != "call_function" or _aliases(target)
+                or any(user is not node and _aliases(user) for user in target.users)
+                or not _twin_gives_the_same_tensor(twin, node)):
+            continue
+        with graph.inserting_before(node):
+            fresh = graph.call_function(twin, node.args, node.kwargs)
+        fresh.meta = dict(node.meta)
+        order[fresh] = order[node]
+        later = [user for user in target.users if user is not node and order[user] > order[node]]
+        for user in later:
+            user.replace_input_with(target, fresh)
+        node.replace_all_uses_with(fresh)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        module.recompile()
+    return not mutates(graph)
+
+
 def add_guards(module: torch.fx.GraphModule) -> bool:
     """Make the values the traced Python read off tensors that depend on z (``GUARDABLE``: ``bool(t)``,
     ``float(t)``, ``t.item()``, ``torch.allclose``, ``torch.equal``) a third output of ``module``, as tensors,
@@ -200,6 +272,62 @@ def _merge_common(graph: torch.fx.Graph) -> int:
     return merged
 
 
+SCALAR_DTYPES = (torch.float32, torch.float64)
+"""Dtypes whose ops compute with a Python number exactly as with a 0-dim tensor of that dtype holding it (their
+op math is the dtype itself: not half precision, whose kernels keep the number in float32)."""
+
+
+def _tensor_twin(node: torch.fx.Node):
+    """``(target, argument kinds)``: ``node``'s op itself, or its ``.Tensor`` overload with the same argument names
+    when the op takes Python numbers (``mul.Scalar`` -> ``mul.Tensor``, ``ge.Scalar`` -> ``ge.Tensor``); the kinds
+    are the TorchScript type kinds of the target's arguments."""
+    schema = node.target._schema
+    kinds = [a.type.kind() for a in schema.arguments]
+    if "NumberType" in kinds[:len(node.args)]:
+        packet = getattr(torch.ops.aten, schema.name.split("::")[-1], None)
+        twin = getattr(packet, "Tensor", None) if packet is not None else None
+        twin_schema = getattr(twin, "_schema", None)
+        if twin_schema is not None and [a.name for a in twin_schema.arguments] == [a.name for a in schema.arguments]:
+            return twin, [a.type.kind() for a in twin_schema.arguments]
+    return node.target, kinds
+
+
+def _scalars_as_tensors(module: torch.fx.GraphModule, values: dict) -> int:
+    """Replace the Python numbers that ops of ``module`` take in place of a tensor by 0-dim constants of the op's
+    dtype (``SCALAR_DTYPES``, read off ``values``), switching a ``.Scalar`` overload to its ``.Tensor`` twin:
+    TorchScript records such a number as a float64 tensor that every call converts to the op's dtype (``aten::to``
+    and a copy, ~2 us a number), and a number passed as ``Scalar`` is wrapped into a tensor at every call too.
+    Only where the op's first argument is a tensor of that dtype and its result has that dtype or is boolean (no
+    other type promotion); ``alpha`` and other number-only arguments stay. How many ops changed."""
+    graph = module.graph
+    constants: dict = {}
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not hasattr(node.target, "_schema") or not node.args:
+            continue
+        first, out = values.get(node.args[0]), values.get(node)
+        if (not isinstance(first, torch.Tensor) or first.dtype not in SCALAR_DTYPES or not isinstance(out, torch.Tensor)
+                or out.dtype not in (first.dtype, torch.bool)):
+            continue
+        target, kinds = _tensor_twin(node)
+        args = list(node.args)
+        numbered = [i for i, (a, kind) in enumerate(zip(args, kinds)) if kind == "TensorType"
+                    and isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if not numbered:
+            continue
+        for i in numbered:
+            key = (float(args[i]), first.dtype)
+            if key not in constants:
+                name = f"_scalar_{len(constants)}"
+                module.register_buffer(name, torch.tensor(args[i], dtype=first.dtype, device=first.device))
+                with graph.inserting_before(node):  # before its first use: every later use follows it
+                    constants[key] = graph.get_attr(name)
+            args[i] = constants[key]
+        node.target, node.args = target, tuple(args)
+        changed += 1
+    return changed
+
+
 def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int = 3) -> torch.fx.GraphModule:
     """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
     many times where each op costs its dispatch (microseconds) more than its arithmetic:
@@ -209,7 +337,9 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
       read off one run at ``examples``);
     - deterministic ops with the same target and arguments are merged (common subexpressions);
 
-    repeated ``passes`` times (a replacement exposes others: a view of a view). Nodes that are outputs are kept.
+    repeated ``passes`` times (a replacement exposes others: a view of a view); then the Python numbers that ops
+    take in place of tensors become 0-dim constants of the op's dtype (``_scalars_as_tensors``: no conversion per
+    call). Nodes that are outputs are kept.
     The caller checks that the copy gives the same outputs (``fold_and_simplify`` does)."""
     module = _copy(module)
     graph = module.graph
@@ -235,6 +365,7 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
         graph.eliminate_dead_code()
         if not changed:  # a replacement or a merge computes the value it replaces: ``values`` stays valid
             break
+    _scalars_as_tensors(module, values)
     module.recompile()
     return module
 
@@ -266,19 +397,42 @@ def make_graph(fn, *examples: torch.Tensor) -> torch.fx.GraphModule:
         return make_fx(fn, _error_on_data_dependent_ops=False)(*examples)
 
 
+def without_mutations(module: torch.fx.GraphModule, *examples: torch.Tensor,
+                      max_functionalized_nodes: float = float("inf")) -> torch.fx.GraphModule:
+    """``module`` (a graph with in-place ops) as a graph without them where it can be, giving exactly
+    (``torch.equal``) its outputs at ``examples``: a copy with the writes into temporaries rewritten
+    (``inline_mutations``: no second recording); else ``module`` recorded again through ``torch.func.functionalize``
+    when it has at most ``max_functionalized_nodes`` nodes (slow per node); else ``module`` itself."""
+    reference = pytree.tree_leaves(module(*examples))
+    rewritten = _copy(module)
+    if inline_mutations(rewritten) and _same_leaves(rewritten(*examples), reference):
+        return rewritten
+    if len(module.graph.nodes) <= max_functionalized_nodes:
+        return make_graph(torch.func.functionalize(module), *examples)
+    return module
+
+
+def _same_leaves(outputs, reference: list) -> bool:
+    leaves = pytree.tree_leaves(outputs)
+    return len(leaves) == len(reference) and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+        for a, b in zip(leaves, reference))
+
+
 def record_graph(fn, *examples: torch.Tensor, max_functionalized_nodes: float = float("inf")) -> tuple:
     """Record ``fn(*examples) -> (grads, value)`` as a graph to run in its place: ``(run, outputs)`` where
     ``run(*inputs) -> (grads, value, guards)`` and ``outputs`` is what it gave at ``examples``.
 
-    Steps: ``make_graph``; recorded again through ``torch.func.functionalize`` when the graph writes in place and
-    has at most ``max_functionalized_nodes`` nodes (so that its constants can be folded; slow per node);
+    Steps: ``make_graph``; when the graph writes in place, ``without_mutations`` (the writes into temporaries
+    rewritten out of place, else recorded again through ``torch.func.functionalize`` when it has at most
+    ``max_functionalized_nodes`` nodes), so that its constants can be folded;
     ``add_guards`` (``ValueDependentShape`` when a value-dependent shape makes the recording unsafe);
     ``fold_and_simplify`` when nothing writes in place; then ``torch.jit.trace`` of the graph when it gives exactly
     the graph's outputs (TorchScript runs a graph of a few hundred small ops ~2x faster than FX's Python), else the
     FX graph itself. Any other failure propagates: the callers keep their interpreter."""
     module = make_graph(fn, *examples)
-    if mutates(module.graph) and len(module.graph.nodes) <= max_functionalized_nodes:
-        module = make_graph(torch.func.functionalize(module), *examples)
+    if mutates(module.graph):
+        module = without_mutations(module, *examples, max_functionalized_nodes=max_functionalized_nodes)
     if not add_guards(module):
         raise ValueDependentShape("a shape in the model depends on latent values (nonzero, unique, ...)")
     if not mutates(module.graph):  # simplifying and folding assume no op writes into a tensor

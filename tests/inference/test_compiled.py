@@ -267,6 +267,76 @@ def test_simplify_removes_the_ops_that_return_their_argument_and_keeps_the_value
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_inline_mutations_rewrites_writes_into_temporaries_and_keeps_the_values():
+    """A recorded graph with the in-place ops autograd's backward formulas write into temporaries (``relu_``, a mask
+    ``logical_and_``, ``masked_fill_``, ``scatter_`` into a ``zeros_like``): ``inline_mutations`` leaves no op that
+    writes in place, the values equal the original graph's bitwise (float32, at the example and at another point),
+    and the readers of a temporary after its write read the written value. A write into an input or into a view
+    of a temporary is not rewritten (``without_mutations`` then records through functionalize, same values)."""
+    def fn(x):
+        y = x * 2
+        mask = y > 0
+        mask.logical_and_(y < 3)
+        z = torch.zeros_like(y).scatter_(0, torch.tensor([1]), 5.0)
+        w = (y - 1).relu_().masked_fill_(mask, -1.0)
+        return w + z, mask
+
+    example = torch.tensor([0.5, -1.0, 2.0, 4.0])
+    module = graph_recording.make_graph(fn, example)
+    assert graph_recording.mutates(module.graph)
+    reference = [module(at) for at in (example, torch.tensor([1.2, 3.0, -0.1, 0.2]))]
+    rewritten = graph_recording._copy(module)
+    assert graph_recording.inline_mutations(rewritten)
+    assert not graph_recording.mutates(rewritten.graph)
+    for at, expected in zip((example, torch.tensor([1.2, 3.0, -0.1, 0.2])), reference):
+        for a, b in zip(rewritten(at), expected):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(rewritten(example)[0], torch.tensor([-1.0, 5.0, 3.0, 7.0]))  # the closed form
+
+    def writes_into_a_view(x):
+        y = x * 1.5
+        y[1:].add_(1.0)            # a view of a temporary: the temporary changes too
+        return y * 2
+
+    def writes_into_its_input(x):
+        return x.mul_(2.0) + 1
+
+    for fn, functional in ((writes_into_a_view, True), (writes_into_its_input, False)):
+        module = graph_recording.make_graph(fn, example.clone())
+        assert not graph_recording.inline_mutations(graph_recording._copy(module))
+        recorded = graph_recording.without_mutations(module, example.clone())
+        assert graph_recording.mutates(recorded.graph) != functional  # functionalize keeps the input's copy_
+        assert torch.equal(recorded(example.clone()), fn(example.clone()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(dtype):
+    """``simplify`` replaces the Python numbers ops take in place of a tensor (``x * 0.1``, ``x.mul(2.0)`` as
+    ``mul.Scalar``, ``x >= 0.3``, ``masked_fill(m, 1e-3)``, ``rsub``) by 0-dim constants of the op's dtype, switching
+    ``.Scalar`` overloads to ``.Tensor``; ``alpha``, integer tensors' numbers and ``pow``'s exponent stay; the
+    outputs equal the original graph's bitwise at points other than the example."""
+    aten = torch.ops.aten
+
+    def fn(x, n):
+        y = aten.mul.Tensor(x, 0.1) + aten.mul.Scalar(x, 2.0)
+        y = aten.masked_fill.Scalar(y, aten.ge.Scalar(x, 0.3), 1e-3)
+        y = aten.rsub.Scalar(y, 0.7) + aten.add.Tensor(x, 1.3, alpha=2) + x ** 2
+        return y.sum(), aten.mul.Tensor(n, 3)
+
+    example = (torch.tensor([0.2, 0.5, -1.7], dtype=dtype), torch.arange(3))
+    module = make_fx(fn)(*example)
+    simpler = graph_recording.simplify(module, *example)
+    numbers = {str(node.target): [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+               for node in simpler.graph.nodes if node.op == "call_function"}
+    assert not any(".Scalar" in op for op in numbers if "pow" not in op)
+    assert numbers["aten.pow.Tensor_Scalar"] == [2] and numbers["aten.mul.Tensor"] == [3]  # the integer tensor's
+    assert [n.kwargs.get("alpha") for n in simpler.graph.nodes if n.target == aten.add.Tensor and n.kwargs] == [2]
+    gen = torch.Generator().manual_seed(0)
+    for at in ((torch.randn(3, generator=gen, dtype=dtype), torch.arange(3, 6)), example):
+        for a, b in zip(simpler(*at), module(*at)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @ppl.model
 def branchy(y):
     """The likelihood's scale depends on a Python branch on a latent value."""
