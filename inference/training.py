@@ -19,6 +19,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median, init_to_value
 from torch.optim.lbfgs import _strong_wolfe
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from tqdm.auto import tqdm
 
 from . import compiled
@@ -126,6 +127,7 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
                 "rng": boundary, "history": list(history), "extra": extra.get() if extra else None}
 
     direct = getattr(step, "direct", None)  # the loss and gradients without autograd, when the step offers it
+    optim_step, param_ids = adam_step(optim), {id(p) for p in params}
     try:
         for _ in range(len(history), num_steps):
             bar.update()
@@ -140,16 +142,17 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
             if not math.isfinite(value):
                 raise FloatingPointError(f"{desc}: the objective became {value} at step {len(history) + 1}; "
                                          "lower lr= or check the model's parameters")
-            optim.zero_grad()
+            if grads is None or {id(param) for param, _ in grads} != param_ids:
+                optim.zero_grad()
             if grads is None:
                 loss.backward()
-            else:
+            else:  # every parameter's gradient is replaced: no zero_grad
                 for param, grad in grads:  # a graph run under inference_mode gives tensors not to write into
                     param.grad = grad.clone() if grad.is_inference() else grad
             if after_backward is not None:
                 after_backward(params)
             clip_gradients(params, 10.0)
-            optim.step()
+            optim_step()
             history.append(value)
             loss = None
             if progress:
@@ -195,6 +198,47 @@ def adam(params: list, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.Adam(params, lr=lr)
+
+
+def adam_step(optim: torch.optim.Adam) -> Callable[[], None]:
+    r"""``optim.step`` for the Adam of ``adam``: where it is a fused Adam with one group of parameters on one device
+    and dtype, no AMSGrad, no maximize, no gradient scaler and no step hooks, a function
+    that makes its update with PyTorch's fused kernel directly (``torch._fused_adam_`` on the optimizer's own
+    state: the same kernel on the same tensors, so bitwise the same parameters and moments), without the
+    ~100 us of Python that ``Optimizer.step`` spends per call (hooks, profiler scope, regrouping the tensors by
+    device). Per parameter with gradient g, step t: :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`,
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`,
+    :math:`\theta \leftarrow \theta - lr \, \hat m / (\sqrt{\hat v} + \epsilon)` with the bias-corrected
+    :math:`\hat m, \hat v`. A call where a parameter has no state yet (the first step) or no gradient runs
+    ``optim.step`` itself; ``optim.step`` itself is returned for any other optimizer."""
+    groups = optim.param_groups
+    group = groups[0]
+    params = list(group["params"])
+    hooks = (optim._optimizer_step_pre_hooks, optim._optimizer_step_post_hooks, _global_optimizer_pre_hooks,
+             _global_optimizer_post_hooks)
+    if (type(optim) is not torch.optim.Adam or len(groups) != 1 or not params or not group.get("fused")
+            or group["amsgrad"] or group["maximize"] or group["differentiable"] or group["capturable"]
+            or group.get("decoupled_weight_decay", False) or any(hooks)
+            or getattr(optim, "grad_scale", None) is not None or getattr(optim, "found_inf", None) is not None
+            or len({(p.device, p.dtype) for p in params}) != 1):
+        return optim.step
+
+    def step() -> None:
+        state = optim.state
+        if any(p.grad is None or p not in state for p in params):
+            optim.step()
+            return
+        states = [state[p] for p in params]
+        steps = [s["step"] for s in states]
+        beta1, beta2 = group["betas"]
+        with torch.no_grad():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                               beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                               maximize=False, grad_scale=None, found_inf=None)
+
+    return step
 
 
 def cosine_tail(step: int, num_steps: int, start: float = 0.5, floor: float = 0.1) -> float:

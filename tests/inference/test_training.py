@@ -1,6 +1,7 @@
 """The shared training loops (inference/training.py): L-BFGS for deterministic objectives (the exact backend's
 MAP), checked against closed-form minima, and its guards (budget, leaving the domain)."""
 
+import copy
 import io
 import sys
 import warnings
@@ -206,6 +207,45 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
     assert history == pytest.approx(losses, rel=1e-10, abs=1e-12)
     torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_adam_step_makes_torchs_fused_adam_update_bitwise():
+    """``training.adam_step`` (the fused kernel called directly) against ``optimizer.step()`` of an identical fused
+    ``torch.optim.Adam``: 6 steps of random float32 gradients, the rate changed between steps (a schedule), weight
+    decay on: bitwise the same parameters, moments and step counts; its state is the optimizer's own (a reference
+    optimizer loaded with its ``state_dict`` continues identically). An optimizer it does not cover (AMSGrad,
+    per-tensor Adam) gets its own ``step``."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((3,), (2, 4), ())
+    start = [torch.randn(shape, generator=gen) for shape in shapes]
+    ours = [x.clone().requires_grad_(True) for x in start]
+    theirs = [x.clone().requires_grad_(True) for x in start]
+    opt_ours = torch.optim.Adam(ours, lr=0.05, weight_decay=0.01, fused=True)
+    opt_theirs = torch.optim.Adam(theirs, lr=0.05, weight_decay=0.01, fused=True)
+    step = training.adam_step(opt_ours)
+    assert step != opt_ours.step
+    for n in range(6):
+        grads = [torch.randn(shape, generator=gen) * 10 ** (n % 3 - 1) for shape in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        for opt in (opt_ours, opt_theirs):
+            opt.param_groups[0]["lr"] = 0.05 / (1 + n)
+        step()
+        opt_theirs.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p.detach(), q.detach())
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_ours.state[p][key], opt_theirs.state[q][key])
+    resumed = [x.detach().clone().requires_grad_(True) for x in ours]
+    opt_resumed = torch.optim.Adam(resumed, lr=0.05, weight_decay=0.01, fused=True)
+    opt_resumed.load_state_dict(copy.deepcopy(opt_ours.state_dict()))  # load_state_dict keeps the tensors
+    for p, q in zip(ours, resumed):
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    step()
+    opt_resumed.step()
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ours, resumed))
+    for other in (torch.optim.Adam(theirs, amsgrad=True, fused=True), torch.optim.Adam(theirs, foreach=False)):
+        assert training.adam_step(other) == other.step
 
 
 @pytest.mark.parametrize("optimizer, guide, num_steps, recorded_at", [
