@@ -61,7 +61,7 @@ launches fewer kernels than that sweep, but has not been timed against the scan 
 
 
 class BandedLocal(NamedTuple):
-    """x: sample ``(..., T, D)``; mean: ``(..., T, D)``; log_z: ``(...)``; expected_log_potential: ``(...)``;
+    r"""x: sample ``(..., T, D)``; mean: ``(..., T, D)``; log_z: ``(...)``; expected_log_potential: ``(...)``;
     with ``moments=True``: cov ``(..., T, D, D)`` :math:`\Sigma_{tt}` and cross ``(..., T-1, D, D)``
     :math:`\Sigma_{t+1,t}` (else None)."""
 

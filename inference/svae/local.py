@@ -26,7 +26,7 @@ from .lds_banded import banded_lds_local, use_banded
 
 
 class Local(NamedTuple):
-    """x: sample ``(..., D)`` or ``(..., T, D)``; kl: scalar; mean: E_q[x]; probs: q(z) or None;
+    r"""x: sample ``(..., D)`` or ``(..., T, D)``; kl: scalar; mean: E_q[x]; probs: q(z) or None;
     moments: for a chain asked for them (``lds_local(moments=True)``), ``(cov (..., T, D, D), cross (..., T-1, D, D))``
     = :math:`(\mathrm{Cov}(x_t), \mathrm{Cov}(x_{t+1}, x_t))`, else None."""
 

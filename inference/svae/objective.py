@@ -57,7 +57,7 @@ def _per_state_matrix(site: str, what: str, m: torch.Tensor, K: int, D: int) -> 
 
 
 class SVAEObjective(Messenger):
-    """Computes ``recon``, ``local_kl`` and ``global_term`` of one model run; ``locals`` keeps q per target.
+    r"""Computes ``recon``, ``local_kl`` and ``global_term`` of one model run; ``locals`` keeps q per target.
 
     Args:
         targets: site -> ``SVAETarget`` (from the compiler's facts).
