@@ -13,6 +13,9 @@ for a global that no local indexes). A family is a record of pure functions on a
   (Lambda sum r y ``(K, D)``, (sum r) Lambda ``(K, D, D)``).
 - NormalInverseWishart: the fields of ``ppl.expfam.niw.NIWNatural`` with batch (K,); adds the same layout
   (sum r yy', sum r y, sum r, sum r).
+- MatrixNormalInverseWishart (the weights and noise (W, S) of a linear-Gaussian regression y = W u + e, e.g. an
+  LDS's dynamics (A, Q) or emission (C, R)): the fields of ``ppl.expfam.mniw.MNIWNatural`` (any batch); adds the
+  same layout (sum y y', sum y E[u]', sum E[u u'], count). Its values are packed ``[W | S]`` ``(*batch, n, m + n)``.
 
 Updates (r the responsibilities, s the child's known scale, Lambda its known precision):
 
@@ -20,11 +23,17 @@ Updates (r the responsibilities, s the child's known scale, Lambda its known pre
     \alpha' = \alpha + c, \quad (a', b') = (a + \textstyle\sum r y,\ b + \sum r), \quad
     v'^{-1} = v^{-1} + \textstyle\sum r / s^2,\ m' = v' (m / v + \sum r y / s^2), \\
     P' = S_0^{-1} + (\textstyle\sum r)\Lambda,\ m' = P'^{-1}(S_0^{-1} m_0 + \Lambda \sum r y), \quad
-    \eta'_{NIW} = \eta + (\textstyle\sum r yy^\top, \sum r y, \sum r, \sum r).
+    \eta'_{NIW} = \eta + (\textstyle\sum r yy^\top, \sum r y, \sum r, \sum r), \quad
+    \eta'_{MNIW} = \eta + (\textstyle\sum yy^\top, \sum y E[u]^\top, \sum E[uu^\top], N).
 
 Stochastic VI (``blend``) steps :math:`\lambda \leftarrow (1 - \rho)\lambda + \rho\hat\lambda` in each family's
 natural parameters: on the params themselves where they are an affine image of them (Dirichlet, Gamma, Beta,
-NIW), through (m / v, 1 / v) for a Normal and (P m, P) for a Gaussian.
+NIW, MNIW), through (m / v, 1 / v) for a Normal and (P m, P) for a Gaussian.
+
+The svae backend's conjugate globals (``ppl.inference.svae.conjugate``: a Dirichlet on mixture weights, an NIW on
+mixture components, an MNIW on a chain's dynamics) are these families too: their update is
+``blend(q, update(prior, stats), rho)`` with the statistics of the recognition-potential posteriors in place of the
+data's (Johnson et al. 2016), their KL, draws and mean are the functions here.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ from typing import Callable
 import torch
 from torch.distributions import Beta, Dirichlet, Gamma, MultivariateNormal, Normal, kl_divergence
 
-from ppl.expfam import natural_step, niw
+from ppl.conjugate_dists import MatrixNormalInverseWishart
+from ppl.expfam import mniw, natural_step, niw
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,18 @@ class Family:
     q_name: str           # how explain() names q
     mode: Callable        # q params -> (K, *value_shape): the mode of q where it exists, else its mean
     blend: Callable       # (q params, target params, rho) -> the natural-gradient step (stochastic VI)
+
+    def __reduce__(self):
+        """Pickled by name (its functions include lambdas): unpickles to ``FAMILIES[name]``, so a fitted model that
+        holds one (the svae backend's conjugate globals, inside a saved Posterior) can be saved."""
+        return family, (self.name,)
+
+
+def family(name: str) -> Family:
+    """``FAMILIES[name]``; a KeyError lists the families."""
+    if name not in FAMILIES:
+        raise KeyError(f"no conjugate family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def _add(prior: tuple, stats: tuple) -> tuple:
@@ -173,6 +195,32 @@ def _niw_mean(params: tuple) -> torch.Tensor:
     return torch.cat([std.scale / denom[..., None, None], std.loc.unsqueeze(-1)], -1)
 
 
+def mniw_mean(params: tuple) -> torch.Tensor:
+    r"""``[E W | E S]`` packed ``(*batch, n, m + n)``: :math:`(M, \Psi / (\nu - n - 1))`; where that mean does not
+    exist (:math:`\nu \le n + 1`) the inverse-Wishart mode :math:`\Psi / (\nu + n + 1)`. ``params``: the fields of
+    ``mniw.MNIWNatural``."""
+    p = mniw.standard_from_natural(mniw.MNIWNatural(*params))
+    n = p.scale.shape[-1]
+    denom = torch.where(p.df > n + 1, p.df - n - 1, p.df + n + 1)
+    return MatrixNormalInverseWishart.pack(p.loc, p.scale / denom[..., None, None])
+
+
+def mniw_draws(params: tuple, num_samples: int) -> torch.Tensor:
+    """``num_samples`` draws of (W, S) from q = MNIW(``params``), packed ``(num_samples, *batch, n, m + n)``."""
+    draw = mniw.sample(mniw.MNIWNatural(*params), (num_samples,))
+    return MatrixNormalInverseWishart.pack(draw.A, draw.Q)
+
+
+def _mniw_mode(params: tuple) -> torch.Tensor:
+    r"""The joint mode of :math:`(W, S)`, ``[M | \Psi / (\nu + n + m + 1)]`` ``(*batch, n, m + n)``: the density
+    :math:`\propto |S|^{-(\nu + n + m + 1)/2} \exp(-\tfrac12 \mathrm{tr}(\Psi S^{-1})
+    - \tfrac12 \mathrm{tr}(K (W - M)^\top S^{-1} (W - M)))` is largest at W = M and then at that S (the divisor is
+    the natural parameter ``count``)."""
+    p = mniw.standard_from_natural(mniw.MNIWNatural(*params))
+    n, m = p.loc.shape[-2:]
+    return MatrixNormalInverseWishart.pack(p.loc, p.scale / (p.df + n + m + 1)[..., None, None])
+
+
 FAMILIES = {
     "Dirichlet": Family(
         "Dirichlet", _add, lambda q, p: kl_divergence(Dirichlet(q[0]), Dirichlet(p[0])).sum(),
@@ -198,4 +246,9 @@ FAMILIES = {
         "NormalInverseWishart", lambda p, s: tuple(niw.conjugate_update(niw.NIWNatural(*p), niw.NIWNatural(*s))),
         lambda q, p: niw.kl(niw.NIWNatural(*q), niw.NIWNatural(*p)).sum(), _niw_sample, _niw_mean,
         "NormalInverseWishart", _niw_mode, _affine_blend),
+    "MatrixNormalInverseWishart": Family(
+        "MatrixNormalInverseWishart",
+        lambda p, s: tuple(mniw.conjugate_update(mniw.MNIWNatural(*p), mniw.MNIWNatural(*s))),
+        lambda q, p: mniw.kl(mniw.MNIWNatural(*q), mniw.MNIWNatural(*p)).sum(), mniw_draws, mniw_mean,
+        "MatrixNormalInverseWishart", _mniw_mode, _affine_blend),
 }

@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import torch
 
-from ppl.conjugate_dists import MatrixNormalInverseWishart
 from ppl.expfam import mniw
 from ppl.expfam._common import pair
 from ppl.posterior import LogEvidence
@@ -51,6 +50,7 @@ from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
 from .cavi import SweepRecord, best_of_restarts, record_sweep
 from .conjugacy import NotConjugate
+from .families import mniw_draws, mniw_mean
 from .probe import close, is_global, peel, probe_runs
 
 PRIOR = "MatrixNormalInverseWishart"
@@ -435,21 +435,6 @@ def describe_emission(emission: str, child: str, chain: str) -> str:
 LOCAL_TREATMENT = ("q(x): Kalman smoothing (information form, exact) on the expected dynamics E_q[Q^-1], "
                    "E_q[Q^-1 A], E_q[A^T Q^-1 A], E_q[log|Q|] and the expected emission potentials E_q[C^T R^-1 C], "
                    "E_q[C^T R^-1] y_t (VB-LDS)")
-
-
-def mniw_mean(q: mniw.MNIWNatural) -> torch.Tensor:
-    r"""``[E W | E S]`` packed ``(*batch, n, m + n)``: :math:`(M, \Psi / (\nu - n - 1))`; where that mean does not exist
-    (:math:`\nu \le n + 1`) the inverse-Wishart mode :math:`\Psi / (\nu + n + 1)`."""
-    p = mniw.standard_from_natural(q)
-    n = p.scale.shape[-1]
-    denom = torch.where(p.df > n + 1, p.df - n - 1, p.df + n + 1)
-    return MatrixNormalInverseWishart.pack(p.loc, p.scale / denom[..., None, None])
-
-
-def mniw_draws(q: mniw.MNIWNatural, num_samples: int) -> torch.Tensor:
-    """``num_samples`` draws from q, packed ``(num_samples, *batch, n, m + n)``."""
-    draw = mniw.sample(q, (num_samples,))
-    return MatrixNormalInverseWishart.pack(draw.A, draw.Q)
 
 
 def structural_problem(graph, facts) -> str:
