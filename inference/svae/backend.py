@@ -6,7 +6,10 @@ recognition network emits Gaussian potentials; local inference is exact message 
 (LDS: Kalman; Gaussian node: closed form) or structured mean field (mixture: q(z)q(x);
 switching LDS: alternating HMM and Kalman messages). The decoder, the recognition networks
 and the global parameters (point estimates, MAP) are trained jointly by Adam on the ELBO,
-with reparameterized gradients through the message passing.
+with reparameterized gradients through the message passing. Conjugate globals (a Dirichlet on
+mixture weights, a normal-inverse-Wishart on mixture components, a matrix-normal-inverse-Wishart
+on a chain's dynamics) get a variational factor instead, moved after every step by the vi
+backend's natural-gradient update of its family (``conjugate.py``, ``inference/vi/families.py``).
 """
 from __future__ import annotations
 
@@ -28,15 +31,14 @@ from ppl.compiler import compile as compile_model
 from ppl.plan import SiteTreatment
 from ppl.posterior import LogEvidence, Posterior, StateFunction
 
-from ppl.expfam import natural_step
-
 from .. import distributed
 from ..initialization import align_labels
 from ..results import make_posterior, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
 from ..training import LoopState, NotConverged, init_fn, optimize, traced_loss
-from .conjugate import DirichletConjugate, MNIWConjugate, NIWConjugate, describe, natural_gradient_sites
+from .conjugate import (DirichletConjugate, MNIWConjugate, NIWConjugate, describe, mixture_statistics,
+                        natural_gradient_sites)
 from .conjugate import build as build_conjugates
 from .facts import Kind, svae_facts
 from .objective import SVAEObjective
@@ -208,13 +210,16 @@ class _Step:
             c.update_from(handler, self.natgrad_step)
 
     def state(self) -> dict:
-        """What the step updates outside the parameters: the conjugate q's natural parameters, the ELBO terms."""
-        return {"natparams": {site: c.natparam for site, c in self.conjugates.items()},
+        """What the step updates outside the parameters: the conjugate q's (their vi family's params), the ELBO
+        terms."""
+        return {"q": {site: c.q for site, c in self.conjugates.items()},
                 "terms": {k: list(v) for k, v in self.terms.items()}, "calls": self.calls}
 
     def load_state(self, state: dict) -> None:
-        for site, natparam in state["natparams"].items():
-            self.conjugates[site].natparam = natparam
+        for site, q in state.get("q", {}).items():
+            self.conjugates[site].q = tuple(q)
+        for site, natparam in state.get("natparams", {}).items():   # a checkpoint written before the q's were
+            self.conjugates[site].natparam = natparam                # the vi families' (expfam natural parameters)
         for key, values in state["terms"].items():
             self.terms[key][:] = values
         self.calls = state.get("calls", len(next(iter(state["terms"].values()), [])))
@@ -226,13 +231,6 @@ class _Step:
             self.terms[key].append(float(torch.as_tensor(getattr(h, key)).detach()))
         self.natural_gradient_step(h)
         return -(h.recon - h.local_kl + h.global_term - h.global_kl)
-
-
-def _fieldwise(f: Callable, *natparams):
-    """``f`` applied to a natural parameter (a tensor) or field by field to a named tuple of them."""
-    if isinstance(natparams[0], torch.Tensor):
-        return f(*natparams)
-    return type(natparams[0])(*(f(*fields) for fields in zip(*natparams)))
 
 
 class _ShardedNoise(TorchFunctionMode):
@@ -354,11 +352,8 @@ class _Minibatches:
         for key, value in (("recon", recon), ("local_kl", local_kl), ("global_term", h.global_term),
                            ("global_kl", h.global_kl)):
             step.terms[key].append(float(torch.as_tensor(value).detach()))
-        for c in step.conjugates.values():
-            current = c.natparam
-            c.update_from(h, 1.0)    # natparam = prior + s_r: the shard's statistics, exactly the conjugate's own
-            stats = _fieldwise(lambda new, prior: distributed.average(scale * (new - prior)), c.natparam, c.prior)
-            c.natparam = natural_step(current, _fieldwise(torch.add, c.prior, stats), step.natgrad_step)
+        for c in step.conjugates.values():   # N / B times the batch's statistics, averaged over the processes
+            c.update(tuple(distributed.average(scale * s) for s in c.statistics(h)), step.natgrad_step)
         return -(recon - local_kl + h.global_term - h.global_kl)
 
 
@@ -405,9 +400,9 @@ def complete_data_map(step: _Step, labels: dict[str, torch.Tensor], num_steps: i
             z, x = labels[c.target].reshape(-1), means[c.target].reshape(-1, means[c.target].shape[-1])
             onehot = torch.nn.functional.one_hot(z, step.fixed[c.target].shape[-1]).to(x.dtype)
             if isinstance(c, DirichletConjugate):
-                c.update(onehot.sum(0), 1.0)
+                c.update((onehot.sum(0),), 1.0)
             elif isinstance(c, NIWConjugate):
-                c.update(onehot, x, x.new_zeros(x.shape + x.shape[-1:]), 1.0)
+                c.update(mixture_statistics(onehot, x, x.new_zeros(x.shape + x.shape[-1:])), 1.0)
     if step.guide is None or num_steps < 1:
         return
     conj = {c.site: c.point() for c in step.conjugates.values()}

@@ -1,0 +1,180 @@
+"""One code path for conjugate updates (issue 12, item 4): the SVAE's conjugate globals are the vi backend's
+families (``inference/vi/families.py``) with recognition potentials in place of conjugate likelihood potentials
+(Johnson et al. 2016).
+
+Oracle: the vi backend's coordinate-ascent sweep (``cavi.child_tables``, ``local_step``, ``global_step``, then
+``family.blend``) on the conjugate GMM that observes the data directly, against one SVAE step on the GMM-SVAE
+whose latent node x gets the tightest Gaussian potential a recognition network can emit around each data point
+(variance ``recognition.MIN_VARIANCE`` = 1e-4). The SVAE's q(x_n) then sits on y_n up to that variance, so its
+responsibilities and its statistics sum_n r_nk (E[x x^T], E[x], 1, 1) are the data's up to a relative 1e-4 / s^2
+(s: the clusters' spread, here 100: 1e-8); the stated tolerances leave a factor 10-100 over that.
+"""
+import pickle
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+import ppl
+from ppl import dist
+from ppl.analysis import analyze
+from ppl.expfam import mniw
+from ppl.graph import trace_graph
+from ppl.inference.svae import backend as svae
+from ppl.inference.svae.conjugate import MNIWConjugate, transition_stats
+from ppl.inference.svae.local import Local
+from ppl.inference.vi import cavi, conjugacy
+from ppl.inference.vi import gaussian_chain as chain_vi
+from ppl.inference.vi.families import FAMILIES
+
+F64 = torch.float64
+K, D, SPREAD = 3, 2, 100.0
+
+
+def _priors(y):
+    """pi ~ Dir(2), (mu_k, Sigma_k) ~ NIW(0, 0.01, SPREAD^2 I, D + 3): the same in both models."""
+    weights = ppl.sample("weights", dist.Dirichlet(y.new_full((K,), 2.0)))
+    with ppl.plate("components", K):
+        theta = ppl.sample("theta", ppl.NormalInverseWishart(y.new_zeros(D), 0.01,
+                                                            SPREAD ** 2 * torch.eye(D, dtype=y.dtype), D + 3.0))
+    return weights, ppl.NormalInverseWishart.unpack(theta)
+
+
+@ppl.model
+def observed_gmm(y):
+    """The conjugate GMM of backend vi: y_n | z_n ~ N(mu_z, Sigma_z) observed."""
+    weights, (loc, cov) = _priors(y)
+    with ppl.plate("data", y.shape[0]):
+        z = ppl.sample("z", dist.Categorical(weights))
+        ppl.sample("y", dist.MultivariateNormal(loc[z], cov[z]), obs=y)
+
+
+class IdentityDecoder(nn.Module):
+    """x -> (x, learned scale): the likelihood the SVAE's recognition potential stands in for."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros((), dtype=F64))
+
+    def forward(self, x):
+        return x, self.log_scale.exp().expand_as(x)
+
+
+class PinningRecognition(nn.Module):
+    """Potential of x_n centred on y_n with the smallest variance a network can give (MIN_VARIANCE)."""
+
+    def forward(self, y):
+        return torch.cat([y, torch.full_like(y, -60.0)], -1)
+
+
+@ppl.model
+def latent_gmm(y, decoder):
+    """The GMM-SVAE: the same priors, x_n | z_n ~ N(mu_z, Sigma_z) latent, y_n from a network of x_n."""
+    dec = ppl.module("decoder", decoder)
+    weights, (loc, cov) = _priors(y)
+    with ppl.plate("data", y.shape[0]):
+        z = ppl.sample("z", dist.Categorical(weights))
+        x = ppl.sample("x", dist.MultivariateNormal(loc[z], cov[z]))
+        mean, scale = dec(x)
+        ppl.sample("y", dist.Normal(mean, scale).to_event(1), obs=y)
+
+
+def _data(n=15):
+    g = torch.Generator().manual_seed(0)
+    centres = SPREAD * torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]], dtype=F64)
+    truth = torch.arange(K).repeat_interleave(n)
+    return centres[truth] + SPREAD * torch.randn(K * n, D, generator=g, dtype=F64), truth
+
+
+def _vi_structure(y):
+    graph, trace = trace_graph(observed_gmm, (y,), {})
+    facts = analyze(graph, observed_gmm, (y,), {}, trace)
+    return conjugacy.analyse(observed_gmm, (y,), {}, facts, graph)
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.3])
+def test_one_svae_step_with_pinning_potentials_is_one_vi_sweep_of_the_observed_gmm(rho):
+    y, truth = _data()
+    structure = _vi_structure(y)
+    # a common start away from the fixed point: the vi update from labels with every third point moved on
+    labels = torch.where(torch.arange(y.shape[0]) % 3 == 0, (truth + 1) % K, truth)
+    priors = {g: G.prior for g, G in structure.globals.items()}
+    q0 = cavi.global_step(structure, cavi.hard_local(structure, labels), priors)
+    # backend vi: local step (responsibilities from E_q log pi + E_q log N(y | mu, Sigma)), closed-form update,
+    # natural-gradient step of size rho
+    tables = cavi.child_tables(structure, q0)
+    state = cavi.local_step(structure, q0, tables)
+    target = cavi.global_step(structure, state, q0)
+    want = {g: FAMILIES[G.family].blend(q0[g], target[g], rho) for g, G in structure.globals.items()}
+    # backend svae: one step of the objective with the recognition potentials, then the conjugate updates
+    decoder = IdentityDecoder()
+    plan = ppl.compile(latent_gmm, y, decoder=decoder, backend="svae")
+    assert plan.treatment("weights") == plan.treatment("theta") == "natural gradient"
+    with pyro.get_param_store().scope():
+        step, _ = svae.build_step(latent_gmm, (y,), {"decoder": decoder}, plan,
+                                  recognition={"x": PinningRecognition()}, natgrad_step=rho, warmup=0)
+        for site, q in q0.items():
+            assert step.conjugates[site].family is FAMILIES[structure.globals[site].family]
+            step.conjugates[site].q = q
+        with torch.no_grad():
+            handler = step.run(torch.Generator().manual_seed(0))
+        step.natural_gradient_step(handler)
+    # measured: responsibilities within 7e-9, every field of q within a relative 1.7e-8 (the 1e-4 / SPREAD^2 of the
+    # module docstring); tolerances 1e-6
+    torch.testing.assert_close(handler.locals["x"].probs, state.r.T, rtol=0, atol=1e-6)
+    for site, fields in want.items():
+        got = step.conjugates[site].q
+        assert len(got) == len(fields)
+        for a, b in zip(got, fields):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # the check is not vacuous: the local step relabels 13 of the 45 points (soft responsibilities, down to 0.52)
+    # and the full step moves every NIW field by 7-14 % of its size
+    assert int((state.r.argmax(0) != labels).sum()) >= 10
+    for a, b in zip(target["theta"], q0["theta"]):
+        assert float((a - b).abs().max() / b.abs().max()) > 0.05
+
+
+def test_the_svae_mniw_update_is_the_vi_lds_global_step():
+    """The SVAE's q(A, Q) update from a chain's q(x) with lag-one moments is the vi VB-LDS global step on the same
+    q(x) (``gaussian_chain.posterior`` of ``transition_stats``), and its KL is the sweep's ``mniw_kl``."""
+    g = torch.Generator().manual_seed(1)
+    N, T = 3, 6
+    mean = torch.randn(N, T, D, generator=g, dtype=F64)
+    R = torch.randn(N, T * D, T * D, generator=g, dtype=F64)
+    blocks = (R @ R.mT / (T * D) + 0.1 * torch.eye(T * D, dtype=F64)).reshape(N, T, D, T, D)
+    cov = torch.stack([blocks[:, t, :, t] for t in range(T)], 1)
+    cross = torch.stack([blocks[:, t + 1, :, t] for t in range(T - 1)], 1)
+    eye = torch.eye(D, dtype=F64)
+    prior = ppl.MatrixNormalInverseWishart(0.9 * eye, 2 * eye, 0.5 * eye, D + 3.0).natural()
+    c = MNIWConjugate("dyn", "x", prior, eye, 0.1 * eye, 10, F64)
+    assert c.family is FAMILIES["MatrixNormalInverseWishart"]
+    c.update(transition_stats(Local(mean, torch.zeros(()), mean, None, (cov, cross))), 1.0)
+    sweep = chain_vi.posterior(chain_vi.q_state(prior), chain_vi.transition_stats(
+        chain_vi.ChainLocal(mean, cov, cross, torch.zeros((), dtype=F64))))
+    for a, b in zip(c.natparam, sweep.natural):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c.kl(), chain_vi.mniw_kl(sweep, chain_vi.q_state(prior)), rtol=1e-10, atol=1e-10)
+    # the family's mode is the argmax of q's density: log q is lower at nearby values (mniw.log_prob)
+    mode = FAMILIES["MatrixNormalInverseWishart"].mode(c.q)
+    A, Q = ppl.MatrixNormalInverseWishart.unpack(mode)
+    best = mniw.log_prob(c.natparam, mniw.MNIWSample(A, Q))
+    for dA, dQ in ((0.01 * eye, 0 * eye), (0 * eye, 0.01 * eye), (0 * eye, -0.01 * eye)):
+        assert float(mniw.log_prob(c.natparam, mniw.MNIWSample(A + dA, Q + dQ))) < float(best)
+
+
+@pytest.mark.filterwarnings("ignore::ppl.inference.results.DegenerateFit")   # 2 steps on 12 points
+def test_a_fitted_svae_with_conjugate_globals_pickles():
+    """The conjugate globals hold their vi family (functions, some lambdas): a Posterior holding them pickles (the
+    family by name) and encodes new data as before."""
+    y, _ = _data(4)
+    decoder = IdentityDecoder()
+    post = ppl.infer(latent_gmm, y, model_kwargs={"decoder": decoder}, backend="svae", num_steps=2, num_samples=3,
+                     recognition={"x": PinningRecognition()}, warmup=0, progress=False)
+    again = pickle.loads(pickle.dumps(post))
+    conjugate = again.encoder.state.conjugates["theta"]
+    assert conjugate.family is FAMILIES["NormalInverseWishart"]
+    for a, b in zip(conjugate.q, post.encoder.state.conjugates["theta"].q):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(again.encode(y, decoder=decoder)["x"].probs, post.encode(y, decoder=decoder)["x"].probs,
+                               rtol=0, atol=0)
