@@ -1,4 +1,4 @@
-"""One code path for conjugate updates (issue 12, item 4): the SVAE's conjugate globals are the vi backend's
+r"""One code path for conjugate updates (issue 12, item 4): the SVAE's conjugate globals are the vi backend's
 families (``inference/vi/families.py``) with recognition potentials in place of conjugate likelihood potentials
 (Johnson et al. 2016).
 
@@ -8,7 +8,13 @@ whose latent node x gets the tightest Gaussian potential a recognition network c
 (variance ``recognition.MIN_VARIANCE`` = 1e-4). The SVAE's q(x_n) then sits on y_n up to that variance, so its
 responsibilities and its statistics sum_n r_nk (E[x x^T], E[x], 1, 1) are the data's up to a relative 1e-4 / s^2
 (s: the clusters' spread, here 100: 1e-8); the stated tolerances leave a factor 10-100 over that.
+
+The same frame for a chain: the vi VB-LDS step of q(A, Q) (``gaussian_chain.local_step``: Kalman smoothing on the
+expected dynamics and the expected emission potentials of q(C, R); then ``posterior`` of ``transition_stats``)
+against one step of the LDS-SVAE whose recognition network emits exactly those emission potentials (possible for a
+q(C, R) whose :math:`E[C^\top R^{-1}C]` is diagonal): equal to float64 round-off.
 """
+import math
 import pickle
 
 import pyro
@@ -22,6 +28,7 @@ from ppl.analysis import analyze
 from ppl.expfam import mniw
 from ppl.graph import trace_graph
 from ppl.inference.svae import backend as svae
+from ppl.inference.svae import recognition
 from ppl.inference.svae.conjugate import MNIWConjugate, transition_stats
 from ppl.inference.svae.local import Local
 from ppl.inference.vi import cavi, conjugacy
@@ -178,3 +185,81 @@ def test_a_fitted_svae_with_conjugate_globals_pickles():
         assert torch.equal(a, b)
     torch.testing.assert_close(again.encode(y, decoder=decoder)["x"].probs, post.encode(y, decoder=decoder)["x"].probs,
                                rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the same frame for a chain: q(A, Q) of an LDS-SVAE whose recognition potentials are the VB-LDS's emission ones
+
+EMISSION = dict(k=4.0, psi=2.0, nu=D + 4.0)   # q(C, R) = MNIW(I, k I, psi I, nu): E[C^T R^-1 C] = (nu/psi + D/k) I
+
+
+def _dynamics_prior(y):
+    eye = torch.eye(D, dtype=y.dtype)
+    dyn = ppl.sample("dynamics", ppl.MatrixNormalInverseWishart(0.9 * eye, eye, 0.5 * eye, D + 3.0))
+    return ppl.MatrixNormalInverseWishart.unpack(dyn)
+
+
+@ppl.model
+def observed_lds(y):
+    """The conjugate LDS of backend vi: y_t | x_t ~ N(C x_t, R) observed, (C, R) ~ MNIW (EMISSION)."""
+    A, Q = _dynamics_prior(y)
+    eye = torch.eye(D, dtype=y.dtype)
+    em = ppl.sample("emission", ppl.MatrixNormalInverseWishart(eye, EMISSION["k"] * eye, EMISSION["psi"] * eye,
+                                                                EMISSION["nu"]))
+    C, R = ppl.MatrixNormalInverseWishart.unpack(em, D)
+    with ppl.plate("sequences", y.shape[0]):
+        x = ppl.gaussian_chain("x", D, A, Q, length=y.shape[1])
+        ppl.sample("y", dist.MultivariateNormal(x @ C.mT, R).to_event(1), obs=y)
+
+
+@ppl.model
+def latent_lds(y, decoder):
+    """The LDS-SVAE with the same chain: y_t from a network of x_t."""
+    dec = ppl.module("decoder", decoder)
+    A, Q = _dynamics_prior(y)
+    N, T, _ = y.shape
+    x = ppl.gaussian_chain("x", D, A, Q, y.new_zeros(N, D), torch.eye(D, dtype=y.dtype), length=T)   # x_0 ~ N(0, I)
+    mean, scale = dec(x)
+    ppl.sample("y", dist.Normal(mean, scale).to_event(1), obs=y)
+
+
+class EmissionRecognition(nn.Module):
+    r"""The VB-LDS's expected emission potential of q(C, R) = EMISSION as a network's (mean, log variance):
+    :math:`J = E[C^\top R^{-1}C] = (\nu/\psi + D/k) I`, :math:`h_t = E[R^{-1}C]^\top y_t = (\nu/\psi) y_t`, so mean
+    :math:`J^{-1}h_t` and variance :math:`1/J` less the MIN_VARIANCE the potential adds."""
+
+    def forward(self, y):
+        nu_psi = EMISSION["nu"] / EMISSION["psi"]
+        J = nu_psi + D / EMISSION["k"]
+        return torch.cat([y * nu_psi / J, torch.full_like(y, math.log(1 / J - recognition.MIN_VARIANCE))], -1)
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.3])
+def test_one_lds_svae_step_with_the_emission_potentials_is_one_vb_lds_step_of_q_dynamics(rho):
+    g = torch.Generator().manual_seed(2)
+    N, T = 3, 8
+    y = torch.randn(N, T, D, generator=g, dtype=F64).cumsum(1) * 0.5
+    graph, trace = trace_graph(observed_lds, (y,), {})
+    s = chain_vi.analyse_chain(observed_lds, (y,), {}, analyze(graph, observed_lds, (y,), {}, trace), graph)
+    # a common start: q(A, Q) from a random path; backend vi's local step (Kalman smoothing on the expected
+    # dynamics and emission) and closed-form q(A, Q), then the natural-gradient step of size rho
+    q_dyn = chain_vi.global_step(s, chain_vi.hard_start(s, torch.randn(N, T, D, generator=g, dtype=F64)))[0]
+    local = chain_vi.local_step(s, q_dyn, s.prior_emission)
+    target = chain_vi.posterior(s.prior_dynamics, chain_vi.transition_stats(local))
+    want = FAMILIES["MatrixNormalInverseWishart"].blend(tuple(q_dyn.natural), tuple(target.natural), rho)
+    decoder = IdentityDecoder()
+    plan = ppl.compile(latent_lds, y, decoder=decoder, backend="svae")
+    assert plan.treatment("dynamics") == "natural gradient"
+    with pyro.get_param_store().scope():
+        step, _ = svae.build_step(latent_lds, (y,), {"decoder": decoder}, plan,
+                                  recognition={"x": EmissionRecognition()}, natgrad_step=rho, warmup=0)
+        step.conjugates["dynamics"].q = tuple(q_dyn.natural)
+        with torch.no_grad():
+            handler = step.run(torch.Generator().manual_seed(0))
+        step.natural_gradient_step(handler)
+    # the same Gaussian chain solved twice: float64 round-off (measured 4e-16 in E[x], 5e-15 in q's fields, where
+    # the step moves them by 6-10)
+    torch.testing.assert_close(handler.locals["x"].mean, local.mean, rtol=1e-9, atol=1e-9)
+    for a, b in zip(step.conjugates["dynamics"].q, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert float((target.natural.sum_yxT - q_dyn.natural.sum_yxT).abs().max()) > 0.1   # the step moves q
