@@ -654,19 +654,21 @@ class FactorFit(SweepRecord):
 
 
 def overrelaxed(structure: FactorStructure, old: State, new: State, eta: float) -> State:
-    """The step from ``old`` to ``new`` stretched by ``eta``: the means of q(z) and q(B) and the noise sites'
-    unconstrained values moved ``eta`` times as far (``eta = 1`` gives ``new``); the covariances are ``new``'s."""
-    qz = QZ(old.qz.mean + eta * (new.qz.mean - old.qz.mean), new.qz.cov)
+    """The globals' step from ``old`` to ``new`` stretched by ``eta``: the means of q(B) and the noise sites'
+    unconstrained values moved ``eta`` times as far (``eta = 1`` gives ``new``'s), the covariances of q(B) ``new``'s,
+    and q(z) the optimal one given them (``update_z``)."""
     qb = tuple(QB(o.mean + eta * (n.mean - o.mean), n.cov, n.chol) for o, n in zip(old.qb, new.qb))
-    if not new.theta:
-        return State(qz, qb, new.theta, new.trils, new.log_prior)
-    theta = {}
-    for name, value in new.theta.items():
-        t = biject_to(structure.supports[name])
-        before, after = t.inv(old.theta[name]), t.inv(value)
-        theta[name] = t(before + eta * (after - before))
-    trils, log_prior = noise_at(structure, theta)
-    return State(qz, qb, theta, trils, float(log_prior))
+    theta, trils, log_prior = new.theta, new.trils, new.log_prior
+    if new.theta:
+        theta = {}
+        for name, value in new.theta.items():
+            t = biject_to(structure.supports[name])
+            before, after = t.inv(old.theta[name]), t.inv(value)
+            theta[name] = t(before + eta * (after - before))
+        trils, log_prior = noise_at(structure, theta)
+        log_prior = float(log_prior)
+    qz = update_z(structure, qb, tuple(precision(v, T) for v, T in zip(structure.views, trils)))
+    return State(qz, qb, theta, trils, log_prior)
 
 
 def objective(terms: dict) -> float:
@@ -683,8 +685,9 @@ def coordinate_ascent(structure: FactorStructure, start: State, num_steps: int, 
 
     ``overrelax``: adaptive overrelaxation (Salakhutdinov & Roweis 2003, as ``nmf.coordinate_ascent``): after each
     sweep its step is also tried stretched by eta (``overrelaxed``) and kept only where the objective is higher
-    than the sweep's; eta doubles after each kept step and falls back to 2 after a rejected one. Each sweep still
-    ends at least at the plain sweep's objective, so it never decreases."""
+    than the sweep's; eta doubles after each kept step and is quartered (at least 2) after a rejected one (the
+    ridge along which a factor model's fit creeps takes steps of 8-16 sweeps). Each sweep still ends at least at
+    the plain sweep's objective, so it never decreases."""
     s, history, terms_history, converged, interrupted = start, [], {}, False, False
     eta = OVERRELAX_GROWTH
     try:
@@ -697,7 +700,7 @@ def coordinate_ascent(structure: FactorStructure, start: State, num_steps: int, 
                 if objective(trial_terms) > objective(terms):
                     new, terms, eta = trial, trial_terms, eta * OVERRELAX_GROWTH
                 else:
-                    eta = OVERRELAX_GROWTH
+                    eta = max(OVERRELAX_GROWTH, eta / OVERRELAX_GROWTH ** 2)
             s = new
             if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
                 converged = True
