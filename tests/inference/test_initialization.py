@@ -8,6 +8,7 @@ import torch
 
 import ppl
 from ppl import dist
+from ppl.chain_dists import MarkovChain
 from ppl.inference import training
 from ppl.inference.initialization import (START_STEPS, align_labels, complete_data_map, complete_data_plan,
                                           discrete_features, hard_assignments, kmeans_labels)
@@ -51,6 +52,20 @@ def test_features_read_once_give_the_same_labels():
         once = hard_assignments(hmm_lib.hmm, sim.args, sim.kwargs, plan, torch.Generator().manual_seed(seed), features)
         own = hard_assignments(hmm_lib.hmm, sim.args, sim.kwargs, plan, torch.Generator().manual_seed(seed))
         assert torch.equal(once["z"], own["z"])
+
+
+def test_features_are_read_without_sampling_the_chain(monkeypatch):
+    """``discrete_features`` gives the latent chain the all-zeros path (``FirstStatePaths``) instead of a draw: the
+    chain's sampler is never called, and the rows are the observed data (what a sampled trace gave)."""
+    sim = hmm_lib.simulate(seed=1, N=2, T=40)
+    plan = ppl.compile(hmm_lib.hmm, *sim.args, **sim.kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chain was sampled")
+
+    monkeypatch.setattr(MarkovChain, "sample", refuse)
+    rows, K = discrete_features(hmm_lib.hmm, sim.args, sim.kwargs, plan)["z"]
+    assert K == 3 and torch.equal(rows.double(), sim.args[0].reshape(-1, 1).double())
 
 
 def test_restarts_find_the_optimum_on_raw_scale_data():
