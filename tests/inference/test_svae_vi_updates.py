@@ -25,7 +25,7 @@ from torch import nn
 import ppl
 from ppl import dist
 from ppl.analysis import analyze
-from ppl.expfam import mniw
+from ppl.expfam import mniw, niw
 from ppl.graph import trace_graph
 from ppl.inference.svae import backend as svae
 from ppl.inference.svae import recognition
@@ -263,3 +263,24 @@ def test_one_lds_svae_step_with_the_emission_potentials_is_one_vb_lds_step_of_q_
     for a, b in zip(step.conjugates["dynamics"].q, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     assert float((target.natural.sum_yxT - q_dyn.natural.sum_yxT).abs().max()) > 0.1   # the step moves q
+
+
+def test_a_checkpoint_of_natural_parameters_loads_into_the_family_params():
+    """Checkpoints written before the q's were the vi families' held ``natparams`` (ppl.expfam natural parameters:
+    a Dirichlet's alpha - 1, an NIW's NIWNatural): resuming one puts q where it was."""
+    y, _ = _data(4)
+    decoder = IdentityDecoder()
+    plan = ppl.compile(latent_gmm, y, decoder=decoder, backend="svae")
+    with pyro.get_param_store().scope():
+        step, _ = svae.build_step(latent_gmm, (y,), {"decoder": decoder}, plan,
+                                  recognition={"x": PinningRecognition()}, warmup=0)
+        saved = {site: tuple(x.clone() for x in c.q) for site, c in step.conjugates.items()}
+        old = {"natparams": {"weights": saved["weights"][0] - 1, "theta": niw.NIWNatural(*saved["theta"])},
+               "terms": step.state()["terms"], "calls": 0}
+        with torch.no_grad():
+            step.natural_gradient_step(step.run(torch.Generator().manual_seed(0)))
+        assert not torch.equal(step.conjugates["weights"].q[0], saved["weights"][0])
+        step.load_state(old)
+    for site, fields in saved.items():
+        for a, b in zip(step.conjugates[site].q, fields):
+            torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-12)
