@@ -12,6 +12,7 @@ import torch
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 
@@ -383,6 +384,52 @@ def fold_and_simplify(module: torch.fx.GraphModule, *examples: torch.Tensor) -> 
     return simpler if same else fold_constants(module, *examples)
 
 
+class _CumprodEagerBackward(torch.autograd.Function):
+    r"""``torch.cumprod(x, dim)`` whose backward is the formula eager autograd takes when ``x`` has no zero,
+    :math:`\partial L / \partial x = \mathrm{revcumsum}(y \odot g) / x` (y the output, g its gradient; 5 ops),
+    with the test for zeros a Python read of a tensor value (a guard of the recording, ``add_guards``), and
+    ``aten.cumprod_backward`` (zeros handled) otherwise. Traced, autograd's own backward takes the branch-free
+    form for zeros (~30 ops, a third of the step graph of a model with a simplex site)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        out = torch.cumprod(x, dim)
+        ctx.save_for_backward(x, out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, out = ctx.saved_tensors
+        dim = ctx.dim
+        if x.numel() <= 1 or x.shape[dim] == 1:   # eager autograd's shortcut
+            return grad, None
+        if bool((x == 0).any()):
+            return torch.ops.aten.cumprod_backward.default(grad, x, dim, out), None
+        return (out * grad).flip(dim).cumsum(dim).flip(dim).div(x), None
+
+
+class EagerBackwards(TorchFunctionMode):
+    """Inside a recording, route the ops whose traced backward is much longer than eager autograd's
+    (``torch.cumprod``: ``_CumprodEagerBackward``) through a function with eager's formula; the gradients are
+    eager autograd's, bitwise. Not inside ``torch.func`` transforms (their tensors are wrapped: an autograd.Function
+    there needs a vmap rule), which keep autograd's traced formulas."""
+
+    CUMPROD = (torch.cumprod, torch.Tensor.cumprod)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.CUMPROD and kwargs.get("dtype") is None and args and isinstance(args[0], torch.Tensor):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            x = args[0]
+            if (isinstance(dim, int) and len(args) <= 2 and set(kwargs) <= {"dim", "dtype"} and x.requires_grad
+                    and x.is_floating_point() and torch.is_grad_enabled()
+                    and not torch._C._functorch.is_functorch_wrapped_tensor(x)):  # vmap, torch.func.grad: theirs
+                return _CumprodEagerBackward.apply(x, dim)
+        return func(*args, **kwargs)
+
+
 class ValueDependentShape(Exception):
     """A recording read a shape off tensor values that depend on the input (``nonzero``, ``unique``, ...): no guard
     can check it."""
@@ -392,9 +439,14 @@ def make_graph(fn, *examples: torch.Tensor) -> torch.fx.GraphModule:
     """``make_fx(fn)(*examples)``: ``fn``'s aten operations on these inputs as one FX graph (real tensors, Python
     reads of tensor values baked in: see ``add_guards``). Every node's shape metadata is made under one fake-tensor
     mode for the whole recording (``make_fx`` otherwise creates a mode, with a Python stack trace, per node: half of
-    the recording time of a small model)."""
+    the recording time of a small model). ``fn`` runs under ``EagerBackwards`` (eager autograd's backward formulas
+    where the traced ones are longer)."""
+    def eager_backwards(*inputs):
+        with EagerBackwards():
+            return fn(*inputs)
+
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
-        return make_fx(fn, _error_on_data_dependent_ops=False)(*examples)
+        return make_fx(eager_backwards, _error_on_data_dependent_ops=False)(*examples)
 
 
 def without_mutations(module: torch.fx.GraphModule, *examples: torch.Tensor,

@@ -309,6 +309,37 @@ def test_inline_mutations_rewrites_writes_into_temporaries_and_keeps_the_values(
         assert torch.equal(recorded(example.clone()), fn(example.clone()))
 
 
+def test_cumprod_is_recorded_with_eager_autograds_backward_and_a_guard_for_zeros():
+    """A recording of a gradient through ``cumprod`` (the stick-breaking transform's) has eager autograd's backward
+    for inputs without zeros (reverse cumsum / x: no ``masked_fill``, ``scatter``, ``gather`` of the traced
+    branch-free form) and gives eager autograd's gradient bitwise, at the recording point and at another; its
+    guard differs at a point with a zero (the caller then evaluates eagerly), and a recording made at such a point
+    gives eager's gradient there."""
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def grad_and_value(x):
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            value = (leaf.cumprod(-1) * weights).sum()
+            grad, = torch.autograd.grad(value, leaf)
+        return [grad], value.detach()
+
+    x = torch.tensor([[0.5, 1.5, -2.0, 0.7], [1.1, 0.3, 0.9, -0.4]])
+    ops = {str(n.target) for n in graph_recording.make_graph(grad_and_value, x).graph.nodes if n.op == "call_function"}
+    assert not any(name in op for op in ops for name in ("masked_fill", "scatter", "gather"))
+    run, (_, _, recorded_guards) = graph_recording.record_graph(grad_and_value, x)
+    for at in (x, x.flip(0) * 1.3):
+        grads, value, guards = run(at)
+        eager_grads, eager_value = grad_and_value(at)
+        assert torch.equal(grads[0], eager_grads[0]) and torch.equal(value, eager_value)
+        assert torch.equal(guards, recorded_guards)
+    zero = x.clone()
+    zero[1, 1] = 0.0
+    assert not torch.equal(run(zero)[2], recorded_guards)
+    run_at_zero, _ = graph_recording.record_graph(grad_and_value, zero)
+    assert torch.equal(run_at_zero(zero)[0][0], grad_and_value(zero)[0][0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(dtype):
     """``simplify`` replaces the Python numbers ops take in place of a tensor (``x * 0.1``, ``x.mul(2.0)`` as
