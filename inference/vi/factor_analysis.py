@@ -58,7 +58,7 @@ from .conjugacy import NotConjugate
 from .probe import PROBE_SEEDS, Tabulate, close, peel
 
 NOISE_ITERS = 5         # L-BFGS iterations of the noise step in each sweep (each runs the model once or twice)
-START_NOISE_ITERS = 30  # ... and before the first sweep, from the prior draw to the start's residuals
+START_NOISE_ITERS = 15  # ... and before the first sweep, from the prior draw to the start's residuals
 SCREEN_SWEEPS = 10      # with several starts, each runs this many sweeps; the best one's fit then goes on alone
 Z_DRAWS_MAX = 10 ** 7   # z is drawn from q(z) when num_samples x N x k is at most this (else only its means)
 OVERRELAX_GROWTH = 2.0  # adaptive overrelaxation: the stretch of a sweep's step grows by this factor while it pays
