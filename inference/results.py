@@ -43,7 +43,7 @@ SAME_STATE = 1e-3  # two states whose q(z = k) differ by less than this at every
 
 
 def warn_if_nearly_empty(discrete: dict[str, torch.Tensor], backend: str) -> None:
-    """Warn ``DegenerateFit`` for each discrete latent (site -> probabilities ``(..., K)``, ``n`` entries) with
+    r"""Warn ``DegenerateFit`` for each discrete latent (site -> probabilities ``(..., K)``, ``n`` entries) with
 
     - a state whose expected count :math:`\sum_n q(z_n = k)` lies in ``[0.5, FEW_ENTRIES)`` when ``n >= 4 K`` (below
       0.5 ``warn_if_degenerate`` already warns an empty state): a component fitted to one or two points,
