@@ -249,7 +249,7 @@ def expected_log_theta(gamma: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EStep:
-    """One E-step's result on a set of documents: ``gamma (B, K)``, ``sstats (K, V)`` the expected topic-word
+    r"""One E-step's result on a set of documents: ``gamma (B, K)``, ``sstats (K, V)`` the expected topic-word
     counts :math:`\sum_d c_{dw}\phi_{dwk}`, ``ndk (B, K)`` the expected topic counts per document, ``loglik``
     :math:`\sum c \log \sum_k \exp(E\log\theta + E\log\beta)` (so that the entropy of q(z) is
     ``loglik - <ndk, Elog theta> - <sstats, Elog beta>``), ``iterations`` the largest count any document ran."""
