@@ -647,4 +647,4 @@ def test_doubling_declines_structural_zeros_underflow_and_lengths_and_the_op_sti
 
 def test_doubling_work_bound():
     assert doubling_fits(1, 309, 3) and doubling_fits(1, 732, 3)
-    assert not doubling_fits(1, 1, 3) and not doubling_fits(1, 100_000, 8)
+    assert not doubling_fits(1, 1, 3) and not doubling_fits(1, 1000, 8) and not doubling_fits(1, 100_000, 8)
