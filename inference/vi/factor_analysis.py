@@ -307,7 +307,7 @@ def _log_density(site: dict) -> torch.Tensor:
     return site["fn"].log_prob(site["value"]).sum()
 
 
-def _probe_runs(model, args, kwargs, z: str, latent: list) -> tuple:
+def _probe_runs(model, args, kwargs, z: str) -> tuple:
     """The probe runs: the plain first one (shapes), ``a`` and ``b`` with z at ``probe_z`` and different prior draws
     of the globals, and their ``Z``."""
     try:
@@ -346,7 +346,7 @@ def analyse(model, args, kwargs, facts, graph) -> FactorStructure:
                            "plate whose children are observed Gaussian vectors)")
     z, views = names
     latent = [s for s in facts.continuous if s != z]
-    a, b, Z = _probe_runs(model, args, kwargs, z, latent)
+    a, b, Z = _probe_runs(model, args, kwargs, z)
     z_loc, z_prec = _z_prior(z, a.sites[z], b.sites[z])
     out_dtype = z_loc.dtype if z_loc.is_floating_point() else torch.get_default_dtype()
     dtype = torch.float64
@@ -356,10 +356,12 @@ def analyse(model, args, kwargs, facts, graph) -> FactorStructure:
     parts = []
     for v in views:
         W_a, off_a, tril = _affine_parts(v, z, a.sites[v], Z)
-        W_b, off_b, _ = _affine_parts(v, z, b.sites[v], Z)
+        W_b, off_b, tril_b = _affine_parts(v, z, b.sites[v], Z)
         loading = _coefficient(v, "loading", (W_a, W_b), (a, b), candidates, taken)
         offset = _coefficient(v, "offset", (off_a, off_b), (a, b), candidates, taken)
-        parts.append((v, loading, offset, tril))
+        # diagonal at two draws of the noise (a and b): then at every value the noise step may try
+        diagonal = all(bool((t - torch.diag_embed(t.diagonal())).abs().max() == 0) for t in (tril, tril_b))
+        parts.append((v, loading, offset, tril, diagonal))
     noise = [s for s in latent if s not in taken]
     Zc = probe_z(N, k, Z.dtype, Z.device, PROBE_SEEDS[1])
     try:
@@ -368,7 +370,7 @@ def analyse(model, args, kwargs, facts, graph) -> FactorStructure:
         raise NotConjugate(f"the model fails when run with its local held at probe values: {type(exc).__name__}: "
                            f"{exc}") from exc
     out = []
-    for v, loading, offset, tril in parts:
+    for v, loading, offset, tril, diagonal in parts:
         W_c, off_c, tril_c = _affine_parts(v, z, c.sites[v], Zc)
         for coef, got in ((loading, W_c), (offset, off_c)):
             if coef.latent and not close(coef.site_value(got) if coef is loading else got, c.sites[coef.site]["value"]):
@@ -377,8 +379,6 @@ def analyse(model, args, kwargs, facts, graph) -> FactorStructure:
         if not close(tril_c, tril):
             raise NotConjugate(f"site '{v}': its covariance depends on a latent variable other than the noise sites "
                                f"({', '.join(noise) or 'none'}): on a loading, an offset or the local")
-        diagonal = bool((tril - torch.diag_embed(tril.diagonal())).abs().max() == 0) and bool(
-            (tril_c - torch.diag_embed(tril_c.diagonal())).abs().max() == 0)
         out.append(make_view(v, a.sites[v]["value"].to(dtype), loading, offset, diagonal, k))
     for s in noise:
         if not close(_log_density(a.sites[s]), _log_density(c.sites[s])):
