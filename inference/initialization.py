@@ -17,8 +17,9 @@ Each restart uses another k-means++ seed; the backend keeps the fit with the bes
 cheap: each new labelling is relabelled to agree best with the first one (``align_labels``), a labelling equal
 to an earlier one is dropped (its start would be the same), and its complete-data MAP starts from the first
 start's values (the same components in the same order), so one round of at most 30 evaluations gets it close
-(within 0.03 nats on the sunspot and El Nino HMMs) instead of the first fit's ~60-120 from the prior mean (iris GMM 63, yearly sunspots HMM 93; from the median of 15 prior
-draws the GMM took 163: a component mean's draws under a N(0, 10^2) prior have a median far from 0).
+(within 0.03 nats on the sunspot and El Nino HMMs) instead of the first fit's ~60-120 from the prior mean (iris
+GMM 63, yearly sunspots HMM 93; from the median of 15 prior draws the GMM took 163: a component mean's draws under
+a N(0, 10^2) prior have a median far from 0).
 """
 from __future__ import annotations
 

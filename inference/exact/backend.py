@@ -59,8 +59,8 @@ def fit_settings() -> str:
             f"(1 + |objective|); restarts={run_defaults['restarts']}: init=, then distinct k-means++ labellings -> "
             "complete-data MAP (from the prior mean, the median where it is infinite; rounds of <= "
             f"{start_steps} evaluations until converged; one round of <= {start_steps // 5} warm-started), "
-            f"successive halving by rounds of {SCREEN_EVALS} evaluations (every start, then the better half, ...), the "
-            "last one fitted on (the same L-BFGS run continued)")
+            f"successive halving by rounds of {SCREEN_EVALS} evaluations (every start, then the better half rounded "
+            "up, ...), the last one fitted on (the same L-BFGS run continued)")
 
 
 def treatments(graph, facts: Facts):
