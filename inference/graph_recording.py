@@ -329,6 +329,89 @@ def _scalars_as_tensors(module: torch.fx.GraphModule, values: dict) -> int:
     return changed
 
 
+def _cheaper_form(module: torch.fx.GraphModule, node: torch.fx.Node, values: dict, constant) -> tuple | None:
+    """``(op, args)`` computing ``node``'s value exactly with one cheaper op, or None: a ``bmm`` over an inner
+    dimension of size 1 (outer products: one multiplication each, no sum) is a broadcast ``mul`` (then made
+    contiguous if it is not, as bmm's result: ~4 us instead of ~15); a
+    ``constant_pad_nd`` along one dim (a composite of ~4 ops) is a ``cat`` with constant blocks (padding) or a
+    ``narrow_copy`` (cropping). ``constant(tensor) -> node`` makes a constant of the graph."""
+    aten = torch.ops.aten
+    args = node.args
+    if node.target is aten.bmm.default and isinstance(values.get(args[0]), torch.Tensor) \
+            and values[args[0]].shape[-1] == 1:
+        return aten.mul.Tensor, args  # made contiguous by the caller, as bmm's result
+    if node.target is not aten.constant_pad_nd.default or not isinstance(values.get(args[0]), torch.Tensor):
+        return None
+    x, pad, fill = values[args[0]], list(args[1]), (args[2] if len(args) > 2 else 0.0)
+    padded = [i for i in range(0, len(pad), 2) if pad[i] or pad[i + 1]]
+    if len(padded) != 1:
+        return None
+    left, right = pad[padded[0]], pad[padded[0] + 1]
+    dim = x.dim() - 1 - padded[0] // 2
+    if left <= 0 and right <= 0:
+        return aten.narrow_copy.default, (args[0], dim, -left, x.shape[dim] + left + right)
+    if left < 0 or right < 0 or fill is None:
+        return None
+
+    def block(size: int):
+        shape = list(x.shape)
+        shape[dim] = size
+        return constant(torch.full(shape, fill, dtype=x.dtype, device=x.device))
+
+    pieces = ([block(left)] if left else []) + [args[0]] + ([block(right)] if right else [])
+    return aten.cat.default, (pieces, dim)
+
+
+def _strides_of_long_dims(x: torch.Tensor) -> tuple:
+    """The strides of ``x``'s dims longer than 1 (a size-1 dim's stride never addresses memory)."""
+    return tuple(stride for size, stride in zip(x.shape, x.stride()) if size > 1)
+
+
+def _use_cheaper_ops(module: torch.fx.GraphModule, values: dict) -> int:
+    """Replace the ops of ``module`` that ``_cheaper_form`` covers, each kept only where the new op gives exactly
+    (``torch.equal``, same strides along dims longer than 1) the old one's value at the example (``values``). How
+    many replaced."""
+    graph = module.graph
+    replaced = 0
+
+    def constant(tensor: torch.Tensor) -> torch.fx.Node:
+        name = f"_block_{sum(1 for n, _ in module.named_buffers() if n.startswith('_block_'))}"
+        module.register_buffer(name, tensor)
+        with graph.inserting_before(node):
+            return graph.get_attr(name)
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or any(user.op == "output" for user in node.users):
+            continue
+        form = _cheaper_form(module, node, values, constant)
+        if form is None:
+            continue
+        op, args = form
+        as_values = torch.fx.node.map_arg(args, lambda a: values[a] if a.op != "get_attr" else
+                                          getattr(module, a.target))
+        try:
+            value, old = op(*as_values), values.get(node)
+        except RuntimeError:  # a form these arguments do not fit is not used
+            continue
+        contiguous = not value.is_contiguous()
+        if contiguous:  # bmm gives a contiguous result; a broadcast mul the layout of its arguments
+            value = value.contiguous()
+        if not (isinstance(old, torch.Tensor) and value.dtype == old.dtype and value.shape == old.shape
+                and _strides_of_long_dims(value) == _strides_of_long_dims(old) and torch.equal(value, old)):
+            continue
+        with graph.inserting_before(node):
+            cheaper = graph.call_function(op, args)
+            if contiguous:
+                cheaper = graph.call_function(torch.ops.aten.clone.default, (cheaper,),
+                                              {"memory_format": torch.contiguous_format})
+        values[cheaper] = value
+        node.replace_all_uses_with(cheaper)
+        graph.erase_node(node)
+        replaced += 1
+    graph.eliminate_dead_code()
+    return replaced
+
+
 def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int = 3) -> torch.fx.GraphModule:
     """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
     many times where each op costs its dispatch (microseconds) more than its arithmetic:
@@ -338,9 +421,10 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
       read off one run at ``examples``);
     - deterministic ops with the same target and arguments are merged (common subexpressions);
 
-    repeated ``passes`` times (a replacement exposes others: a view of a view); then the Python numbers that ops
-    take in place of tensors become 0-dim constants of the op's dtype (``_scalars_as_tensors``: no conversion per
-    call). Nodes that are outputs are kept.
+    repeated ``passes`` times (a replacement exposes others: a view of a view); then ops with an exact cheaper
+    form are replaced (``_use_cheaper_ops``: a ``bmm`` of outer products, ``constant_pad_nd``), and the Python
+    numbers that ops take in place of tensors become 0-dim constants of the op's dtype (``_scalars_as_tensors``:
+    no conversion per call). Nodes that are outputs are kept.
     The caller checks that the copy gives the same outputs (``fold_and_simplify`` does)."""
     module = _copy(module)
     graph = module.graph
@@ -366,6 +450,7 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
         graph.eliminate_dead_code()
         if not changed:  # a replacement or a merge computes the value it replaces: ``values`` stays valid
             break
+    _use_cheaper_ops(module, values)
     _scalars_as_tensors(module, values)
     module.recompile()
     return module

@@ -340,6 +340,33 @@ def test_cumprod_is_recorded_with_eager_autograds_backward_and_a_guard_for_zeros
     assert torch.equal(run_at_zero(zero)[0][0], grad_and_value(zero)[0][0])
 
 
+def test_simplify_replaces_outer_product_bmms_and_pads_by_cheaper_ops_with_the_same_values():
+    """``simplify``: a ``bmm`` over an inner dim of size 1 (outer products, here of transposed views) becomes a
+    broadcast ``mul`` with bmm's contiguous layout, a ``constant_pad_nd`` along one dim a ``cat`` with constant
+    blocks (padding) or a ``narrow_copy`` (cropping); a bmm with a real inner sum and a pad along two dims stay;
+    the outputs equal the original graph's bitwise at points other than the example."""
+    aten = torch.ops.aten
+
+    def fn(a, b):
+        outer = torch.bmm(a.transpose(1, 2), b[:, :1, :])                  # (4, 3, 1) @ (4, 1, 3)
+        inner = torch.bmm(a, b.transpose(1, 2))                            # a sum over 3
+        padded = aten.constant_pad_nd.default(a, [1, 2], 0.5)            # last dim, both sides
+        cropped = aten.constant_pad_nd.default(b, [0, 0, -1, 0])         # the middle dim
+        both = aten.constant_pad_nd.default(a, [1, 0, 1, 0])             # two dims: kept
+        return outer.view(4, 9) * 2, inner, padded.sum(-1), cropped + 1, both.sum()
+
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randn(4, 1, 3, generator=gen), torch.randn(4, 2, 3, generator=gen))
+    module = make_fx(fn)(*example)
+    simpler = graph_recording.simplify(module, *example)
+    ops = [str(n.target) for n in simpler.graph.nodes if n.op == "call_function"]
+    assert sum("bmm" in op for op in ops) == 1 and sum("constant_pad_nd" in op for op in ops) == 1
+    assert sum("narrow_copy" in op for op in ops) == 1 and sum("aten.cat" in op for op in ops) == 1
+    for at in ((torch.randn(4, 1, 3, generator=gen), torch.randn(4, 2, 3, generator=gen)), example):
+        for a, b in zip(simpler(*at), module(*at)):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(dtype):
     """``simplify`` replaces the Python numbers ops take in place of a tensor (``x * 0.1``, ``x.mul(2.0)`` as
