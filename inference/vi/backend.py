@@ -17,6 +17,12 @@ q's mean :math:`(n_{ij} + 1) / (n_i + K)` is shrunk towards uniform.
 The structure is found by probing the model (``conjugacy``); anything not recognized is refused with a reason
 naming the site. A model without a discrete latent (a conjugate prior on observed data) runs too with
 ``backend="vi"``: one sweep gives the exact posterior and the ELBO equals log p(data).
+
+A Gaussian local whose observed children are affine in it (factor analysis, probabilistic CCA:
+``factor_analysis``) is the one structure where non-conjugate globals are allowed: its noise sites (HalfNormal
+scales, an LKJ Cholesky factor, ...) get a point estimate inside the same coordinate-ascent loop; their posterior
+draws are a point mass at it, the objective (``history``) is the ELBO plus their log prior, and ``log_evidence``
+the ELBO at the point estimate.
 """
 from __future__ import annotations
 
@@ -392,7 +398,12 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     natural-gradient VI (Hoffman et al. 2013) on minibatches of B documents / data rows, ``num_steps`` passes,
     step sizes rho_t = (tau0 + t)^-kappa (``stochastic``), from the same starts; ``history`` is then minus each
     pass's noisy ELBO estimate, then minus the exact ELBO at the end (``elbo_terms``: that one entry each). A
-    markov_chain or a gaussian_chain is fitted full-batch (ValueError with batch_size=)."""
+    markov_chain or a gaussian_chain is fitted full-batch (ValueError with batch_size=).
+
+    A linear-Gaussian latent factor model (``factor_analysis``): principal-component start and ``restarts - 1``
+    random ones screened by a few sweeps; draws of z and of the Normal loadings / offsets from q, the non-conjugate
+    noise sites as point masses at their point estimate (every draw the same value); ``history`` minus (ELBO + log
+    prior of the point estimates)."""
     if unused:
         raise TypeError(f"backend 'vi' got unexpected options: {', '.join(unused)}")
     _check_options(num_steps, tol, restarts, num_samples)
