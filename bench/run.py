@@ -7,7 +7,9 @@ whose name contains any of the NAMEs; repeatable, e.g. ``--only hmm kalman``), `
 Each ``bench/bench_*.py`` module contributes ``cases(quick)``; the table reports median
 seconds for graphppl and each peer, and the ratio peer / ours (> 1: graphppl is faster).
 A module may also define ``targets(rows) -> list[str]``: verdicts on performance targets,
-computed from its measured rows, listed under the table.
+computed from its measured rows, listed under the table. A module without ``cases`` is a standalone
+script with its own command line (``python -m bench.bench_svae_gmm``, fits too long for repeated timing):
+it is named and skipped here.
 ``--write`` stores the table, the command and the machine in ``bench/RESULTS.md``.
 """
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, verdicts = [], []
     for name in discover_modules(args.only):
         module = importlib.import_module(f"bench.{name}")
+        if not hasattr(module, "cases"):
+            print(f"skipping bench.{name}: a standalone script (python -m bench.{name})", file=sys.stderr)
+            continue
         module_rows = []
         for case in module.cases(args.quick):
             print(f"running {case.task} ...", file=sys.stderr, flush=True)
