@@ -412,6 +412,42 @@ def _use_cheaper_ops(module: torch.fx.GraphModule, values: dict) -> int:
     return replaced
 
 
+CHAINED_VIEWS = frozenset({"view", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
+                           "slice", "diagonal", "select", "alias", "as_strided"})
+"""aten ops whose result is always a view of their first argument (same storage): a chain of them is one
+``as_strided`` of the chain's first tensor."""
+
+
+def _collapse_view_chains(module: torch.fx.GraphModule, values: dict) -> int:
+    """Replace each view (``CHAINED_VIEWS``) of a view by one ``as_strided`` of the chain's first tensor, with the
+    size, strides and storage offset it had at the example (``values``): a chain of k views costs one op instead
+    of k. Only for chains that start at a tensor an op computes afresh at every call (a non-aliasing op: the
+    same layout, storage offset 0, at every call), never at an input or a constant. How many replaced."""
+    graph = module.graph
+    replaced = 0
+    for node in list(graph.nodes):
+        if (node.op != "call_function" or _op_name(node) not in CHAINED_VIEWS or not node.args
+                or not isinstance(node.args[0], torch.fx.Node) or _op_name(node.args[0]) not in CHAINED_VIEWS):
+            continue
+        root = node.args[0]
+        while root.op == "call_function" and _op_name(root) in CHAINED_VIEWS and isinstance(root.args[0], torch.fx.Node):
+            root = root.args[0]
+        view, base = values.get(node), values.get(root)
+        if (root.op != "call_function" or _aliases(root) or not isinstance(view, torch.Tensor)
+                or not isinstance(base, torch.Tensor) or base.storage_offset() != 0
+                or view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
+            continue
+        with graph.inserting_before(node):
+            strided = graph.call_function(torch.ops.aten.as_strided.default,
+                                          (root, list(view.shape), list(view.stride()), view.storage_offset()))
+        values[strided] = view
+        node.replace_all_uses_with(strided)
+        graph.erase_node(node)
+        replaced += 1
+    graph.eliminate_dead_code()
+    return replaced
+
+
 def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int = 3) -> torch.fx.GraphModule:
     """A copy of ``module`` (a graph without in-place ops: ``mutates`` False) with fewer operations, for graphs run
     many times where each op costs its dispatch (microseconds) more than its arithmetic:
@@ -422,7 +458,8 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
     - deterministic ops with the same target and arguments are merged (common subexpressions);
 
     repeated ``passes`` times (a replacement exposes others: a view of a view); then ops with an exact cheaper
-    form are replaced (``_use_cheaper_ops``: a ``bmm`` of outer products, ``constant_pad_nd``), and the Python
+    form are replaced (``_use_cheaper_ops``: a ``bmm`` of outer products, ``constant_pad_nd``), chains of views
+    become one ``as_strided`` (``_collapse_view_chains``), and the Python
     numbers that ops take in place of tensors become 0-dim constants of the op's dtype (``_scalars_as_tensors``:
     no conversion per call). Nodes that are outputs are kept.
     The caller checks that the copy gives the same outputs (``fold_and_simplify`` does)."""
@@ -451,6 +488,7 @@ def simplify(module: torch.fx.GraphModule, *examples: torch.Tensor, passes: int 
         if not changed:  # a replacement or a merge computes the value it replaces: ``values`` stays valid
             break
     _use_cheaper_ops(module, values)
+    _collapse_view_chains(module, values)
     _scalars_as_tensors(module, values)
     module.recompile()
     return module
@@ -566,7 +604,12 @@ def record_graph(fn, *examples: torch.Tensor, max_functionalized_nodes: float = 
     ``add_guards`` (``ValueDependentShape`` when a value-dependent shape makes the recording unsafe);
     ``fold_and_simplify`` when nothing writes in place; then ``torch.jit.trace`` of the graph when it gives exactly
     the graph's outputs (TorchScript runs a graph of a few hundred small ops ~2x faster than FX's Python), else the
-    FX graph itself. Any other failure propagates: the callers keep their interpreter."""
+    FX graph itself. Any other failure propagates: the callers keep their interpreter.
+
+    The graph is recorded at contiguous copies of non-contiguous examples and ``run`` makes its inputs contiguous
+    (a no-op for contiguous ones): the layouts ``simplify`` reads off the example (which views return their
+    argument, the strides of a chain of views) are then those of every call."""
+    examples = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in examples)
     module = make_graph(fn, *examples)
     if mutates(module.graph):
         module = without_mutations(module, *examples, max_functionalized_nodes=max_functionalized_nodes)
@@ -582,4 +625,13 @@ def record_graph(fn, *examples: torch.Tensor, max_functionalized_nodes: float = 
             run = jitted
     except Exception:  # noqa: BLE001 - TorchScript cannot record every graph: run the FX graph itself
         pass
-    return run, outputs
+    return _on_contiguous_inputs(run), outputs
+
+
+def _on_contiguous_inputs(run):
+    """``run`` called with its tensor inputs made contiguous (the layouts it was recorded at)."""
+    def run_on_contiguous(*inputs):
+        return run(*(x.contiguous() if isinstance(x, torch.Tensor) and not x.is_contiguous() else x
+                     for x in inputs))
+
+    return run_on_contiguous

@@ -367,6 +367,41 @@ def test_simplify_replaces_outer_product_bmms_and_pads_by_cheaper_ops_with_the_s
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def test_simplify_collapses_chains_of_views_of_a_fresh_tensor_into_one_as_strided():
+    """``simplify``: a chain of views (view, permute, transpose, unsqueeze, expand, diagonal) of a tensor an op
+    computes becomes one ``as_strided`` of that tensor; a chain that starts at an input stays (its layout may
+    differ between calls); the outputs equal the original graph's bitwise, also at an input with other strides,
+    and a recording (``record_graph``) made and run at transposed inputs gives the function's values."""
+    def fn(x):
+        y = x.exp()
+        chain = y.view(2, 3, 2).permute(2, 0, 1).transpose(0, 1).unsqueeze(0).expand(4, 2, 2, 3)
+        diag = (y * 2).view(3, 2, 2).diagonal(0, -2, -1).t()
+        from_input = x.view(3, 4).t().unsqueeze(1)
+        return chain * 3, diag.sum(0), from_input + 1
+
+    example = torch.randn(12, dtype=torch.float64)
+    module = make_fx(fn)(example)
+    simpler = graph_recording.simplify(module, example)
+    ops = [graph_recording._op_name(n) for n in simpler.graph.nodes if n.op == "call_function"]
+    assert ops.count("as_strided") == 2
+    assert ops.count("t") + ops.count("unsqueeze") + ops.count("view") == 3    # the input's chain
+    assert not any(name in ops for name in ("permute", "transpose", "expand", "diagonal"))
+    for at in (torch.randn(24, dtype=torch.float64)[::2], example):
+        for a, b in zip(simpler(at), module(at)):
+            assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+    def grads_and_value(x):    # a recording's inputs are made contiguous: the layouts it was simplified at
+        g = x.exp().reshape(3, 4).t().unsqueeze(0).expand(2, 4, 3) * 2
+        return [g.sum(0)], g.sum()
+
+    transposed = torch.randn(3, 4, dtype=torch.float64).t()
+    run, _ = graph_recording.record_graph(grads_and_value, transposed)
+    for at in (torch.randn(3, 4, dtype=torch.float64).t(), transposed.contiguous()):
+        (grad,), value, _ = run(at)
+        (expected,), expected_value = grads_and_value(at)
+        assert torch.equal(grad, expected) and torch.equal(value, expected_value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(dtype):
     """``simplify`` replaces the Python numbers ops take in place of a tensor (``x * 0.1``, ``x.mul(2.0)`` as
