@@ -1,10 +1,13 @@
-"""The dependency run draws a latent chain's value from a provenance-free copy of its distribution
-(``ppl.trace.PlainChainDraws``): same draw, same dependencies, the traced distribution untouched.
+"""The dependency run draws a latent chain's value without provenance (``ppl.trace.PlainChainDraws``): a
+``MarkovChain`` by the Gumbel-max recursion ``markov_chain_draw``, other chains by their sampler on a provenance-free
+copy of the distribution; same dependencies, the traced distribution untouched.
 
-Oracles: Pyro's own ``get_dependencies`` (its provenance tracking through the chain sampler, step by step) and the
-draw of the same distribution with provenance-tracked parameters under the same seed.
+Oracles: Pyro's own ``get_dependencies`` (its provenance tracking through the chain sampler, step by step); the draw
+of the same distribution with provenance-tracked parameters under the same seed; the exact initial and transition
+probabilities for the frequencies of ``markov_chain_draw`` (multinomial sampling error, 8000 draws).
 """
 import pyro.poutine as poutine
+import pytest
 import torch
 from pyro.infer.inspect import TrackProvenance, get_dependencies
 from pyro.ops.provenance import ProvenanceTensor, get_provenance
@@ -12,7 +15,7 @@ from pyro.ops.provenance import ProvenanceTensor, get_provenance
 import ppl
 from ppl import dist
 from ppl.chain_dists import GaussianChain, MarkovChain
-from ppl.trace import PlainChainDraws, site_dependencies, without_provenance
+from ppl.trace import PlainChainDraws, markov_chain_draw, site_dependencies, without_provenance
 
 
 @ppl.model
@@ -40,8 +43,16 @@ def pyro_dependencies(model, *args):
     return {child: set(parents) - {child} for child, parents in deps.items()}
 
 
-def test_dependencies_equal_pyros_tracking_through_the_sampler():
+def test_dependencies_equal_pyros_tracking_through_the_sampler(monkeypatch):
     y = torch.randn(200, dtype=torch.float64) * 30 + 50
+    expected = pyro_dependencies(hmm_with_start, y)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dependency run called the chain's sampler")
+
+    monkeypatch.setattr(MarkovChain, "sample", refuse)       # markov_chain_draw instead
+    assert site_dependencies(hmm_with_start, (y,), {}) == expected
+    monkeypatch.undo()
     assert site_dependencies(hmm_with_start, (y,), {}) == pyro_dependencies(hmm_with_start, y)
     assert site_dependencies(hmm_with_start, (y,), {})["z"] == {"trans", "p0"}
     level = torch.randn(50, 1, dtype=torch.float64).cumsum(0)
@@ -70,6 +81,27 @@ def test_the_draw_is_the_tracked_draw_and_the_distribution_is_untouched():
     copy = without_provenance(gaussian)
     assert get_provenance(copy.base_dist.dynamics) == frozenset()
     assert get_provenance(gaussian.base_dist.dynamics) == frozenset({"a"})
+
+
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_markov_chain_draw_has_the_chains_law(time_varying):
+    """8000 draws of a 3-step chain (a batch of 2000 x 4 draws): the frequency of z_0 within 0.02 of the initial
+    probabilities and of (z_1 | z_0), (z_2 | z_1) within 0.04 of their transition rows (a few multinomial sds at
+    >= ~600 counts a row); shape and dtype of the value."""
+    init = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    trans = torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.7, 0.2], [0.3, 0.3, 0.4]], dtype=torch.float64)
+    log_trans = (torch.stack([trans, trans.flip(-1)]) if time_varying else trans).log()
+    chain = MarkovChain(init.log().expand(2000, 4, 3), log_trans, 3, time_varying=time_varying)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        z = markov_chain_draw(chain).reshape(-1, 3)
+    assert z.dtype == torch.long and tuple(markov_chain_draw(chain).shape) == (2000, 4, 3)
+    assert torch.allclose(torch.bincount(z[:, 0], minlength=3).double() / len(z), init, atol=0.02)
+    for t in (1, 2):
+        rows = trans.flip(-1) if time_varying and t == 2 else trans
+        for i in range(3):
+            hits = z[z[:, t - 1] == i, t]
+            assert torch.allclose(torch.bincount(hits, minlength=3).double() / len(hits), rows[i], atol=0.04)
 
 
 def test_only_latent_chain_sites_are_drawn_by_the_handler():
