@@ -273,6 +273,15 @@ def _merge_common(graph: torch.fx.Graph) -> int:
     return merged
 
 
+def _fresh_name(module: torch.fx.GraphModule, prefix: str) -> str:
+    """``prefix_<n>`` with the smallest n that ``module`` has no attribute of (a graph simplified twice keeps the
+    constants of the first pass)."""
+    n = 0
+    while hasattr(module, f"{prefix}_{n}"):
+        n += 1
+    return f"{prefix}_{n}"
+
+
 SCALAR_DTYPES = (torch.float32, torch.float64)
 """Dtypes whose ops compute with a Python number exactly as with a 0-dim tensor of that dtype holding it (their
 op math is the dtype itself: not half precision, whose kernels keep the number in float32)."""
@@ -319,7 +328,7 @@ def _scalars_as_tensors(module: torch.fx.GraphModule, values: dict) -> int:
         for i in numbered:
             key = (float(args[i]), first.dtype)
             if key not in constants:
-                name = f"_scalar_{len(constants)}"
+                name = _fresh_name(module, "_scalar")
                 module.register_buffer(name, torch.tensor(args[i], dtype=first.dtype, device=first.device))
                 with graph.inserting_before(node):  # before its first use: every later use follows it
                     constants[key] = graph.get_attr(name)
@@ -375,7 +384,7 @@ def _use_cheaper_ops(module: torch.fx.GraphModule, values: dict) -> int:
     replaced = 0
 
     def constant(tensor: torch.Tensor) -> torch.fx.Node:
-        name = f"_block_{sum(1 for n, _ in module.named_buffers() if n.startswith('_block_'))}"
+        name = _fresh_name(module, "_block")
         module.register_buffer(name, tensor)
         with graph.inserting_before(node):
             return graph.get_attr(name)

@@ -424,10 +424,11 @@ def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(d
     assert not any(".Scalar" in op for op in numbers if "pow" not in op)
     assert numbers["aten.pow.Tensor_Scalar"] == [2] and numbers["aten.mul.Tensor"] == [3]  # the integer tensor's
     assert [n.kwargs.get("alpha") for n in simpler.graph.nodes if n.target == aten.add.Tensor and n.kwargs] == [2]
+    twice = graph_recording.simplify(simpler, *example)   # new constants do not overwrite the first pass's
     gen = torch.Generator().manual_seed(0)
     for at in ((torch.randn(3, generator=gen, dtype=dtype), torch.arange(3, 6)), example):
-        for a, b in zip(simpler(*at), module(*at)):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+        for a, b, c in zip(simpler(*at), module(*at), twice(*at)):
+            assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(c, b)
 
 
 @ppl.model
