@@ -435,7 +435,8 @@ library's HMM, LDS, IO-HMM and factorial HMM run 345-704 (recorded; the switchin
 
 MAX_FUNCTIONALIZED_NODES = 1000
 """The largest recorded graph that is recorded a second time through functionalization so that its constants can
-be folded (a larger one runs unfolded)."""
+be folded, where rewriting its in-place ops out of place (``graph_recording.inline_mutations``: the usual case,
+writes into temporaries of the backward pass) leaves some (a larger one runs unfolded)."""
 
 
 def _layout(us: tuple) -> tuple:
