@@ -284,8 +284,9 @@ def run_traced(model: Callable, args: tuple, kwargs: dict, seed: int = 0) -> pou
 
     Plain finite discrete latents in plates get one draw shared along their plate dims (``CompactDiscrete``);
     when that run fails (not on a data check) or leaves an observed site smaller than its data (``_shrunk``), the
-    model runs again with one draw per entry and that trace (or error) is the answer. Observed values are checked
-    at their sites (``_SiteWatch``). Errors raised by the model are re-raised saying it happened while tracing,
+    model runs again with one draw per entry and that trace (or error) is the answer. A latent ``markov_chain``
+    path is drawn by ``markov_chain_draw`` (``PlainChainDraws``: the same law, ~30x faster than the sampler's
+    step-by-step ``Categorical``). Observed values are checked at their sites (``_SiteWatch``). Errors raised by the model are re-raised saying it happened while tracing,
     after which site, and at which line of the model (``_explain``).
     """
     compact = CompactDiscrete()
@@ -305,7 +306,7 @@ def _traced(model: Callable, args: tuple, kwargs: dict, seed: int, watch: _SiteW
             compact: CompactDiscrete | None) -> poutine.Trace:
     """One seeded run of the model under ``watch`` (and ``compact`` unless None), errors explained."""
     try:
-        with torch.random.fork_rng(), watch, (compact or contextlib.nullcontext()):
+        with torch.random.fork_rng(), watch, (compact or contextlib.nullcontext()), PlainChainDraws():
             torch.manual_seed(seed)
             return poutine.trace(model).get_trace(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
@@ -418,7 +419,8 @@ def _dependencies(model: Callable, args: tuple, kwargs: dict, compact: bool) -> 
 
 
 class PlainChainDraws(Messenger):
-    """Under provenance tracking, draw the value of a latent chain block without provenance: a ``MarkovChain``
+    """Draw the value of a latent chain block (in ``run_traced``'s runs and, under provenance tracking, in the
+    dependency run) without provenance: a ``MarkovChain``
     (unwrapped, at most ``FAST_DRAW_MAX_STEPS`` steps over all its batch) by ``markov_chain_draw``, any other chain
     (``gaussian_chain``, a wrapped one) by its own sampler on a copy of its distribution whose tensors carry no
     provenance (``without_provenance``). The chain samplers step through time in torch ops, and on a

@@ -15,7 +15,7 @@ from pyro.ops.provenance import ProvenanceTensor, get_provenance
 import ppl
 from ppl import dist
 from ppl.chain_dists import GaussianChain, MarkovChain
-from ppl.trace import PlainChainDraws, markov_chain_draw, site_dependencies, without_provenance
+from ppl.trace import PlainChainDraws, markov_chain_draw, run_traced, site_dependencies, without_provenance
 
 
 @ppl.model
@@ -118,3 +118,19 @@ def test_only_latent_chain_sites_are_drawn_by_the_handler():
     with TrackProvenance(), PlainChainDraws():
         trace = poutine.trace(observed_chain).get_trace(y)
     assert torch.equal(trace.nodes["z"]["value"], path)
+
+
+def test_the_compilers_trace_draws_the_chain_without_its_sampler(monkeypatch):
+    """``run_traced`` (the compiler's run) gives a latent chain a ``markov_chain_draw`` path: states in [0, K),
+    int64, the chain's shape; a chain fixed by ``ppl.condition`` keeps its value."""
+    y = torch.randn(50, dtype=torch.float64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiler's run called the chain's sampler")
+
+    monkeypatch.setattr(MarkovChain, "sample", refuse)
+    z = run_traced(hmm_with_start, (y,), {}).nodes["z"]["value"]
+    assert z.dtype == torch.long and z.shape == (50,) and 0 <= int(z.min()) and int(z.max()) < 3
+    fixed = torch.arange(50) % 3
+    conditioned = ppl.condition(hmm_with_start, {"z": fixed})
+    assert torch.equal(run_traced(conditioned, (y,), {}).nodes["z"]["value"], fixed)
