@@ -286,8 +286,9 @@ def run_traced(model: Callable, args: tuple, kwargs: dict, seed: int = 0) -> pou
     when that run fails (not on a data check) or leaves an observed site smaller than its data (``_shrunk``), the
     model runs again with one draw per entry and that trace (or error) is the answer. A latent ``markov_chain``
     path is drawn by ``markov_chain_draw`` (``PlainChainDraws``: the same law, ~30x faster than the sampler's
-    step-by-step ``Categorical``). Observed values are checked at their sites (``_SiteWatch``). Errors raised by the model are re-raised saying it happened while tracing,
-    after which site, and at which line of the model (``_explain``).
+    step-by-step ``Categorical``). Observed values are checked at their sites (``_SiteWatch``). Errors raised by
+    the model are re-raised saying it happened while tracing, after which site, and at which line of the model
+    (``_explain``).
     """
     compact = CompactDiscrete()
     watch = _SiteWatch(getattr(model, "fixed_sites", frozenset()))
