@@ -547,7 +547,8 @@ RULES = (
          "inverse-Wishart priors on its dynamics and emission, or a Poisson factorization Poisson(W @ H) with "
          "Gamma factors (latent sources), or a Gaussian local whose observed children are affine in it "
          "(factor analysis / probabilistic CCA: Normal loadings and offsets, other globals point-estimated in the "
-         "loop), whose globals are each conjugate to what they feed: variational Bayes by coordinate ascent, every update in closed form with exact local messages "
+         "loop), whose globals are each conjugate to what they feed: variational Bayes by coordinate ascent, every "
+         "update in closed form with exact local messages "
          "(forward-backward; Kalman smoothing on the expected dynamics for a gaussian_chain), the "
          "full posterior over the globals (not MAP) and the ELBO in closed form", order=22),
 )
