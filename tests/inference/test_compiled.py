@@ -343,7 +343,8 @@ def test_cumprod_is_recorded_with_eager_autograds_backward_and_a_guard_for_zeros
 def test_simplify_replaces_outer_product_bmms_and_pads_by_cheaper_ops_with_the_same_values():
     """``simplify``: a ``bmm`` over an inner dim of size 1 (outer products, here of transposed views) becomes a
     broadcast ``mul`` with bmm's contiguous layout, a ``constant_pad_nd`` along one dim a ``cat`` with constant
-    blocks (padding) or a ``narrow_copy`` (cropping); a bmm with a real inner sum and a pad along two dims stay;
+    blocks (padding) or a ``narrow_copy`` (cropping), ``x ** 2`` ``x * x``; a bmm with a real inner sum and a pad
+    along two dims stay;
     the outputs equal the original graph's bitwise at points other than the example."""
     aten = torch.ops.aten
 
@@ -353,7 +354,7 @@ def test_simplify_replaces_outer_product_bmms_and_pads_by_cheaper_ops_with_the_s
         padded = aten.constant_pad_nd.default(a, [1, 2], 0.5)            # last dim, both sides
         cropped = aten.constant_pad_nd.default(b, [0, 0, -1, 0])         # the middle dim
         both = aten.constant_pad_nd.default(a, [1, 0, 1, 0])             # two dims: kept
-        return outer.view(4, 9) * 2, inner, padded.sum(-1), cropped + 1, both.sum()
+        return outer.view(4, 9) * 2, inner, padded.sum(-1), cropped + 1, both.sum(), (b ** 2).sum(1)
 
     gen = torch.Generator().manual_seed(0)
     example = (torch.randn(4, 1, 3, generator=gen), torch.randn(4, 2, 3, generator=gen))
@@ -362,6 +363,7 @@ def test_simplify_replaces_outer_product_bmms_and_pads_by_cheaper_ops_with_the_s
     ops = [str(n.target) for n in simpler.graph.nodes if n.op == "call_function"]
     assert sum("bmm" in op for op in ops) == 1 and sum("constant_pad_nd" in op for op in ops) == 1
     assert sum("narrow_copy" in op for op in ops) == 1 and sum("aten.cat" in op for op in ops) == 1
+    assert not any("pow" in op for op in ops)
     for at in ((torch.randn(4, 1, 3, generator=gen), torch.randn(4, 2, 3, generator=gen)), example):
         for a, b in zip(simpler(*at), module(*at)):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
@@ -413,7 +415,7 @@ def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(d
     def fn(x, n):
         y = aten.mul.Tensor(x, 0.1) + aten.mul.Scalar(x, 2.0)
         y = aten.masked_fill.Scalar(y, aten.ge.Scalar(x, 0.3), 1e-3)
-        y = aten.rsub.Scalar(y, 0.7) + aten.add.Tensor(x, 1.3, alpha=2) + x ** 2
+        y = aten.rsub.Scalar(y, 0.7) + aten.add.Tensor(x, 1.3, alpha=2) + x ** 3
         return y.sum(), aten.mul.Tensor(n, 3)
 
     example = (torch.tensor([0.2, 0.5, -1.7], dtype=dtype), torch.arange(3))
@@ -422,7 +424,7 @@ def test_python_numbers_become_constants_of_the_ops_dtype_with_the_same_values(d
     numbers = {str(node.target): [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
                for node in simpler.graph.nodes if node.op == "call_function"}
     assert not any(".Scalar" in op for op in numbers if "pow" not in op)
-    assert numbers["aten.pow.Tensor_Scalar"] == [2] and numbers["aten.mul.Tensor"] == [3]  # the integer tensor's
+    assert numbers["aten.pow.Tensor_Scalar"] == [3] and numbers["aten.mul.Tensor"] == [3]  # the integer tensor's
     assert [n.kwargs.get("alpha") for n in simpler.graph.nodes if n.target == aten.add.Tensor and n.kwargs] == [2]
     twice = graph_recording.simplify(simpler, *example)   # new constants do not overwrite the first pass's
     gen = torch.Generator().manual_seed(0)
