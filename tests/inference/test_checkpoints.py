@@ -72,10 +72,10 @@ OPTIONS = dict(backend="svi", num_steps=60, lr=0.05, num_samples=5, init={"loc":
 CRASH_AT, EVERY = (3, 7), 10
 """,
     "exact": """
-sim = hmm.simulate(seed=0, N=1, T=60)
+sim = hmm.simulate(seed=0, N=3, T=400)
 MODEL, ARGS, KWARGS = hmm.model, sim.args, sim.kwargs
 OPTIONS = dict(num_steps=200, restarts=2)
-CRASH_AT, EVERY = (1, 3), 5
+CRASH_AT, EVERY = (5, 0), 5   # two screened starts written (mid and done), then a crash in the final fit
 """,
     "vi": """
 from tests.ppl.models_for_tests import hmm as conjugate_hmm
