@@ -125,8 +125,9 @@ def inline_mutations(module: torch.fx.GraphModule) -> bool:
     formulas of autograd write (masks, ``relu_``, ``scatter_`` into a ``zeros_like``), without the second recording
     through ``torch.func.functionalize`` that costs as much as the first. An op is rewritten only when the tensor it
     writes into is computed by a node that does not alias (a fresh tensor, not an input, a constant or a view), no
-    view of it is taken, and the twin gives a tensor of its shape and dtype (no other type promotion). True when no op of the graph writes in place afterwards (``mutates`` False); the caller checks the
-    outputs (``record_graph``)."""
+    view of it is taken, and the twin gives a tensor of its shape and dtype (no other type promotion). True when
+    no op of the graph writes in place afterwards (``mutates`` False); the caller checks the outputs
+    (``without_mutations``)."""
     graph = module.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     changed = False
@@ -442,7 +443,8 @@ def _collapse_view_chains(module: torch.fx.GraphModule, values: dict) -> int:
                 or not isinstance(node.args[0], torch.fx.Node) or _op_name(node.args[0]) not in CHAINED_VIEWS):
             continue
         root = node.args[0]
-        while root.op == "call_function" and _op_name(root) in CHAINED_VIEWS and isinstance(root.args[0], torch.fx.Node):
+        while (root.op == "call_function" and _op_name(root) in CHAINED_VIEWS
+               and isinstance(root.args[0], torch.fx.Node)):
             root = root.args[0]
         view, base = values.get(node), values.get(root)
         if (root.op != "call_function" or _aliases(root) or not isinstance(view, torch.Tensor)
