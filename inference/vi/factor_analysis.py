@@ -558,30 +558,38 @@ def noise_objective(structure: FactorStructure, trils: tuple, log_prior: torch.T
 
 
 def update_noise(structure: FactorStructure, state: State, Rs: tuple, iters: int) -> State:
-    """The noise point estimate after ``iters`` L-BFGS iterations (strong Wolfe line search) on
-    ``noise_objective`` in the noise sites' unconstrained coordinates, from ``state.theta``; the old one if that
-    does not raise the objective (so the ELBO + log prior never decreases)."""
+    """The noise point estimate after at most ``iters * 5 // 4`` evaluations of L-BFGS (``training.lbfgs_block``:
+    torch.optim.LBFGS's iterations and strong-Wolfe line search, without constructing its optimizer, whose first
+    use imports torch._dynamo, ~1 s) on ``noise_objective`` in the noise sites' unconstrained coordinates, from
+    ``state.theta``; the old one if that does not raise the objective (so the ELBO + log prior never decreases)."""
     if not structure.noise:
         return state
     transforms = {s: biject_to(structure.supports[s]) for s in structure.noise}
     free = {s: transforms[s].inv(v).detach().clone().requires_grad_(True) for s, v in state.theta.items()}
+    params = list(free.values())
     old = float(noise_objective(structure, state.trils, torch.tensor(state.log_prior, dtype=structure.dtype), Rs))
-    optimizer = torch.optim.LBFGS(list(free.values()), max_iter=iters, line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        trils, log_prior = noise_at(structure, {s: transforms[s](u) for s, u in free.items()}, grad=True)
-        loss = -noise_objective(structure, trils, log_prior, Rs)
-        if not torch.isfinite(loss):
-            return torch.tensor(float("inf"), dtype=loss.dtype)
-        loss.backward()
-        return loss
+    def evaluate() -> tuple[float, torch.Tensor]:
+        """(-objective, its flat gradient ``(n,)``) at the current ``free`` values; 1e30 where not finite."""
+        with torch.enable_grad():
+            trils, log_prior = noise_at(structure, {s: transforms[s](u) for s, u in free.items()}, grad=True)
+            loss = -noise_objective(structure, trils, log_prior, Rs)
+            grads = torch.autograd.grad(loss, params, allow_unused=True) if torch.isfinite(loss) else None
+        if grads is None:
+            return 1e30, torch.cat([u.new_zeros(u.numel()) for u in params])
+        return float(loss.detach()), torch.cat([u.new_zeros(u.numel()) if g is None else g.reshape(-1)
+                                       for u, g in zip(params, grads)])
 
-    with torch.enable_grad():
-        try:
-            optimizer.step(closure)
-        except (RuntimeError, ValueError):   # a Cholesky / triangular solve failed at a wild trial point: keep the old
-            return state
+    try:
+        memory = training.LbfgsState(*evaluate())
+        budget = iters * 5 // 4
+        while budget > 0:
+            used = training.lbfgs_block(memory, params, evaluate, budget)
+            if used == 0:
+                break
+            budget -= used
+    except (RuntimeError, ValueError):   # a Cholesky / triangular solve failed at a wild trial point: keep the old
+        return state
     theta = {s: transforms[s](u).detach() for s, u in free.items()}
     trils, log_prior = noise_at(structure, theta)
     new = float(noise_objective(structure, trils, log_prior, Rs))
