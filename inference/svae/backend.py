@@ -48,6 +48,7 @@ from .warmup import (MAP_STEPS, PRETRAIN_LR, PRETRAIN_STEPS, latent_targets, mix
 
 NAME = "svae"
 WARMUP = 400   # default steps with the mixtures' q(z) held at data-driven labels (at most num_steps // 2; warmup.py)
+MAX_GRAD_NORM = 10.0  # the networks' and globals' gradients are clipped to this joint 2-norm (training.optimize)
 MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gaussian posterior (exact)",
             Kind.MIXTURE: "mean field q(z)q(x): categorical and Gaussian updates",
             Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}
@@ -585,7 +586,8 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
         if guide is not None:   # its set-up traces the model: on all the data, the same draws in every process
             guide(*args, **kwargs)
     history = optimize(traced_loss(batches or step), num_steps, lr, progress, NAME, checkpoints,
-                       LoopState(step.state, step.load_state), after_backward=distributed.average_gradients)
+                       LoopState(step.state, step.load_state), after_backward=distributed.average_gradients,
+                       max_grad_norm=MAX_GRAD_NORM)
     if batches is not None:
         batches.restore()
     return _collect(plan, step, history, num_samples, model, args, kwargs)
