@@ -614,6 +614,9 @@ def record_after(optimizer: str, num_steps: int) -> int:
     return 1 if optimizer == "adam" and num_steps >= compiled.RECORD_AFTER else compiled.RECORD_AFTER
 
 
+NETWORK_MAX_GRAD_NORM = 10.0  # gradient-norm clip of neural guides (``fit_guide``)
+
+
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,
               progress: bool, init: dict | None = None, desc: str = "fit", optimizer: str = "adam",
               warn: bool = True, checkpoints: Checkpoints | None = None,
@@ -631,7 +634,9 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     ``trace``: as ``objective``; the density is recorded at the first evaluation when the fit is known to be long
     (``record_after``), else after ``compiled.RECORD_AFTER`` evaluations. Sites not in ``init`` start at
     ``init_fallback`` (``init_fn``; default: the prior median). ``memory``: as ``optimize_lbfgs`` (L-BFGS only).
-    Returns ``(guide, elbo, history)``.
+    Adam clips the gradients' norm to ``NETWORK_MAX_GRAD_NORM`` for a guide factory's guide (its networks: a
+    flow's gradient spikes, e.g. on a funnel, otherwise derail it) and not for AutoNormal / AutoDelta, where
+    clipping would bias the fit (``optimize``). Returns ``(guide, elbo, history)``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -653,6 +658,7 @@ def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str
     if optimizer == "lbfgs":
         return guide, elbo, optimize_lbfgs(step, num_steps, progress, f"{desc} (MAP, L-BFGS)", warn=warn,
                                            checkpoints=checkpoints, memory=memory)
+    clip = NETWORK_MAX_GRAD_NORM if callable(guide_kind) else None  # a guide factory's networks (flows) only
     history = optimize(step, num_steps, lr, progress, f"{desc} ({label})", checkpoints=checkpoints,
-                       after_backward=after_backward, schedule=schedule)
+                       after_backward=after_backward, schedule=schedule, max_grad_norm=clip)
     return guide, elbo, history

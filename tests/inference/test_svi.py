@@ -219,13 +219,15 @@ def test_minibatch_log_joint_is_unbiased():
 
 
 def test_minibatch_svi_matches_the_conjugate_posterior_mean():
-    """Batches of 40 of 400 points: the guide's mean within a quarter posterior sd of the exact mean (the guide's
-    scale converges slowly for SVI with or without minibatches, so it is not compared)."""
+    """Batches of 40 of 400 points: the guide's mean within half a posterior sd of the exact mean and its scale
+    within [0.9, 1.25] x the posterior sd. Seeds 0-5 (data and fit): |mean error| <= 0.35 sd, scale 1.04-1.16 x;
+    with the gradient norm clipped at 10 (as every fit once was) the scale ended 1.74-1.99 x the posterior sd."""
     y = 1.5 + torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     post = ppl.infer(normal_mean, y, backend="svi", batch_size=40, num_steps=1000, lr=0.05, num_samples=400,
                      progress=False)
     mean, sd = float(y.sum() / (400 + 0.01)), (1 / (400 + 0.01)) ** 0.5
-    assert float(post.params["AutoNormal.locs.mu"]) == pytest.approx(mean, abs=0.25 * sd)
+    assert float(post.params["AutoNormal.locs.mu"]) == pytest.approx(mean, abs=0.5 * sd)
+    assert 0.9 * sd < float(post.params["AutoNormal.scales.mu"]) < 1.25 * sd
 
 
 def test_minibatches_are_never_recorded_as_one_traced_density(monkeypatch):

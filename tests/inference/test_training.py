@@ -181,10 +181,11 @@ def test_an_interrupted_exact_fit_keeps_its_best_point(monkeypatch):
     assert post.viterbi("z").shape == (1, 50)
 
 
-def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
+@pytest.mark.parametrize("max_grad_norm", [None, 10.0])
+def test_optimize_takes_the_steps_of_torchs_adam_with_clipping(max_grad_norm):
     """optimize's Adam (fused where PyTorch has it) against the per-tensor torch.optim.Adam with the same
-    gradient-norm clipping, 50 steps on a float64 quadratic with two parameters: the same iterates to round-off
-    and the recorded losses are the objective's values before each step."""
+    gradient-norm clipping (none by default), 50 steps on a float64 quadratic with two parameters: the same
+    iterates to round-off and the recorded losses are the objective's values before each step."""
     target = torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64)
 
     def make():
@@ -193,7 +194,7 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
         return a, b, (lambda: (((a - target) ** 2).sum() * 4 + (b - 2) ** 4, [a, b]))
 
     a, b, step = make()
-    history = optimize(step, 50, 0.1, False, "test")
+    history = optimize(step, 50, 0.1, False, "test", max_grad_norm=max_grad_norm)
     ra, rb, reference = make()
     optim = torch.optim.Adam([ra, rb], lr=0.1, foreach=False)
     losses = []
@@ -202,7 +203,8 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping():
         losses.append(float(loss.detach()))
         optim.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([ra, rb], 10.0)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([ra, rb], max_grad_norm)
         optim.step()
     assert history == pytest.approx(losses, rel=1e-10, abs=1e-12)
     torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-10, atol=1e-12)
