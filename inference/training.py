@@ -248,8 +248,8 @@ def adam_step(optim: torch.optim.Adam) -> Callable[[], None]:
 
 
 def cosine_tail(step: int, num_steps: int, start: float = 0.5, floor: float = 0.1) -> float:
-    """1 for the first ``start`` fraction of the steps, then a cosine down to ``floor``: noisy minibatch
-    gradients settle at the end instead of leaving the last iterate wherever the constant step put it."""
+    """1 for the first ``start`` fraction of the steps, then a cosine down to ``floor``: noisy (one-draw ELBO,
+    minibatch) gradients settle at the end instead of leaving the last iterate wherever the constant step put it."""
     begin = start * num_steps
     if step < begin:
         return 1.0

@@ -218,13 +218,15 @@ def test_recovers_the_rate_and_is_no_worse_than_svi():
     a, b = best.state.q_left
     torch.testing.assert_close(post.point["W"], torch.where(a >= 1, (a - 1) / b, a / b))     # the mode of q
     # the closed-form ELBO bounds the plain ELBO of the same q(W) q(H) from below (measured 78 nats below: the
-    # price of the mean-field sources), and that plain ELBO is at least svi's log-normal guide's
+    # price of the mean-field sources). svi's log-normal guide, which maximizes the plain ELBO itself, ends above
+    # it: 32 nats over the 2400 counts (measured; it was 1.6 nats below while svi's steps were clipped and had no
+    # decaying tail, which left the guide's scales too wide); the rates both recover are as close
     plain = plain_elbo(s, best.state, sim.kwargs["a"], sim.kwargs["b"])
     assert best.elbo < plain
     torch.manual_seed(0)
     svi = ppl.infer(nmf.model, *sim.args, model_kwargs=sim.kwargs, progress=False, backend="svi",
                     **svi_options(sim))
-    assert plain >= svi.log_evidence.value - 1.0, (plain, svi.log_evidence.value)
+    assert svi.log_evidence.value - 50.0 <= plain < svi.log_evidence.value, (plain, svi.log_evidence.value)
     assert ours <= nmf.recovery_errors(svi, sim)["rate"] + 0.01
 
 
