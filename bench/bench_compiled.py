@@ -94,7 +94,8 @@ def _mixture_fit(num_steps: int, path: str):
 
 
 def cases(quick: bool) -> list[Case]:
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)  # its first use imports torch._dynamo (s)
+    # a torch.optim optimizer's first use imports torch._dynamo (~1 s): paid here, not by the first timed peer
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
     out = []
     for name in (("gmm", "hmm") if quick else MODEL_MODULES):
         ours, interpreter, theirs, why = _steps(name)

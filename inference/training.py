@@ -19,7 +19,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_median, init_to_value
 from torch.optim.lbfgs import _strong_wolfe
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
 from . import compiled
@@ -132,7 +132,7 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
                 "rng": boundary, "history": list(history), "extra": extra.get() if extra else None}
 
     direct = getattr(step, "direct", None)  # the loss and gradients without autograd, when the step offers it
-    optim_step, param_ids = adam_step(optim), {id(p) for p in params}
+    param_ids = {id(p) for p in params}
     try:
         for _ in range(len(history), num_steps):
             bar.update()
@@ -158,7 +158,7 @@ def optimize(step: Callable[[], tuple[torch.Tensor, list]], num_steps: int, lr: 
                 after_backward(params)
             if max_grad_norm is not None:
                 clip_gradients(params, max_grad_norm)
-            optim_step()
+            optim.step()
             history.append(value)
             loss = None
             if progress:
@@ -196,45 +196,62 @@ def clip_gradients(params: list, max_norm: float) -> None:
         torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
 
 
-def adam(params: list, lr: float) -> torch.optim.Adam:
-    """Adam over ``params``, fused into one kernel where PyTorch has one for them (CPU and CUDA floating
-    tensors: a third of the time of the per-tensor loop on a small model); the per-tensor Adam elsewhere.
-    Same update rule either way (round-off aside)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+def adam(params: list, lr: float):
+    """Adam over ``params`` (torch.optim.Adam's defaults): ``FusedAdam`` where PyTorch has a fused kernel for them
+    (CPU and CUDA floating tensors of one device and dtype: a third of the time of the per-tensor loop on a small
+    model), else ``torch.optim.Adam``. Same update rule either way (round-off aside)."""
+    if FusedAdam.supports(params):
+        return FusedAdam(params, lr)
+    return torch.optim.Adam(params, lr=lr)
 
 
-def adam_step(optim: torch.optim.Adam) -> Callable[[], None]:
-    r"""``optim.step`` for the Adam of ``adam``: where it is a fused Adam with one group of parameters on one device
-    and dtype, no AMSGrad, no maximize, no gradient scaler and no step hooks, a function
-    that makes its update with PyTorch's fused kernel directly (``torch._fused_adam_`` on the optimizer's own
-    state: the same kernel on the same tensors, so bitwise the same parameters and moments), without the
-    ~100 us of Python that ``Optimizer.step`` spends per call (hooks, profiler scope, regrouping the tensors by
-    device). Per parameter with gradient g, step t: :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g`,
-    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`,
-    :math:`\theta \leftarrow \theta - lr \, \hat m / (\sqrt{\hat v} + \epsilon)` with the bias-corrected
-    :math:`\hat m, \hat v`. A call where a parameter has no state yet (the first step) or no gradient runs
-    ``optim.step`` itself; ``optim.step`` itself is returned for any other optimizer."""
-    groups = optim.param_groups
-    group = groups[0]
-    params = list(group["params"])
-    hooks = (optim._optimizer_step_pre_hooks, optim._optimizer_step_post_hooks, _global_optimizer_pre_hooks,
-             _global_optimizer_post_hooks)
-    if (type(optim) is not torch.optim.Adam or len(groups) != 1 or not params or not group.get("fused")
-            or group["amsgrad"] or group["maximize"] or group["differentiable"] or group["capturable"]
-            or group.get("decoupled_weight_decay", False) or any(hooks)
-            or getattr(optim, "grad_scale", None) is not None or getattr(optim, "found_inf", None) is not None
-            or len({(p.device, p.dtype) for p in params}) != 1):
-        return optim.step
+class FusedAdam:
+    r"""Adam by PyTorch's fused kernel ``torch._fused_adam_``, bitwise ``torch.optim.Adam(params, lr, fused=True)``
+    (the same kernel on the same state) without ``torch.optim.Optimizer``: its first ``add_param_group`` imports
+    ``torch._dynamo`` (~1 s, once a process: half of a 2000-step GMM fit) and its ``step`` spends ~100 us of Python
+    a call (hooks, profiler scope, regrouping the tensors by device). Per parameter with gradient g at step t:
+    :math:`m \leftarrow eta_1 m + (1 - eta_1) g`, :math:`v \leftarrow eta_2 v + (1 - eta_2) g^2`,
+    :math:`	heta \leftarrow 	heta - lr\,\hat m / (\sqrt{\hat v} + \epsilon)` with the bias-corrected
+    :math:`\hat m = m / (1 - eta_1^t)`, :math:`\hat v = v / (1 - eta_2^t)`; betas (0.9, 0.999), eps 1e-8.
 
-    def step() -> None:
-        state = optim.state
-        if any(p.grad is None or p not in state for p in params):
-            optim.step()
+    What ``optimize`` reads of an optimizer: ``param_groups`` (one group; a schedule sets its ``"lr"``), ``state``
+    (param -> step (float32 0-dim), exp_avg, exp_avg_sq), ``zero_grad``, ``step`` and ``state_dict`` /
+    ``load_state_dict`` in torch.optim's format (a checkpoint written by either loads into the other)."""
+
+    def __init__(self, params: list, lr: float):
+        self.param_groups = [{"params": list(params), "lr": lr, "betas": (0.9, 0.999), "eps": 1e-8,
+                              "weight_decay": 0, "amsgrad": False, "maximize": False, "foreach": None,
+                              "capturable": False, "differentiable": False, "fused": True,
+                              "decoupled_weight_decay": False}]
+        self.state: dict = {}
+
+    @staticmethod
+    def supports(params: list) -> bool:
+        """Floating parameters, all on one device and of one dtype, that PyTorch's fused Adam kernel takes."""
+        kinds = {(p.device, p.dtype) for p in params}
+        if not params or len(kinds) != 1 or not hasattr(torch, "_fused_adam_"):
+            return False
+        device, dtype = kinds.pop()
+        return dtype.is_floating_point and device.type in _get_fused_kernels_supported_devices()
+
+    def zero_grad(self) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        if p not in self.state:  # torch.optim.Adam's _init_group for fused=True
+            self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=p.device),
+                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return self.state[p]
+
+    def step(self) -> None:
+        """One Adam update of the parameters that have a gradient."""
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
             return
-        states = [state[p] for p in params]
+        states = [self._state_of(p) for p in params]
         steps = [s["step"] for s in states]
         beta1, beta2 = group["betas"]
         with torch.no_grad():
@@ -244,7 +261,28 @@ def adam_step(optim: torch.optim.Adam) -> Callable[[], None]:
                                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                                maximize=False, grad_scale=None, found_inf=None)
 
-    return step
+    def state_dict(self) -> dict:
+        """torch.optim's layout: ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``."""
+        params = self.param_groups[0]["params"]
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {"state": {i: dict(self.state[p]) for i, p in enumerate(params) if p in self.state},
+                "param_groups": [dict(group, params=list(range(len(params))))]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Load a ``state_dict`` of this class or of a one-group ``torch.optim.Adam`` over the same parameters
+        (moments cast to each parameter's dtype and device, the step count to float32 as fused Adam keeps it)."""
+        params = self.param_groups[0]["params"]
+        (group,) = saved["param_groups"]
+        if len(group["params"]) != len(params):
+            raise ValueError(f"the saved Adam state has {len(group['params'])} parameters, this fit {len(params)}")
+        self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        self.state = {}
+        for index, p in zip(group["params"], params):
+            if index in saved["state"]:
+                s = saved["state"][index]
+                self.state[p] = {"step": s["step"].to(device=p.device, dtype=torch.float32),
+                                 "exp_avg": s["exp_avg"].to(device=p.device, dtype=p.dtype),
+                                 "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
 
 
 def cosine_tail(step: int, num_steps: int, start: float = 0.5, floor: float = 0.1) -> float:

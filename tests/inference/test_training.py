@@ -3,8 +3,11 @@ MAP), checked against closed-form minima, and its guards (budget, leaving the do
 
 import copy
 import io
+import subprocess
 import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pyro
 import pytest
@@ -211,43 +214,72 @@ def test_optimize_takes_the_steps_of_torchs_adam_with_clipping(max_grad_norm):
     torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_adam_step_makes_torchs_fused_adam_update_bitwise():
-    """``training.adam_step`` (the fused kernel called directly) against ``optimizer.step()`` of an identical fused
-    ``torch.optim.Adam``: 6 steps of random float32 gradients, the rate changed between steps (a schedule), weight
-    decay on: bitwise the same parameters, moments and step counts; its state is the optimizer's own (a reference
-    optimizer loaded with its ``state_dict`` continues identically). An optimizer it does not cover (AMSGrad,
-    per-tensor Adam) gets its own ``step``."""
+def test_fused_adam_makes_torchs_fused_adam_update_bitwise():
+    """``training.FusedAdam`` (the fused kernel called directly, no torch.optim.Optimizer) against an identical
+    ``torch.optim.Adam(fused=True)``: 6 steps of random float32 gradients over three parameters, one of them without
+    a gradient at step 2, the rate changed between steps (a schedule): bitwise the same parameters, moments and
+    step counts. Its ``state_dict`` loads into a torch Adam and a torch Adam's into it, and both continue
+    identically; float64 parameters too; integer parameters or mixed dtypes are not its to take."""
     gen = torch.Generator().manual_seed(0)
     shapes = ((3,), (2, 4), ())
     start = [torch.randn(shape, generator=gen) for shape in shapes]
     ours = [x.clone().requires_grad_(True) for x in start]
     theirs = [x.clone().requires_grad_(True) for x in start]
-    opt_ours = torch.optim.Adam(ours, lr=0.05, weight_decay=0.01, fused=True)
-    opt_theirs = torch.optim.Adam(theirs, lr=0.05, weight_decay=0.01, fused=True)
-    step = training.adam_step(opt_ours)
-    assert step != opt_ours.step
+    opt_ours, opt_theirs = training.adam(ours, 0.05), torch.optim.Adam(theirs, lr=0.05, fused=True)
+    assert isinstance(opt_ours, training.FusedAdam)
     for n in range(6):
         grads = [torch.randn(shape, generator=gen) * 10 ** (n % 3 - 1) for shape in shapes]
-        for p, q, g in zip(ours, theirs, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+        for i, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+            p.grad, q.grad = (None, None) if (n, i) == (2, 1) else (g.clone(), g.clone())
         for opt in (opt_ours, opt_theirs):
             opt.param_groups[0]["lr"] = 0.05 / (1 + n)
-        step()
+        opt_ours.step()
         opt_theirs.step()
         for p, q in zip(ours, theirs):
             assert torch.equal(p.detach(), q.detach())
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(opt_ours.state[p][key], opt_theirs.state[q][key])
-    resumed = [x.detach().clone().requires_grad_(True) for x in ours]
-    opt_resumed = torch.optim.Adam(resumed, lr=0.05, weight_decay=0.01, fused=True)
-    opt_resumed.load_state_dict(copy.deepcopy(opt_ours.state_dict()))  # load_state_dict keeps the tensors
-    for p, q in zip(ours, resumed):
-        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
-    step()
-    opt_resumed.step()
-    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(ours, resumed))
-    for other in (torch.optim.Adam(theirs, amsgrad=True, fused=True), torch.optim.Adam(theirs, foreach=False)):
-        assert training.adam_step(other) == other.step
+    into_torch = [x.detach().clone().requires_grad_(True) for x in ours]
+    into_ours = [x.detach().clone().requires_grad_(True) for x in ours]
+    opt_torch = torch.optim.Adam(into_torch, lr=0.05, fused=True)
+    opt_torch.load_state_dict(copy.deepcopy(opt_ours.state_dict()))
+    opt_back = training.FusedAdam(into_ours, 0.05)
+    opt_back.load_state_dict(copy.deepcopy(opt_theirs.state_dict()))
+    for params in (ours, into_torch, into_ours):
+        for p in params:
+            p.grad = torch.ones_like(p)
+    for opt in (opt_ours, opt_torch, opt_back):
+        opt.step()
+    assert all(torch.equal(p.detach(), q.detach()) and torch.equal(p.detach(), r.detach())
+               for p, q, r in zip(ours, into_torch, into_ours))
+    a64 = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_(True)
+    b64 = a64.detach().clone().requires_grad_(True)
+    o64, t64 = training.adam([a64], 0.1), torch.optim.Adam([b64], lr=0.1, fused=True)
+    for _ in range(3):
+        a64.grad = b64.grad = (a64.detach() - 1) ** 3
+        o64.step()
+        t64.step()
+    assert torch.equal(a64.detach(), b64.detach())
+    assert not training.FusedAdam.supports([torch.zeros(2, dtype=torch.float64), torch.zeros(2)])
+    assert not training.FusedAdam.supports([torch.zeros(2, dtype=torch.long)])
+
+
+def test_the_first_fit_in_a_process_does_not_import_torch_dynamo():
+    """``optimize``'s Adam (``FusedAdam``) and L-BFGS (``lbfgs_block``) use no torch.optim.Optimizer, whose first
+    ``add_param_group`` imports torch._dynamo (~1 s): a fresh process fits by both without importing it."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from ppl.inference import training
+        x = torch.zeros(3, requires_grad=True)
+        step = lambda: (((x - 2) ** 2).sum(), [x])
+        training.optimize(step, 20, 0.1, False, "adam")
+        training.optimize_lbfgs(step, 20, False, "lbfgs")
+        print("torch._dynamo" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("optimizer, guide, num_steps, recorded_at", [
