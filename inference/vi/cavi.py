@@ -231,6 +231,29 @@ def best_of_restarts(fit_one, restarts: int, num_steps: int, tol: float, progres
     return best, interrupted
 
 
+
+def screened_fit(run, start, num_steps: int, tol: float, restarts: int, seed: int, progress: bool, label: str,
+                 screen_sweeps: int):
+    """Restarts screened, then the best continued: ``restarts`` starts ``start(i, gen)`` (i = 0, 1, ..., one
+    generator seeded by ``seed``) each run for ``screen_sweeps`` sweeps by ``run(state, num_sweeps, tol, on_step)
+    -> fit`` (a ``SweepRecord`` with a ``state`` field to continue from), the one with the best objective then
+    run on to ``num_steps`` sweeps in all (or the relative change ``tol``), its histories and terms joined.
+    ``(that fit, interrupted by Ctrl-C)`` (``best_of_restarts``; with one start no screening)."""
+    gen = torch.Generator().manual_seed(seed)
+    screen = num_steps if restarts == 1 else min(num_steps, screen_sweeps)
+    best, interrupted = best_of_restarts(
+        lambda i, desc, on_step: run(start(i, gen), screen, tol, on_step), restarts, screen, tol, progress,
+        label if restarts == 1 else f"{label} screening", check_convergence=restarts == 1)
+    if restarts == 1 or interrupted or best.converged or screen == num_steps:
+        return best, interrupted
+
+    def go_on(i: int, desc: str, on_step):
+        rest = run(best.state, num_steps - screen, tol, on_step)
+        terms = {k: v + rest.terms[k] for k, v in best.terms.items()}
+        return type(rest)(best.history + rest.history, terms, rest.converged, rest.interrupted, state=rest.state)
+
+    return best_of_restarts(go_on, 1, num_steps - screen, tol, progress, label)
+
 def record_sweep(terms: dict[str, float], history: list, terms_history: dict, tol: float, dtype: torch.dtype,
                  on_step=None, scale: float | None = None) -> bool:
     """Book one coordinate-ascent sweep: its ELBO (the sum of ``terms``) appended to ``history``, each term to

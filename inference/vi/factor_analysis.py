@@ -53,7 +53,7 @@ from ppl.posterior import LogEvidence
 
 from .. import training
 from ..results import make_posterior
-from .cavi import SweepRecord, best_of_restarts, record_sweep
+from .cavi import SweepRecord, record_sweep, screened_fit
 from .conjugacy import NotConjugate
 from .probe import PROBE_SEEDS, Tabulate, close, peel
 
@@ -777,22 +777,10 @@ def fit(structure: FactorStructure, num_steps: int, tol: float, restarts: int, s
         ) -> tuple[FactorFit, bool]:
     """``restarts`` starts (``initial_state`` 0, 1, ... seeded by ``seed``) screened by ``SCREEN_SWEEPS`` sweeps
     each; the one with the best objective then runs on to ``num_steps`` sweeps in all (or the relative change
-    ``tol``). ``(that fit, interrupted by Ctrl-C)`` (``cavi.best_of_restarts``; with one start no screening)."""
-    gen = torch.Generator().manual_seed(seed)
-    screen = num_steps if restarts == 1 else min(num_steps, SCREEN_SWEEPS)
-    best, interrupted = best_of_restarts(
-        lambda i, desc, on_step: coordinate_ascent(structure, initial_state(structure, i, gen), screen, tol, on_step),
-        restarts, screen, tol, progress, "vi (factor model)" if restarts == 1 else "vi (factor model) screening",
-        check_convergence=restarts == 1)
-    if restarts == 1 or interrupted or best.converged or screen == num_steps:
-        return best, interrupted
-
-    def go_on(i: int, desc: str, on_step) -> FactorFit:
-        rest = coordinate_ascent(structure, best.state, num_steps - screen, tol, on_step)
-        terms = {k: v + rest.terms[k] for k, v in best.terms.items()}
-        return FactorFit(best.history + rest.history, terms, rest.converged, rest.interrupted, state=rest.state)
-
-    return best_of_restarts(go_on, 1, num_steps - screen, tol, progress, "vi (factor model)")
+    ``tol``). ``(that fit, interrupted by Ctrl-C)`` (``cavi.screened_fit``; with one start no screening)."""
+    return screened_fit(lambda state, n, tol, on_step: coordinate_ascent(structure, state, n, tol, on_step),
+                        lambda i, gen: initial_state(structure, i, gen), num_steps, tol, restarts, seed, progress,
+                        "vi (factor model)", SCREEN_SWEEPS)
 
 
 # ------------------------------------------------------------------------------------- backend plumbing
