@@ -137,47 +137,37 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
     return VIFacts(local, "", True, describe(structure), probe_result=ProbeResult.of(model, args, kwargs, structure))
 
 
-def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
-    """The facts of an LDA-style admixture (``lda.analyse`` probes it when the compiler passes the model)."""
+def _probed_facts(local: str | None, what: str, probe: tuple | None, analyse, describe_updates, **names) -> VIFacts:
+    """The facts of a structure ``analyse(model, args, kwargs) -> structure`` recognizes (it probes the model when
+    the compiler passes it: ``probe``), with ``names`` (the ``VIFacts`` field naming its sites) and the updates
+    ``describe_updates(structure)`` names; or the reason it is not one (``what``: "an admixture", ...)."""
     if probe is None:
-        return VIFacts(names[1], admixture=names)
+        return VIFacts(local, **names)
     try:
-        structure = lda.analyse(*probe, facts)
+        structure = analyse(*probe)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
-        return VIFacts(names[1], str(exc) if isinstance(exc, NotConjugate) else
-                       f"probing the model for an admixture failed ({type(exc).__name__}: {exc})", True,
-                       admixture=names)
-    return VIFacts(names[1], "", True, lda.describe(names), admixture=names,
-                   probe_result=ProbeResult.of(*probe, structure))
+        return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
+                       f"probing the model for {what} failed ({type(exc).__name__}: {exc})", True, **names)
+    return VIFacts(local, "", True, describe_updates(structure), probe_result=ProbeResult.of(*probe, structure),
+                   **names)
+
+
+def _admixture_facts(facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
+    """An LDA-style admixture (``lda.analyse``)."""
+    return _probed_facts(names[1], "an admixture", probe, lambda *m: lda.analyse(*m, facts),
+                         lambda _: lda.describe(names), admixture=names)
 
 
 def _factorization_facts(graph, facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
-    """The facts of a Poisson factorization (``nmf.analyse`` probes it when the compiler passes the model)."""
-    if probe is None:
-        return VIFacts(None, factorization=names)
-    try:
-        structure = poisson_nmf.analyse(*probe, facts, graph)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
-        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
-                       f"probing the model for a Poisson factorization failed ({type(exc).__name__}: {exc})", True,
-                       factorization=names)
-    return VIFacts(None, "", True, poisson_nmf.describe(names), factorization=names,
-                   probe_result=ProbeResult.of(*probe, structure))
+    """A Poisson factorization (``nmf.analyse``)."""
+    return _probed_facts(None, "a Poisson factorization", probe, lambda *m: poisson_nmf.analyse(*m, facts, graph),
+                         lambda _: poisson_nmf.describe(names), factorization=names)
 
 
 def _latent_factor_facts(graph, facts: Facts, names: tuple, probe: tuple | None) -> VIFacts:
-    """The facts of a linear-Gaussian latent factor model (``factor_analysis.analyse`` probes it when the compiler
-    passes the model)."""
-    if probe is None:
-        return VIFacts(None, latent_factor=names)
-    try:
-        structure = factor_analysis.analyse(*probe, facts, graph)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
-        return VIFacts(None, str(exc) if isinstance(exc, NotConjugate) else
-                       f"probing the model for a latent factor model failed ({type(exc).__name__}: {exc})", True,
-                       latent_factor=names)
-    return VIFacts(None, "", True, factor_analysis.describe(structure), latent_factor=names,
-                   probe_result=ProbeResult.of(*probe, structure))
+    """A linear-Gaussian latent factor model (``factor_analysis.analyse``)."""
+    return _probed_facts(None, "a latent factor model", probe, lambda *m: factor_analysis.analyse(*m, facts, graph),
+                         factor_analysis.describe, latent_factor=names)
 
 
 def _chain_facts(graph, facts: Facts, probe: tuple | None) -> VIFacts:
