@@ -409,29 +409,21 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
                          f"implemented for a gaussian_chain ('{plan.facts.of(NAME).chain}'): Kalman smoothing couples "
                          "every step of a sequence, so it is fitted full-batch (leave batch_size=None)")
     stochastic.check_schedule(None, tau0, kappa, 1, "data units")
-    if plan.facts.of(NAME).factorization is not None:
+    for kind, runner, what in (("factorization", poisson_nmf, "a Poisson factorization"),
+                               ("latent_factor", factor_analysis, "a latent factor model")):
+        names = getattr(plan.facts.of(NAME), kind)
+        if names is None:
+            continue
         if checkpoint is not None or resume is not None:
-            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a Poisson factorization")
+            raise ValueError(f"backend 'vi': checkpoint=/resume= are not implemented for {what}")
         if batch_size is not None:
             raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is not "
-                             f"implemented for a Poisson factorization ('{plan.facts.of(NAME).factorization[0]}'): "
-                             "it is fitted full-batch (leave batch_size=None)")
+                             f"implemented for {what} ('{names[0]}'): it is fitted full-batch (leave "
+                             "batch_size=None)")
         found = plan.facts.of(NAME).probe_result
         structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
-        return poisson_nmf.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
-                               num_samples, progress, structure=structure)
-    if plan.facts.of(NAME).latent_factor is not None:
-        z = plan.facts.of(NAME).latent_factor[0]
-        if checkpoint is not None or resume is not None:
-            raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a latent factor model")
-        if batch_size is not None:
-            raise ValueError(f"backend 'vi': batch_size={batch_size!r} (stochastic natural-gradient VI) is not "
-                             f"implemented for a latent factor model (Gaussian local '{z}'): it is fitted full-batch "
-                             "(leave batch_size=None)")
-        found = plan.facts.of(NAME).probe_result
-        structure = found.structure if found is not None and found.matches(model, args, kwargs) else None
-        return factor_analysis.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
-                                   num_samples, progress, structure=structure)
+        return runner.run(model, args, kwargs, _without_probe_result(plan), num_steps, tol, restarts, seed,
+                          num_samples, progress, structure=structure)
     if plan.facts.of(NAME).chain is not None:
         if checkpoint is not None or resume is not None:
             raise ValueError("backend 'vi': checkpoint=/resume= are not implemented for a gaussian_chain model")

@@ -229,7 +229,7 @@ def test_the_linear_model_runs_and_minibatches_are_refused():
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
     plan = ppl.compile(user_model, x, kind="linear")
     assert plan.backend == "vi", plan.explain()
-    with pytest.raises(ValueError, match="batch_size=5 .* latent factor model \\(Gaussian local 'z'\\)"):
+    with pytest.raises(ValueError, match="batch_size=5 .* latent factor model \\('z'\\)"):
         ppl.infer(user_model, x, model_kwargs={"kind": "linear"}, backend="vi", progress=False, batch_size=5)
 
 
