@@ -417,13 +417,20 @@ def _use_cheaper_ops(module: torch.fx.GraphModule, values: dict) -> int:
             if contiguous:
                 cheaper = graph.call_function(torch.ops.aten.clone.default, (cheaper,),
                                               {"memory_format": torch.contiguous_format})
-        values[cheaper] = value
-        node.replace_all_uses_with(cheaper)
-        graph.erase_node(node)
+        _substitute(graph, values, node, cheaper, value)
         replaced += 1
     graph.eliminate_dead_code()
     return replaced
 
+
+
+def _substitute(graph: torch.fx.Graph, values: dict, node: torch.fx.Node, new: torch.fx.Node,
+                value: torch.Tensor) -> None:
+    """Put ``new`` (whose example value is ``value``, recorded in ``values``) in the place of ``node`` for all its
+    users and remove ``node``."""
+    values[new] = value
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 CHAINED_VIEWS = frozenset({"view", "_unsafe_view", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
                            "slice", "diagonal", "select", "alias", "as_strided"})
@@ -454,9 +461,7 @@ def _collapse_view_chains(module: torch.fx.GraphModule, values: dict) -> int:
         with graph.inserting_before(node):
             strided = graph.call_function(torch.ops.aten.as_strided.default,
                                           (root, list(view.shape), list(view.stride()), view.storage_offset()))
-        values[strided] = view
-        node.replace_all_uses_with(strided)
-        graph.erase_node(node)
+        _substitute(graph, values, node, strided, view)
         replaced += 1
     graph.eliminate_dead_code()
     return replaced
