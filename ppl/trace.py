@@ -285,7 +285,7 @@ def run_traced(model: Callable, args: tuple, kwargs: dict, seed: int = 0) -> pou
     Plain finite discrete latents in plates get one draw shared along their plate dims (``CompactDiscrete``);
     when that run fails (not on a data check) or leaves an observed site smaller than its data (``_shrunk``), the
     model runs again with one draw per entry and that trace (or error) is the answer. A latent ``markov_chain``
-    path is drawn by ``markov_chain_draw`` (``PlainChainDraws``: the same law, ~30x faster than the sampler's
+    path is drawn by ``MarkovChain.gumbel_max_path`` (``PlainChainDraws``: the same law, ~30x faster than the sampler's
     step-by-step ``Categorical``). Observed values are checked at their sites (``_SiteWatch``). Errors raised by
     the model are re-raised saying it happened while tracing, after which site, and at which line of the model
     (``_explain``).
@@ -421,14 +421,14 @@ def _dependencies(model: Callable, args: tuple, kwargs: dict, compact: bool) -> 
 
 class PlainChainDraws(Messenger):
     """Draw the value of a latent chain block (in ``run_traced``'s runs and, under provenance tracking, in the
-    dependency run) without provenance: a ``MarkovChain``
-    (unwrapped, at most ``FAST_DRAW_MAX_STEPS`` steps over all its batch) by ``markov_chain_draw``, any other chain
-    (``gaussian_chain``, a wrapped one) by its own sampler on a copy of its distribution whose tensors carry no
-    provenance (``without_provenance``). The chain samplers step through time in torch ops, and on a
-    ``ProvenanceTensor`` every op also goes through Python (~0.3 s CPU for a 309-step chain; ~30 ms without
-    provenance, ~1 ms by ``markov_chain_draw``). The site's provenance is unchanged: ``TrackProvenance`` gives a
-    sampled value the site's own name, and a site's parents are read off its distribution
-    (``_log_prob_provenance``), not off how its value was drawn; the value is a draw from the same prior."""
+    dependency run) without provenance: a ``MarkovChain`` (unwrapped, at most ``FAST_DRAW_MAX_STEPS`` steps over
+    all its batch) by ``MarkovChain.gumbel_max_path``, any other chain (``gaussian_chain``, a wrapped one) by its
+    own sampler on a copy of its distribution whose tensors carry no provenance (``without_provenance``). The chain
+    samplers step through time in torch ops, and on a ``ProvenanceTensor`` every op also goes through Python
+    (~0.3 s CPU for a 309-step chain; ~30 ms without provenance, ~1 ms by ``gumbel_max_path``). The site's
+    provenance is unchanged: ``TrackProvenance`` gives a sampled value the site's own name, and a site's parents
+    are read off its distribution (``_log_prob_provenance``), not off how its value was drawn; the value is a draw
+    from the same prior."""
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg["value"] is not None or msg["done"] or block_kind(msg) is None:
@@ -436,42 +436,12 @@ class PlainChainDraws(Messenger):
         fn = without_provenance(msg["fn"])
         fast = (type(fn) is MarkovChain and not msg["args"] and not msg["kwargs"]
                 and fn.batch_shape.numel() * fn.length <= FAST_DRAW_MAX_STEPS)
-        msg["value"] = markov_chain_draw(fn) if fast else fn(*msg["args"], **msg["kwargs"])  # as Pyro calls it
+        msg["value"] = fn.gumbel_max_path() if fast else fn(*msg["args"], **msg["kwargs"])  # as Pyro calls it
         msg["done"] = True
 
 
 FAST_DRAW_MAX_STEPS = 100_000
-"""Largest number of chain steps (batch x length) ``markov_chain_draw``'s Python loop takes (~3 us a step)."""
-
-
-def markov_chain_draw(fn: MarkovChain) -> torch.Tensor:
-    r"""One exact draw ``(*batch_shape, length)`` int64 of the chain ``fn`` by the Gumbel-max trick:
-
-    .. math:: z_0 = \arg\max_k (\log \pi_k + g_{0k}), \qquad
-              z_t = \arg\max_k (\log P^{(t)}_{z_{t-1} k} + g_{tk}), \qquad g_{tk} \sim \text{Gumbel}(0, 1)
-
-    (:math:`\arg\max_k (\ell_k + g_k)` is distributed as :math:`\text{softmax}(\ell)`, so each step draws from its
-    row of the transition). The noise is drawn at once from torch's generator; the recursion runs over Python lists
-    (a few microseconds a step, where the sampler's ``Categorical`` per step costs ~0.1 ms)."""
-    K, T = fn.num_states, fn.length
-    batch = tuple(fn.batch_shape)
-    B = int(fn.batch_shape.numel())
-    steps = T - 1 if fn.time_varying else 1
-    init = fn.log_init.expand(batch + (K,)).reshape(B, K)
-    trans = fn.log_trans.expand(batch + ((steps,) if fn.time_varying else ()) + (K, K)).reshape(B, steps, K, K)
-    uniform = torch.rand((B, T, K), dtype=init.dtype, device=init.device)
-    gumbel = -torch.log(-torch.log(uniform))
-    first = (init + gumbel[:, 0]).argmax(-1).tolist()
-    rows, noise, states = trans.tolist(), gumbel.tolist(), range(K)
-    paths = []
-    for b in range(B):
-        z, path, table, g = first[b], [first[b]], rows[b], noise[b]
-        for t in range(1, T):
-            row, g_t = table[t - 1 if fn.time_varying else 0][z], g[t]
-            z = max(states, key=lambda k: row[k] + g_t[k])
-            path.append(z)
-        paths.append(path)
-    return torch.tensor(paths, dtype=torch.long, device=init.device).reshape(batch + (T,))
+"""Largest number of chain steps (batch x length) ``MarkovChain.gumbel_max_path``'s Python loop takes (~3 us a step)."""
 
 
 def without_provenance(fn: Any) -> Any:

@@ -1,10 +1,10 @@
 """The dependency run draws a latent chain's value without provenance (``ppl.trace.PlainChainDraws``): a
-``MarkovChain`` by the Gumbel-max recursion ``markov_chain_draw``, other chains by their sampler on a provenance-free
-copy of the distribution; same dependencies, the traced distribution untouched.
+``MarkovChain`` by the Gumbel-max recursion ``MarkovChain.gumbel_max_path``, other chains by their sampler on a
+provenance-free copy of the distribution; same dependencies, the traced distribution untouched.
 
 Oracles: Pyro's own ``get_dependencies`` (its provenance tracking through the chain sampler, step by step); the draw
 of the same distribution with provenance-tracked parameters under the same seed; the exact initial and transition
-probabilities for the frequencies of ``markov_chain_draw`` (multinomial sampling error, 8000 draws).
+probabilities for the frequencies of ``MarkovChain.gumbel_max_path`` (multinomial sampling error, 8000 draws).
 """
 import pyro.poutine as poutine
 import pytest
@@ -15,7 +15,7 @@ from pyro.ops.provenance import ProvenanceTensor, get_provenance
 import ppl
 from ppl import dist
 from ppl.chain_dists import GaussianChain, MarkovChain
-from ppl.trace import PlainChainDraws, markov_chain_draw, run_traced, site_dependencies, without_provenance
+from ppl.trace import PlainChainDraws, run_traced, site_dependencies, without_provenance
 
 
 @ppl.model
@@ -50,7 +50,7 @@ def test_dependencies_equal_pyros_tracking_through_the_sampler(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the dependency run called the chain's sampler")
 
-    monkeypatch.setattr(MarkovChain, "sample", refuse)       # markov_chain_draw instead
+    monkeypatch.setattr(MarkovChain, "sample", refuse)       # gumbel_max_path instead
     assert site_dependencies(hmm_with_start, (y,), {}) == expected
     monkeypatch.undo()
     assert site_dependencies(hmm_with_start, (y,), {}) == pyro_dependencies(hmm_with_start, y)
@@ -84,7 +84,7 @@ def test_the_draw_is_the_tracked_draw_and_the_distribution_is_untouched():
 
 
 @pytest.mark.parametrize("time_varying", [False, True])
-def test_markov_chain_draw_has_the_chains_law(time_varying):
+def test_gumbel_max_path_has_the_chains_law(time_varying):
     """8000 draws of a 3-step chain (a batch of 2000 x 4 draws): the frequency of z_0 within 0.02 of the initial
     probabilities and of (z_1 | z_0), (z_2 | z_1) within 0.04 of their transition rows (a few multinomial sds at
     >= ~600 counts a row); shape and dtype of the value."""
@@ -94,8 +94,8 @@ def test_markov_chain_draw_has_the_chains_law(time_varying):
     chain = MarkovChain(init.log().expand(2000, 4, 3), log_trans, 3, time_varying=time_varying)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        z = markov_chain_draw(chain).reshape(-1, 3)
-    assert z.dtype == torch.long and tuple(markov_chain_draw(chain).shape) == (2000, 4, 3)
+        z = chain.gumbel_max_path().reshape(-1, 3)
+    assert z.dtype == torch.long and tuple(chain.gumbel_max_path().shape) == (2000, 4, 3)
     assert torch.allclose(torch.bincount(z[:, 0], minlength=3).double() / len(z), init, atol=0.02)
     for t in (1, 2):
         rows = trans.flip(-1) if time_varying and t == 2 else trans
@@ -121,8 +121,8 @@ def test_only_latent_chain_sites_are_drawn_by_the_handler():
 
 
 def test_the_compilers_trace_draws_the_chain_without_its_sampler(monkeypatch):
-    """``run_traced`` (the compiler's run) gives a latent chain a ``markov_chain_draw`` path: states in [0, K),
-    int64, the chain's shape; a chain fixed by ``ppl.condition`` keeps its value."""
+    """``run_traced`` (the compiler's run) gives a latent chain a ``MarkovChain.gumbel_max_path`` path: states in
+    [0, K), int64, the chain's shape; a chain fixed by ``ppl.condition`` keeps its value."""
     y = torch.randn(50, dtype=torch.float64)
 
     def refuse(*args, **kwargs):
