@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyro
 import torch
 from torch.distributions import biject_to
 
@@ -55,7 +54,7 @@ from .. import training
 from ..results import make_posterior
 from .cavi import SweepRecord, record_sweep, screened_fit
 from .conjugacy import NotConjugate
-from .probe import PROBE_SEEDS, Tabulate, close, peel
+from .probe import PROBE_SEEDS, Tabulate, close, peel, run_under
 
 NOISE_ITERS = 5         # L-BFGS iterations of the noise step in each sweep (each runs the model once or twice)
 START_NOISE_ITERS = 15  # ... and before the first sweep, from the prior draw to the start's residuals
@@ -194,11 +193,7 @@ class _Fixed(Tabulate):
 def run_fixed(model, args, kwargs, values: dict, seed: int, grad: bool = False) -> _Fixed:
     """The model run once with the latent sites in ``values`` held there, the others drawn from their priors under
     ``seed``; gradients flow to ``values`` when ``grad``."""
-    handler = _Fixed(values)
-    with torch.random.fork_rng(), torch.set_grad_enabled(grad), pyro.validation_enabled(False), handler:
-        torch.manual_seed(seed)
-        model(*args, **kwargs)
-    return handler
+    return run_under(_Fixed(values), model, args, kwargs, seed, grad)
 
 
 def gaussian_params(name: str, site: dict) -> tuple[torch.Tensor, torch.Tensor]:

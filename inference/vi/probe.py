@@ -72,9 +72,14 @@ def probe_runs(model, args, kwargs, local: str | None, expand: bool = True) -> l
 
 
 def _run(model, args, kwargs, local: str | None, expand: bool, seed: int) -> Tabulate:
-    handler = Tabulate(local, expand)
-    # the model's distributions validate their arguments once, when ppl.compile traces it; not again here
-    with torch.random.fork_rng(), torch.no_grad(), pyro.validation_enabled(False), handler:
+    return run_under(Tabulate(local, expand), model, args, kwargs, seed)
+
+
+def run_under(handler: Tabulate, model, args, kwargs, seed: int, grad: bool = False) -> Tabulate:
+    """``handler`` after one run of the model under it, torch's generator seeded with ``seed`` (and restored after),
+    gradients on only with ``grad``, Pyro's argument validation off (the model's distributions validate their
+    arguments once, when ppl.compile traces it; not again here)."""
+    with torch.random.fork_rng(), torch.set_grad_enabled(grad), pyro.validation_enabled(False), handler:
         torch.manual_seed(seed)
         model(*args, **kwargs)
     return handler
