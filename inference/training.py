@@ -652,7 +652,7 @@ def record_after(optimizer: str, num_steps: int) -> int:
     return 1 if optimizer == "adam" and num_steps >= compiled.RECORD_AFTER else compiled.RECORD_AFTER
 
 
-NETWORK_MAX_GRAD_NORM = 10.0  # gradient-norm clip of neural guides (``fit_guide``)
+NETWORK_MAX_GRAD_NORM = 10.0  # gradient-norm clip of networks' fits: flow guides (``fit_guide``), svae, amortized
 
 
 def fit_guide(fmodel: Callable, args: tuple, kwargs: dict, plan, guide_kind: str, num_steps: int, lr: float,

@@ -285,9 +285,6 @@ def _check_batch_size(batch_size, size: int) -> int:
     return batch_size
 
 
-MAX_GRAD_NORM = 10.0  # the encoder and decoder networks' gradients are clipped to this joint 2-norm
-
-
 def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.01, num_samples: int = 100,
         batch_size: int | None = None, encoder: dict | None = None, init: dict | None = None,
         progress: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
@@ -311,7 +308,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.01, num_
     progress, checkpoints = distributed.main_only(progress, checkpoints)
     history = training.optimize(objective, num_steps, lr, progress, f"{NAME} (batch {batch_size})", checkpoints,
                                 after_backward=distributed.average_gradients, schedule=training.cosine_tail,
-                                max_grad_norm=MAX_GRAD_NORM)
+                                max_grad_norm=training.NETWORK_MAX_GRAD_NORM)
     return _collect(model, args, kwargs, plan, objective, history, num_samples)
 
 

@@ -36,7 +36,7 @@ from ..initialization import align_labels
 from ..results import make_posterior, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
-from ..training import LoopState, NotConverged, init_fn, optimize, traced_loss
+from ..training import NETWORK_MAX_GRAD_NORM, LoopState, NotConverged, init_fn, optimize, traced_loss
 from .conjugate import (DirichletConjugate, MNIWConjugate, NIWConjugate, describe, mixture_statistics,
                         natural_gradient_sites)
 from .conjugate import build as build_conjugates
@@ -48,7 +48,6 @@ from .warmup import (MAP_STEPS, PRETRAIN_LR, PRETRAIN_STEPS, latent_targets, mix
 
 NAME = "svae"
 WARMUP = 400   # default steps with the mixtures' q(z) held at data-driven labels (at most num_steps // 2; warmup.py)
-MAX_GRAD_NORM = 10.0  # the networks' and globals' gradients are clipped to this joint 2-norm (training.optimize)
 MESSAGES = {Kind.LDS: "Kalman smoother (exact)", Kind.GAUSSIAN: "closed-form Gaussian posterior (exact)",
             Kind.MIXTURE: "mean field q(z)q(x): categorical and Gaussian updates",
             Kind.SLDS: "structured mean field: HMM forward-backward <-> Kalman smoother"}
@@ -587,7 +586,7 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
             guide(*args, **kwargs)
     history = optimize(traced_loss(batches or step), num_steps, lr, progress, NAME, checkpoints,
                        LoopState(step.state, step.load_state), after_backward=distributed.average_gradients,
-                       max_grad_norm=MAX_GRAD_NORM)
+                       max_grad_norm=NETWORK_MAX_GRAD_NORM)
     if batches is not None:
         batches.restore()
     return _collect(plan, step, history, num_samples, model, args, kwargs)
