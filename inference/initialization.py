@@ -61,13 +61,15 @@ def kmeans_labels(x: torch.Tensor, K: int, generator: torch.Generator) -> torch.
 def lloyd_kmeans(x: torch.Tensor, K: int, generator: torch.Generator, iterations: int = LLOYD_ITERATIONS
                  ) -> tuple[torch.Tensor, float]:
     r"""k-means++ seeding then up to ``iterations`` Lloyd steps on the rows of ``x: (n, F)`` as given (finite):
-    labels ``(n,)`` in ``[0, K)`` and the inertia :math:`\sum_i \|x_i - c_{z_i}\|^2`."""
-    centers = x[torch.randint(x.shape[0], (1,), generator=generator)]
+    labels ``(n,)`` in ``[0, K)`` (on ``x``'s device) and the inertia :math:`\sum_i \|x_i - c_{z_i}\|^2`. The
+    seeding draws from ``generator`` on its own device, whatever ``x``'s is."""
+    where = generator.device   # draws are made where the generator lives (a CPU one: the same start on any device)
+    centers = x[torch.randint(x.shape[0], (1,), generator=generator, device=where).to(x.device)]
     for _ in range(1, K):
         d2 = squared_distances(x, centers).min(-1).values
-        pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator) if float(d2.sum()) > 0 else \
-            torch.randint(x.shape[0], (1,), generator=generator)
-        centers = torch.cat([centers, x[pick]])
+        pick = torch.multinomial((d2 / d2.sum()).to(where), 1, generator=generator) if float(d2.sum()) > 0 else \
+            torch.randint(x.shape[0], (1,), generator=generator, device=where)
+        centers = torch.cat([centers, x[pick.to(x.device)]])
     labels = squared_distances(x, centers).argmin(-1)
     for _ in range(iterations):
         onehot = torch.nn.functional.one_hot(labels, K).to(x.dtype)

@@ -143,15 +143,18 @@ def autoregressive(x: torch.Tensor, net: nn.Module, K: int = 2):
         ppl.sample("x", Autoregressive(net, x.shape[1], K), obs=x)
 
 
-def all_sequences(length: int, num_categories: int) -> torch.Tensor:
-    """Every sequence, ``(K^T, T)`` long, in lexicographic order."""
-    return torch.tensor(list(itertools.product(range(num_categories), repeat=length)), dtype=torch.long)
+def all_sequences(length: int, num_categories: int, device: torch.device | None = None) -> torch.Tensor:
+    """Every sequence, ``(K^T, T)`` long (on ``device``), in lexicographic order."""
+    return torch.tensor(list(itertools.product(range(num_categories), repeat=length)), dtype=torch.long,
+                        device=device)
 
 
 def exact_joint(net: nn.Module, length: int, num_categories: int) -> torch.Tensor:
-    """p(x) of every sequence of ``all_sequences``: ``(K^T,)`` by teacher forcing (sums to 1 for a causal net)."""
+    """p(x) of every sequence of ``all_sequences``: ``(K^T,)`` by teacher forcing (sums to 1 for a causal net),
+    on the network's device."""
+    sequences = all_sequences(length, num_categories, next(net.parameters()).device)
     with torch.no_grad():
-        return Autoregressive(net, length, num_categories).log_prob(all_sequences(length, num_categories)).exp()
+        return Autoregressive(net, length, num_categories).log_prob(sequences).exp()
 
 
 def true_joint(length: int = 6) -> torch.Tensor:

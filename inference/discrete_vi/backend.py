@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import pyro
 import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
 import torch
 from torch import nn
 
@@ -145,7 +146,8 @@ def log_joint_rows(model, args, kwargs, size: int, rows: torch.Tensor, layout: L
         tr = poutine.trace(poutine.condition(model, data=data)).get_trace(*bargs, **bkwargs)
     total = values.new_zeros(M * B)
     for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site["infer"].get("_deterministic") or name.startswith("_"):
+        if (site["type"] != "sample" or site["infer"].get("_deterministic") or name.startswith("_")
+                or site_is_subsample(site)):   # a plate's index site: log-density 0, a CPU scalar
             continue
         lp = site["fn"].log_prob(site["value"])
         mask = site.get("mask")

@@ -35,10 +35,20 @@ def discrete_viterbi(table) -> torch.Tensor:
     return hmm.viterbi(*discrete_args(table), time_varying=table.time_varying).states
 
 
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` itself when it is None or lives on ``device``'s type; else a generator there seeded from one
+    draw of ``generator`` (so a seeded CPU generator still makes the draws on a GPU reproducible)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device).manual_seed(seed)
+
+
 def discrete_sample(table, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` exact posterior paths ``(n, ..., T)`` (forward-filter backward-sample)."""
+    """``n`` exact posterior paths ``(n, ..., T)`` (forward-filter backward-sample); ``generator`` may live on
+    another device than the table (``generator_on``)."""
     return hmm.sample(*discrete_args(table), sample_shape=(n,), time_varying=table.time_varying,
-                      generator=generator)
+                      generator=generator_on(generator, table.log_lik.device))
 
 
 def lds_prior(chain_dist, center: torch.Tensor | None = None) -> "kalman.LDSPrior":
@@ -73,9 +83,9 @@ def gaussian_posterior(table):
 
 
 def gaussian_sample(table, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` exact posterior paths ``(n, ..., T, D)``."""
+    """``n`` exact posterior paths ``(n, ..., T, D)``; ``generator`` may live on another device than the table."""
     u = kalman.info_sample(lds_prior(table.prior, table.center), table.J, table.h, sample_shape=(n,),
-                           generator=generator)
+                           generator=generator_on(generator, table.h.device))
     return u if table.center is None else u + table.center
 
 
