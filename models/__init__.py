@@ -16,6 +16,8 @@ object as ``ppl.models.lda.lda``) the model function.
 import importlib
 from typing import Any, NamedTuple
 
+import torch
+
 
 class Simulated(NamedTuple):
     """A simulated data set: ``ppl.infer(module.model, *args, model_kwargs=kwargs)`` fits it;
@@ -24,6 +26,26 @@ class Simulated(NamedTuple):
     args: tuple
     kwargs: dict
     truth: dict[str, Any]
+
+    def to(self, device) -> "Simulated":
+        """The same data set on ``device``: every tensor in ``args``, ``kwargs`` and ``truth`` (nested in tuples,
+        lists and dicts too) copied there; an ``nn.Module`` among them (a network argument) is moved in place,
+        as ``Module.to`` does."""
+        return Simulated(_to_device(self.args, device), _to_device(self.kwargs, device),
+                         _to_device(self.truth, device))
+
+
+def _to_device(obj, device):
+    """``obj`` with every tensor and module inside (tuples, lists, dicts) on ``device``; other values as they are."""
+    if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_device(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 MODEL_MODULES = ("gmm", "hmm", "lds", "slds", "factorial_hmm",
