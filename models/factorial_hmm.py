@@ -26,9 +26,12 @@ per-chain transitions under the best relabelling of chains and states.
 Shapes: ``y: (T,)`` or ``(N, T)`` (a plate ``"sequences"``); ``trans: (M, K, K)``;
 ``means: (M, K)``; ``scale: ()``; the joint chain ``z: (..., T)`` with values in [0, K^M).
 
-Backend the compiler chooses: ``exact`` (rule ``exact-chains``: the joint chain is
-marginalized by forward-backward, the globals are MAP estimates on the exact marginal
-likelihood).
+Backend the compiler chooses: ``vi`` (rule ``conjugate-exponential``; ``inference/vi/linear_chain.py``): the
+joint chain's log transition is linear in the logs of the Dirichlet rows and its means are linear in ``means``,
+so coordinate ascent updates q(trans) (Dirichlet, from the expected joint transition counts mapped to each
+chain's) and q(means) (Gaussian, a Bayesian linear regression on the expected joint states) in closed form, with
+forward-backward over the joint states inside; ``scale`` (HalfNormal, not conjugate) is point-estimated in the
+same loop. ``backend="exact"`` marginalizes the joint chain the same way with every global a MAP estimate.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from ppl import dist
 from . import Simulated
 from .hmm import sticky_transition
 
-EXPECTED_BACKEND = "exact"
+EXPECTED_BACKEND = "vi"
 MAX_JOINT_STATES = 256
 
 
@@ -147,22 +150,10 @@ def simulate(seed: int = 0, N: int | None = 4, T: int = 150, M: int = 2, K: int 
     return Simulated((y,), {"M": M, "K": K}, {**truth, "trans": trans, "z": z, "chain_states": states})
 
 
-def init_values(y: torch.Tensor, M: int, K: int) -> dict[str, torch.Tensor]:
-    """MAP starting values: chain m's means spread over ``(q95 - q05) 2^{-(m+1)}`` around ``mean(y) / M``
-    (distinct joint means, chains distinguishable), transitions ``0.5 I + 0.5 / K``, sd ``sd(y) / 4``."""
-    flat = y.reshape(-1)
-    q = torch.quantile(flat, flat.new_tensor([0.05, 0.95]))
-    frac = torch.arange(K, dtype=y.dtype, device=y.device) / max(K - 1, 1) - 0.5
-    halves = 0.5 ** torch.arange(1, M + 1, dtype=y.dtype, device=y.device)
-    means = (q[1] - q[0]) * halves[:, None] * frac + flat.mean() / M
-    trans = (0.5 * torch.eye(K, dtype=y.dtype, device=y.device) + 0.5 / K).expand(M, K, K).clone()
-    return {"means": means, "trans": trans, "scale": flat.std() / 4}
-
-
 def infer_options(sim: Simulated) -> dict:
-    """MAP by Adam from ``init_values``: 300 steps at lr 0.05."""
-    (y,), kw = sim.args, sim.kwargs
-    return dict(num_steps=300, lr=0.05, init=init_values(y, kw["M"], kw["K"]))
+    """The vi backend's defaults (3 data-driven starts screened by 10 sweeps, coordinate ascent to relative change
+    1e-6)."""
+    return {}
 
 
 def _relabel(x: torch.Tensor, chains: tuple, states: tuple, per_state_dims: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from ..checkpoints import Checkpoints
 from ..results import make_posterior
 from . import cavi, lda, stochastic
 from . import factor_analysis
+from . import linear_chain
 from . import nmf as poisson_nmf
 from . import slds as slds_vi
 from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
@@ -123,18 +124,37 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
         return VIFacts(None, str(exc))
     for g in facts.continuous:
         family = graph.site(g).family
-        if family not in PRIOR_FAMILIES + ("Independent",):
+        if family not in PRIOR_FAMILIES + ("Independent",) and local not in facts.markov_chains:
+            # (a markov_chain's model is probed anyway: a linear chain point-estimates its emission scale)
             return VIFacts(local, f"site '{g}': a {family} prior is not conjugate to any likelihood backend 'vi' "
                                   f"knows (it knows {', '.join(PRIOR_FAMILIES)} priors)")
     if probe is None or local is None:  # the rule needs a local; without one, run() probes when asked for
         return VIFacts(local)
     model, args, kwargs = probe
     try:
-        structure = analyse(model, args, kwargs, facts, graph)
+        structure = analyse_local(model, args, kwargs, facts, graph)
     except Exception as exc:  # noqa: BLE001 - any failure means "not recognized"; compile must go on for the others
         return VIFacts(local, str(exc) if isinstance(exc, NotConjugate) else
                        f"probing the model for conjugate pairs failed ({type(exc).__name__}: {exc})", probed=True)
-    return VIFacts(local, "", True, describe(structure), probe_result=ProbeResult.of(model, args, kwargs, structure))
+    updates = linear_chain.describe(structure) if isinstance(structure, linear_chain.LinearChainStructure) \
+        else describe(structure)
+    return VIFacts(local, "", True, updates, probe_result=ProbeResult.of(model, args, kwargs, structure))
+
+
+def analyse_local(model, args, kwargs, facts: Facts, graph):
+    """The conjugate ``Structure`` of a model with one discrete local (``conjugacy.analyse``), or, for a markov_chain
+    that probe does not recognize, a ``linear_chain.LinearChainStructure`` (a transition log-linear in Dirichlet
+    globals and a Gaussian mean linear in a Normal one: a factorial HMM over its joint states); the generic probe's
+    NotConjugate and the linear chain's when neither applies."""
+    try:
+        return analyse(model, args, kwargs, facts, graph)
+    except NotConjugate as generic:
+        if local_site(facts) not in facts.markov_chains:
+            raise
+        try:
+            return linear_chain.analyse(model, args, kwargs, facts, graph)
+        except NotConjugate as linear:
+            raise NotConjugate(f"{generic}; nor is it a linear chain (linear_chain): {linear}") from None
 
 
 def _probed_facts(local: str | None, what: str, probe: tuple | None, analyse, describe_updates, **names) -> VIFacts:
@@ -259,8 +279,9 @@ def treatments(graph, facts: Facts) -> list[SiteTreatment]:
             rows.append(SiteTreatment(s.name, "enumerate", "q(z) = Categorical: responsibilities from E_q[log "
                                       "weights] and expected log-likelihoods"))
         else:
-            rows.append(SiteTreatment(s.name, "natural gradient",
-                                      v.updates.get(s.name) or _structural_update(graph, s.name)))
+            update = v.updates.get(s.name) or _structural_update(graph, s.name)
+            rows.append(SiteTreatment(s.name, "point estimate" if update.startswith("point estimate") else
+                                      "natural gradient", update))
     return rows
 
 
@@ -432,6 +453,12 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     checkpoints = Checkpoints.from_options(checkpoint, checkpoint_every, resume)
     structure = _structure(model, args, kwargs, plan)
     plan = _without_probe_result(plan)
+    if isinstance(structure, linear_chain.LinearChainStructure):
+        if checkpoint is not None or resume is not None or batch_size is not None:
+            raise ValueError(f"backend 'vi': checkpoint=/resume=/batch_size= are not implemented for the markov_chain "
+                             f"'{structure.chain}' with a log-linear transition (a factorial HMM over joint states)")
+        return linear_chain.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress,
+                                structure=structure)
     if batch_size is not None:
         _check_minibatches(structure, batch_size, tau0, kappa, checkpoints)
     starts, interrupted = [None], False
@@ -473,13 +500,13 @@ def _check_minibatches(structure: Structure, batch_size, tau0, kappa, checkpoint
     stochastic.check_schedule(batch_size, tau0, kappa, local.zshape[0], "data rows")
 
 
-def _structure(model, args, kwargs, plan) -> Structure:
+def _structure(model, args, kwargs, plan):
     """The model's conjugate structure: the compile-time probe's when ``plan`` was compiled on these very
-    ``(model, args, kwargs)`` (``ProbeResult.matches``), else a fresh probe (``conjugacy.analyse``)."""
+    ``(model, args, kwargs)`` (``ProbeResult.matches``), else a fresh probe (``analyse_local``)."""
     found = plan.facts.of(NAME).probe_result
     if found is not None and found.matches(model, args, kwargs):
         return found.structure
-    return analyse(model, args, kwargs, plan.facts, plan.graph)
+    return analyse_local(model, args, kwargs, plan.facts, plan.graph)
 
 
 def _without_probe_result(plan):
@@ -525,7 +552,9 @@ def _conjugate_local(f: Facts) -> bool:
 
 RULES = (
     Rule("conjugate-exponential", _conjugate_local, NAME,
-         "one discrete latent (a mixture assignment or a markov_chain), or a gaussian_chain with matrix-normal-"
+         "one discrete latent (a mixture assignment or a markov_chain; or a markov_chain whose transition is "
+         "log-linear in Dirichlet globals and whose Gaussian mean is linear in a Normal one, e.g. a factorial HMM "
+         "over its joint states, its scale point-estimated in the loop), or a gaussian_chain with matrix-normal-"
          "inverse-Wishart priors on its dynamics and emission, or a Poisson factorization Poisson(W @ H) with "
          "Gamma factors (latent sources), or a Gaussian local whose observed children are affine in it "
          "(factor analysis / probabilistic CCA: Normal loadings and offsets, other globals point-estimated in the "
