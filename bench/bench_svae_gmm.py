@@ -18,9 +18,12 @@ Two cases, run as ``python -m bench.bench_svae_gmm [--seeds 0 1 2 3 4] [--thread
   the first 10 principal components of the same standardized data. Target: our ARI >= the peer's.
 
 Each row prints the ARI against the true labels, wall seconds and process CPU seconds (``time.process_time``,
-a fair proxy for an unloaded run on a shared machine) and the load average, and the ARI of the fit's data-driven
-start (``start``: the labels ``svae/warmup.py`` holds q(z) at for the first ``warmup`` steps, k-means++ on the
-principal components refined by Gaussian-mixture EM, the same seed): a fit below its start lost it in training.
+a fair proxy for an unloaded run on a shared machine) and the load average, the fit's ELBO
+(``post.log_evidence``: one draw, q(z) free, at the final networks and globals; compare fits of the same data by
+it), and the ARI of the fit's data-driven start (``start``: the labels ``svae/warmup.py`` holds q(z) at for the
+first ``warmup`` steps, k-means++ on the principal components refined by Gaussian-mixture EM, the same seed): a
+fit below its start lost it in training. ``--num-steps``, ``--warmup`` and ``--lr`` override those options of
+every fit, for diagnostics (the header then names them).
 """
 from __future__ import annotations
 
@@ -168,35 +171,43 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["warped", "digits", "unequal"], default=None)
     parser.add_argument("--digits-scaling", choices=["unit", "standardized"], default="unit")
+    parser.add_argument("--num-steps", type=int, default=None, help="diagnostics: override ppl.infer's num_steps")
+    parser.add_argument("--warmup", type=int, default=None, help="diagnostics: override the svae backend's warmup")
+    parser.add_argument("--lr", type=float, default=None, help="diagnostics: override ppl.infer's lr")
     args = parser.parse_args(argv)
+    options = {k: v for k, v in (("num_steps", args.num_steps), ("warmup", args.warmup), ("lr", args.lr))
+               if v is not None}
+    shown = f" except {options}" if options else ""
     torch.set_num_threads(args.threads)
     if args.only in (None, "warped"):
-        print("warped clusters: N = 2000, 4 clusters, 12-D, K = 4, D = 2, ppl.infer defaults")
+        print(f"warped clusters: N = 2000, 4 clusters, 12-D, K = 4, D = 2, ppl.infer defaults{shown}")
         for seed in args.seeds:
             y, truth = warped_clusters(seed)
-            labels, post, wall, cpu = fit_ours(y, 4, 2, seed)
+            labels, post, wall, cpu = fit_ours(y, 4, 2, seed, **options)
             peer, pwall, pcpu = peer_pca_gmm(y, 4, seed, components=2)
             print(f"  seed {seed}: ARI ours {ari(truth, labels):.3f} (start {start_ari(y, truth, 4, seed):.3f}; "
-                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, sizes {torch.bincount(labels, minlength=4).tolist()}); "
+                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, ELBO {post.log_evidence.value:.0f}, "
+                  f"sizes {torch.bincount(labels, minlength=4).tolist()}); "
                   f"GaussianMixture on PCA-2 {ari(truth, peer):.3f} ({pwall:.2f} s); load {load()}")
     if args.only in (None, "unequal"):
         print("unequal clusters: N = 2000 (300 / 600 / 1100), 3 tilted clusters, 8-D, K = 3, D = 2, ppl.infer "
-              "defaults")
+              f"defaults{shown}")
         for seed in args.seeds:
             y, truth = unequal_clusters(seed)
-            labels, post, wall, cpu = fit_ours(y, 3, 2, seed)
+            labels, post, wall, cpu = fit_ours(y, 3, 2, seed, **options)
             peer, pwall, pcpu = peer_pca_gmm(y, 3, seed, components=2)
             print(f"  seed {seed}: ARI ours {ari(truth, labels):.3f} (start {start_ari(y, truth, 3, seed):.3f}; "
-                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, sizes {torch.bincount(labels, minlength=3).tolist()}); "
+                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, ELBO {post.log_evidence.value:.0f}, "
+                  f"sizes {torch.bincount(labels, minlength=3).tolist()}); "
                   f"GaussianMixture on PCA-2 {ari(truth, peer):.3f} ({pwall:.2f} s); load {load()}")
     if args.only in (None, "digits"):
         y, truth = digits(args.digits_scaling)
-        print(f"digits: 1797 x 64 ({args.digits_scaling}), K = 10, D = 10, ppl.infer defaults")
+        print(f"digits: 1797 x 64 ({args.digits_scaling}), K = 10, D = 10, ppl.infer defaults{shown}")
         for seed in args.seeds:
-            labels, post, wall, cpu = fit_ours(y, 10, 10, seed)
+            labels, post, wall, cpu = fit_ours(y, 10, 10, seed, **options)
             peer, pwall, pcpu = peer_pca_gmm(y, 10, seed)
             print(f"  seed {seed}: ARI ours {ari(truth, labels):.3f} (start {start_ari(y, truth, 10, seed):.3f}; "
-                  f"{wall:.1f} s wall, {cpu:.1f} s CPU); "
+                  f"{wall:.1f} s wall, {cpu:.1f} s CPU, ELBO {post.log_evidence.value:.0f}); "
                   f"GaussianMixture on PCA-10 {ari(truth, peer):.3f} ({pwall:.2f} s wall, {pcpu:.2f} s CPU); "
                   f"load {load()}")
 
