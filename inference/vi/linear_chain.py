@@ -213,6 +213,20 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
     base_values = {g: a.sites[g]["value"] for g in globals_}
     families = {g: type(peel(a.sites[g]["fn"])[0]).__name__ for g in globals_}
 
+    # emission scale (checked first: the cheapest refusal): known, or one scalar global point-estimated
+    (mu_a, sd_a), (mu_b, sd_b) = _emission(runs, child, K, zshape, dtype)
+    if close(sd_a, sd_b):
+        scale = ScaleSite(known=sd_a ** 2)
+        point = []
+    else:
+        point = [g for g in globals_ if families[g] not in ("Dirichlet", "Normal")
+                 and a.sites[g]["value"].numel() == 1 and close(sd_a, a.sites[g]["value"].reshape(()).to(dtype))
+                 and close(sd_b, b.sites[g]["value"].reshape(()).to(dtype))]
+        if not point:
+            raise NotConjugate(f"site '{child}': its scale depends on the latents other than through one scalar "
+                               "global (the scale the linear-chain structure point-estimates)")
+        scale = ScaleSite(name=point[0], prior=_in_float64(a.sites[point[0]]["fn"]))
+
     # transition: log A = sum_g B_g log P_g over the Dirichlet globals
     dirichlets = tuple(g for g in globals_ if families[g] == "Dirichlet")
     read_trans = lambda v, grad: _one_matrix(  # noqa: E731
@@ -238,8 +252,7 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
             trans[g] = (conc.expand(a.sites[g]["value"].shape).to(dtype), B[:, start:start + n].clamp_min(0))
         start += n
 
-    # emission mean: mu = J w + c over the Normal globals; scale: known or one scalar global
-    (mu_a, sd_a), (mu_b, sd_b) = _emission(runs, child, K, zshape, dtype)
+    # emission mean: mu = J w + c over the Normal globals
     normals = tuple(g for g in globals_ if families[g] == "Normal")
     read_mean = lambda v, grad: _emission([_conditioned_run(model, args, kwargs, local, v, grad)] * 2, child, K,  # noqa: E731
                                           zshape, dtype)[0][0]
@@ -267,17 +280,6 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
     else:
         J = J[:, :0]
 
-    if close(sd_a, sd_b):
-        scale = ScaleSite(known=sd_a ** 2)
-        point = []
-    else:
-        point = [g for g in globals_ if g not in trans and g != means and a.sites[g]["value"].numel() == 1
-                 and close(sd_a, a.sites[g]["value"].reshape(()).to(dtype)) and
-                 close(sd_b, b.sites[g]["value"].reshape(()).to(dtype))]
-        if not point:
-            raise NotConjugate(f"site '{child}': its scale depends on the latents other than through one scalar "
-                               "global (the scale the linear-chain structure point-estimates)")
-        scale = ScaleSite(name=point[0], prior=_in_float64(a.sites[point[0]]["fn"]))
     for g in globals_:
         if g not in trans and g != means and g not in point:
             raise NotConjugate(f"site '{g}': a {families[g]} global the linear-chain structure does not use "
