@@ -272,6 +272,26 @@ def record_sweep(terms: dict[str, float], history: list, terms_history: dict, to
     return len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])
 
 
+def sweep_until(step, state, num_steps: int, tol: float, dtype: torch.dtype, on_step=None) -> tuple:
+    """The loop of every coordinate-ascent fit of the vi backend: ``step(state, history) -> (state, terms, scale)``
+    (one sweep from ``state``; its objective's ``terms``; ``scale`` the round-off reference of ``record_sweep``, None:
+    the last value) run until the relative change of the objective is at most ``tol`` or ``num_steps`` sweeps ran.
+    A sweep counts once ``step`` has returned: Ctrl-C stops at the last whole one (re-raised before the first).
+    Returns ``(state, history, terms_history, converged, interrupted)``."""
+    history, terms_history, converged, interrupted = [], {}, False, False
+    try:
+        for _ in range(num_steps):
+            state, terms, scale = step(state, history)
+            if record_sweep(terms, history, terms_history, tol, dtype, on_step, scale):
+                converged = True
+                break
+    except KeyboardInterrupt:
+        if not history:
+            raise
+        interrupted = True
+    return state, history, terms_history, converged, interrupted
+
+
 def coordinate_ascent(structure: Structure, start: LocalState | None, num_steps: int, tol: float,
                       on_step=None, checkpoints: Checkpoints | None = None, desc: str = "vi") -> Fit:
     """Sweeps (local step, global step, ELBO) from the hard start ``start`` (None: no local) until the relative

@@ -52,7 +52,7 @@ from ppl.posterior import LogEvidence
 
 from .. import training
 from ..results import make_posterior
-from .cavi import SweepRecord, record_sweep, screened_fit
+from .cavi import SweepRecord, screened_fit, sweep_until
 from .conjugacy import NotConjugate
 from .probe import PROBE_SEEDS, Tabulate, close, peel, run_under
 
@@ -691,28 +691,20 @@ def coordinate_ascent(structure: FactorStructure, start: State, num_steps: int, 
     than the sweep's; eta doubles after each kept step and is quartered (at least 2) after a rejected one (the
     ridge along which a factor model's fit creeps takes steps of 8-16 sweeps). Each sweep still ends at least at
     the plain sweep's objective, so it never decreases."""
-    s, history, terms_history, converged, interrupted = start, [], {}, False, False
-    eta = OVERRELAX_GROWTH
-    try:
-        for _ in range(num_steps):
-            new = sweep(structure, s)
-            terms = elbo_terms(structure, new)
-            if overrelax and history:
-                trial = overrelaxed(structure, s, new, eta)
-                trial_terms = elbo_terms(structure, trial)
-                if objective(trial_terms) > objective(terms):
-                    new, terms, eta = trial, trial_terms, eta * OVERRELAX_GROWTH
-                else:
-                    eta = max(OVERRELAX_GROWTH, eta / OVERRELAX_GROWTH ** 2)
-            s = new
-            if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
-                converged = True
-                break
-    except KeyboardInterrupt:
-        if not history:
-            raise
-        interrupted = True
-    return FactorFit(history, terms_history, converged, interrupted, state=s)
+    def step(current, history):
+        s, eta = current
+        new = sweep(structure, s)
+        terms = elbo_terms(structure, new)
+        if overrelax and history:
+            trial = overrelaxed(structure, s, new, eta)
+            trial_terms = elbo_terms(structure, trial)
+            if objective(trial_terms) > objective(terms):
+                return (trial, eta * OVERRELAX_GROWTH), trial_terms, None
+            eta = max(OVERRELAX_GROWTH, eta / OVERRELAX_GROWTH ** 2)
+        return (new, eta), terms, None
+
+    (s, _), *fields = sweep_until(step, (start, OVERRELAX_GROWTH), num_steps, tol, structure.dtype, on_step)
+    return FactorFit(*fields, state=s)
 
 
 # --------------------------------------------------------------------------------------------- the starts

@@ -48,7 +48,7 @@ from .. import training
 from ..exact.kalman_info import LDSPrior
 from ..results import make_posterior
 from ..svae.local import expected_gaussian_log_density, lds_local
-from .cavi import SweepRecord, best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, sweep_until
 from .conjugacy import NotConjugate
 from .families import mniw_draws, mniw_mean
 from .probe import close, is_global, peel, probe_runs
@@ -398,25 +398,19 @@ def coordinate_ascent(s: ChainStructure, start: ChainLocal, num_steps: int, tol:
     relative ELBO change is below ``tol`` or ``num_steps`` sweeps ran. The ELBO after each sweep is
     :math:`\\mathcal L(q(x), q(A, Q), q(C, R))` at the sweep's factors (both steps are exact coordinate maxima, so
     it never decreases; ``cavi.ELBODecreased`` warns otherwise). Ctrl-C stops at the last finished sweep."""
-    q_dyn, q_em = global_step(s, start)
-    local, history, terms_history, converged, interrupted = start, [], {}, False, False
-    try:
-        for _ in range(num_steps):
-            new_local = local_step(s, q_dyn, q_em)
-            new_dyn, new_em = global_step(s, new_local)
-            terms = {k: float(v) for k, v in elbo_terms(s, new_dyn, new_em, new_local).items()}
-            local, q_dyn, q_em = new_local, new_dyn, new_em
-            # round-off of the terms' own parts: the KLs cancel log-partitions of the size of the priors'
-            scale = sum(abs(v) for v in terms.values()) + sum(abs(float(p.log_partition)) for p in
-                                                             (s.prior_dynamics, s.prior_emission))
-            if record_sweep(terms, history, terms_history, tol, torch.float64, on_step, scale):
-                converged = True
-                break
-    except KeyboardInterrupt:
-        if not history:
-            raise
-        interrupted = True
-    return ChainFit(history, terms_history, converged, interrupted, q_dyn=q_dyn, q_em=q_em, local=local)
+    def step(current, _):
+        _, q_dyn, q_em = current
+        local = local_step(s, q_dyn, q_em)
+        q_dyn, q_em = global_step(s, local)
+        terms = {k: float(v) for k, v in elbo_terms(s, q_dyn, q_em, local).items()}
+        # round-off of the terms' own parts: the KLs cancel log-partitions of the size of the priors'
+        scale = sum(abs(v) for v in terms.values()) + sum(abs(float(p.log_partition)) for p in
+                                                         (s.prior_dynamics, s.prior_emission))
+        return (local, q_dyn, q_em), terms, scale
+
+    (local, q_dyn, q_em), *fields = sweep_until(step, (start, *global_step(s, start)), num_steps, tol,
+                                                torch.float64, on_step)
+    return ChainFit(*fields, q_dyn=q_dyn, q_em=q_em, local=local)
 
 
 def describe(s) -> dict[str, str]:

@@ -41,7 +41,7 @@ from ppl.posterior import LogEvidence
 from .. import training
 from ..results import make_posterior
 from . import stochastic
-from .cavi import SweepRecord, best_of_restarts, record_sweep
+from .cavi import SweepRecord, best_of_restarts, sweep_until
 from .conjugacy import NotConjugate
 from .families import dirichlet_expected_log
 from .probe import close, num_states, peel, probe_runs, site_weight
@@ -439,21 +439,15 @@ def coordinate_ascent(structure: LDAStructure, lam: torch.Tensor, num_steps: int
     sweeps ran; gamma is warm-started from the previous sweep so that the ELBO never decreases (warns
     ``cavi.ELBODecreased`` otherwise)."""
     corpus = structure.corpus
-    gamma = initial_gamma(corpus, structure.alpha)
-    history, terms_history, converged, interrupted = [], {}, False, False
-    try:
-        for _ in range(num_steps):
-            new_lam, est, elog_old = sweep(structure, corpus, structure.alpha, lam, gamma, 1.0, 1.0)
-            terms = elbo_terms(structure, est, elog_old, new_lam)
-            lam, gamma = new_lam, est.gamma
-            if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
-                converged = True
-                break
-    except KeyboardInterrupt:
-        if not history:
-            raise
-        interrupted = True
-    return LDAFit(history, terms_history, converged, interrupted, lam=lam, gamma=gamma)
+
+    def step(current, _):
+        lam, gamma = current
+        new_lam, est, elog_old = sweep(structure, corpus, structure.alpha, lam, gamma, 1.0, 1.0)
+        return (new_lam, est.gamma), elbo_terms(structure, est, elog_old, new_lam), None
+
+    (lam, gamma), *fields = sweep_until(step, (lam, initial_gamma(corpus, structure.alpha)), num_steps, tol,
+                                        structure.dtype, on_step)
+    return LDAFit(*fields, lam=lam, gamma=gamma)
 
 
 def stochastic_fit(structure: LDAStructure, lam: torch.Tensor, num_steps: int, tol: float, batch_size: int,

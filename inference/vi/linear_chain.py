@@ -52,7 +52,7 @@ from ppl.posterior import LogEvidence
 from .. import initialization, training
 from ..exact import hmm
 from ..results import make_posterior
-from .cavi import SweepRecord, record_sweep, screened_fit
+from .cavi import SweepRecord, screened_fit, sweep_until
 from .conjugacy import NotConjugate, local_site
 from .families import FAMILIES, dirichlet_expected_log
 from .probe import PROBE_SEEDS, Tabulate, close, num_states, peel, probe_runs, run_under, site_weight
@@ -492,21 +492,14 @@ def coordinate_ascent(s: LinearChainStructure, start: tuple, num_steps: int, tol
                       on_step=None) -> LinearChainFit:
     """Sweeps (global step, local step, objective) from ``start = (LocalStats, Globals)`` until the relative change
     is below ``tol`` or ``num_steps`` sweeps ran (``cavi.record_sweep``: warns if it ever decreases)."""
-    state, q = start
-    history, terms_history, converged, interrupted = [], {}, False, False
-    try:
-        for _ in range(num_steps):
-            new_q = global_step(s, state, q)
-            new_state = local_step(s, new_q)
-            state, q = new_state, new_q
-            if record_sweep(elbo_terms(s, state, q), history, terms_history, tol, s.dtype, on_step):
-                converged = True
-                break
-    except KeyboardInterrupt:
-        if not history:
-            raise
-        interrupted = True
-    return LinearChainFit(history, terms_history, converged, interrupted, state=(state, q))
+    def step(current, _):
+        state, q = current
+        q = global_step(s, state, q)
+        state = local_step(s, q)
+        return (state, q), elbo_terms(s, state, q), None
+
+    *fields, = sweep_until(step, start, num_steps, tol, s.dtype, on_step)
+    return LinearChainFit(*fields[1:], state=fields[0])
 
 
 def start_labels(s: LinearChainStructure, i: int, gen: torch.Generator) -> torch.Tensor:

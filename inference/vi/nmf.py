@@ -49,7 +49,7 @@ from ppl.posterior import LogEvidence
 
 from .. import training
 from ..results import make_posterior
-from .cavi import SweepRecord, record_sweep, screened_fit
+from .cavi import SweepRecord, screened_fit, sweep_until
 from .conjugacy import NotConjugate
 from .families import FAMILIES
 from .probe import close, peel, probe_runs, site_weight
@@ -410,28 +410,20 @@ def coordinate_ascent(structure: NMFStructure, start: State, num_steps: int, tol
     grows by ``OVERRELAX_GROWTH`` after each kept step and falls back to 1 after a rejected one. Every sweep still
     ends at an ELBO at least the plain sweep's, so the ELBO never decreases; measured 3-5x fewer sweeps to the
     same tolerance on ``models/nmf.py simulate`` data (60 x 40 to 1000 x 500), each about 1.4x the cost."""
-    s, history, terms_history, converged, interrupted = start, [], {}, False, False
-    eta = OVERRELAX_GROWTH
-    try:
-        for _ in range(num_steps):
-            new = sweep(structure, s)
-            terms = elbo_terms(structure, new)
-            if overrelax:
-                trial = overrelaxed(structure, s, new, eta)
-                trial_terms = elbo_terms(structure, trial)
-                if sum(trial_terms.values()) > sum(terms.values()):
-                    new, terms, eta = trial, trial_terms, eta * OVERRELAX_GROWTH
-                else:
-                    eta = OVERRELAX_GROWTH
-            s = new
-            if record_sweep(terms, history, terms_history, tol, structure.dtype, on_step):
-                converged = True
-                break
-    except KeyboardInterrupt:
-        if not history:
-            raise
-        interrupted = True
-    return NMFFit(history, terms_history, converged, interrupted, state=s)
+    def step(current, _):
+        s, eta = current
+        new = sweep(structure, s)
+        terms = elbo_terms(structure, new)
+        if overrelax:
+            trial = overrelaxed(structure, s, new, eta)
+            trial_terms = elbo_terms(structure, trial)
+            if sum(trial_terms.values()) > sum(terms.values()):
+                return (trial, eta * OVERRELAX_GROWTH), trial_terms, None
+            eta = OVERRELAX_GROWTH
+        return (new, eta), terms, None
+
+    (s, _), *fields = sweep_until(step, (start, OVERRELAX_GROWTH), num_steps, tol, structure.dtype, on_step)
+    return NMFFit(*fields, state=s)
 
 
 # --------------------------------------------------------------------------------------------- the starts
