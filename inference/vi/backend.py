@@ -44,7 +44,8 @@ from . import factor_analysis
 from . import linear_chain
 from . import nmf as poisson_nmf
 from . import slds as slds_vi
-from .conjugacy import PRIOR_FAMILIES, NotConjugate, Structure, analyse, local_site
+from . import point_globals
+from .conjugacy import NotConjugate, Structure, analyse, local_site
 from .families import FAMILIES
 from . import gaussian_chain as chain_vi
 
@@ -98,6 +99,7 @@ class VIFacts:
     admixture: tuple | None = None   # (theta, z, w, topics) when the model is an LDA-style admixture (``lda``)
     factorization: tuple | None = None   # (counts, factor, factor) of a Poisson factorization (``nmf``)
     latent_factor: tuple | None = None   # (z, views) of a linear-Gaussian latent factor model (``factor_analysis``)
+    point_estimated: tuple = ()   # non-conjugate globals of a discrete-local model point-estimated (``point_globals``)
     probe_result: ProbeResult | None = field(default=None, compare=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -122,12 +124,7 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
         local = local_site(facts)
     except NotConjugate as exc:
         return VIFacts(None, str(exc))
-    for g in facts.continuous:
-        family = graph.site(g).family
-        if family not in PRIOR_FAMILIES + ("Independent",) and local not in facts.markov_chains:
-            # (a markov_chain's model is probed anyway: a linear chain point-estimates its emission scale)
-            return VIFacts(local, f"site '{g}': a {family} prior is not conjugate to any likelihood backend 'vi' "
-                                  f"knows (it knows {', '.join(PRIOR_FAMILIES)} priors)")
+    # (a global with a non-conjugate prior is point-estimated when it feeds observed sites only: the probe decides)
     if probe is None or local is None:  # the rule needs a local; without one, run() probes when asked for
         return VIFacts(local)
     model, args, kwargs = probe
@@ -138,7 +135,9 @@ def vi_facts(graph, facts: Facts, probe: tuple | None = None) -> VIFacts:
                        f"probing the model for conjugate pairs failed ({type(exc).__name__}: {exc})", probed=True)
     updates = linear_chain.describe(structure) if isinstance(structure, linear_chain.LinearChainStructure) \
         else describe(structure)
-    return VIFacts(local, "", True, updates, probe_result=ProbeResult.of(model, args, kwargs, structure))
+    points = tuple(structure.points.values) if getattr(structure, "points", None) is not None else ()
+    return VIFacts(local, "", True, updates, point_estimated=points,
+                   probe_result=ProbeResult.of(model, args, kwargs, structure))
 
 
 def analyse_local(model, args, kwargs, facts: Facts, graph):
@@ -222,6 +221,8 @@ def describe(structure: Structure) -> dict[str, str]:
     for name, g in structure.globals.items():
         fed = ", ".join(structure.links.get(name, ())) or "nothing (q = prior)"
         out[name] = f"q({name}) = {FAMILIES[g.family].q_name}: closed form from {STATS[g.family]} of {fed}"
+    if structure.points is not None:
+        out.update(point_globals.describe(structure))
     return out
 
 
@@ -459,6 +460,12 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
                              f"'{structure.chain}' with a log-linear transition (a factorial HMM over joint states)")
         return linear_chain.run(model, args, kwargs, plan, num_steps, tol, restarts, seed, num_samples, progress,
                                 structure=structure)
+    if structure.points is not None:
+        if checkpoint is not None or resume is not None or batch_size is not None:
+            raise ValueError(f"backend 'vi': checkpoint=/resume=/batch_size= are not implemented with point-estimated "
+                             f"non-conjugate globals ({', '.join(structure.points.values)})")
+        return _run_points(model, args, kwargs, plan, structure, num_steps, tol, restarts, seed, num_samples,
+                           progress)
     if batch_size is not None:
         _check_minibatches(structure, batch_size, tau0, kappa, checkpoints)
     starts, interrupted = [None], False
@@ -478,6 +485,20 @@ def run(model, args, kwargs, plan, num_steps: int = 500, tol: float = 1e-6, rest
     best, stopped = cavi.best_of_restarts(fit_one, len(starts), num_steps, tol, progress, NAME,
                                           check_convergence=not interrupted and batch_size is None)
     return _posterior(model, args, kwargs, plan, structure, best, num_samples, interrupted or stopped)
+
+
+def _run_points(model, args, kwargs, plan, structure: Structure, num_steps: int, tol: float, restarts: int, seed: int,
+                num_samples: int, progress: bool) -> Posterior:
+    """A discrete-local model with point-estimated non-conjugate globals (``point_globals``): ``restarts`` k-means
+    starts (no screening), each fitted by ``point_globals.coordinate_ascent``, the best objective (ELBO + log prior of
+    the point estimates) kept."""
+    starts = [None]
+    if structure.local is not None:
+        starts = [cavi.hard_local(structure, lab) for lab in _start_labels(structure, restarts, seed)]
+    best, stopped = cavi.best_of_restarts(
+        lambda i, desc, on_step: point_globals.coordinate_ascent(structure, starts[i], num_steps, tol, on_step),
+        len(starts), num_steps, tol, progress, NAME)
+    return _posterior(model, args, kwargs, plan, best.structure, best, num_samples, stopped)
 
 
 def _check_minibatches(structure: Structure, batch_size, tau0, kappa, checkpoints) -> None:
@@ -525,17 +546,25 @@ def _history(fit: cavi.Fit, interrupted: bool) -> training.History:
 
 def _posterior(model, args, kwargs, plan, structure: Structure, fit: cavi.Fit, num_samples: int,
                interrupted: bool = False) -> Posterior:
-    """The typed Posterior of the best fit: draws from q, ``point`` = the mode of q (its mean where none)."""
+    """The typed Posterior of the best fit: draws from q, ``point`` = the mode of q (its mean where none); the
+    point-estimated sites of a ``point_globals.PointFit`` as point masses, ``log_evidence`` the ELBO at them."""
     draws, point = {}, {}
     for name, g in structure.globals.items():
         fam = FAMILIES[g.family]
         draws[name] = fam.sample(fit.q[name], num_samples).reshape((1, num_samples) + g.shape)
         point[name] = fam.mode(fit.q[name]).reshape(g.shape)
+    evidence = LogEvidence(fit.elbo, "ELBO (lower bound)")
+    if isinstance(fit, point_globals.PointFit):
+        for name, value in fit.theta.items():
+            draws[name] = value.expand((1, num_samples) + tuple(value.shape))
+            point[name] = value
+        evidence = LogEvidence(fit.elbo - fit.log_prior, f"ELBO (lower bound on log p(data | {', '.join(fit.theta)}) "
+                                                          "at their point estimates)")
     local = structure.local
     discrete = {local.name: fit.state.r.movedim(0, -1)} if local is not None and local.kind == "mixture" else {}
     # history: the objective per sweep, the negative ELBO (as every backend's); elbo_terms sum to -history[i]
     return make_posterior(plan, model, args, kwargs, draws=draws, point=point, history=_history(fit, interrupted),
-                          log_evidence=LogEvidence(fit.elbo, "ELBO (lower bound)"), tables=_chain_table(structure, fit),
+                          log_evidence=evidence, tables=_chain_table(structure, fit),
                           discrete=discrete, elbo_terms=fit.terms)
 
 
@@ -546,7 +575,7 @@ def _conjugate_local(f: Facts) -> bool:
     factors (``nmf.analyse``); or a linear-Gaussian latent factor model (``factor_analysis.analyse``: Normal
     loadings and offsets, the other globals point-estimated in the loop)."""
     v = f.of(NAME)
-    return v.probed and not v.problem and bool(f.continuous) and (
+    return v.probed and not v.problem and bool(f.continuous) and not v.point_estimated and (
         v.local is not None or v.chain is not None or v.factorization is not None or v.latent_factor is not None)
 
 

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch.distributions import biject_to
+
 from ppl.backends import UnsupportedModelError
 
 from .links import Child, outer_products
-from .probe import child_params, close, is_global, is_global_indexed, num_states, peel, probe_runs
+from .probe import (PROBE_SEEDS, child_params, close, is_global, is_global_indexed, num_states, peel, probe_runs,
+                    run_held)
 
 PRIOR_FAMILIES = ("Dirichlet", "Gamma", "Beta", "Normal", "MultivariateNormal", "NormalInverseWishart")
 CONJUGATE_CHILD = {"Categorical": ("Dirichlet",), "Poisson": ("Gamma",), "Bernoulli": ("Beta",),
@@ -57,6 +60,26 @@ class Local:
     priors: dict
 
 
+@dataclass(frozen=True, eq=False)
+class PointSites:
+    """Continuous globals whose prior is in no conjugate family (a HalfNormal or LogNormal scale, ...), each feeding
+    observed sites only: held at ``values`` (site -> tensor) while the model is probed, point-estimated inside the
+    coordinate ascent (``point_globals``). ``families``: site -> its prior's family; ``supports``: site -> its
+    support (the L-BFGS step works in ``biject_to(support)``'s unconstrained coordinates); ``observed``: the
+    observed sites that depend on them (their known parameters, tables or log-densities are recomputed at each
+    value); ``base_constant``: the log-density of the latent-free observed sites that do not; ``model``, ``args``,
+    ``kwargs``: what is rerun with the sites held."""
+
+    values: dict
+    families: dict
+    supports: dict
+    observed: tuple
+    base_constant: float
+    model: object
+    args: tuple
+    kwargs: dict
+
+
 @dataclass(frozen=True)
 class Structure:
     """What the coordinate ascent runs on: the local (None: no discrete latent), the globals, the observed
@@ -68,6 +91,7 @@ class Structure:
     constant: float = 0.0
     dtype: torch.dtype = torch.float64
     links: dict = field(default_factory=dict)   # global -> tuple of (child or local role) names it feeds
+    points: PointSites | None = None            # non-conjugate globals point-estimated in the loop (None: none)
 
 
 def local_site(facts) -> str | None:
@@ -345,12 +369,43 @@ def _global(name: str, family: str, params: tuple, kinds: set, indexed: bool, sh
     return Global(name, family, tuple(p.to(dtype) for p in params), tuple(shape), indexed)
 
 
+def point_starts(model, args, kwargs, facts, graph, local: str | None) -> tuple[dict, dict, dict]:
+    """``(values, families, supports)`` of the continuous globals whose prior family is not one of
+    ``PRIOR_FAMILIES``: each starts at ``biject_to(support)(0)`` (1 for a positive scale; ``point_globals`` then
+    moves it to a data-driven value before the sweeps), in the observed data's floating dtype. NotConjugate names a
+    site that feeds a latent site (the local's prior, another global's prior): its point step would change more than
+    the expected log-likelihood of observed sites, which the step does not track."""
+    if not facts.continuous:
+        return {}, {}, {}
+    run = run_held(model, args, kwargs, {}, PROBE_SEEDS[0], local=local)
+    dtype = _dtype({}, run.sites)
+    values, families, supports = {}, {}, {}
+    for g in facts.continuous:
+        fn = run.sites[g]["fn"]
+        family = type(peel(fn)[0]).__name__
+        if family in PRIOR_FAMILIES:
+            continue
+        latent = [c for c in graph.children_of(g) if not run.sites.get(c, {}).get("observed", False)]
+        if latent:
+            raise NotConjugate(f"site '{g}': its {family} prior is not conjugate, and a non-conjugate global is "
+                               f"point-estimated by backend 'vi' only when it feeds observed sites alone; it feeds "
+                               f"the latent site '{latent[0]}'")
+        transform = biject_to(fn.support)
+        value = run.sites[g]["value"].detach().to(dtype)
+        values[g] = transform(torch.zeros_like(transform.inv(value)))
+        families[g], supports[g] = family, fn.support
+    return values, families, supports
+
+
 def analyse(model, args, kwargs, facts, graph) -> Structure:
     """Probe ``model(*args, **kwargs)`` and return its conjugate ``Structure``; NotConjugate names the site that
-    stops it."""
+    stops it. Continuous globals with a non-conjugate prior that feed observed sites only (``point_starts``) are
+    held at a start value in both probe runs, so what they feed is a known parameter given them
+    (``Structure.points``)."""
     local_name = local_site(facts)
     try:
-        runs = probe_runs(model, args, kwargs, local_name)
+        held, families, supports = point_starts(model, args, kwargs, facts, graph, local_name)
+        runs = probe_runs(model, args, kwargs, local_name, held=held)
     except (RuntimeError, IndexError, TypeError) as exc:
         what = f"with '{local_name}' set to all its states at once" if local_name else "with fresh prior draws"
         raise NotConjugate(f"the model fails when run {what} (it must use the discrete latent elementwise, "
@@ -359,7 +414,7 @@ def analyse(model, args, kwargs, facts, graph) -> Structure:
     if a.params:
         raise NotConjugate(f"'{a.params[0]}' is a learnable parameter (ppl.param / ppl.module): backend 'vi' fits "
                            "no parameters; use backend='exact' or 'svi'")
-    priors = {g: _prior_params(g, a.sites[g], b.sites[g]) for g in facts.continuous}
+    priors = {g: _prior_params(g, a.sites[g], b.sites[g]) for g in facts.continuous if g not in held}
     dtype = _dtype(priors, a.sites)
     local, fed = None, {}
     if local_name is not None:
@@ -368,7 +423,7 @@ def analyse(model, args, kwargs, facts, graph) -> Structure:
         role_map, fed = _link_local(local_name, roles, runs, priors)
         local = Local(local_name, kind, K, zshape, {r: v.to(dtype) if isinstance(v, torch.Tensor) else v
                                                     for r, v in role_map.items()})
-    children, constant = [], 0.0
+    children, constant, base_constant = [], 0.0, 0.0
     for name, site in a.sites.items():
         if site["observed"]:
             child = _child(name, runs, priors, graph, local, dtype)
@@ -378,6 +433,7 @@ def analyse(model, args, kwargs, facts, graph) -> Structure:
                     fed.setdefault(child.glob, []).append(name)
             else:
                 constant += child
+                base_constant += 0.0 if set(graph.parents_of(name)) & set(held) else child
     for g in priors:
         if graph.children_of(g) and g not in fed:
             raise NotConjugate(f"site '{g}': none of its children ({', '.join(graph.children_of(g))}) uses it in a "
@@ -385,7 +441,13 @@ def analyse(model, args, kwargs, facts, graph) -> Structure:
     globals_ = {g: _global(g, fam, params, {c.kind for c in children if c.glob == g},
                            any(c.glob == g and local is not None for c in children), a.sites[g]["value"].shape, dtype)
                 for g, (fam, params) in priors.items()}
-    return Structure(local, globals_, tuple(children), constant, dtype, {g: tuple(v) for g, v in fed.items()})
+    points = None
+    if held:
+        observed = tuple(n for n, site in a.sites.items() if site["observed"] and set(graph.parents_of(n)) & set(held))
+        points = PointSites(held, families, supports, observed, base_constant, model, tuple(args), dict(kwargs))
+        for g in held:
+            fed[g] = [n for n in observed if g in graph.parents_of(n)]
+    return Structure(local, globals_, tuple(children), constant, dtype, {g: tuple(v) for g, v in fed.items()}, points)
 
 
 def _dtype(priors: dict, sites: dict) -> torch.dtype:

@@ -54,7 +54,8 @@ from .. import training
 from ..results import make_posterior
 from .cavi import SweepRecord, screened_fit, sweep_until
 from .conjugacy import NotConjugate
-from .probe import PROBE_SEEDS, Tabulate, close, peel, run_under
+from .point_step import lbfgs_ascent
+from .probe import PROBE_SEEDS, Held, close, peel, run_held
 
 NOISE_ITERS = 5         # L-BFGS iterations of the noise step in each sweep (each runs the model once or twice)
 START_NOISE_ITERS = 15  # ... and before the first sweep, from the prior draw to the start's residuals
@@ -178,22 +179,10 @@ class FactorStructure:
         return tuple(self.z_loc.shape)
 
 
-class _Fixed(Tabulate):
-    """Record every sample site (as ``Tabulate``) with the latent sites in ``values`` held at the given values."""
-
-    def __init__(self, values: dict):
-        super().__init__(None)
-        self.values = values
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.values and not msg["is_observed"]:
-            msg.update(value=self.values[msg["name"]], done=True)
-
-
-def run_fixed(model, args, kwargs, values: dict, seed: int, grad: bool = False) -> _Fixed:
+def run_fixed(model, args, kwargs, values: dict, seed: int, grad: bool = False) -> Held:
     """The model run once with the latent sites in ``values`` held there, the others drawn from their priors under
-    ``seed``; gradients flow to ``values`` when ``grad``."""
-    return run_under(_Fixed(values), model, args, kwargs, seed, grad)
+    ``seed``; gradients flow to ``values`` when ``grad`` (``probe.run_held``)."""
+    return run_held(model, args, kwargs, values, seed, grad)
 
 
 def gaussian_params(name: str, site: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,43 +542,20 @@ def noise_objective(structure: FactorStructure, trils: tuple, log_prior: torch.T
 
 
 def update_noise(structure: FactorStructure, state: State, Rs: tuple, iters: int) -> State:
-    """The noise point estimate after at most ``iters * 5 // 4`` evaluations of L-BFGS (``training.lbfgs_block``:
-    torch.optim.LBFGS's iterations and strong-Wolfe line search, without constructing its optimizer, whose first
-    use imports torch._dynamo, ~1 s) on ``noise_objective`` in the noise sites' unconstrained coordinates, from
-    ``state.theta``; the old one if that does not raise the objective (so the ELBO + log prior never decreases)."""
+    """The noise point estimate after at most ``iters * 5 // 4`` evaluations of L-BFGS (``point_step.lbfgs_ascent``:
+    ``training.lbfgs_block``, torch.optim.LBFGS's iterations and strong-Wolfe line search, without constructing its
+    optimizer, whose first use imports torch._dynamo, ~1 s) on ``noise_objective`` in the noise sites' unconstrained
+    coordinates, from ``state.theta``; the old one if that does not raise the objective (so the ELBO + log prior never decreases)."""
     if not structure.noise:
         return state
-    transforms = {s: biject_to(structure.supports[s]) for s in structure.noise}
-    free = {s: transforms[s].inv(v).detach().clone().requires_grad_(True) for s, v in state.theta.items()}
-    params = list(free.values())
     old = float(noise_objective(structure, state.trils, torch.tensor(state.log_prior, dtype=structure.dtype), Rs))
-
-    def evaluate() -> tuple[float, torch.Tensor]:
-        """(-objective, its flat gradient ``(n,)``) at the current ``free`` values; 1e30 where not finite."""
-        with torch.enable_grad():
-            trils, log_prior = noise_at(structure, {s: transforms[s](u) for s, u in free.items()}, grad=True)
-            loss = -noise_objective(structure, trils, log_prior, Rs)
-            grads = torch.autograd.grad(loss, params, allow_unused=True) if torch.isfinite(loss) else None
-        if grads is None:
-            return 1e30, torch.cat([u.new_zeros(u.numel()) for u in params])
-        return float(loss.detach()), torch.cat([u.new_zeros(u.numel()) if g is None else g.reshape(-1)
-                                       for u, g in zip(params, grads)])
-
-    try:
-        memory = training.LbfgsState(*evaluate())
-        budget = iters * 5 // 4
-        while budget > 0:
-            used = training.lbfgs_block(memory, params, evaluate, budget)
-            if used == 0:
-                break
-            budget -= used
-    except (RuntimeError, ValueError):   # a Cholesky / triangular solve failed at a wild trial point: keep the old
+    found = lbfgs_ascent(state.theta, structure.supports,
+                         lambda theta, grad: noise_objective(structure, *noise_at(structure, theta, grad), Rs), old,
+                         iters)
+    if found is None:
         return state
-    theta = {s: transforms[s](u).detach() for s, u in free.items()}
+    theta = found[0]
     trils, log_prior = noise_at(structure, theta)
-    new = float(noise_objective(structure, trils, log_prior, Rs))
-    if not new > old or not math.isfinite(new):
-        return state
     return State(state.qz, state.qb, theta, trils, float(log_prior))
 
 

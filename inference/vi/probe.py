@@ -48,31 +48,54 @@ class Tabulate(Messenger):
         self.params.append(msg["name"])
 
 
+class Held(Tabulate):
+    """Record every sample site (as ``Tabulate``, the local ``local`` enumerated) with the latent sites in ``values``
+    held at the given values (gradients flow to them when the run has them on)."""
+
+    def __init__(self, values: dict, local: str | None = None, expand: bool = True):
+        super().__init__(local, expand)
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["is_observed"]:
+            msg.update(value=self.values[msg["name"]], done=True)
+            return
+        super()._pyro_sample(msg)
+
+
+def run_held(model, args, kwargs, values: dict, seed: int, grad: bool = False, local: str | None = None) -> Held:
+    """The model run once under ``Held(values, local)``: the latent sites in ``values`` held there, the local
+    enumerated, the others drawn from their priors under ``seed``; gradients flow to ``values`` when ``grad``."""
+    return run_under(Held(values, local), model, args, kwargs, seed, grad)
+
+
 def num_states(fn) -> int:
     return int(fn.num_states) if hasattr(fn, "num_states") else int(fn.logits.shape[-1])
 
 
-def probe_runs(model, args, kwargs, local: str | None, expand: bool = True) -> list[Tabulate]:
-    """The model run under ``Tabulate(local, expand)`` once per probe seed (globals drawn from their priors).
+def probe_runs(model, args, kwargs, local: str | None, expand: bool = True, held: dict | None = None) -> list[Tabulate]:
+    """The model run under ``Tabulate(local, expand)`` once per probe seed (globals drawn from their priors, but
+    for the sites in ``held``, held at the given values in both runs: ``Held``).
 
     With ``expand`` and a Categorical (mixture) local, the second run first takes the local unexpanded,
     ``(K, 1, ..)``: the model's own work is then done for K states, not K x data (its plates broadcast the rest),
     and the first run has already checked the data-wide, elementwise use of the local. That run is kept only if
     every site has the layout it has in the first run (``same_layout``); otherwise (or if the model fails on it)
     the second run is expanded too."""
-    first = _run(model, args, kwargs, local, expand, PROBE_SEEDS[0])
+    held = held or {}
+    first = _run(model, args, kwargs, local, expand, PROBE_SEEDS[0], held)
     if expand and local in first.sites and not hasattr(first.sites[local]["fn"], "log_trans"):
         try:
-            cheap = _run(model, args, kwargs, local, False, PROBE_SEEDS[1])
+            cheap = _run(model, args, kwargs, local, False, PROBE_SEEDS[1], held)
         except Exception:  # noqa: BLE001 - only a shortcut: any failure falls back to the expanded run
             cheap = None
         if cheap is not None and same_layout(first, cheap, local):
             return [first, cheap]
-    return [first, _run(model, args, kwargs, local, expand, PROBE_SEEDS[1])]
+    return [first, _run(model, args, kwargs, local, expand, PROBE_SEEDS[1], held)]
 
 
-def _run(model, args, kwargs, local: str | None, expand: bool, seed: int) -> Tabulate:
-    return run_under(Tabulate(local, expand), model, args, kwargs, seed)
+def _run(model, args, kwargs, local: str | None, expand: bool, seed: int, held: dict) -> Tabulate:
+    return run_under(Held(held, local, expand) if held else Tabulate(local, expand), model, args, kwargs, seed)
 
 
 def run_under(handler: Tabulate, model, args, kwargs, seed: int, grad: bool = False) -> Tabulate:

@@ -357,14 +357,16 @@ def test_rule_sits_between_discrete_only_and_discrete_with_globals_and_applies_t
         _vi_facts_probed(M.gmm, torch.randn(20, 2))[0].updates["weights"]
 
 
-def test_library_gmm_with_halfnormal_scales_is_refused_naming_the_site():
+def test_library_gmm_point_estimates_its_halfnormal_scales_and_lkj_factor_and_is_not_routed_to_vi():
     from ppl.models import gmm  # noqa: PLC0415 - the library model, imported where it is used
     sim = gmm.simulate(N=30)
-    v, _ = _vi_facts_probed(gmm.model, *sim.args, **sim.kwargs)          # diagonal covariance: loc and scale
-    assert "'scale'" in v.problem and "HalfNormal" in v.problem
-    assert "'corr_chol'" in _vi_facts_probed(gmm.model, *sim.args)[0].problem    # full: LKJ on correlations
-    with pytest.raises(UnsupportedModelError, match="'scale'"):
-        ppl.infer(gmm.model, *sim.args, backend="vi", model_kwargs=sim.kwargs, progress=False)
+    v, facts = _vi_facts_probed(gmm.model, *sim.args, **sim.kwargs)      # diagonal covariance: loc and scale
+    assert not v.problem and v.point_estimated == ("scale",) and "HalfNormal" in v.updates["scale"]
+    assert _vi_facts_probed(gmm.model, *sim.args)[0].point_estimated == ("scale", "corr_chol")   # full: LKJ too
+    (rule,) = RULES
+    assert not rule.applies(facts.__class__(**{**facts.__dict__, "backend_facts": {**facts.backend_facts, "vi": v}}))
+    post = ppl.infer(gmm.model, sim.args[0].double(), backend="vi", model_kwargs=sim.kwargs, progress=False)
+    assert_monotone(post)                                                # float64: round-off far below 1e-9
 
 
 @ppl.model
@@ -608,8 +610,8 @@ def test_the_second_probe_run_takes_the_local_unexpanded_only_where_the_layout_i
     cases = ((fixed_niw_gmm, x, {}), (M.gmm, x, {}), (bernoulli_mixture, (x > 0.5).to(D64), {"K": 2}),
              (normal_mixture_with_side_labels, x[:, 0], {"s": s, "c": c}))
     labels = torch.arange(60) % 2
-    expanded = lambda model, a, k, local, expand=True: [  # noqa: E731 - the previous probe: both runs expanded
-        probe._run(model, a, k, local, expand, seed) for seed in probe.PROBE_SEEDS]
+    expanded = lambda model, a, k, local, expand=True, held=None: [  # noqa: E731 - the previous probe: both expanded
+        probe._run(model, a, k, local, expand, seed, held or {}) for seed in probe.PROBE_SEEDS]
     for model, data, kwargs in cases:
         runs = probe.probe_runs(model, (data,), kwargs, "z")
         assert runs[0].sites["z"]["value"].shape == (runs[1].sites["z"]["value"].shape[0], 60)

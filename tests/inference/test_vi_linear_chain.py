@@ -147,6 +147,10 @@ def test_structures_outside_the_linear_chain_are_refused_naming_a_site(model, si
     assert plan.backend == "exact"
     with pytest.raises(NotConjugate, match=f"site '{site}': its {why}"):
         L.analyse(model, (y,), {}, plan.facts, plan.graph)
+    if model is _per_state_scales:   # not a linear chain, but a VB-HMM given its scales (``point_globals``)
+        post = ppl.infer(model, y, backend="vi", progress=False)
+        assert plan.facts.of("vi").point_estimated == ("scale",) and post.point["scale"].shape == (2,)
+        return
     with pytest.raises(UnsupportedModelError, match=f"nor is it a linear chain .*site '{site}': its {why}"):
         ppl.infer(model, y, backend="vi", progress=False)
 
