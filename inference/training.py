@@ -317,6 +317,42 @@ class NotConverged(UserWarning):
     """An optimization stopped at its step budget while the objective was still changing."""
 
 
+MOVING_WINDOW = 0.1    # the last two windows of this fraction of the steps (at least 20 steps each) are compared
+MOVING_TOLERANCE = 1e-3  # an objective still improving by more than this relative amount per window warns
+
+
+def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float] | None:
+    r"""``(drop, level)`` when the noisy objective ``history`` (a loss per step) still decreases at the end: the
+    median over the last window of ``w = max(20, window * len)`` steps is below the median over the window before
+    by ``drop`` > 4 standard errors (of the last window's median, :math:`1.25 \cdot 1.4826\,\mathrm{MAD}/\sqrt w`:
+    robust to the heavy-tailed one-draw losses of, e.g., a log-link likelihood, whose few huge values would hide a
+    falling trend from a mean and a standard deviation) and > ``MOVING_TOLERANCE * (|level| + 1)`` (level: the last
+    window's median); None otherwise or when the history is shorter than 2 w."""
+    w = max(20, int(window * len(history)))
+    if len(history) < 2 * w:
+        return None
+    last = torch.tensor(history[-w:], dtype=torch.float64)
+    previous = torch.tensor(history[-2 * w:-w], dtype=torch.float64)
+    level = float(last.median())
+    drop = float(previous.median()) - level
+    se = 1.25 * 1.4826 * float((last - level).abs().median()) / math.sqrt(w)
+    if drop > 4 * se and drop > MOVING_TOLERANCE * (abs(level) + 1):
+        return drop, level
+    return None
+
+
+def warn_if_still_moving(history, name: str) -> None:
+    """Warn ``NotConverged`` (naming the backend ``name``) when a stochastic fit's objective was still improving
+    at the end (``still_moving``)."""
+    moving = still_moving(list(history))
+    if moving is not None:
+        drop, level = moving
+        w = max(20, int(MOVING_WINDOW * len(history)))
+        warnings.warn(f"{name}: the negative ELBO was still falling at the end ({drop:.4g} lower over the last {w} "
+                      f"steps, now {level:.4g}): the fit has not converged; give more num_steps= (or a larger lr=)",
+                      NotConverged, stacklevel=4)
+
+
 def _finite_grads(params) -> bool:
     """Whether every gradient of ``params`` is finite (one host read)."""
     grads = [p.grad.reshape(-1) for p in params if p.grad is not None]

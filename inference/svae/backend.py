@@ -13,8 +13,6 @@ backend's natural-gradient update of its family (``conjugate.py``, ``inference/v
 """
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -36,7 +34,7 @@ from ..initialization import align_labels
 from ..results import make_posterior, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
-from ..training import NETWORK_MAX_GRAD_NORM, LoopState, NotConverged, init_fn, optimize, traced_loss
+from ..training import NETWORK_MAX_GRAD_NORM, LoopState, init_fn, optimize, traced_loss, warn_if_still_moving
 from .conjugate import (DirichletConjugate, MNIWConjugate, NIWConjugate, describe, mixture_statistics,
                         natural_gradient_sites)
 from .conjugate import build as build_conjugates
@@ -616,7 +614,7 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         point = {k: v.detach() for k, v in (step.guide(*args, **kwargs) if step.guide else {}).items()}
     discrete = {t.discrete: final.locals[n].probs.detach() for n, t in targets.items() if t.discrete}
     warn_if_nearly_empty(discrete, NAME)   # an empty state: make_posterior's warn_if_degenerate
-    warn_if_still_moving(history)
+    warn_if_still_moving(history, NAME)
     means = {n: final.locals[n].mean.detach() for n in targets}
     elbo = float(final.recon - final.local_kl + final.global_term - final.global_kl)
     fitted = FittedSVAE(model, tuple(args), dict(kwargs), plan.facts, dict(step.nets), dict(step.conjugates),
@@ -630,37 +628,6 @@ def _collect(plan, step: _Step, history, num_samples, model, args, kwargs) -> Po
         log_evidence=LogEvidence(elbo, "elbo (svae, globals at point estimate)"), point=point,
         discrete=discrete, smoothed_means=means, history=history, elbo_terms=step.terms, networks=step.nets,
         local_sampler=StateFunction(sample_locals, fitted), encoder=StateFunction(encode, fitted))
-
-
-MOVING_WINDOW = 0.1    # the last two windows of this fraction of the steps (at least 20 steps each) are compared
-MOVING_TOLERANCE = 1e-3  # an objective still improving by more than this relative amount per window warns
-
-
-def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float] | None:
-    r"""``(drop, level)`` when the noisy objective ``history`` (a loss per step) still decreases at the end: the
-    mean over the last window of ``w = max(20, window * len)`` steps is below the mean over the window before by
-    ``drop`` > 4 standard errors (of the last window) and > ``MOVING_TOLERANCE * (|level| + 1)`` (level: the last
-    window's mean); None otherwise or when the history is shorter than 2 w."""
-    w = max(20, int(window * len(history)))
-    if len(history) < 2 * w:
-        return None
-    last = torch.tensor(history[-w:], dtype=torch.float64)
-    previous = torch.tensor(history[-2 * w:-w], dtype=torch.float64)
-    drop, level = float(previous.mean() - last.mean()), float(last.mean())
-    if drop > 4 * float(last.std()) / math.sqrt(w) and drop > MOVING_TOLERANCE * (abs(level) + 1):
-        return drop, level
-    return None
-
-
-def warn_if_still_moving(history) -> None:
-    """Warn ``NotConverged`` when the fit's objective was still improving at the end (``still_moving``)."""
-    moving = still_moving(list(history))
-    if moving is not None:
-        drop, level = moving
-        w = max(20, int(MOVING_WINDOW * len(history)))
-        warnings.warn(f"{NAME}: the negative ELBO was still falling at the end ({drop:.4g} lower over the last {w} "
-                      f"steps, now {level:.4g}): the fit has not converged; give more num_steps= (or a larger lr=)",
-                      NotConverged, stacklevel=4)
 
 
 def _local_step(fitted: FittedSVAE, args: tuple, kwargs: dict, facts: Facts) -> _Step:

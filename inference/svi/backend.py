@@ -100,6 +100,7 @@ def run(model, args, kwargs, plan, num_steps: int = 2000, lr: float = 0.02, num_
     fitted, elbo, history = training.fit_guide(fit_model, args, kwargs, plan, guide, num_steps, lr, progress, init,
                                                desc=NAME, checkpoints=checkpoints, after_backward=after_backward,
                                                schedule=training.cosine_tail, trace=fit_model is fmodel)
+    training.warn_if_still_moving(history, NAME)
     return _collect(model, args, kwargs, plan, fmodel, fitted, elbo, history, num_samples)
 
 

@@ -1,9 +1,11 @@
 """SVI backend: a simulated GMM's means are recovered (up to label permutation)."""
 import itertools
+import warnings
 
 import torch
 
 import ppl
+from ppl.inference.training import NotConverged
 from ppl.models import gmm as gmm_lib
 
 
@@ -289,3 +291,31 @@ def test_svi_autonormal_scales_settle_at_the_mean_field_optimum():
     # the last iterate of constant-step Adam wanders around loc: within 0.8 posterior sd (measured 0.59 at most)
     sd = torch.linalg.inv(precision).diagonal().sqrt()
     assert ((post.params["AutoNormal.locs.b"] - mean).abs() < 0.8 * sd).all()
+
+
+@ppl.model
+def _poisson_regression(x, y):
+    """Six correlated coefficients under a log link: svi's default 2000 Adam steps leave the ELBO still falling."""
+    b0 = ppl.sample("b0", ppl.dist.Normal(x.new_zeros(()), 10.0))
+    w = ppl.sample("w", ppl.dist.Normal(x.new_zeros(x.shape[1]), 10.0).to_event(1))
+    with ppl.plate("data", x.shape[0]):
+        ppl.sample("y", ppl.dist.Poisson((b0 + x @ w).exp()), obs=y)
+
+
+@ppl.model
+def _normal_mean(y):
+    mu = ppl.sample("mu", ppl.dist.Normal(y.new_zeros(()), 10.0))
+    with ppl.plate("data", y.shape[0]):
+        ppl.sample("y", ppl.dist.Normal(mu, 1.0), obs=y)
+
+
+def test_svi_warns_when_the_elbo_is_still_falling_at_the_end_and_not_once_converged():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    y = torch.poisson((0.5 + x @ torch.linspace(-0.6, 0.6, 6, dtype=torch.float64)).exp(), generator=gen)
+    with pytest.warns(NotConverged, match="svi: the negative ELBO was still falling"):
+        ppl.infer(_poisson_regression, x, y, backend="svi", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotConverged)
+        ppl.infer(_normal_mean, torch.randn(50, generator=gen, dtype=torch.float64) + 3.0, backend="svi",
+                  progress=False)
