@@ -18,11 +18,13 @@ The structure is found by probing the model (``conjugacy``); anything not recogn
 naming the site. A model without a discrete latent (a conjugate prior on observed data) runs too with
 ``backend="vi"``: one sweep gives the exact posterior and the ELBO equals log p(data).
 
-A Gaussian local whose observed children are affine in it (factor analysis, probabilistic CCA:
-``factor_analysis``) is the one structure where non-conjugate globals are allowed: its noise sites (HalfNormal
-scales, an LKJ Cholesky factor, ...) get a point estimate inside the same coordinate-ascent loop; their posterior
-draws are a point mass at it, the objective (``history``) is the ELBO plus their log prior, and ``log_evidence``
-the ELBO at the point estimate.
+Non-conjugate globals get a point estimate inside the same coordinate-ascent loop in two structures: a Gaussian
+local whose observed children are affine in it (factor analysis, probabilistic CCA: ``factor_analysis``; its noise
+sites, HalfNormal scales, an LKJ Cholesky factor, ...), and a discrete-local model (mixture or markov_chain) whose
+non-conjugate globals feed observed sites only (``point_globals``: e.g. a GMM's or Gaussian HMM's HalfNormal
+scales, given which the Normal means are conjugate). Their posterior draws are a point mass at it, the objective
+(``history``) is the ELBO plus their log prior, and ``log_evidence`` the ELBO at the point estimate. The routing
+rule leaves the second kind to the other backends (``VIFacts.point_estimated``): ``backend="vi"`` runs it.
 """
 from __future__ import annotations
 
@@ -573,7 +575,8 @@ def _conjugate_local(f: Facts) -> bool:
     the same number, labelled exact) are each conjugate to what they feed; or one gaussian_chain whose (A, Q) and
     (C, R) are conjugate MNIW globals (``gaussian_chain.analyse_chain``); or a Poisson factorization with Gamma
     factors (``nmf.analyse``); or a linear-Gaussian latent factor model (``factor_analysis.analyse``: Normal
-    loadings and offsets, the other globals point-estimated in the loop)."""
+    loadings and offsets, the other globals point-estimated in the loop). Not a discrete-local model with
+    point-estimated globals (``point_globals``; ``backend="vi"`` runs it, auto routing does not choose it)."""
     v = f.of(NAME)
     return v.probed and not v.problem and bool(f.continuous) and not v.point_estimated and (
         v.local is not None or v.chain is not None or v.factorization is not None or v.latent_factor is not None)

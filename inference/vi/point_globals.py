@@ -26,7 +26,7 @@ import torch
 from . import cavi
 from .conjugacy import Structure, _fixed_child, _known, _weights
 from .point_step import lbfgs_ascent
-from .probe import PROBE_SEEDS, peel, run_held
+from .probe import peel, run_held
 
 START_ROUNDS = 3      # theta step / global step alternations from the hard start before the sweeps
 LBFGS_ITERS = 20      # L-BFGS iterations per theta step
@@ -39,7 +39,8 @@ def at(structure: Structure, theta: dict, grad: bool = False) -> tuple[Structure
     precision and log det) and tables ("fixed") of the children that depend on it recomputed, and
     :math:`c(\theta)` the log-density of the latent-free observed sites that do (folded into ``constant``)."""
     points, local = structure.points, structure.local
-    run = run_held(points.model, points.args, points.kwargs, theta, PROBE_SEEDS[0], grad,
+    # unseeded: what is read here depends on theta only (the probe checked it against two different prior draws)
+    run = run_held(points.model, points.args, points.kwargs, theta, None, grad,
                    local.name if local is not None else None)
     dtype = structure.dtype
     children = []

@@ -63,9 +63,11 @@ class Held(Tabulate):
         super()._pyro_sample(msg)
 
 
-def run_held(model, args, kwargs, values: dict, seed: int, grad: bool = False, local: str | None = None) -> Held:
+def run_held(model, args, kwargs, values: dict, seed: int | None, grad: bool = False,
+             local: str | None = None) -> Held:
     """The model run once under ``Held(values, local)``: the latent sites in ``values`` held there, the local
-    enumerated, the others drawn from their priors under ``seed``; gradients flow to ``values`` when ``grad``."""
+    enumerated, the others drawn from their priors under ``seed`` (None: not seeded, for a caller that reads
+    nothing that depends on those draws); gradients flow to ``values`` when ``grad``."""
     return run_under(Held(values, local), model, args, kwargs, seed, grad)
 
 
@@ -98,12 +100,14 @@ def _run(model, args, kwargs, local: str | None, expand: bool, seed: int, held: 
     return run_under(Held(held, local, expand) if held else Tabulate(local, expand), model, args, kwargs, seed)
 
 
-def run_under(handler: Tabulate, model, args, kwargs, seed: int, grad: bool = False) -> Tabulate:
-    """``handler`` after one run of the model under it, torch's generator seeded with ``seed`` (and restored after),
+def run_under(handler: Tabulate, model, args, kwargs, seed: int | None, grad: bool = False) -> Tabulate:
+    """``handler`` after one run of the model under it, torch's generator seeded with ``seed`` (None: not seeded;
+    ``torch.manual_seed`` costs ~1 ms) and restored after,
     gradients on only with ``grad``, Pyro's argument validation off (the model's distributions validate their
     arguments once, when ppl.compile traces it; not again here)."""
     with torch.random.fork_rng(), torch.set_grad_enabled(grad), pyro.validation_enabled(False), handler:
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         model(*args, **kwargs)
     return handler
 
