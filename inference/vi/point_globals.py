@@ -29,7 +29,7 @@ from .point_step import lbfgs_ascent
 from .probe import peel, run_held
 
 START_ROUNDS = 3      # theta step / global step alternations from the hard start before the sweeps
-LBFGS_ITERS = 20      # L-BFGS iterations per theta step
+LBFGS_ITERS = 5       # L-BFGS iterations per theta step
 PRIOR_TERM = "log p(point estimates)"
 
 
