@@ -57,14 +57,15 @@ def at(structure: Structure, theta: dict, grad: bool = False) -> tuple[Structure
             known = tuple(k.to(dtype) for k in known) if isinstance(known, tuple) else known.to(dtype)
         children.append(replace(c, known=known))
     names = {c.name for c in structure.children}
-    const = torch.zeros((), dtype=dtype)
+    device = next(iter(theta.values())).device
+    const = torch.zeros((), dtype=dtype, device=device)
     for name in points.observed:
         if name not in names:
             site = run.sites[name]
             base, extra, inner = peel(site["fn"])
             const = const + (base.log_prob(site["value"]) * _weights(site, base, extra, inner)).sum().to(dtype)
     log_prior = sum((run.sites[s]["fn"].log_prob(v).sum().to(dtype) for s, v in theta.items()),
-                    torch.zeros((), dtype=dtype))
+                    torch.zeros((), dtype=dtype, device=device))
     out = replace(structure, children=tuple(children), constant=points.base_constant + float(const))
     return out, const, log_prior
 
