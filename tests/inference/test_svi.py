@@ -302,13 +302,6 @@ def _poisson_regression(x, y):
         ppl.sample("y", ppl.dist.Poisson((b0 + x @ w).exp()), obs=y)
 
 
-@ppl.model
-def _normal_mean(y):
-    mu = ppl.sample("mu", ppl.dist.Normal(y.new_zeros(()), 10.0))
-    with ppl.plate("data", y.shape[0]):
-        ppl.sample("y", ppl.dist.Normal(mu, 1.0), obs=y)
-
-
 def test_svi_warns_when_the_elbo_is_still_falling_at_the_end_and_not_once_converged():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
@@ -317,5 +310,5 @@ def test_svi_warns_when_the_elbo_is_still_falling_at_the_end_and_not_once_conver
         ppl.infer(_poisson_regression, x, y, backend="svi", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NotConverged)
-        ppl.infer(_normal_mean, torch.randn(50, generator=gen, dtype=torch.float64) + 3.0, backend="svi",
+        ppl.infer(normal_mean, torch.randn(50, generator=gen, dtype=torch.float64) + 3.0, backend="svi",
                   progress=False)

@@ -35,7 +35,6 @@ MNIW = ppl.MatrixNormalInverseWishart
 @ppl.model
 def conjugate_lds(y, D, dyn_prior, em_prior):
     """A = dynamics, C (with an offset column when em_prior's loc has D + 1 columns), MNIW priors on both."""
-    P = y.shape[-1]
     dyn = ppl.sample("dynamics", MNIW(*dyn_prior))
     A, Q = MNIW.unpack(dyn)
     em = ppl.sample("emission", MNIW(*em_prior))

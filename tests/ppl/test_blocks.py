@@ -7,7 +7,7 @@ import torch
 
 import ppl
 from ppl import dist
-from ppl.chain_dists import GaussianChain, MarkovChain
+from ppl.chain_dists import MarkovChain
 
 
 def dense_lds_moments(m0, P0, A, Q, b, T):
