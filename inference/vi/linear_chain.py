@@ -32,18 +32,17 @@ Z_{q(z)}` (the local part at the optimal q(z): expected log-likelihood, expected
 entropy) minus the KLs of q(w) and each q(P_g) from their priors. It never decreases.
 
 Probing: the model runs under ``probe.Tabulate`` (the chain enumerated), twice with fresh prior draws. The
-transition's dependence on the Dirichlet globals is read by finite differences in their logs (one model run per
-entry, all globals held at the first run's values), then checked exact at both runs: :math:`\log A = B\log P` with
-no offset and :math:`B \ge 0`; likewise the emission mean's on the Normal global (:math:`\mu = Jw + c`). Anything
-else is refused (``NotConjugate``) with the site and the reason; the generic ``conjugacy.analyse`` runs the plain
-HMM / mixture shapes.
+transition's dependence on the Dirichlet globals is read as the Jacobian in their logs, by autograd through one
+model run with every global held at the first run's values (``probe.run_held``), then checked exact at both runs:
+:math:`\log A = B\log P` with no offset and :math:`B \ge 0`; likewise the emission mean's on the Normal global
+(:math:`\mu = Jw + c`). Anything else is refused (``NotConjugate``) with the site and the reason; the generic
+``conjugacy.analyse`` runs the plain HMM / mixture shapes.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import pyro.poutine as poutine
 import torch
 
 from ppl.handlers import DiscreteTable
@@ -55,7 +54,7 @@ from ..results import make_posterior
 from .cavi import SweepRecord, screened_fit, sweep_until
 from .conjugacy import NotConjugate, local_site
 from .families import FAMILIES, dirichlet_expected_log
-from .probe import PROBE_SEEDS, Tabulate, close, num_states, peel, probe_runs, run_under, site_weight
+from .probe import PROBE_SEEDS, close, num_states, peel, probe_runs, run_held, site_weight
 
 SCREEN_SWEEPS = 10     # sweeps each start runs before the best is continued (``cavi.screened_fit``)
 NEWTON_STEPS = 50      # at most this many Newton steps on log sigma per sweep
@@ -120,11 +119,6 @@ def _one_matrix(x: torch.Tensor, K: int, name: str, what: str) -> torch.Tensor:
     return flat[0]
 
 
-def _conditioned_run(model, args, kwargs, local: str, values: dict, grad: bool = False) -> Tabulate:
-    """One probe run with the globals in ``values`` fixed (``poutine.condition``); gradients on with ``grad``."""
-    return run_under(Tabulate(local), poutine.condition(model, data=values), args, kwargs, PROBE_SEEDS[0], grad)
-
-
 JACOBIAN_ROWS = 1024   # output rows per batched backward pass of ``_jacobian``
 
 
@@ -162,28 +156,25 @@ def _check_linear(name: str, what: str, targets: tuple, coords: tuple, D: torch.
                                "in the globals it depends on (backend 'vi' needs an exact conjugate form)")
 
 
-def _emission(runs, child: str, K: int, zshape: tuple, dtype):
-    """(mean ``(K,)``, scale ``(K,)``) of the Normal child tabulated over the states, in both runs: each must be
+def _emission(run, child: str, K: int, zshape: tuple, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ``(K,)``, scale ``(K,)``) of the Normal child tabulated over the states in one probe run: each must be
     the same for every data entry."""
-    out = []
-    for r in runs:
-        base, _, _ = peel(r.sites[child]["fn"])
-        if type(base).__name__ != "Normal":
-            raise NotConjugate(f"site '{child}': a {type(base).__name__} likelihood; the linear-chain structure "
-                               "takes a Normal one")
-        pair = []
-        for what, p in (("mean", base.loc), ("scale", base.scale)):
-            try:
-                full = torch.broadcast_to(p, (K,) + zshape).reshape(K, -1)
-            except RuntimeError:
-                raise NotConjugate(f"site '{child}': its {what} has shape {tuple(p.shape)}, not laid out as "
-                                   f"(states, *{zshape})") from None
-            if not close(full, full[:, :1]):
-                raise NotConjugate(f"site '{child}': its {what} varies across data points; the conjugate "
-                                   "update needs one value per state")
-            pair.append(full[:, 0].to(dtype))
-        out.append(tuple(pair))
-    return out
+    base, _, _ = peel(run.sites[child]["fn"])
+    if type(base).__name__ != "Normal":
+        raise NotConjugate(f"site '{child}': a {type(base).__name__} likelihood; the linear-chain structure "
+                           "takes a Normal one")
+    pair = []
+    for what, p in (("mean", base.loc), ("scale", base.scale)):
+        try:
+            full = torch.broadcast_to(p, (K,) + zshape).reshape(K, -1)
+        except RuntimeError:
+            raise NotConjugate(f"site '{child}': its {what} has shape {tuple(p.shape)}, not laid out as "
+                               f"(states, *{zshape})") from None
+        if not close(full, full[:, :1]):
+            raise NotConjugate(f"site '{child}': its {what} varies across data points; the conjugate "
+                               "update needs one value per state")
+        pair.append(full[:, 0].to(dtype))
+    return tuple(pair)
 
 
 def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
@@ -214,7 +205,7 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
     families = {g: type(peel(a.sites[g]["fn"])[0]).__name__ for g in globals_}
 
     # emission scale (checked first: the cheapest refusal): known, or one scalar global point-estimated
-    (mu_a, sd_a), (mu_b, sd_b) = _emission(runs, child, K, zshape, dtype)
+    (mu_a, sd_a), (mu_b, sd_b) = (_emission(r, child, K, zshape, dtype) for r in runs)
     if close(sd_a, sd_b):
         scale = ScaleSite(known=sd_a ** 2)
         point = []
@@ -229,9 +220,14 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
 
     # transition: log A = sum_g B_g log P_g over the Dirichlet globals
     dirichlets = tuple(g for g in globals_ if families[g] == "Dirichlet")
-    read_trans = lambda v, grad: _one_matrix(  # noqa: E731
-        _conditioned_run(model, args, kwargs, local, v, grad).sites[local]["fn"].log_trans, K, local,
-        "transition").reshape(-1).to(dtype)
+
+    def held(values: dict, grad: bool):
+        return run_held(model, args, kwargs, values, PROBE_SEEDS[0], grad, local)
+
+    def read_trans(values: dict, grad: bool) -> torch.Tensor:
+        log_trans = held(values, grad).sites[local]["fn"].log_trans
+        return _one_matrix(log_trans, K, local, "transition").reshape(-1).to(dtype)
+
     B = _jacobian(read_trans, base_values, dirichlets, (torch.log, torch.exp))
     used = B.abs().amax(0) > 0
     targets = tuple(_one_matrix(f.log_trans, K, local, "transition").reshape(-1).to(dtype) for f in (fa, fb))
@@ -254,8 +250,10 @@ def analyse(model, args, kwargs, facts, graph) -> LinearChainStructure:
 
     # emission mean: mu = J w + c over the Normal globals
     normals = tuple(g for g in globals_ if families[g] == "Normal")
-    read_mean = lambda v, grad: _emission([_conditioned_run(model, args, kwargs, local, v, grad)] * 2, child, K,  # noqa: E731
-                                          zshape, dtype)[0][0]
+
+    def read_mean(values: dict, grad: bool) -> torch.Tensor:
+        return _emission(held(values, grad), child, K, zshape, dtype)[0]
+
     J = _jacobian(read_mean, base_values, normals, (lambda v: v, lambda u: u))
     mean_coords = tuple(torch.cat([r.sites[g]["value"].reshape(-1).to(dtype) for g in normals])
                         if normals else mu_a.new_zeros(0) for r in runs)
