@@ -34,7 +34,8 @@ from ..initialization import align_labels
 from ..results import make_posterior, warn_if_nearly_empty
 from ..checkpoints import Checkpoints
 from ..minibatch import batch_rows, check_batch_size, minibatch
-from ..training import NETWORK_MAX_GRAD_NORM, LoopState, init_fn, optimize, traced_loss, warn_if_still_moving
+from ..training import (NETWORK_MAX_GRAD_NORM, LoopState, cosine_tail, init_fn, optimize, traced_loss,
+                        warn_if_still_moving)
 from .conjugate import (DirichletConjugate, MNIWConjugate, NIWConjugate, describe, mixture_statistics,
                         natural_gradient_sites)
 from .conjugate import build as build_conjugates
@@ -548,8 +549,11 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
         warmup: int = WARMUP, seed: int = 0, **unused) -> Posterior:
     """Train decoder, recognition networks and globals on the SVAE ELBO.
 
-    Options: num_steps, lr (Adam), recognition (site -> nn.Module replacing the default network),
-    num_iters (mean-field iterations), init (site -> initial value of a global), num_samples,
+    Options: num_steps, lr (Adam's step: constant for the first half of num_steps, then a cosine down to lr / 10,
+    ``training.cosine_tail`` as in the svi and amortized backends: the one-draw ELBO's noisy gradients settle instead
+    of leaving the networks and the mixtures' clusters where the last constant steps put them), recognition
+    (site -> nn.Module replacing the default network), num_iters (mean-field iterations), init (site -> initial
+    value of a global), num_samples,
     natgrad_step (step size of the natural-gradient updates of conjugate globals: a Dirichlet on mixture
     weights, a ``ppl.NormalInverseWishart`` on mixture components, a ``ppl.MatrixNormalInverseWishart`` on an
     LDS chain's dynamics and noise; ``init`` may give the starting value of the latter two, packed
@@ -584,7 +588,7 @@ def run(model, args, kwargs, plan, num_steps: int = 1000, lr: float = 0.01, num_
             guide(*args, **kwargs)
     history = optimize(traced_loss(batches or step), num_steps, lr, progress, NAME, checkpoints,
                        LoopState(step.state, step.load_state), after_backward=distributed.average_gradients,
-                       max_grad_norm=NETWORK_MAX_GRAD_NORM)
+                       max_grad_norm=NETWORK_MAX_GRAD_NORM, schedule=cosine_tail)
     if batches is not None:
         batches.restore()
     return _collect(plan, step, history, num_samples, model, args, kwargs)

@@ -21,7 +21,7 @@ import ppl
 from ppl import dist
 from ppl.inference.initialization import lloyd_kmeans
 from ppl.inference.svae.local import diagonal_mixture_local, mixture_local
-from ppl.inference.svae.warmup import LLOYD_ITERATIONS, kmeans, mixture_labels, pca_scores, soft_labels
+from ppl.inference.svae.warmup import LABEL_SMOOTHING, LLOYD_ITERATIONS, kmeans, mixture_labels, pca_scores, soft_labels
 
 
 def _ari(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,7 +95,9 @@ def test_pca_scores_match_scikit_learn_and_soft_labels_are_normalized():
     log_r = soft_labels(labels, 3, torch.float32)
     assert log_r.shape == (4, 3) and torch.allclose(log_r.logsumexp(-1), torch.zeros(4), atol=1e-6)
     assert torch.equal(log_r.argmax(-1), labels)
-    assert math.isclose(float(log_r[0, 0].exp()), 1 - 0.02 + 0.02 / 3, rel_tol=1e-6)
+    eps = LABEL_SMOOTHING
+    assert math.isclose(float(log_r[0, 0].exp()), 1 - eps + eps / 3, rel_tol=1e-6)
+    assert math.isclose(float(log_r[0, 1].exp()), eps / 3, rel_tol=1e-5)
     with pytest.raises(ValueError, match="smoothing must be in"):
         soft_labels(labels, 3, torch.float32, smoothing=0.0)
     # images (N, H, W) are flattened: one label per node
