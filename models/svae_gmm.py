@@ -231,13 +231,13 @@ def recovery_errors(post, sim: Simulated) -> dict[str, float]:
     return {"ari": 1.0 - float(adjusted_rand_score(labels, clusters(post).cpu().numpy()))}
 
 
-# ari: 1 - ARI. Measured (with the svae defaults before 2026-12-04) 0.038, 0.000, 0.000, 0.000, 0.037, 0.000 at seeds 0-5 with fit(restarts=2, num_steps=300)
-# on 5 arms x 40 points (~5 s each); full size (5 x 100, 3 restarts x 600 steps, tutorials/svae_gmm_pinwheel.py,
-# 21-24 s): 0.030, 0.010, 0.005 at seeds 0-2 (ARI 0.970, 0.990, 0.995; the previous MAP Normal/HalfNormal/LKJ
-# globals gave 0.975, 0.951, 0.965). Since the svae's held labels stopped smoothing 0.02 off the label (1e-4 now)
-# and its Adam step got a cosine tail: 0.089, 0.103, 0.070 (the start's labels are 0.83 / 0.72 / 0.65 on the spirals,
-# and q(z) held nearer them leaves more of their errors). A fit with two arms merged into one cluster scores ~0.3, a
-# random one ~1.
+# ari: 1 - ARI. Measured (with the svae defaults before 2026-12-04) 0.038, 0.000, 0.000, 0.000, 0.037, 0.000 at seeds
+# 0-5 with fit(restarts=2, num_steps=300) on 5 arms x 40 points (~5 s each); full size (5 x 100, 3 restarts x 600
+# steps, tutorials/svae_gmm_pinwheel.py, 21-24 s): 0.030, 0.010, 0.005 at seeds 0-2 (ARI 0.970, 0.990, 0.995; the
+# previous MAP Normal/HalfNormal/LKJ globals gave 0.975, 0.951, 0.965). Since the svae's held labels stopped smoothing
+# 0.02 off the label (1e-4 now) and its Adam step got a cosine tail: 0.089, 0.103, 0.070 (the start's labels are 0.83
+# / 0.72 / 0.65 on the spirals, and q(z) held nearer them leaves more of their errors). A fit with two arms merged
+# into one cluster scores ~0.3, a random one ~1.
 # 0.2 means ARI >= 0.8.
 TOLERANCES = {"ari": 0.2}
 model = svae_gmm
