@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 import ppl
+from ppl.inference.energy.ais import RBMParams, all_binary, brute_force_log_z
 from ppl.primitives import ModelInputError
 
 from . import Simulated
@@ -59,21 +60,12 @@ def rbm(v: torch.Tensor, num_hidden: int = 16):
         ppl.sample("v", ppl.RBM(W, b, c), obs=v)
 
 
-def all_states(V: int, device: torch.device | None = None) -> torch.Tensor:
-    """Every binary visible vector ``(2^V, V)`` in float64 on ``device``, in lexicographic order."""
-    codes = torch.arange(2 ** V, device=device)
-    return ((codes.unsqueeze(-1) >> torch.arange(V - 1, -1, -1, device=device)) & 1).double()
-
-
 def exact_log_likelihood(weights, visible_bias, hidden_bias, v: torch.Tensor) -> float:
-    r""":math:`\sum_n \log p(v_n)` with :math:`Z` summed over all :math:`2^V` visible states (V <= 20)."""
-    fn = ppl.RBM(weights.double(), visible_bias.double(), hidden_bias.double())
-    V = weights.shape[0]
-    if V > 20:
-        raise ValueError(f"exact_log_likelihood enumerates 2^V states; V = {V} is too many")
-    states = all_states(V, weights.device)
-    log_z = torch.logsumexp(-fn.free_energy(states), 0)
-    return float(-fn.free_energy(v.double()).sum() - v.shape[0] * log_z)
+    r""":math:`\sum_n \log p(v_n)` with :math:`Z` summed over all :math:`2^V` visible states (V <= 20:
+    ``energy.ais.brute_force_log_z``), in float64 on the weights' device."""
+    params = RBMParams(weights.double(), visible_bias.double(), hidden_bias.double())
+    log_z = brute_force_log_z(params)
+    return float(-ppl.RBM(*params).free_energy(v.double()).sum() - v.shape[0] * log_z)
 
 
 def simulate(seed: int = 0, N: int = 500, V: int = 8, H: int = 4, scale: float = 2.0) -> Simulated:
@@ -83,7 +75,7 @@ def simulate(seed: int = 0, N: int = 500, V: int = 8, H: int = 4, scale: float =
     b = -0.5 * W.sum(1)
     c = -0.5 * W.sum(0)
     fn = ppl.RBM(W, b, c)
-    states = all_states(V)
+    states = all_binary(V, W)
     probs = torch.softmax(-fn.free_energy(states), 0)
     v = states[torch.multinomial(probs, N, replacement=True, generator=gen)]
     truth = {"weights": W, "visible_bias": b, "hidden_bias": c}
