@@ -321,8 +321,8 @@ MOVING_WINDOW = 0.1    # the last two windows of this fraction of the steps (at 
 MOVING_TOLERANCE = 1e-3  # an objective still improving by more than this relative amount per window warns
 
 
-def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float] | None:
-    r"""``(drop, level)`` when the noisy objective ``history`` (a loss per step) still decreases at the end: the
+def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float, int] | None:
+    r"""``(drop, level, w)`` when the noisy objective ``history`` (a loss per step) still decreases at the end: the
     median over the last window of ``w = max(20, window * len)`` steps is below the median over the window before
     by ``drop`` > 4 standard errors (of the last window's median, :math:`1.25 \cdot 1.4826\,\mathrm{MAD}/\sqrt w`:
     robust to the heavy-tailed one-draw losses of, e.g., a log-link likelihood, whose few huge values would hide a
@@ -337,7 +337,7 @@ def still_moving(history, window: float = MOVING_WINDOW) -> tuple[float, float] 
     drop = float(previous.median()) - level
     se = 1.25 * 1.4826 * float((last - level).abs().median()) / math.sqrt(w)
     if drop > 4 * se and drop > MOVING_TOLERANCE * (abs(level) + 1):
-        return drop, level
+        return drop, level, w
     return None
 
 
@@ -346,8 +346,7 @@ def warn_if_still_moving(history, name: str) -> None:
     at the end (``still_moving``)."""
     moving = still_moving(list(history))
     if moving is not None:
-        drop, level = moving
-        w = max(20, int(MOVING_WINDOW * len(history)))
+        drop, level, w = moving
         warnings.warn(f"{name}: the negative ELBO was still falling at the end ({drop:.4g} lower over the last {w} "
                       f"steps, now {level:.4g}): the fit has not converged; give more num_steps= (or a larger lr=)",
                       NotConverged, stacklevel=4)
