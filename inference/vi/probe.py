@@ -97,7 +97,7 @@ def probe_runs(model, args, kwargs, local: str | None, expand: bool = True, held
 
 
 def _run(model, args, kwargs, local: str | None, expand: bool, seed: int, held: dict) -> Tabulate:
-    return run_under(Held(held, local, expand) if held else Tabulate(local, expand), model, args, kwargs, seed)
+    return run_under(Held(held, local, expand), model, args, kwargs, seed)   # Held({}) is Tabulate
 
 
 def run_under(handler: Tabulate, model, args, kwargs, seed: int | None, grad: bool = False) -> Tabulate:
